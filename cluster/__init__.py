@@ -1,0 +1,1 @@
+"""Cluster bootstrap, chunk index and store, router, gRPC server and config."""

@@ -1,0 +1,1 @@
+"""Decode actors: chunk selection, KV fetch and local cache, the denoising loop."""

@@ -1,0 +1,1 @@
+"""Lean dLLM model definitions (LLaDA and Dream families) and checkpoint loading."""

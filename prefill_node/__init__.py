@@ -1,0 +1,1 @@
+"""Prefill actors: chunking, batched chunk encoding, publishing chunk KV."""

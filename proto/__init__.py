@@ -1,0 +1,1 @@
+"""Protocol buffers of the client API and the chunk-transfer service, and the code generated from them."""
