@@ -1,0 +1,107 @@
+"""The one bidirectional transformer both dLLM families share (they differ in names, biases and logit shift).
+
+A forward runs a span of tokens at given position ids, may return every layer's K/V (chunk prefill), and lets an
+`AttentionContext` add cached K/V to what the span attends to (prefix and sparse decoding): one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pdllm.models.attention import AttentionContext, SelfAttention
+from pdllm.models.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
+from pdllm.models.spec import ModelSpec
+
+
+@dataclass
+class ForwardOutput:
+    logits: Tensor | None  # [B, T', V] for the requested positions, float32
+    kv: list[tuple[Tensor, Tensor]] | None  # per layer (k, v), each [B, Hkv, T, D], RoPE applied
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.attn_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.mlp_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.mlp = SwiGLU(h, spec.intermediate_size)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, context: AttentionContext
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        att = context.attend(layer, q, k, v)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, -1))
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, k, v
+
+
+class DllmModel(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor | None = None,
+        context: AttentionContext | None = None,
+        return_kv: bool = False,
+        logits_from: int | None = 0,
+    ) -> ForwardOutput:
+        """Run a span. `logits_from`: first position whose logits are returned (None: no logits at all)."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        context = context or SelfAttention()
+        x = self.embed(input_ids)
+        cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
+        kv: list[tuple[Tensor, Tensor]] | None = [] if return_kv else None
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, i, context)
+            if kv is not None:
+                kv.append((k, v))
+        logits = None
+        if logits_from is not None:
+            logits = self.lm_head(self.norm(x[:, logits_from:])).float()
+        return ForwardOutput(logits=logits, kv=kv)
+
+    def token_logits(self, full_logits: Tensor, start: int, length: int) -> Tensor:
+        """Logits that predict tokens [start, start+length) of the span whose logits are `full_logits`.
+
+        Dream predicts position i from position i-1 (shifted logits), LLaDA from position i itself.
+        """
+        if self.spec.shift_logits:
+            if start < 1:
+                raise ValueError("shifted-logit models need at least one token before the predicted span")
+            return full_logits[:, start - 1 : start - 1 + length]
+        return full_logits[:, start : start + length]

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny checkpoints written in each family's real layout."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llada(tmp_path_factory):
+    from pdllm.models.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llada"), "llada", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dream(tmp_path_factory):
+    from pdllm.models.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_dream"), "dream", seed=2, kv_heads=2)
