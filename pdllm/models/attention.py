@@ -24,11 +24,7 @@ class AttentionContext(Protocol):
 def sdpa(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None = None) -> Tensor:
     """Bidirectional attention with GQA; key_valid [B, S] bool masks padded keys."""
     mask = None if key_valid is None else key_valid[:, None, None, :]
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class SelfAttention:
