@@ -12,6 +12,10 @@ from typing import Any
 
 _cache: dict[tuple[Callable[..., Any], bool], Any] = {}
 
+# integer arguments that carry sizes, not strides: specialising on them (== 1, divisible by 16) would compile one
+# variant per model shape for no gain, while strides keep their divisibility hints (16-byte vector loads need them)
+SIZE_ARGS = ("HQ", "HKV", "TQ", "S", "NUM_ROWS", "NUM_SPLITS")
+
 
 def interpreting() -> bool:
     """True when Triton's CPU interpreter is requested (TRITON_INTERPRET=1)."""
@@ -25,7 +29,8 @@ def jitted(fn: Callable[..., Any]) -> Any:
     if kernel is None:
         import triton
 
-        kernel = _cache[key] = triton.jit(fn)
+        names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+        kernel = _cache[key] = triton.jit(fn, do_not_specialize=[n for n in SIZE_ARGS if n in names])
     return kernel
 
 

@@ -80,18 +80,19 @@ def _split_kernel(
         slot = (r // S).to(tl.int64)
         tok = r - (r // S) * S
         t_self = tl.maximum(j - n_sel, 0)
+        # select whole row pointers (not row offsets): that keeps the 16-byte vector loads along D
         k_ptrs = tl.where(
             in_pool[:, None],
-            kp_base + (slot * stride_kps + tok * stride_kpt)[:, None],
-            ks_base + (t_self * stride_kst)[:, None],
+            kp_base + (slot * stride_kps + tok * stride_kpt)[:, None] + d[None, :],
+            ks_base + (t_self * stride_kst)[:, None] + d[None, :],
         )
         v_ptrs = tl.where(
             in_pool[:, None],
-            vp_base + (slot * stride_vps + tok * stride_vpt)[:, None],
-            vs_base + (t_self * stride_vst)[:, None],
+            vp_base + (slot * stride_vps + tok * stride_vpt)[:, None] + d[None, :],
+            vs_base + (t_self * stride_vst)[:, None] + d[None, :],
         )
-        k = tl.load(k_ptrs + d[None, :], mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs + d[None, :], mask=key_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
         if DOT_F32:  # exact stand-in for a bf16 dot (products of bf16 are exact in float32)
             k = k.to(tl.float32)
 
@@ -149,7 +150,7 @@ class AttnConfig:
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 5  # Triton 3.6's pipeliner keeps a K/V tile in flight over the compute only from 5 on
     num_splits: int = 0
     partial_dtype: torch.dtype = torch.float32
     combine_block: int = 16
@@ -168,19 +169,36 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def num_splits(tiles: int, slots: int, n_keys: int, block_n: int, max_splits: int = 64) -> int:
+    """Fewest splits whose last wave of programs is nearly full (as FlashAttention-2 picks them: within 85% of
+    the best wave efficiency), each split keeping >= 4 key tiles so partials stay small next to the KV they summarise.
+
+    tiles: programs without splitting; slots: programs the GPU runs at once (SMs x programs per SM)."""
+    most = max(1, min(max_splits, n_keys // (4 * block_n)))
+    eff = [0.0]
+    for s in range(1, most + 1):
+        waves = tiles * s / slots
+        eff.append(waves / math.ceil(waves))
+    best = max(eff)
+    return next(s for s in range(1, most + 1) if eff[s] >= 0.85 * best)
+
+
 def default_config(q: Tensor, hkv: int, n_max: int) -> AttnConfig:
-    """Heuristic launch parameters (tuned on H100: see benchmarks/NOTES.md, section Kernels)."""
+    """Heuristic launch parameters (chosen from the H100 sweep: see benchmarks/NOTES.md, section Kernels)."""
     b, hq, tq, d = q.shape
     group_rows = (hq // hkv) * tq
-    block_m = min(128, max(16, triton.next_power_of_2(group_rows)))
-    block_n = 64 if d <= 128 else 32
-    num_warps = 8 if block_m * d >= 128 * 128 else 4
+    if q.dtype == torch.float32:  # exact float32 dots run on FMA units: small tiles, or registers spill
+        block_m, block_n = min(64, max(16, triton.next_power_of_2(group_rows))), 32
+        num_warps, per_sm, stages = (16 if d >= 128 else 8), 1, 2
+    else:
+        block_m = min(128, max(16, triton.next_power_of_2(group_rows)))
+        block_n = 64 if d <= 128 else 32
+        num_warps = 8 if block_m * d >= 128 * 128 else 4
+        per_sm = 1 if num_warps == 8 else 2  # ~180 registers a thread: one 8-warp program per SM
+        stages = 5
     tiles = triton.cdiv(group_rows, block_m) * b * hkv
-    # enough programs for ~2 per SM, but each split keeps >= 4 key tiles so the merge stays cheap
-    want = triton.cdiv(2 * _sm_count(q.device), tiles)
-    most = max(1, (n_max + tq) // (4 * block_n))
-    splits = max(1, min(want, most, 32))
-    return AttnConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_splits=splits)
+    splits = num_splits(tiles, _sm_count(q.device) * per_sm, n_max + tq, block_n)
+    return AttnConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_splits=splits, num_stages=stages)
 
 
 def _check(q, k_self, v_self, self_len, k_pool, v_pool, sel_idx, sel_len) -> None:
