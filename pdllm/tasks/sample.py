@@ -1,0 +1,30 @@
+"""One evaluation or training example: what the model reads, what it is asked, and what counts as right."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TokenCounter = Callable[[str], int]
+
+
+def byte_counter(text: str) -> int:
+    """Tokens of the bundled byte-level tokenizer: one per UTF-8 byte."""
+    return len(text.encode("utf-8"))
+
+
+def tokenizer_counter(tokenizer) -> TokenCounter:
+    """Count tokens with any Hugging Face tokenizer (no special tokens added)."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@dataclass(frozen=True)
+class Sample:
+    task: str
+    context: str  # the document (the engine prepends BOS and chunks it)
+    question: str  # goes into prompt.QUESTION_TEMPLATE
+    answers: tuple[str, ...]  # gold references in the official format of the task
+    target: str  # what a trained model should emit after "Answer:" (training label)
+    depth: float  # needle depth in [0, 1] (position of the queried needle in the haystack)
+    length: int  # the requested prompt length in tokens
+    meta: dict = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Training the small bundled dLLM: synthetic long-context examples, the masked-diffusion loss, a resumable loop."""

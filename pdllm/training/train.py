@@ -1,0 +1,183 @@
+"""Train the small LLaDA-architecture dLLM on synthetic long-context retrieval, resumable within a time limit.
+
+    python -m pdllm.training.train --out runs/tiny --minutes 9            # on one H100
+    python -m pdllm.training.train --out runs/tiny --resume runs/tiny --minutes 4
+    python -m pdllm.training.train --smoke --out /tmp/smoke               # a few CPU steps of a tiny config
+    python -m pdllm.training.train --export runs/tiny --bundle pdllm/assets/pdllm-tiny-llada
+
+The model is `DllmModel` with a LLaDA spec over the byte tokenizer; `--export` writes it with save_checkpoint (the
+real LLaDA layout) plus the tokenizer, so the ordinary loader and engine read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdllm.models.checkpoint import save_checkpoint
+from pdllm.models.tiny import tiny_spec
+from pdllm.models.tokenizer import save_byte_tokenizer
+from pdllm.models.transformer import DllmModel
+from pdllm.training.data import ExampleStream
+from pdllm.training.objective import diffusion_loss
+from pdllm.training.state import load_state, save_state
+
+SHAPES = {
+    "bundle": dict(hidden=256, layers=8, heads=8, inner=704, max_position=4096),
+    "smoke": dict(hidden=32, layers=2, heads=2, inner=64, max_position=4096),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resume", type=Path)
+    p.add_argument("--export", type=Path, help="write the model of this training dir as a checkpoint and exit")
+    p.add_argument("--bundle", type=Path, help="with --export: the checkpoint directory to write")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="bundle")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--minutes", type=float, default=9.0, help="stop and save after this much wall time")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (default: time limit only)")
+    p.add_argument("--total-minutes", type=float, default=12.5, help="planned training time over all resumes (LR)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--tokens-per-batch", type=int, default=65536)
+    p.add_argument("--min-len", type=int, default=640)
+    p.add_argument("--max-len", type=int, default=2048, help="the training length")
+    p.add_argument("--ramp-steps", type=int, default=1500, help="steps over which the longest context grows")
+    p.add_argument("--chunked-frac", type=float, default=0.5, help="share of batches in the chunked layout")
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--smoke", action="store_true", help="tiny shape, short sequences, 6 steps on CPU")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.shape, args.tokens_per_batch, args.max_len, args.min_len = "smoke", 4096, 1024, 640
+        args.max_steps = args.max_steps or 6
+        args.workers, args.save_every, args.warmup, args.ramp_steps = 1, 3, 2, 4
+    args.max_steps = args.max_steps or 10**9
+    return args
+
+
+def lr_at(step: int, seconds: float, args: argparse.Namespace) -> float:
+    """Linear warmup over steps, then cosine to 10% over the planned training time (the step rate is unknown)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = min(1.0, seconds / (60 * args.total_minutes))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float) -> dict:
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {"step": step, "seconds": round(seconds, 1), "args": plain, "log": log, "command": " ".join(sys.argv)}
+
+
+def build_model(shape: str, device: torch.device) -> DllmModel:
+    spec = tiny_spec("llada", **SHAPES[shape])
+    torch.manual_seed(0)
+    model = DllmModel(spec)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, 0.0, 0.02)
+            if name.endswith(("o_proj.weight", "down.weight")):
+                p.mul_(1 / math.sqrt(2 * spec.num_layers))
+    return model.to(device)
+
+
+def export(train_dir: Path, bundle: Path) -> None:
+    meta = json.loads((train_dir / "state.json").read_text())
+    model = build_model(meta["args"]["shape"], torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters())
+    load_state(train_dir, model, opt)
+    size = sum(p.numel() * 4 for p in model.parameters())
+    save_checkpoint(model, bundle, shards=max(1, math.ceil(size / (15 * 2**20))))
+    save_byte_tokenizer(bundle)
+    print(f"exported step {meta['step']} ({size / 2**20:.1f} MiB float32) to {bundle}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.export:
+        export(args.export, args.bundle or args.out)
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    model = build_model(args.shape, device)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    step, log, before = 0, [], 0.0
+    if args.resume:
+        meta = load_state(args.resume, model, opt)
+        step, log, before = meta["step"], meta.get("log", []), meta.get("seconds", 0.0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; starting at step {step}", flush=True)
+    stream = ExampleStream(
+        args.seed,
+        args.tokens_per_batch,
+        args.min_len,
+        args.max_len,
+        args.chunked_frac,
+        start_step=step,
+        ramp_steps=args.ramp_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.workers else None,
+    )
+    gen = torch.Generator(device=device).manual_seed(args.seed + step)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t_start, t_log = time.time(), time.time()
+    run_loss = run_acc = 0.0
+    n_run = 0
+    for batch in loader:
+        if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
+            break
+        batch = batch.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, before + time.time() - t_start, args)
+        with amp:
+            loss, acc = diffusion_loss(model, batch, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run_loss, run_acc, n_run = run_loss + loss.item(), run_acc + acc.item(), n_run + 1
+        if step % 50 == 0 or args.smoke:
+            entry = {
+                "step": step,
+                "loss": round(run_loss / n_run, 4),
+                "acc": round(run_acc / n_run, 4),
+                "lr": round(opt.param_groups[0]["lr"], 6),
+                "T": batch.ids.shape[1],
+                "B": batch.ids.shape[0],
+                "s": round(before + time.time() - t_start, 1),
+                "step_s": round((time.time() - t_log) / n_run, 3),
+            }
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+            run_loss = run_acc = 0.0
+            n_run, t_log = 0, time.time()
+        if step % args.save_every == 0:
+            save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start))
+    save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start))
+    print(f"saved step {step} to {args.out} after {time.time() - t_start:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
