@@ -262,22 +262,25 @@ def check_dtypes(gen: torch.Generator) -> list[dict]:
 def sweep_configs() -> list[sa.AttnConfig]:
     if DEV.type != "cuda":
         return [sa.AttnConfig(block_m=16, block_n=16, num_warps=4, num_splits=s) for s in (1, 2)]
-    base = [(128, 64, 8, 3), (128, 64, 8, 5), (128, 32, 8, 5), (64, 64, 4, 5), (64, 32, 4, 6)]
+    base = [(128, 64, 8, 5), (128, 64, 8, 7), (128, 64, 8, 9), (128, 32, 8, 7), (128, 32, 8, 11), (64, 64, 8, 7),
+            (128, 128, 8, 5)]  # fmt: skip
     return [sa.AttnConfig(block_m=m, block_n=n, num_warps=w, num_stages=st) for m, n, w, st in base]
 
 
+def programs_per_sm(cfg: sa.AttnConfig) -> int:
+    """Programs an SM holds, from ptxas's register counts for these configs (Triton 3.6, sm_90, D 128)."""
+    return 2 if (cfg.block_n == 32 and cfg.num_stages <= 7) or cfg.num_warps == 4 else 1
+
+
 def sweep(p: Problem, sel_idx: torch.Tensor, sel_len: torch.Tensor, default_out: torch.Tensor) -> list[dict]:
-    """Each block shape at the heuristic's split count, twice it, and with bfloat16 partials; checked vs default."""
+    """Each block shape at the heuristic's split count, half it, and with bfloat16 partials; checked vs default."""
     rows = []
     for cfg in sweep_configs():
-        per_sm = 2 if cfg.num_warps == 4 or cfg.block_n == 32 else 1  # from the registers ptxas gives each
+        per_sm = programs_per_sm(cfg)
         tiles = math.ceil(p.shape.hq // p.shape.hkv * (QUESTION + BLOCK) / cfg.block_m) * p.batch * p.shape.hkv
         heur = sa.num_splits(tiles, sa._sm_count(DEV) * per_sm, sel_idx.shape[-1] + QUESTION + BLOCK, cfg.block_n)
-        variants = {
-            (heur, torch.float32),
-            (2 * heur, torch.float32),
-            (heur, torch.bfloat16 if heur > 1 else torch.float32),
-        }
+        variants = {(max(1, heur // 2), torch.float32), (heur, torch.float32)}
+        variants.add((heur, torch.bfloat16 if heur > 1 else torch.float32))
         if cfg.num_splits:
             variants = {(cfg.num_splits, torch.float32)}
         for splits, pdt in sorted(variants, key=lambda v: (v[0], str(v[1]))):

@@ -96,11 +96,12 @@ def _split_kernel(
         if DOT_F32:  # exact stand-in for a bf16 dot (products of bf16 are exact in float32)
             k = k.to(tl.float32)
 
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         qk = tl.where(key_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: a tile starts below hi, so it has a valid key
+        # running max in the scaled log2 domain (qk_scale > 0); the scale folds into one FMA per score below
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # finite: a tile starts below hi, so has a valid key
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(v.dtype)
         if DOT_F32:
@@ -192,16 +193,23 @@ def default_config(q: Tensor, hkv: int, n_max: int) -> AttnConfig:
         num_warps, per_sm, stages = (16 if d >= 128 else 8), 1, 2
     else:
         block_m = min(128, max(16, triton.next_power_of_2(group_rows)))
-        block_n = 64 if d <= 128 else 32
         num_warps = 8 if block_m * d >= 128 * 128 else 4
-        per_sm = 1 if num_warps == 8 else 2  # ~180 registers a thread: one 8-warp program per SM
-        stages = 5
+        if d > 128:
+            block_n, stages, per_sm = 32, 5, 1
+        elif group_rows >= 256 and block_m * d == 128 * 128:
+            # GQA: many query rows per KV row, compute-heavy. 128 registers a thread: two programs per SM, so one's
+            # softmax overlaps the other's matrix products; 7 stages keep two K/V tiles in flight per program
+            block_n, stages, per_sm = 32, 7, 2
+        else:
+            # few query rows per KV row: the gather's latency dominates; 9 stages keep three 64-row K/V tiles
+            # (96 KB) in flight for the one program an SM holds (~200 registers a thread)
+            block_n, stages, per_sm = 64, 9, (2 if num_warps == 4 else 1)
     tiles = triton.cdiv(group_rows, block_m) * b * hkv
     splits = num_splits(tiles, _sm_count(q.device) * per_sm, n_max + tq, block_n)
     return AttnConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, num_splits=splits, num_stages=stages)
 
 
-def _check(q, k_self, v_self, self_len, k_pool, v_pool, sel_idx, sel_len) -> None:
+def _check(q, k_self, v_self, self_len, k_pool, v_pool, sel_idx, sel_len, sm_scale) -> None:
     b, hq, tq, d = q.shape
     hkv = k_self.shape[1]
     if k_self.shape != (b, hkv, tq, d) or v_self.shape != k_self.shape:
@@ -217,6 +225,8 @@ def _check(q, k_self, v_self, self_len, k_pool, v_pool, sel_idx, sel_len) -> Non
             raise ValueError(f"{name} must be int32 [{b}], got {t.dtype} {tuple(t.shape)}")
     if d < 16 or d & (d - 1):
         raise ValueError(f"head dim must be a power of two >= 16, got {d}")
+    if sm_scale is not None and not sm_scale > 0:
+        raise ValueError(f"sm_scale must be positive, got {sm_scale}")
     if len({q.dtype, k_self.dtype, v_self.dtype, k_pool.dtype, v_pool.dtype}) != 1 or q.dtype not in _DTYPES:
         raise ValueError("q, k_self, v_self, k_pool, v_pool must share one dtype: bfloat16, float16 or float32")
 
@@ -240,7 +250,7 @@ def sparse_chunk_attention(
     """Triton path: [B, Hq, Tq, D] attention of q to the selected pool rows plus the span's own keys.
 
     No host synchronisation (lengths stay on the device), so it can be captured in a CUDA graph."""
-    _check(q, k_self, v_self, self_len, k_pool, v_pool, sel_idx, sel_len)
+    _check(q, k_self, v_self, self_len, k_pool, v_pool, sel_idx, sel_len, sm_scale)
     q, k_self, v_self, k_pool, v_pool = map(_last_contiguous, (q, k_self, v_self, k_pool, v_pool))
     sel_idx = sel_idx if sel_idx.stride(-1) == 1 else sel_idx.contiguous()
     b, hq, tq, d = q.shape
