@@ -17,12 +17,13 @@ from torch import Tensor
 
 from pdllm.models.tokenizer import BOS, EOS, PAD, special_ids
 from pdllm.prompt import QUESTION_TEMPLATE
-from pdllm.tasks import TASKS, make_sample
+from pdllm.tasks import TASKS, byte_counter
 
 IDS = special_ids()
 BOS_ID, EOS_ID, PAD_ID = IDS[BOS], IDS[EOS], IDS[PAD]
 TASK_WEIGHTS = {"passkey": 0.15, "number_string": 0.15, "kv_retrieval": 0.25, "niah_single": 0.2, "niah_multikey": 0.25}
 CHUNK_SIZES = (128, 256, 512)
+SHORTEST = {"niah_multikey": 600, "niah_single": 400, "kv_retrieval": 400}  # room for preamble, needles, question
 QUERY_SEGMENT = -1
 
 
@@ -33,6 +34,7 @@ class Example:
     seg: list[int]  # chunk index for context tokens (0 for the whole dense context); QUERY_SEGMENT for q + answer
     answer_start: int  # tokens from here on are the answer span (answer text + EOS padding)
     full: bool = False  # dense only: the context also attends to question + answer (vanilla re-encoding)
+    pretrain: bool = False  # mask the whole sequence (LLaDA pre-training) instead of only the answer
 
 
 def byte_ids(text: str) -> list[int]:
@@ -45,7 +47,8 @@ def build_example(rng: random.Random, length: int, chunked: bool, train_length: 
     kw = {"split": "train"}
     if task in ("passkey", "number_string"):
         kw["haystack"] = "noise" if rng.random() < 0.3 else "prose"
-    sample = make_sample(task, length, rng.getrandbits(48), **kw)
+    length = max(length, SHORTEST.get(task, 0))
+    sample = TASKS[task].make(length, rng.getrandbits(48), byte_counter, None, **kw)  # short lengths allowed
     ctx = byte_ids(sample.context)
     span = byte_ids(QUESTION_TEMPLATE.format(question=sample.question))
     gen = TASKS[task].gen_length
@@ -83,9 +86,10 @@ class Batch:
     seg: Tensor  # [B, T] (padding: -2)
     answer: Tensor  # [B, T] bool: the answer span (where the loss lives)
     full: Tensor  # [B] bool: dense rows whose context attends to everything
+    pretrain: Tensor  # [B] bool: rows trained with whole-sequence masking
 
     def to(self, device) -> Batch:
-        fields = (self.ids, self.pos, self.seg, self.answer, self.full)
+        fields = (self.ids, self.pos, self.seg, self.answer, self.full, self.pretrain)
         return Batch(*(t.to(device, non_blocking=True) for t in fields))
 
 
@@ -100,7 +104,8 @@ def collate(examples: list[Example]) -> Batch:
         n = len(e.ids)
         ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(e.ids), torch.tensor(e.pos), torch.tensor(e.seg)
         answer[i, e.answer_start : n] = True
-    return Batch(ids, pos, seg, answer, torch.tensor([e.full for e in examples]))
+    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain")]
+    return Batch(ids, pos, seg, answer, *flags)
 
 
 def attention_mask(seg: Tensor, full: Tensor | None = None) -> Tensor:
@@ -128,10 +133,13 @@ class ExampleStream(torch.utils.data.IterableDataset):
         chunked_frac: float,
         start_step: int = 0,
         ramp_steps: int = 1,
+        pretrain_frac: float = 0.0,
+        ramp_from: int = 0,
     ) -> None:
         super().__init__()
         self.seed, self.tokens, self.min_len, self.max_len = seed, tokens_per_batch, min_len, max_len
         self.chunked_frac, self.start_step, self.ramp_steps = chunked_frac, start_step, ramp_steps
+        self.pretrain_frac, self.ramp_from = pretrain_frac, ramp_from
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -139,12 +147,15 @@ class ExampleStream(torch.utils.data.IterableDataset):
         step = self.start_step + wid
         while True:
             rng = random.Random(f"{self.seed}:{step}")
-            frac = min(1.0, step / self.ramp_steps)
+            frac = min(1.0, max(0, step - self.ramp_from) / self.ramp_steps)
             cap = int(self.min_len + frac * (self.max_len - self.min_len))
             top = rng.randint(self.min_len, max(self.min_len, cap))
             n = max(1, self.tokens // top)
             layout = rng.random()
             chunked, full = layout < self.chunked_frac, layout > (1 + self.chunked_frac) / 2
             lengths = [rng.randint(max(self.min_len, int(0.75 * top)), top) for _ in range(n)]
-            yield collate([build_example(rng, L, chunked, self.max_len, full) for L in lengths])
+            examples = [build_example(rng, L, chunked, self.max_len, full) for L in lengths]
+            for e in examples:
+                e.pretrain = rng.random() < self.pretrain_frac
+            yield collate(examples)
             step += nw

@@ -48,16 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--tokens-per-batch", type=int, default=65536)
-    p.add_argument("--min-len", type=int, default=640)
+    p.add_argument("--min-len", type=int, default=320)
     p.add_argument("--max-len", type=int, default=2048, help="the training length")
     p.add_argument("--ramp-steps", type=int, default=1500, help="steps over which the longest context grows")
     p.add_argument("--chunked-frac", type=float, default=0.5, help="share of batches in the chunked layout")
+    p.add_argument("--pretrain-frac", type=float, default=0.3, help="share of rows with whole-sequence masking")
+    p.add_argument("--ramp-from", type=int, default=0, help="global step where the length ramp starts")
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--smoke", action="store_true", help="tiny shape, short sequences, 6 steps on CPU")
     args = p.parse_args(argv)
     if args.smoke:
-        args.shape, args.tokens_per_batch, args.max_len, args.min_len = "smoke", 4096, 1024, 640
+        args.shape, args.tokens_per_batch, args.max_len, args.min_len = "smoke", 4096, 1024, 320
         args.max_steps = args.max_steps or 6
         args.workers, args.save_every, args.warmup, args.ramp_steps = 1, 3, 2, 4
     args.max_steps = args.max_steps or 10**9
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         args.chunked_frac,
         start_step=step,
         ramp_steps=args.ramp_steps,
+        pretrain_frac=args.pretrain_frac,
+        ramp_from=args.ramp_from,
     )
     loader = torch.utils.data.DataLoader(
         stream,
