@@ -7,6 +7,7 @@ reference that every faster mode is compared with.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +56,9 @@ def generate(
     mode: str = "vanilla",
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
     seed: int = 0,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> GenerationOutput:
+    """`on_step(step, gen)` sees the generated tokens after every denoising step (streaming); raising stops it."""
     sampler = sampler or SamplerConfig()
     sampler.validate()
     req = encode_request(lm.tokenizer, context, question, max_context_tokens)
@@ -64,7 +67,9 @@ def generate(
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     denoiser = VanillaDenoiser(lm.model, prompt_tensor(lm, req))
     gen = torch.Generator(device=lm.model.device).manual_seed(seed)
-    result = denoise(denoiser, 1, sampler, lm.spec.mask_token_id, lm.spec.eos_token_ids, lm.model.device, gen)
+    result = denoise(
+        denoiser, 1, sampler, lm.spec.mask_token_id, lm.spec.eos_token_ids, lm.model.device, gen, on_step=on_step
+    )
     tokens = strip_after_eos(result.tokens[0].tolist(), lm.spec.eos_token_ids, lm.spec.mask_token_id)
     stats = {
         "mode": mode,
