@@ -1,0 +1,179 @@
+"""What the API server and the batch worker need from whatever generates answers, and the in-process version of it.
+
+The server never imports Ray: the cluster router is adapted to `GenerationBackend` (a thin `ClusterBackend`), and
+`InProcessBackend` runs `pdllm.engine.generate` on a loaded model in this process (single-machine mode and tests).
+
+Events passed to `on_event` (plain dicts, the `type` key says which):
+  {"type": "prefill", "done_chunks", "total_chunks", "reused_chunks", "context_tokens"}
+  {"type": "step", "step", "total_steps", "partial_text", "unmasked_tokens"}
+`on_event` may raise (e.g. `RequestCancelled` when the caller went away): the backend stops and re-raises it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Protocol
+
+from pdllm.errors import InvalidRequest, PdllmError
+
+EventSink = Callable[[dict], None]
+
+
+class BackendBusy(PdllmError):
+    """Every slot and queue place is taken: the caller should back off (RESOURCE_EXHAUSTED)."""
+
+
+class RequestCancelled(PdllmError):
+    """The caller cancelled or disconnected; work on the request stopped."""
+
+
+class DeadlineExceeded(PdllmError):
+    """The request's deadline passed before its answer was ready; work on it stopped."""
+
+
+class GenerationBackend(Protocol):
+    def generate(
+        self,
+        context: str,
+        question: str,
+        params: dict,
+        request_id: str,
+        on_event: EventSink | None = None,
+        timeout_s: float | None = None,
+    ) -> dict:
+        """Answer `question` about `context`; returns {"answer": str, "stats": dict}. Raises InvalidRequest for bad
+        input, DeadlineExceeded after `timeout_s`, and whatever `on_event` raised."""
+        ...
+
+    def model_info(self) -> dict:
+        """{"name", "model_id", "family", "modes", "max_context_tokens", ...}"""
+        ...
+
+    def health(self) -> dict:
+        """{"serving": bool, ...}"""
+        ...
+
+
+class _Stop(Exception):
+    """Raised inside the denoising loop to abandon a request whose caller gave up."""
+
+
+class InProcessBackend:
+    """`engine.generate` on one loaded model, in a pool of `concurrency` threads (requests beyond wait in it)."""
+
+    def __init__(self, lm, name: str | None = None, concurrency: int = 1, max_context_tokens: int = 131072) -> None:
+        from pdllm.engine import MODES
+
+        self.lm = lm
+        self.name = name or lm.path.name
+        self.modes = tuple(MODES)
+        self.max_context_tokens = max_context_tokens
+        self.concurrency = concurrency
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="pdllm-generate")
+        self._lock = threading.Lock()
+        self._running = 0
+
+    @classmethod
+    def from_directory(cls, model_dir: str, device: str = "cpu", **kwargs) -> InProcessBackend:
+        from pdllm.models.loader import load_model
+
+        return cls(load_model(model_dir, device=device), **kwargs)
+
+    def generate(
+        self,
+        context: str,
+        question: str,
+        params: dict,
+        request_id: str,
+        on_event: EventSink | None = None,
+        timeout_s: float | None = None,
+    ) -> dict:
+        from pdllm.cluster.api_params import complete_params
+
+        params = complete_params(params, self.modes)
+        stop = threading.Event()
+        future = self._pool.submit(self._run, context, question, params, on_event, stop)
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            stop.set()
+            raise DeadlineExceeded(f"request {request_id} ran past its deadline of {timeout_s:.3f}s") from None
+        except _Stop:
+            raise DeadlineExceeded(f"request {request_id} ran past its deadline") from None
+
+    def _run(self, context: str, question: str, params: dict, on_event: EventSink | None, stop: threading.Event):
+        from pdllm.cluster.api_params import sampler_from_params
+
+        from pdllm.engine import generate
+        from pdllm.prompt import encode_request
+        from pdllm.sampler import strip_after_eos
+
+        if stop.is_set():
+            raise _Stop()
+        lm, spec = self.lm, self.lm.spec
+        with self._lock:
+            self._running += 1
+        try:
+            encoded = encode_request(lm.tokenizer, context, question, self.max_context_tokens)
+            if on_event is not None:
+                on_event(
+                    {
+                        "type": "prefill",
+                        "done_chunks": 0,
+                        "total_chunks": 0,
+                        "reused_chunks": 0,
+                        "context_tokens": len(encoded.context_ids),
+                    }
+                )
+            total_steps = params["steps"] if params["threshold"] is None else params["gen_length"]
+
+            def on_step(step: int, gen) -> None:
+                if stop.is_set():
+                    raise _Stop()
+                if on_event is not None:
+                    row = gen[0].tolist()
+                    tokens = strip_after_eos(row, spec.eos_token_ids, spec.mask_token_id)
+                    on_event(
+                        {
+                            "type": "step",
+                            "step": step,
+                            "total_steps": total_steps,
+                            "partial_text": lm.tokenizer.decode(tokens),
+                            "unmasked_tokens": sum(t != spec.mask_token_id for t in row),
+                        }
+                    )
+
+            sampler = sampler_from_params(params)
+            out = generate(
+                lm, context, question, sampler, params["mode"], self.max_context_tokens, params["seed"], on_step
+            )
+        except ValueError as exc:  # engine's own argument checks
+            raise InvalidRequest(str(exc)) from None
+        finally:
+            with self._lock:
+                self._running -= 1
+        stats = {"prefill_chunks": 0, "reused_chunks": 0, "selected_chunks": 0, **out.stats}
+        return {"answer": out.answer, "stats": stats}
+
+    def model_info(self) -> dict:
+        spec = self.lm.spec
+        return {
+            "name": self.name,
+            "model_id": self.lm.model_id,
+            "family": spec.family,
+            "modes": list(self.modes),
+            "max_context_tokens": self.max_context_tokens,
+            "vocab_size": spec.vocab_size,
+            "num_layers": spec.num_layers,
+            "hidden_size": spec.hidden_size,
+            "concurrency": self.concurrency,
+        }
+
+    def health(self) -> dict:
+        return {"serving": True, "backend": "in-process", "model": self.name, "running": self._running}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

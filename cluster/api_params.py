@@ -1,0 +1,108 @@
+"""Request parameters as one plain dict with documented keys, checked at the edge so backends get sane values.
+
+Keys (all optional in a request; `complete_params` fills the defaults):
+  gen_length, block_length, steps (ints), temperature (>= 0), threshold (None or (0, 1]; set: parallel decoding),
+  mode (a backend mode), chunk_size, top_k (ints), keep_ratio ((0, 1]), remasking, seed.
+The same dict is what `GenerationBackend.generate` receives, so a cluster adapter maps it without translation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pdllm.errors import InvalidRequest
+from pdllm.sampler import SamplerConfig
+
+DEFAULT_PARAMS: dict = {
+    "gen_length": 64,
+    "block_length": 32,
+    "steps": 64,
+    "temperature": 0.0,
+    "threshold": None,
+    "mode": "vanilla",
+    "chunk_size": 512,
+    "top_k": 8,
+    "keep_ratio": 1.0,
+    "remasking": "low_confidence",
+    "seed": 0,
+}
+PARAM_KEYS = tuple(DEFAULT_PARAMS)
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """Upper bounds a request may ask for; anything beyond is INVALID_ARGUMENT, not a slow or crashing server."""
+
+    max_context_bytes: int = 8 << 20
+    max_question_bytes: int = 16 << 10
+    max_gen_length: int = 1024
+    max_steps: int = 4096
+    max_top_k: int = 1024
+    max_chunk_size: int = 8192
+    max_temperature: float = 2.0
+    max_batch_jobs: int = 100_000
+
+
+def decode_text(field: str, data: bytes | str, max_bytes: int, allow_empty: bool = False) -> str:
+    """UTF-8 bytes from the wire to text, rejecting invalid encodings, empty and oversized values by name."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise InvalidRequest(f"{field} is {len(raw)} bytes, more than the limit of {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{field} is not valid UTF-8 (byte {exc.start})") from None
+    if not allow_empty and not text.strip():
+        raise InvalidRequest(f"{field} is empty")
+    return text
+
+
+def _int(params: dict, key: str, lo: int, hi: int) -> int:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _float(params: dict, key: str, lo: float, hi: float, open_lo: bool = False) -> float:
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"{key} must be a finite number, got {value!r}")
+    if value > hi or value < lo or (open_lo and value == lo):
+        raise InvalidRequest(f"{key} must be in {'(' if open_lo else '['}{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimits = ApiLimits()) -> dict:
+    """Defaults filled in, unknown keys and out-of-range values rejected (InvalidRequest names the key)."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(PARAM_KEYS)}")
+    out = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+    _int(out, "gen_length", 1, limits.max_gen_length)
+    _int(out, "block_length", 1, limits.max_gen_length)
+    _int(out, "steps", 1, limits.max_steps)
+    _int(out, "top_k", 1, limits.max_top_k)
+    _int(out, "chunk_size", 1, limits.max_chunk_size)
+    _int(out, "seed", 0, 2**63 - 1)
+    out["temperature"] = _float(out, "temperature", 0.0, limits.max_temperature)
+    out["keep_ratio"] = _float(out, "keep_ratio", 0.0, 1.0, open_lo=True)
+    if out["threshold"] is not None:
+        out["threshold"] = _float(out, "threshold", 0.0, 1.0, open_lo=True)
+    if out["mode"] not in modes:
+        raise InvalidRequest(f"unknown mode {out['mode']!r}; this server supports {', '.join(modes)}")
+    sampler_from_params(out).validate()  # divisibility of gen_length / block_length / steps, remasking
+    return out
+
+
+def sampler_from_params(params: dict) -> SamplerConfig:
+    return SamplerConfig(
+        gen_length=params["gen_length"],
+        block_length=params["block_length"],
+        steps=params["steps"],
+        temperature=params["temperature"],
+        remasking=params["remasking"],
+        threshold=params["threshold"],
+    )

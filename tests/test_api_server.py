@@ -1,0 +1,209 @@
+"""The pdllm.v1 gRPC server on loopback with a real tiny model: answers, streaming, validation codes, limits,
+deadlines, reflection and standard health; after every rejected call the server still answers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from pdllm.cluster.api_backend import InProcessBackend
+from pdllm.cluster.api_params import ApiLimits
+from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.proto import pdllm_api_pb2 as pb
+
+from pdllm.client import ApiError, Client
+
+SMALL = {"gen_length": 8, "block_length": 8, "steps": 8}
+CONTEXT = "The pass key is 71432. Remember it. " * 4
+LIMITS = ApiLimits(max_context_bytes=64 << 10, max_question_bytes=1024, max_gen_length=256)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_llada):
+    b = InProcessBackend.from_directory(str(tiny_llada), name="tiny")
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def server(backend):
+    cfg = ApiServerConfig(port=0, max_running=1, max_waiting=1, max_message_bytes=1 << 20, limits=LIMITS)
+    with ApiServer(backend, cfg) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.address, timeout_s=30, retries=0) as c:
+        yield c
+
+
+def still_serving(client: Client) -> None:
+    out = client.generate(CONTEXT, "What is the pass key?", **SMALL)
+    assert out["stats"]["steps"] == 8
+
+
+def test_generate_returns_answer_and_stats(client):
+    out = client.generate(CONTEXT, "What is the pass key?", **SMALL)
+    stats = out["stats"]
+    assert isinstance(out["answer"], str) and out["request_id"]
+    for key in ("prefill_chunks", "reused_chunks", "selected_chunks", "steps", "queue_seconds"):
+        assert key in stats
+    assert stats["steps"] == 8 and stats["generated_tokens"] <= 8 and stats["mode"] == "vanilla"
+    assert stats["context_tokens"] == len(CONTEXT.encode())  # byte tokenizer: one token per byte
+
+
+def test_stream_reports_prefill_each_step_and_final(client):
+    events = list(client.generate_stream(CONTEXT, "What is the pass key?", request_id="req-1", **SMALL))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "prefill" and kinds[-1] == "final"
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 9))
+    assert all(e["total_steps"] == 8 for e in steps)
+    assert [e["unmasked_tokens"] for e in steps] == list(range(1, 9))  # LLaDA rule: one token per step here
+    final = events[-1]
+    assert final["request_id"] == "req-1" and final["answer"] == steps[-1]["partial_text"]
+
+
+def test_stream_matches_unary_answer(client):
+    unary = client.generate(CONTEXT, "Where?", **SMALL)
+    streamed = list(client.generate_stream(CONTEXT, "Where?", **SMALL))[-1]
+    assert streamed["answer"] == unary["answer"]
+
+
+@pytest.mark.parametrize(
+    ("context", "question", "params", "needle"),
+    [
+        ("", "q?", SMALL, "context is empty"),
+        (CONTEXT, "   ", SMALL, "question is empty"),
+        ("x" * (LIMITS.max_context_bytes + 1), "q?", SMALL, "context is"),
+        (CONTEXT, "q" * 2000, SMALL, "question is"),
+        (b"caf\xc3 \xff\xfe", "q?", SMALL, "context is not valid UTF-8"),
+        (CONTEXT, b"\xed\xa0\x80?", SMALL, "question is not valid UTF-8"),  # an encoded surrogate
+        (CONTEXT, "q?", {"gen_length": 0}, "gen_length"),
+        (CONTEXT, "q?", {"gen_length": 4096}, "gen_length"),
+        (CONTEXT, "q?", {"gen_length": 8, "block_length": 3, "steps": 8}, "multiple of block_length"),
+        (CONTEXT, "q?", {**SMALL, "steps": 0}, "steps"),
+        (CONTEXT, "q?", {"gen_length": 16, "block_length": 8, "steps": 5}, "steps"),
+        (CONTEXT, "q?", {**SMALL, "top_k": 0}, "top_k"),
+        (CONTEXT, "q?", {**SMALL, "temperature": -0.5}, "temperature"),
+        (CONTEXT, "q?", {**SMALL, "temperature": float("nan")}, "temperature"),
+        (CONTEXT, "q?", {**SMALL, "threshold": 1.5}, "threshold"),
+        (CONTEXT, "q?", {**SMALL, "keep_ratio": 0.0}, "keep_ratio"),
+        (CONTEXT, "q?", {**SMALL, "mode": "warp"}, "unknown mode"),
+        (CONTEXT, "q?", {**SMALL, "remasking": "sometimes"}, "remasking"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 30 else "",
+)
+def test_invalid_requests_get_invalid_argument(client, context, question, params, needle):
+    for call in (client.generate, lambda *a, **k: list(client.generate_stream(*a, **k))):
+        with pytest.raises(ApiError) as err:
+            call(context, question, params)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in err.value.details
+    still_serving(client)
+
+
+def test_unknown_model_is_invalid_argument(client, backend):
+    with pytest.raises(ApiError) as err:
+        client.generate(CONTEXT, "q?", SMALL, model="llada-8b-nope")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown model" in err.value.details
+    assert client.generate(CONTEXT, "q?", SMALL, model="tiny")["answer"] is not None
+    assert client.generate(CONTEXT, "q?", SMALL, model=backend.lm.model_id)["answer"] is not None
+
+
+def test_message_over_the_size_limit_is_resource_exhausted(client):
+    with pytest.raises(ApiError) as err:
+        client.generate("y" * (2 << 20), "q?", SMALL)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    still_serving(client)
+
+
+def test_full_queue_is_resource_exhausted(server, client):
+    """One runs, one waits, the rest are refused at once; both admitted calls finish."""
+    slow = {"gen_length": 32, "block_length": 32, "steps": 32}
+    codes: list = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            client.generate(CONTEXT * 8, "q?", slow)
+            code = grpc.StatusCode.OK
+        except ApiError as exc:
+            code = exc.code
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
+    assert codes.count(grpc.StatusCode.OK) >= 2, codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert client.health()["admission"]["refused"] >= 1
+    still_serving(client)
+
+
+def test_deadline_exceeded_stops_the_work(client, backend):
+    slow = {"gen_length": 64, "block_length": 64, "steps": 64}
+    before = client.health()["requests"]
+    t0 = time.monotonic()
+    with pytest.raises(ApiError) as err:
+        client.generate(CONTEXT * 16, "q?", slow, timeout_s=0.4)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - t0 < 3
+    # the server abandons the request within a step or two, long before its 64 steps would be done
+    deadline = time.monotonic() + 3
+    while backend.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backend.health()["running"] == 0
+    after = client.health()["requests"]
+    stopped = lambda c: c["deadline_exceeded"] + c["cancelled"]  # noqa: E731
+    assert stopped(after) == stopped(before) + 1
+    still_serving(client)
+
+
+def test_health_and_model_info(client, server):
+    health = client.health()
+    assert health["serving"] and health["backend"]["model"] == "tiny"
+    info = client.model_info()
+    assert info["name"] == "tiny" and info["family"] == "llada" and info["modes"] == ["vanilla"]
+    with grpc.insecure_channel(server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="pdllm.v1.Pdllm"), timeout=5
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lets_a_generic_client_call_the_api(server):
+    """Only the server's reflection service describes the messages: no generated code on this side."""
+    with grpc.insecure_channel(server.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        assert "pdllm.v1.Pdllm" in db.get_services()
+        pool = descriptor_pool.DescriptorPool(db)
+        method = pool.FindServiceByName("pdllm.v1.Pdllm").FindMethodByName("Generate")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        reply_cls = message_factory.GetMessageClass(method.output_type)
+        assert request_cls is not pb.GenerateRequest
+        request = request_cls(context=CONTEXT.encode(), question=b"q?")
+        request.params.gen_length, request.params.block_length, request.params.steps = 8, 8, 8
+        call = channel.unary_unary(
+            "/pdllm.v1.Pdllm/Generate",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=reply_cls.FromString,
+        )
+        reply = call(request, timeout=30)
+    assert reply.stats.steps == 8 and reply.request_id
+
+
+def test_batch_calls_without_a_store_say_so(client):
+    with pytest.raises(ApiError) as err:
+        client.get_batch("b1")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not enabled" in err.value.details
