@@ -57,6 +57,19 @@ class GenerationBackend(Protocol):
         ...
 
 
+def method_kwargs(generate: Callable, params: dict) -> dict:
+    """Chunking and selection parameters for an engine whose `generate` takes a `method` (prefix/sparse modes)."""
+    import inspect
+
+    if "method" not in inspect.signature(generate).parameters:
+        return {}
+    from pdllm.method import MethodConfig
+
+    return {
+        "method": MethodConfig(chunk_size=params["chunk_size"], top_k=params["top_k"], keep_ratio=params["keep_ratio"])
+    }
+
+
 class _Stop(Exception):
     """Raised inside the denoising loop to abandon a request whose caller gave up."""
 
@@ -147,8 +160,17 @@ class InProcessBackend:
                     )
 
             sampler = sampler_from_params(params)
+            extra = method_kwargs(generate, params)
             out = generate(
-                lm, context, question, sampler, params["mode"], self.max_context_tokens, params["seed"], on_step
+                lm,
+                context,
+                question,
+                sampler,
+                params["mode"],
+                self.max_context_tokens,
+                params["seed"],
+                on_step,
+                **extra,
             )
         except ValueError as exc:  # engine's own argument checks
             raise InvalidRequest(str(exc)) from None

@@ -17,6 +17,7 @@ from pdllm.cluster.api_server import ApiServer, ApiServerConfig
 from pdllm.proto import pdllm_api_pb2 as pb
 
 from pdllm.client import ApiError, Client
+from pdllm.engine import MODES
 
 SMALL = {"gen_length": 8, "block_length": 8, "steps": 8}
 CONTEXT = "The pass key is 71432. Remember it. " * 4
@@ -56,6 +57,15 @@ def test_generate_returns_answer_and_stats(client):
         assert key in stats
     assert stats["steps"] == 8 and stats["generated_tokens"] <= 8 and stats["mode"] == "vanilla"
     assert stats["context_tokens"] == len(CONTEXT.encode())  # byte tokenizer: one token per byte
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_engine_mode_is_served_with_chunk_stats(client, mode):
+    params = {**SMALL, "mode": mode, "chunk_size": 32, "top_k": 2}
+    stats = client.generate(CONTEXT * 4, "What is the pass key?", params)["stats"]
+    assert stats["mode"] == mode and stats["steps"] == 8
+    if mode == "sparse":  # 576 context tokens in chunks of 32: every chunk encoded once, two selected
+        assert stats["prefill_chunks"] + stats["reused_chunks"] == 18 and stats["selected_chunks"] == 2
 
 
 def test_stream_reports_prefill_each_step_and_final(client):
@@ -174,7 +184,7 @@ def test_health_and_model_info(client, server):
     health = client.health()
     assert health["serving"] and health["backend"]["model"] == "tiny"
     info = client.model_info()
-    assert info["name"] == "tiny" and info["family"] == "llada" and info["modes"] == ["vanilla"]
+    assert info["name"] == "tiny" and info["family"] == "llada" and info["modes"] == list(MODES)
     with grpc.insecure_channel(server.address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="pdllm.v1.Pdllm"), timeout=5

@@ -1,0 +1,140 @@
+"""`pdllm serve`: the pdllm.v1 gRPC API over a model, with batch jobs in Redis.
+
+Single-process mode (`--model DIR`, or the tiny model written to a cache directory when none is given) runs the
+model in this process. `--config F` is the Ray cluster mode: `cluster_backend(path)` below is where the cluster's
+router is adapted to the API's GenerationBackend.
+A shared token is required on every call: `--auth-token`, else $PDLLM_AUTH_TOKEN, else a new one printed once
+at start (and never logged again). `--no-auth` turns it off for loopback development.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pdllm.errors import PdllmError
+
+TOKEN_ENV = "PDLLM_AUTH_TOKEN"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the gRPC API (generation, streaming, batch jobs)")
+    p.add_argument("--config", help="cluster config (YAML): serve through the Ray cluster")
+    p.add_argument("--model", help="local model directory for single-process mode (default: the tiny model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (single-process mode)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--auth-token", default=None, help=f"shared secret (default: ${TOKEN_ENV} or a new one)")
+    p.add_argument("--no-auth", action="store_true", help="accept calls without a token (loopback development)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--redis-url", default=None, help="Redis for batch jobs (default: an embedded Valkey)")
+    p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "pdllm"), help="embedded Valkey data, models")
+    p.add_argument("--no-batch", action="store_true", help="serve without batch jobs (no Redis)")
+    p.add_argument("--max-running", type=int, default=1, help="generation calls running at once")
+    p.add_argument("--max-waiting", type=int, default=16, help="calls queued beyond those; more are refused")
+    p.add_argument("--batch-concurrency", type=int, default=1, help="batch jobs running at once")
+    p.add_argument("--worker-name", default="router-0", help="batch worker identity (stable across restarts)")
+    p.set_defaults(func=run)
+
+
+def resolve_token(args: argparse.Namespace) -> str | None:
+    from pdllm.cluster.auth import new_token
+
+    if args.no_auth:
+        return None
+    token = args.auth_token or os.environ.get(TOKEN_ENV)
+    if token:
+        return token
+    token = new_token()
+    print(f"auth token (shown once; clients pass --auth-token or set ${TOKEN_ENV}): {token}", flush=True)
+    return token
+
+
+def cluster_backend(config_path: str):
+    """The Ray cluster behind the API. Wired by the cluster side: pdllm.cluster.cluster_backend.ClusterBackend."""
+    try:
+        from pdllm.cluster.cluster_backend import ClusterBackend  # type: ignore[import-not-found]
+    except ImportError:
+        raise PdllmError("cluster mode (--config) is not wired yet; use --model for single-process mode") from None
+    return ClusterBackend.from_config(config_path)
+
+
+def local_backend(args: argparse.Namespace):
+    from pdllm.cluster.api_backend import InProcessBackend
+    from pdllm.models.tiny import make_tiny_checkpoint
+
+    model = args.model
+    if model is None:
+        model = Path(args.data_dir) / "models" / "tiny-llada"
+        if not (model / "config.json").is_file():
+            make_tiny_checkpoint(model, "llada")
+        print(f"serving the tiny model in {model} (pass --model DIR for a real checkpoint)", flush=True)
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    return InProcessBackend.from_directory(str(model), device=device, concurrency=args.max_running)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def batch_store(args: argparse.Namespace, closers: list):
+    from pdllm.cluster.batch_store import BatchStore
+    from pdllm.cluster.redis_server import EmbeddedRedis
+
+    if args.redis_url:
+        return BatchStore.from_url(args.redis_url)
+    data = Path(args.data_dir) / "valkey"
+    password_file = data / "password"
+    password = password_file.read_text().strip() if password_file.is_file() else None
+    server = EmbeddedRedis(data, password=password).start()  # same directory + password: batches persist
+    if password is None:
+        password_file.write_text(server.password)
+        password_file.chmod(0o600)
+    closers.append(server.stop)
+    return BatchStore(server.client(decode_responses=True, socket_timeout=10))
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+    from pdllm.cluster.batch_worker import BatchWorker
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise PdllmError("--tls-cert and --tls-key go together")
+    token = resolve_token(args)
+    backend = cluster_backend(args.config) if args.config else local_backend(args)
+    closers: list = []
+    store = None if args.no_batch else batch_store(args, closers)
+    cfg = ApiServerConfig(
+        host=args.host,
+        port=args.port,
+        auth_token=token,
+        tls_cert=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        tls_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+    )
+    server = ApiServer(backend, cfg, store).start()
+    worker = None
+    if store is not None:
+        worker = BatchWorker(store, backend, args.worker_name, concurrency=args.batch_concurrency).start()
+    print(f"pdllm serving on {server.address} ({'TLS' if args.tls_cert else 'plaintext'})", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        if worker is not None:
+            worker.stop(wait=False)  # unfinished jobs keep their leases: the next start requeues them
+        server.stop()
+        for close in closers:
+            close()
+    print("pdllm: stopped", file=sys.stderr)
+    return 0
