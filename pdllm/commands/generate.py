@@ -51,13 +51,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--context-file")
     src.add_argument("--context")
     p.add_argument("--question", required=True)
-    p.add_argument("--mode", default="vanilla")
+    p.add_argument("--mode", choices=["vanilla", "prefix", "sparse"], default="vanilla")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--max-context-tokens", type=int, default=131072)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print answer and stats as JSON")
     add_sampler_args(p)
+    add_method_args(p)
     p.set_defaults(func=run)
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("predictive prefilling (--mode prefix/sparse)")
+    g.add_argument("--chunk-size", type=int, default=512, help="context tokens per chunk (sparse)")
+    g.add_argument("--top-k", type=int, default=8, help="chunks kept per question (sparse)")
+    g.add_argument("--keep-ratio", type=float, default=1.0, help="fraction of a kept chunk's tokens kept (sparse)")
+    g.add_argument("--no-bos", action="store_true", help="ablation: no BOS anchor in front of chunks / the prefix")
+    g.add_argument("--keep-question-kv", action="store_true", help="sparse: reuse the question's KV after step 1")
+
+
+def method_from_args(args: argparse.Namespace):
+    from pdllm.method import MethodConfig
+
+    return MethodConfig(
+        chunk_size=args.chunk_size,
+        top_k=args.top_k,
+        keep_ratio=args.keep_ratio,
+        use_bos=not args.no_bos,
+        keep_question_kv=args.keep_question_kv,
+    )
 
 
 def _cuda() -> bool:
@@ -76,10 +98,12 @@ def run(args: argparse.Namespace) -> int:
     context = read_context(args)
     sampler = sampler_from_args(args)
     sampler.validate()
+    method = method_from_args(args)
+    method.validate()
     if not args.question.strip():
         raise InvalidRequest("question is empty")
     lm = load_model(args.model, device=args.device)
-    out = generate(lm, context, args.question, sampler, args.mode, args.max_context_tokens, args.seed)
+    out = generate(lm, context, args.question, sampler, args.mode, args.max_context_tokens, args.seed, method=method)
     if args.json:
         json.dump({"answer": out.answer, "stats": out.stats}, sys.stdout)
         sys.stdout.write("\n")

@@ -1,0 +1,202 @@
+"""Semantics of predictive prefilling that must hold exactly: chunked prefill, mode equivalences, keep_question_kv.
+
+What is exactly equal under bidirectional attention (and what these tests prove):
+* sparse with one chunk kept whole (K = N = 1, keep ratio 1, no BOS) lays out the same keys at the same positions
+  as prefix mode without BOS, so their logits agree at every step;
+* prefix vs vanilla: in vanilla the context tokens also attend to question + block, so from layer 1 on their K/V
+  differ from the prefix cache's; only layer 0's context K/V agree (they depend on embeddings and positions alone).
+  Hence first-step logits agree for a one-layer model, and for deeper models they agree with a vanilla forward in
+  which context rows are masked from question/block columns (which is what a prefix cache computes), and not with
+  plain vanilla (checked, so the comparison can tell the two apart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdllm.engine import VanillaDenoiser
+from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, encode_chunks, split_chunks
+from pdllm.method.decode import SparseDenoiser
+from pdllm.method.pool import ChunkPool, SparseChunkAttention
+from pdllm.method.prefix import PrefixDenoiser, encode_prefix
+from pdllm.method.selection import select_tokens
+from pdllm.models.attention import sdpa
+from pdllm.models.loader import LoadedModel
+from pdllm.models.tiny import random_model, tiny_spec
+from pdllm.sampler import SamplerConfig, denoise
+
+
+def tiny_lm(family: str = "llada", layers: int = 2, kv_heads: int | None = None, seed: int = 0) -> LoadedModel:
+    spec = tiny_spec(family, layers=layers, kv_heads=kv_heads)
+    return LoadedModel(random_model(spec, seed), None, spec, Path("."), f"tiny-{family}-{layers}-{seed}")
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def masked_gen(lm: LoadedModel, g: int = 8) -> torch.Tensor:
+    gen = torch.full((1, g), lm.spec.mask_token_id)
+    gen[0, 2] = 65  # one unmasked token, so not every block position looks alike
+    return gen
+
+
+def sparse_denoiser(lm, question, kvs, keep_question_kv=False):
+    spec = lm.spec
+    pool = ChunkPool(
+        kvs,
+        spec.num_layers,
+        spec.num_kv_heads,
+        spec.head_dim,
+        "cpu",
+        torch.float32,
+        len(question) if keep_question_kv else 0,
+    )
+    sel = select_tokens(
+        [], [pool.k[i] for i in range(spec.num_layers)], [c.length for c in kvs], [c.has_bos for c in kvs], 1.0
+    )
+    start = max(c.length for c in kvs)
+    return SparseDenoiser(lm.model, torch.tensor([question]), start, SparseChunkAttention(pool, sel), keep_question_kv)
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llada", None), ("dream", 2)])
+def test_sparse_whole_single_chunk_equals_prefix(family, kv_heads):
+    lm = tiny_lm(family, kv_heads=kv_heads)
+    context, question = ids(40, 1), ids(7, 2)
+    cfg = MethodConfig(chunk_size=64, top_k=1, keep_ratio=1.0, use_bos=False)
+    kvs = encode_chunks(lm, split_chunks(context, cfg.chunk_size), cfg, lm.model_id)
+    assert len(kvs) == 1 and not kvs[0].has_bos
+    sparse = sparse_denoiser(lm, question, kvs)
+    prefix = PrefixDenoiser(lm.model, encode_prefix(lm.model, context), torch.tensor([question]))
+    gen = masked_gen(lm)
+    torch.testing.assert_close(sparse.logits(gen), prefix.logits(gen), rtol=1e-5, atol=1e-5)
+    # whole generations agree too (same logits -> same decisions)
+    sampler = SamplerConfig(gen_length=8, block_length=8, steps=8)
+    a = decode_with_chunks(lm, question, kvs, cfg, sampler).tokens
+    b = denoise(prefix, 1, sampler, lm.spec.mask_token_id, lm.spec.eos_token_ids).tokens[0].tolist()
+    assert a == b
+
+
+def test_chunk_kv_equals_encoding_bos_plus_chunk_alone_despite_batch_padding():
+    lm = tiny_lm("dream", kv_heads=2)
+    cfg = MethodConfig(chunk_size=16)
+    context = ids(16 * 3 + 5, 3)  # the short last chunk is padded inside its batch
+    kvs = encode_chunks(lm, split_chunks(context, 16), cfg, lm.model_id, batch_size=4)
+    assert [c.length for c in kvs] == [17, 17, 17, 6] and all(c.has_bos for c in kvs)
+    for c in kvs:
+        alone = lm.model(torch.tensor([[lm.spec.bos_token_id] + c.tokens]), return_kv=True, logits_from=None).kv
+        torch.testing.assert_close(c.k, torch.stack([k[0] for k, _ in alone]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c.v, torch.stack([v[0] for _, v in alone]), rtol=1e-5, atol=1e-5)
+        assert c.summary.numel() * c.summary.element_size() < 4096
+
+
+class ContextBlindToQuestion:
+    """Vanilla forward in which context rows (the first P) may not attend to question/block columns."""
+
+    def __init__(self, p: int) -> None:
+        self.p = p
+
+    def attend(self, layer, q, k, v):
+        t = q.shape[2]
+        allowed = torch.ones(t, t, dtype=torch.bool)
+        allowed[: self.p, self.p :] = False
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1]
+        )
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llada", None), ("dream", 2)])
+def test_prefix_equals_vanilla_first_step_where_exactness_holds(family, kv_heads):
+    context, question = ids(30, 4), ids(6, 5)
+    # one layer: the cached context K/V are layer-0 K/V, identical in both modes -> identical first-step logits
+    lm1 = tiny_lm(family, layers=1, kv_heads=kv_heads)
+    prompt = torch.tensor([[lm1.spec.bos_token_id] + context + question])
+    prefix_ids = [lm1.spec.bos_token_id] + context
+    gen = masked_gen(lm1)
+    pre = PrefixDenoiser(lm1.model, encode_prefix(lm1.model, prefix_ids), torch.tensor([question])).logits(gen)
+    torch.testing.assert_close(pre, VanillaDenoiser(lm1.model, prompt).logits(gen), rtol=1e-5, atol=1e-5)
+
+    # two layers: layer-0 context K/V agree; logits equal vanilla-with-context-blind-to-question, not plain vanilla
+    lm2 = tiny_lm(family, layers=2, kv_heads=kv_heads)
+    full = torch.cat([prompt, gen], dim=1)
+    p = len(prefix_ids)
+    cached = encode_prefix(lm2.model, prefix_ids)
+    vanilla_kv = lm2.model(full, return_kv=True, logits_from=None).kv
+    torch.testing.assert_close(cached[0][0], vanilla_kv[0][0][:, :, :p], rtol=1e-5, atol=1e-5)
+    assert (cached[1][0] - vanilla_kv[1][0][:, :, :p]).abs().max() > 1e-3
+    pre = PrefixDenoiser(lm2.model, cached, torch.tensor([question])).logits(gen)
+    start = full.shape[1] - gen.shape[1]
+    shift = 1 if lm2.spec.shift_logits else 0
+    blind = lm2.model(full, context=ContextBlindToQuestion(p), logits_from=start - shift).logits
+    torch.testing.assert_close(pre, blind[:, : gen.shape[1]], rtol=1e-5, atol=1e-5)
+    assert (pre - VanillaDenoiser(lm2.model, prompt).logits(gen)).abs().max() > 1e-3
+
+
+def test_sparse_attention_context_matches_dense_over_gathered_rows():
+    lm = tiny_lm("dream", kv_heads=2)
+    cfg = MethodConfig(chunk_size=16, keep_ratio=0.5)
+    kvs = encode_chunks(lm, split_chunks(ids(40, 6), 16), cfg, lm.model_id)
+    spec = lm.spec
+    pool = ChunkPool(kvs, spec.num_layers, spec.num_kv_heads, spec.head_dim, "cpu", torch.float32)
+    sel = [torch.tensor([[0, 3, 17, 20, 34], [1, 2, 18, 35, 36]], dtype=torch.int32)] * spec.num_layers
+    ctx = SparseChunkAttention(pool, sel)
+    q = torch.randn(1, spec.num_heads, 5, spec.head_dim)
+    k, v = torch.randn(1, spec.num_kv_heads, 5, spec.head_dim), torch.randn(1, spec.num_kv_heads, 5, spec.head_dim)
+    out = ctx.attend(1, q, k, v)
+    flat_k = pool.k[1].permute(1, 0, 2, 3).reshape(spec.num_kv_heads, -1, spec.head_dim)
+    flat_v = pool.v[1].permute(1, 0, 2, 3).reshape(spec.num_kv_heads, -1, spec.head_dim)
+    gk = torch.stack([flat_k[h, sel[1][h].long()] for h in range(2)])[None]
+    gv = torch.stack([flat_v[h, sel[1][h].long()] for h in range(2)])[None]
+    ref = sdpa(q, torch.cat([gk, k], 2), torch.cat([gv, v], 2))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llada", None), ("dream", 2)])
+def test_keep_question_kv_same_first_step_then_recomputes_only_the_block(family, kv_heads):
+    lm = tiny_lm(family, kv_heads=kv_heads)
+    cfg = MethodConfig(chunk_size=16, use_bos=True)
+    kvs = encode_chunks(lm, split_chunks(ids(48, 7), 16), cfg, lm.model_id)
+    question = ids(9, 8)
+    fresh, kept = sparse_denoiser(lm, question, kvs), sparse_denoiser(lm, question, kvs, keep_question_kv=True)
+    gen = masked_gen(lm)
+    torch.testing.assert_close(kept.logits(gen), fresh.logits(gen), rtol=1e-6, atol=1e-6)
+    # later steps: the kept question KV is the first step's, so a step over the same tokens is still the same
+    torch.testing.assert_close(kept.logits(gen), fresh.logits(gen), rtol=1e-5, atol=1e-5)
+    shift = 1 if lm.spec.shift_logits else 0
+    assert kept.span_tokens == [len(question) + 8, 8 + shift] and fresh.span_tokens == [len(question) + 8] * 2
+    # once the block changes, the stale question KV makes the logits differ from a full recompute
+    gen2 = gen.clone()
+    gen2[0, :4] = torch.tensor([70, 71, 72, 73])
+    assert (kept.logits(gen2) - fresh.logits(gen2)).abs().max() > 1e-4
+
+
+def test_keep_question_kv_decodes_and_reports(tmp_path):
+    lm = tiny_lm("llada")
+    cfg = MethodConfig(chunk_size=16, keep_question_kv=True)
+    kvs = encode_chunks(lm, split_chunks(ids(40, 9), 16), cfg, lm.model_id)
+    res = decode_with_chunks(lm, ids(5, 10), kvs, cfg, SamplerConfig(gen_length=16, block_length=8, steps=8))
+    assert res.steps == 8 and len(res.tokens) in (8, 16) and res.stats["keep_question_kv"] is True
+    assert res.stats["selected_tokens"] == 17 + 17 + 9
+
+
+def test_chunk_cache_hit_skips_encoding(monkeypatch):
+    lm = tiny_lm("llada")
+    calls = []
+    forward = lm.model.forward
+    monkeypatch.setattr(lm.model, "forward", lambda *a, **kw: calls.append(a[0].shape) or forward(*a, **kw))
+    cache = ChunkCache()
+    cfg = MethodConfig(chunk_size=16)
+    doc = [ids(16, 20 + i) for i in range(5)]
+    first = cache.get_or_encode(lm, doc, cfg, lm.model_id)
+    assert (first.encoded, first.reused, len(calls)) == (5, 0, 1)  # one batched pass of 5 chunks
+    again = cache.get_or_encode(lm, doc, cfg, lm.model_id)
+    assert (again.encoded, again.reused, len(calls)) == (0, 5, 1)
+    assert all(a is b for a, b in zip(again.chunks, first.chunks, strict=True))
+    # another document sharing two chunks encodes only its new ones; other chunking params never match
+    mixed = cache.get_or_encode(lm, [doc[1], ids(16, 99), doc[3]], cfg, lm.model_id)
+    assert (mixed.encoded, mixed.reused, len(calls)) == (1, 2, 2) and calls[-1][0] == 1
+    nobos = cache.get_or_encode(lm, doc[:2], MethodConfig(chunk_size=16, use_bos=False), lm.model_id)
+    assert nobos.encoded == 2 and not nobos.chunks[0].has_bos
