@@ -1,0 +1,116 @@
+"""Client behaviour against real servers: UNAVAILABLE is retried with backoff until the server is up, other
+statuses are not retried, deadlines bound the whole call; and `pdllm serve` as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from pdllm.cluster.api_backend import InProcessBackend
+from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.redis_server import free_port
+
+from pdllm.client import ApiError, Client, generate_via_server
+
+SMALL = {"gen_length": 8, "block_length": 8, "steps": 8}
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_llada):
+    b = InProcessBackend.from_directory(str(tiny_llada), name="tiny")
+    yield b
+    b.close()
+
+
+def test_unavailable_is_retried_until_the_server_starts(backend):
+    port = free_port()
+    outcome: dict = {}
+
+    def call() -> None:
+        with Client(f"127.0.0.1:{port}", timeout_s=20, retries=50, backoff_s=0.05, max_backoff_s=0.2) as c:
+            t0 = time.monotonic()
+            outcome["reply"] = c.generate("context", "q?", SMALL)
+            outcome["seconds"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(1.0)  # the client is failing with UNAVAILABLE and backing off meanwhile
+    with ApiServer(backend, ApiServerConfig(port=port)) as server:
+        thread.join(20)
+        assert outcome["reply"]["stats"]["steps"] == 8 and outcome["seconds"] >= 0.9
+        assert server.servicer.counters["completed"] == 1
+
+
+def test_unavailable_gives_up_within_the_deadline():
+    port = free_port()
+    with Client(f"127.0.0.1:{port}", timeout_s=1.0, retries=100, backoff_s=0.05) as c:
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as err:
+            c.health()
+    assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert time.monotonic() - t0 < 3
+
+
+def test_other_errors_are_not_retried(backend):
+    with ApiServer(backend, ApiServerConfig(port=0)) as server:
+        with Client(server.address, timeout_s=20, retries=5) as c:
+            with pytest.raises(ApiError) as err:
+                c.generate("context", "", SMALL)
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert server.servicer.counters["invalid"] == 1  # one attempt reached the server
+
+
+def test_generate_via_server_returns_answer_and_stats(backend):
+    with ApiServer(backend, ApiServerConfig(port=0, auth_token="t0k")) as server:
+        out = generate_via_server(server.address, "The key is 7.", "Key?", SMALL, auth_token="t0k", timeout_s=30)
+    assert set(out) == {"request_id", "answer", "stats"}
+    assert {"prefill_chunks", "reused_chunks", "selected_chunks", "steps"} <= set(out["stats"])
+    json.dumps(out)  # what `pdllm generate --server --json` prints
+
+
+def test_pdllm_serve_process(tiny_llada, tmp_path):
+    """The real command: prints a fresh token once, serves with it (and batch jobs), stops on SIGTERM."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdllm.cli", "serve", "--model", str(tiny_llada), "--port", str(port)]
+    cmd += ["--data-dir", str(tmp_path), "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "PDLLM_AUTH_TOKEN"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "serving on" in line:
+                break
+        text = "".join(lines)
+        token = re.search(r"auth token .*: (\S+)", text).group(1)
+        with Client(f"127.0.0.1:{port}", auth_token=token, timeout_s=30) as c:
+            assert c.generate("The key is 7.", "Key?", SMALL)["stats"]["steps"] == 8
+            c.submit_batch("b1", [{"id": "a", "context": "c", "question": "q?", "params": SMALL}])
+            deadline = time.monotonic() + 30
+            while c.get_batch("b1")["state"] != "done" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert c.get_batch("b1")["done"] == 1
+        with Client(f"127.0.0.1:{port}", auth_token="wrong", timeout_s=5, retries=0) as c:
+            with pytest.raises(ApiError):
+                c.health()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert token not in out + err  # printed once at start, never again
+        assert (tmp_path / "valkey" / "password").stat().st_mode & 0o077 == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
