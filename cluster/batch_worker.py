@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from pdllm.cluster.api_backend import GenerationBackend
 from pdllm.cluster.batch_store import BatchStore
+
 from pdllm.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class BatchWorker:
     def start(self) -> BatchWorker:
         self.recovered = self.store.requeue(self.owner)
         if self.recovered:
-            log.info("batch worker %s requeued %d unfinished job(s) from before its restart", self.owner, self.recovered)
+            log.info("batch worker %s requeued %d job(s) left from before its restart", self.owner, self.recovered)
         self._thread = threading.Thread(target=self._loop, name=f"pdllm-batch-loop-{self.owner}", daemon=True)
         self._thread.start()
         return self

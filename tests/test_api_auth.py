@@ -172,3 +172,29 @@ def test_async_client_plain_and_tls(plain_server, tls_server, token, cert_and_ke
     assert events[-1]["type"] == "final" and events[-1]["answer"] == unary["answer"]
     assert info["name"] == "tiny"
     assert code == "UNAUTHENTICATED"
+
+
+def test_aio_interceptor_guards_an_asyncio_service():
+    """What the chunk-transfer service (grpc.aio) uses: the same token rule on an asyncio server."""
+    from grpc_health.v1._async import HealthServicer
+    from pdllm.cluster.auth import AioTokenAuthInterceptor, token_metadata
+
+    async def run() -> tuple[str, str]:
+        server = grpc.aio.server(interceptors=[AioTokenAuthInterceptor("s3cret")])
+        health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                ok = await stub.Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=token_metadata("s3cret"))
+                try:
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=5, metadata=token_metadata("guess"))
+                    denied = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    denied = exc.code().name
+        finally:
+            await server.stop(0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(ok.status), denied
+
+    assert asyncio.run(run()) == ("SERVING", "UNAUTHENTICATED")
