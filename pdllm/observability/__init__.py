@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics (`metrics`), structured JSON logs with request ids (`logs`)."""
