@@ -55,7 +55,7 @@ def merge(local: Iterable[Metric], remote: Iterable[Iterable[list]]) -> Iterator
             if i is not None:
                 k = _key(name, labels)
                 values[i][k] = values[i].get(k, 0.0) + float(value)
-    for fam, vals in zip(families, values):
+    for fam, vals in zip(families, values, strict=True):
         merged = Metric(fam.name, fam.documentation, fam.type, fam.unit)
         for (name, labels), value in _ordered(vals):
             merged.add_sample(name, dict(labels), value)
