@@ -1,8 +1,9 @@
 """Kernels are jitted on first use, not at import, for the TRITON_INTERPRET mode in force at that moment.
 
 `triton.jit` decides between compiled and interpreted code when it decorates. Decorating at import would freeze
-the choice at whichever module imported us first, so a test that turns the interpreter on later (in the same
-pytest process) would get a compiled kernel it cannot run on CPU tensors. Keyed by mode, both coexist."""
+the choice at whichever module imported us first. Triton's own library functions (tl.max, tl.sum) are decorated when
+triton.language is first imported, though, so the interpreter works only in a process that had TRITON_INTERPRET=1
+set before that import: `interpreter_ready` says whether this process qualifies."""
 
 from __future__ import annotations
 
@@ -29,9 +30,29 @@ def jitted(fn: Callable[..., Any]) -> Any:
     if kernel is None:
         import triton
 
+        if key[1] and not interpreter_ready():
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 was set after triton was first imported in this process: Triton's own library "
+                "functions (tl.max, tl.sum, ...) are compiled-mode and the interpreter cannot call them. Set it "
+                "before anything imports triton (tests/test_kernels.py runs the interpreter tests in a fresh process)."
+            )
+
         names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
         kernel = _cache[key] = triton.jit(fn, do_not_specialize=[n for n in SIZE_ARGS if n in names])
     return kernel
+
+
+def interpreter_ready() -> bool:
+    """Whether Triton's interpreter can run here: triton.language must have been imported in interpreter mode."""
+    import sys
+
+    if not interpreting():
+        return False
+    if "triton.language" not in sys.modules:
+        return True
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(sys.modules["triton.language"].standard.max, JITFunction)
 
 
 def dot_f32(t: Any) -> bool:
