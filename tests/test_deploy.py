@@ -127,3 +127,14 @@ def test_base_image_torch_satisfies_the_package_pin():
     deps = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["dependencies"]
     (torch,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
     assert torch.specifier.contains(base), f"image torch {base} is outside the package's {torch.specifier}"
+
+
+def test_config_reaches_every_pod_from_a_secret():
+    """The config carries the Redis password (redis_url), so it is mounted from a Secret, never a ConfigMap."""
+    spec = by_kind(DEPLOY / "k8s" / "raycluster.yaml")["RayCluster"]["spec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        (vol,) = [v for v in pod["volumes"] if v["name"] == "config"]
+        assert vol == {"name": "config", "secret": {"secretName": "pdllm-config"}}
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "config"]
+        assert mount["mountPath"] == "/etc/pdllm" and mount["readOnly"] is True
