@@ -46,11 +46,15 @@ def load_state(src: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) ->
     for f in sorted(src.glob("train-state-*.safetensors")):
         tensors.update(load_file(str(f)))
     dev = next(model.parameters()).device
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise ValueError(f"training state in {src} lacks {len(missing)} model tensor(s), first: {missing[0]}")
+    model.load_state_dict(weights)
     params = dict(model.named_parameters())
     step = json.loads((src / "state.json").read_text()).get("step", 0)
     for name, p in params.items():
-        if f"opt.exp_avg.{name}" in tensors:
+        if f"opt.exp_avg.{name}" in tensors and f"opt.exp_avg_sq.{name}" in tensors:  # a lost shard: fresh moments
             opt.state[p] = {
                 "step": torch.tensor(float(step)),
                 "exp_avg": tensors[f"opt.exp_avg.{name}"].to(dev, torch.float32),
