@@ -1,0 +1,154 @@
+"""The chunk index in Redis: chunk id -> where its KV lives (holder, transfer address), its size and layout,
+created/last-used times, and the small summary that chunk ranking reads. Redis never holds the KV itself.
+
+Keys (under a per-cluster prefix P):
+  P:chunk:<id>  hash {holder, node, address, nbytes, dtype, layout, length, created, last_used, summary}
+  P:ids         set of indexed chunk ids (its size is the index size)
+  P:claim:<id>  prefill claim: SET NX with expiry, so two requests needing the same chunk encode it once and a
+                dead claimant blocks others for at most the claim's TTL
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis
+from pdllm.cluster.kv_codec import LAYOUT, dtype_name, pack_tensor, unpack_tensor
+from torch import Tensor
+
+from pdllm.method.chunk_kv import ChunkKV
+
+# Delete an entry only if the caller is still its holder (a newer holder's entry must survive a stale eviction).
+_DELETE_IF_HOLDER = """
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
+  redis.call('DEL', KEYS[1]); redis.call('SREM', KEYS[2], ARGV[2]); return 1
+end
+return 0
+"""
+_TOUCH = """
+for _, k in ipairs(KEYS) do
+  if redis.call('HEXISTS', k, 'holder') == 1 then redis.call('HSET', k, 'last_used', ARGV[1]) end
+end
+return 0
+"""
+# Release a claim only if the caller still owns it.
+_RELEASE_IF_OWNER = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    chunk_id: str
+    holder: str  # the prefill actor (Ray actor name) whose chunk store holds the KV
+    node: str  # Ray node id of the holder (same node: read without the network)
+    address: str  # host:port of the holder's ChunkTransfer gRPC service
+    nbytes: int
+    dtype: str
+    layout: str
+    length: int  # K/V rows (tokens + BOS)
+    created: float
+    last_used: float
+    summary: Tensor
+
+
+class ChunkIndex:
+    def __init__(self, client: redis.Redis, prefix: str = "pdllm:kv") -> None:
+        self.r, self.prefix = client, prefix
+        self._delete_if_holder = client.register_script(_DELETE_IF_HOLDER)
+        self._release_if_owner = client.register_script(_RELEASE_IF_OWNER)
+        self._touch = client.register_script(_TOUCH)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "pdllm:kv", timeout_s: float = 5.0) -> ChunkIndex:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client, prefix)
+
+    def _key(self, cid: str) -> str:
+        return f"{self.prefix}:chunk:{cid}"
+
+    @property
+    def _ids(self) -> str:
+        return f"{self.prefix}:ids"
+
+    def register(self, chunk: ChunkKV, holder: str, node: str, address: str) -> None:
+        now = time.time()
+        mapping = {
+            "holder": holder,
+            "node": node,
+            "address": address,
+            "nbytes": chunk.nbytes(),
+            "dtype": dtype_name(chunk.k.dtype),
+            "layout": LAYOUT,
+            "length": chunk.length,
+            "created": now,
+            "last_used": now,
+            "summary": pack_tensor(chunk.summary),
+        }
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self._key(chunk.chunk_id), mapping=mapping)
+        pipe.sadd(self._ids, chunk.chunk_id)
+        pipe.execute()
+
+    def lookup(self, cids: list[str]) -> dict[str, IndexEntry]:
+        """Entries of the indexed ids among `cids` (one round trip)."""
+        if not cids:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for cid in cids:
+            pipe.hgetall(self._key(cid))
+        out = {}
+        for cid, h in zip(cids, pipe.execute(), strict=True):
+            if h and b"holder" in h:
+                out[cid] = _entry(cid, h)
+        return out
+
+    def touch(self, cids: list[str]) -> None:
+        """Record a use (last_used) on entries that still exist (a touch racing a delete recreates nothing)."""
+        if cids:
+            self._touch(keys=[self._key(c) for c in cids], args=[time.time()])
+
+    def remove(self, cid: str, holder: str) -> bool:
+        """Delete the entry if `holder` still holds it (eviction, or a reader that found the holder without it)."""
+        return bool(self._delete_if_holder(keys=[self._key(cid), self._ids], args=[holder, cid]))
+
+    def size(self) -> int:
+        return int(self.r.scard(self._ids))
+
+    def ids(self) -> set[str]:
+        return {m.decode() for m in self.r.smembers(self._ids)}
+
+    def claim(self, cid: str, owner: str, ttl_s: float) -> bool:
+        """True if `owner` now holds the prefill claim on `cid` (expires after ttl_s)."""
+        return bool(self.r.set(f"{self.prefix}:claim:{cid}", owner, nx=True, px=max(1, int(ttl_s * 1000))))
+
+    def release(self, cid: str, owner: str) -> None:
+        self._release_if_owner(keys=[f"{self.prefix}:claim:{cid}"], args=[owner])
+
+    def claimed(self, cids: list[str]) -> dict[str, bool]:
+        if not cids:
+            return {}
+        values = self.r.mget([f"{self.prefix}:claim:{c}" for c in cids])
+        return {c: v is not None for c, v in zip(cids, values, strict=True)}
+
+    def remove_holder(self, holder: str) -> int:
+        """Delete every entry of `holder` (its store is gone: shutdown, or the actor died)."""
+        removed = 0
+        for cid in self.ids():
+            removed += self.remove(cid, holder)
+        return removed
+
+
+def _entry(cid: str, h: dict[bytes, bytes]) -> IndexEntry:
+    return IndexEntry(
+        chunk_id=cid,
+        holder=h[b"holder"].decode(),
+        node=h[b"node"].decode(),
+        address=h[b"address"].decode(),
+        nbytes=int(h[b"nbytes"]),
+        dtype=h[b"dtype"].decode(),
+        layout=h[b"layout"].decode(),
+        length=int(h[b"length"]),
+        created=float(h[b"created"]),
+        last_used=float(h[b"last_used"]),
+        summary=unpack_tensor(h[b"summary"]),
+    )

@@ -1,0 +1,111 @@
+"""How a decode node gets chunk KV it does not hold: the `KVTransport` interface, and its gRPC implementation.
+
+A transport fetches chunks by (holder address, chunk id); an NCCL transport between GPUs plugs in behind the same
+interface. Chunks whose holder no longer has them come back in `missing`, so the caller re-prefills them.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import msgpack
+from pdllm.cluster.auth import token_metadata
+from pdllm.cluster.kv_codec import chunk_from_parts
+from pdllm.proto import chunk_transfer_pb2 as pb
+from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
+
+from pdllm.method.chunk_kv import ChunkKV
+
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+class TransferError(RuntimeError):
+    """A stream broke, timed out or carried corrupted data (checksum or size mismatch)."""
+
+
+@dataclass(frozen=True)
+class FetchItem:
+    chunk_id: str
+    address: str  # host:port of the holder's transfer service
+    rows: tuple[int, ...] = ()  # token rows only (empty: whole chunk)
+
+
+@dataclass
+class FetchResult:
+    chunks: dict[str, ChunkKV] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # holder did not have them (evicted) or was unreachable
+    bytes: int = 0
+
+
+class KVTransport(Protocol):
+    def fetch(self, items: list[FetchItem], timeout_s: float) -> FetchResult: ...
+
+
+class GrpcTransport:
+    """KVTransport over the ChunkTransfer gRPC streaming service; one channel per holder address, reused."""
+
+    def __init__(self, token: str | None = None, piece_bytes: int = 1 << 20) -> None:
+        self.token, self.piece_bytes = token, piece_bytes
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def _stub(self, address: str) -> pb_grpc.ChunkTransferStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+                channel = self._channels[address] = grpc.insecure_channel(address, options=options)
+        return pb_grpc.ChunkTransferStub(channel)
+
+    def fetch(self, items: list[FetchItem], timeout_s: float) -> FetchResult:
+        result = FetchResult()
+        by_address: dict[str, list[FetchItem]] = {}
+        for item in items:
+            by_address.setdefault(item.address, []).append(item)
+        for address, group in by_address.items():
+            request = pb.FetchRequest(
+                chunks=[pb.ChunkRequest(chunk_id=i.chunk_id, rows=list(i.rows)) for i in group],
+                max_piece_bytes=self.piece_bytes,
+            )
+            try:
+                stream = self._stub(address).Fetch(request, timeout=timeout_s, metadata=token_metadata(self.token))
+                self._collect(stream, result)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE:  # the holder is gone: its chunks must be re-prefilled
+                    result.missing += [i.chunk_id for i in group if i.chunk_id not in result.chunks]
+                    continue
+                raise TransferError(f"fetch from {address}: {e.code().name}: {e.details()}") from e
+        return result
+
+    @staticmethod
+    def _collect(stream, result: FetchResult) -> None:
+        header, payload, expect = None, bytearray(), 0
+        for piece in stream:
+            if piece.missing:
+                result.missing.append(piece.chunk_id)
+                continue
+            if zlib.crc32(piece.data) != piece.crc32:
+                raise TransferError(f"chunk {piece.chunk_id[:12]} piece {piece.seq}: checksum mismatch")
+            if piece.seq != expect or piece.offset != len(payload):
+                raise TransferError(f"chunk {piece.chunk_id[:12]}: piece {piece.seq} out of order")
+            if piece.seq == 0:
+                header = msgpack.unpackb(piece.header)
+            payload += piece.data
+            expect += 1
+            if piece.last:
+                chunk = chunk_from_parts(header, payload)
+                result.chunks[chunk.chunk_id] = chunk
+                result.bytes += len(payload)
+                header, payload, expect = None, bytearray(), 0
+        if expect:
+            raise TransferError("stream ended in the middle of a chunk")
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

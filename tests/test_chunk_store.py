@@ -1,0 +1,167 @@
+"""Chunk index (real embedded Valkey), chunk store with LRU eviction that keeps the index consistent, prefill
+claims, the tensor codec, and the ChunkTransfer gRPC service on loopback (pieces, checksums, rows, missing, auth)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import msgpack
+import pytest
+import torch
+from pdllm.cluster.auth import new_token
+from pdllm.cluster.chunk_index import ChunkIndex
+from pdllm.cluster.chunk_store import ChunkStore, StoreFull
+from pdllm.cluster.kv_codec import chunk_from_parts, chunk_parts, pack_tensor, unpack_tensor
+from pdllm.cluster.redis_server import EmbeddedRedis
+from pdllm.cluster.transfer_server import serve
+from pdllm.cluster.transport import FetchItem, FetchResult, GrpcTransport, TransferError
+from pdllm.proto import chunk_transfer_pb2 as pb
+from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
+
+from pdllm.method.chunk_kv import ChunkKV
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    with EmbeddedRedis(tmp_path_factory.mktemp("valkey")) as server:
+        yield server
+
+
+@pytest.fixture
+def index(redis_server, request):
+    return ChunkIndex(redis_server.client(socket_timeout=5), prefix=f"test:{request.node.name}")
+
+
+def make_chunk(seed: int, rows: int = 17, dtype=torch.float32) -> ChunkKV:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(2, 4, rows, 16, generator=g).to(dtype)
+    v = torch.randn(2, 4, rows, 16, generator=g).to(dtype)
+    summary = torch.randn(2, 4, 16, generator=g).half()
+    return ChunkKV(chunk_id=f"{seed:064x}", tokens=list(range(rows - 1)), k=k, v=v, summary=summary, has_bos=True)
+
+
+def same(a: ChunkKV, b: ChunkKV) -> bool:
+    return (
+        a.chunk_id == b.chunk_id
+        and a.tokens == b.tokens
+        and a.has_bos == b.has_bos
+        and all(torch.equal(x, y) for x, y in ((a.k, b.k), (a.v, b.v), (a.summary, b.summary)))
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_codec_round_trip_keeps_every_byte(dtype):
+    chunk = make_chunk(1, dtype=dtype)
+    header, parts = chunk_parts(chunk)
+    header = msgpack.unpackb(msgpack.packb(header))
+    back = chunk_from_parts(header, b"".join(parts))
+    assert same(chunk, back) and back.k.dtype == dtype
+    assert torch.equal(unpack_tensor(pack_tensor(chunk.summary)), chunk.summary)
+    with pytest.raises(ValueError, match="payload bytes"):
+        chunk_from_parts(header, b"".join(parts)[:-1])
+
+
+def test_index_register_lookup_touch_remove(index):
+    chunk = make_chunk(2)
+    index.register(chunk, "prefill-0", "node-a", "127.0.0.1:1")
+    got = index.lookup([chunk.chunk_id, "f" * 64])
+    assert list(got) == [chunk.chunk_id]
+    entry = got[chunk.chunk_id]
+    assert (entry.holder, entry.address, entry.nbytes, entry.dtype, entry.length) == (
+        "prefill-0",
+        "127.0.0.1:1",
+        chunk.nbytes(),
+        "float32",
+        17,
+    )
+    assert torch.equal(entry.summary, chunk.summary)
+    time.sleep(0.01)
+    index.touch([chunk.chunk_id, "e" * 64])
+    assert index.lookup([chunk.chunk_id])[chunk.chunk_id].last_used > entry.last_used
+    assert index.lookup(["e" * 64]) == {}  # touching an absent id creates nothing
+    assert not index.remove(chunk.chunk_id, "prefill-1")  # not the holder: the entry stays
+    assert index.size() == 1
+    assert index.remove(chunk.chunk_id, "prefill-0")
+    assert index.size() == 0 and index.lookup([chunk.chunk_id]) == {}
+
+
+def test_claim_is_exclusive_and_expires(index):
+    assert index.claim("c1", "a", ttl_s=0.3)
+    assert not index.claim("c1", "b", ttl_s=0.3)
+    index.release("c1", "b")  # not the owner: no effect
+    assert index.claimed(["c1"]) == {"c1": True}
+    time.sleep(0.4)  # a dead claimant's claim expires
+    assert index.claimed(["c1"]) == {"c1": False}
+    assert index.claim("c1", "b", ttl_s=5)
+    index.release("c1", "b")
+    assert index.claim("c1", "c", ttl_s=5)
+
+
+def test_store_evicts_lru_and_deletes_from_index(index):
+    chunks = [make_chunk(10 + i) for i in range(4)]
+    size = chunks[0].nbytes()
+    store = ChunkStore(3 * size, index, "prefill-0", "node-a", "127.0.0.1:1")
+    for c in chunks[:3]:
+        assert store.put(c) == []
+    store.get(chunks[0].chunk_id)  # chunk 0 becomes the most recently used
+    assert store.put(chunks[3]) == [chunks[1].chunk_id]
+    assert chunks[1].chunk_id not in store and store.used_bytes == 3 * size
+    assert index.ids() == {chunks[i].chunk_id for i in (0, 2, 3)}
+    with pytest.raises(StoreFull):
+        ChunkStore(size - 1, index, "x", "n", "a").put(chunks[0])
+    store.clear()
+    assert index.size() == 0 and store.usage()["used_bytes"] == 0
+
+
+@pytest.fixture
+def transfer(index):
+    token = new_token()
+    store = ChunkStore(1 << 30, index, "prefill-0", "node-a", "127.0.0.1:0")
+    server, port = serve(store, token=token, piece_bytes=4096)
+    yield store, f"127.0.0.1:{port}", token
+    server.stop(grace=None)
+
+
+def test_grpc_fetch_whole_rows_and_missing(transfer):
+    store, address, token = transfer
+    a, b = make_chunk(20, rows=65), make_chunk(21, rows=9, dtype=torch.bfloat16)
+    store.put(a)
+    store.put(b)
+    transport = GrpcTransport(token=token, piece_bytes=4096)
+    items = [FetchItem(a.chunk_id, address), FetchItem("0" * 64, address), FetchItem(b.chunk_id, address)]
+    got = transport.fetch(items, timeout_s=10)
+    assert got.missing == ["0" * 64]
+    assert same(got.chunks[a.chunk_id], a) and same(got.chunks[b.chunk_id], b)
+    assert got.bytes == a.nbytes() + b.nbytes() and a.nbytes() > 4 * 4096  # several pieces per chunk
+    rows = (0, 3, 64)
+    part = transport.fetch([FetchItem(a.chunk_id, address, rows)], timeout_s=10).chunks[a.chunk_id]
+    assert torch.equal(part.k, a.k[:, :, list(rows)]) and torch.equal(part.v, a.v[:, :, list(rows)])
+    transport.close()
+
+
+def test_grpc_fetch_needs_the_token_and_reports_a_dead_holder(transfer):
+    store, address, _ = transfer
+    chunk = make_chunk(30)
+    store.put(chunk)
+    with pytest.raises(TransferError, match="UNAUTHENTICATED"):
+        GrpcTransport(token="wrong").fetch([FetchItem(chunk.chunk_id, address)], timeout_s=5)
+    dead = GrpcTransport().fetch([FetchItem(chunk.chunk_id, "127.0.0.1:1")], timeout_s=5)
+    assert dead.missing == [chunk.chunk_id] and not dead.chunks
+
+
+def test_pieces_carry_checksums_below_the_message_limit(transfer):
+    store, address, token = transfer
+    chunk = make_chunk(40, rows=200)
+    store.put(chunk)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.ChunkTransferStub(channel)
+        request = pb.FetchRequest(chunks=[pb.ChunkRequest(chunk_id=chunk.chunk_id)], max_piece_bytes=10_000)
+        pieces = list(stub.Fetch(request, timeout=10, metadata=[("authorization", f"Bearer {token}")]))
+    assert len(pieces) == -(-chunk.nbytes() // 10_000)
+    assert all(len(p.data) <= 10_000 for p in pieces) and pieces[-1].last and not any(p.last for p in pieces[:-1])
+    assert [p.seq for p in pieces] == list(range(len(pieces))) and pieces[0].header and not pieces[1].header
+    bad = pieces[1]
+    bad.data = bytes([bad.data[0] ^ 1]) + bad.data[1:]
+    with pytest.raises(TransferError, match="checksum"):
+        GrpcTransport._collect(iter(pieces), FetchResult())
