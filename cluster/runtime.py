@@ -1,0 +1,151 @@
+"""Start the whole cluster from a config: Ray (joined or local), Redis (external or embedded Valkey), the prefill
+and decode actors placed by custom resources, and the router. `start_cluster(config).router.generate(...)`."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from pdllm.cluster.auth import new_token
+from pdllm.cluster.bootstrap import (
+    DECODE_RESOURCE,
+    PREFILL_RESOURCE,
+    BootstrapError,
+    connect_ray,
+    connect_redis,
+    role_resources,
+)
+from pdllm.cluster.chunk_index import ChunkIndex
+from pdllm.cluster.config import ClusterConfig
+from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.redis_server import EmbeddedRedis
+from pdllm.cluster.router import ActorSlot, Router
+from pdllm.decode_node.actor import DecodeWorker
+from pdllm.prefill_node.actor import PrefillWorker
+
+from pdllm.models.loader import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterHandle:
+    router: Router
+    config: ClusterConfig
+    limits: ClusterLimits
+    redis_url: str
+    prefill_actors: list = field(default_factory=list)
+    decode_actors: list = field(default_factory=list)
+    embedded_redis: EmbeddedRedis | None = None
+    owns_ray: bool = False
+
+    def shutdown(self) -> None:
+        """Stop the actors (their chunks leave the index), then Ray and the embedded Redis if we started them."""
+        stops = [a.stop.remote() for a in self.prefill_actors]
+        try:
+            ray.wait(stops, num_returns=len(stops), timeout=10)
+        except Exception as e:  # an actor already dead: nothing of its to stop
+            log.warning("stopping prefill actors: %s", e)
+        for actor in self.prefill_actors + self.decode_actors:
+            ray.kill(actor, no_restart=True)
+        self.prefill_actors, self.decode_actors = [], []
+        if self.owns_ray:
+            ray.shutdown()
+        if self.embedded_redis is not None:
+            self.embedded_redis.stop()
+
+    def __enter__(self) -> ClusterHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def start_cluster(config: ClusterConfig, limits: ClusterLimits | None = None) -> ClusterHandle:
+    """Bring the cluster up and return a handle whose `router` answers requests; call `shutdown()` when done."""
+    config.validate()
+    limits = limits or ClusterLimits()
+    limits.validate()
+    redis_url, embedded = connect_redis(config, limits.redis_data_dir)
+    owns_ray = False
+    try:
+        owns_ray = connect_ray(config)
+        return _start_actors(config, limits, redis_url, embedded, owns_ray)
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        if embedded is not None:
+            embedded.stop()
+        raise
+
+
+def _start_actors(
+    config: ClusterConfig, limits: ClusterLimits, redis_url: str, embedded: EmbeddedRedis | None, owns_ray: bool
+) -> ClusterHandle:
+    token = new_token()  # the chunk transfer services' shared secret, for this cluster's lifetime
+    run = uuid.uuid4().hex[:8]
+    prefill_cls = ray.remote(PrefillWorker)
+    decode_cls = ray.remote(DecodeWorker)
+    prefill, decode = [], []
+    for i in range(config.num_prefill_actors):
+        name = f"pdllm-prefill-{run}-{i}"
+        prefill.append(
+            prefill_cls.options(
+                name=name,
+                num_cpus=config.cpus_per_actor,
+                num_gpus=config.prefill_gpus_per_actor,
+                resources=role_resources(PREFILL_RESOURCE, config.prefill_gpus_per_actor),
+                max_concurrency=4,  # status and same-node reads answer while a prefill runs
+            ).remote(
+                name,
+                config.model_dir,
+                config.prefill_gpus_per_actor,
+                config.cpus_per_actor,
+                config.store_capacity_bytes,
+                redis_url,
+                limits,
+                token,
+            )
+        )
+    for i in range(config.num_decode_actors):
+        name = f"pdllm-decode-{run}-{i}"
+        decode.append(
+            decode_cls.options(
+                name=name,
+                num_cpus=config.cpus_per_actor,
+                num_gpus=config.decode_gpus_per_actor,
+                resources=role_resources(DECODE_RESOURCE, config.decode_gpus_per_actor),
+                max_concurrency=limits.decode_concurrency + 1,  # + 1: status answers while jobs run
+            ).remote(
+                name, config.model_dir, config.decode_gpus_per_actor, config.cpus_per_actor, redis_url, limits, token
+            )
+        )
+    try:
+        infos = ray.get([a.info.remote() for a in prefill + decode], timeout=limits.start_timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+        for actor in prefill + decode:
+            ray.kill(actor, no_restart=True)
+        raise BootstrapError(
+            f"actors did not start within {limits.start_timeout_s}s (enough CPUs/GPUs and "
+            f"'{PREFILL_RESOURCE}'/'{DECODE_RESOURCE}' resources in the cluster?): {e}"
+        ) from e
+    p_info, d_info = infos[: len(prefill)], infos[len(prefill) :]
+    model_ids = {i["model_id"] for i in infos}
+    if len(model_ids) != 1:
+        raise BootstrapError(f"actors loaded different models from {config.model_dir}: {sorted(model_ids)}")
+    index = ChunkIndex.from_url(redis_url, limits.index_prefix, limits.redis_timeout_s)
+    pq, dq = limits.max_queued_per_prefill_actor, limits.max_queued_per_decode_actor
+    router = Router(
+        prefill=[ActorSlot(i["name"], i["node"], a, pq) for i, a in zip(p_info, prefill, strict=True)],
+        decode=[ActorSlot(i["name"], i["node"], a, dq) for i, a in zip(d_info, decode, strict=True)],
+        index=index,
+        tokenizer=load_tokenizer(Path(config.model_dir).expanduser()),
+        model_id=model_ids.pop(),
+        default_method=config.method(),
+        limits=limits,
+        max_position=p_info[0]["max_position"],
+    )
+    return ClusterHandle(router, config, limits, redis_url, prefill, decode, embedded, owns_ray)

@@ -1,0 +1,148 @@
+"""The prefill actor: encodes context chunks in batches, keeps their KV in its node's chunk store, registers them in
+the Redis index, and serves them to decode actors over gRPC (ChunkTransfer) or, on the same node, through Ray.
+
+Two requests needing the same missing chunk encode it once: a chunk is encoded only by whoever wins its claim
+(Redis SET NX with expiry); the others report it as `waiting` and the router waits for its index entry.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+
+import ray
+import torch
+from pdllm.cluster.chunk_index import ChunkIndex
+from pdllm.cluster.chunk_store import ChunkStore
+from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.transfer_server import serve
+
+from pdllm.method import MethodConfig, chunk_id, encode_chunks
+from pdllm.method.chunk_kv import ChunkKV
+from pdllm.models.loader import load_model
+
+CPU_STORE_BYTES = 2 << 30
+
+
+def pick_device(gpus: float) -> str:
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def derived_capacity(device: str) -> int:
+    """Store capacity when the config says 0: 90% of the GPU memory left after the weights; 2 GiB on CPU."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.9)
+    return CPU_STORE_BYTES
+
+
+class PrefillWorker:
+    def __init__(
+        self,
+        name: str,
+        model_dir: str,
+        gpus: float,
+        cpus: float,
+        capacity_bytes: int,
+        redis_url: str,
+        limits: ClusterLimits,
+        token: str,
+    ) -> None:
+        torch.set_num_threads(max(1, int(cpus)))
+        self.name, self.limits = name, limits
+        self.device = pick_device(gpus)
+        self.lm = load_model(model_dir, self.device)
+        self.index = ChunkIndex.from_url(redis_url, limits.index_prefix, limits.redis_timeout_s)
+        self.node = ray.get_runtime_context().get_node_id()
+        host = ray.util.get_node_ip_address()
+        capacity = capacity_bytes or derived_capacity(self.device)
+        self.store = ChunkStore(capacity, self.index, name, self.node, "")
+        self.server, port = serve(self.store, host=host, token=token, piece_bytes=limits.transfer_piece_bytes)
+        self.store.address = f"{host}:{port}"
+        self._encode_lock = threading.Lock()
+        self.encoded_total = 0
+        self.inflight = 0
+
+    def info(self) -> dict:
+        spec = self.lm.spec
+        return {
+            "name": self.name,
+            "node": self.node,
+            "address": self.store.address,
+            "model_id": self.lm.model_id,
+            "max_position": spec.max_position,
+            "device": self.device,
+            "pid": os.getpid(),
+        }
+
+    def prefill(self, chunks: list[list[int]], method: dict) -> dict:
+        """Make every chunk's KV available: returns chunk ids `encoded` here, `present` (already in this store, or
+        in the index under a holder), and `waiting` (another prefill actor holds the claim and is encoding it)."""
+        self.inflight += 1
+        try:
+            return self._prefill(chunks, MethodConfig(**method))
+        finally:
+            self.inflight -= 1
+
+    def _prefill(self, chunks: list[list[int]], cfg: MethodConfig) -> dict:
+        model_id = self.lm.model_id
+        todo: dict[str, list[int]] = {}
+        for tokens in chunks:
+            todo.setdefault(chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos), tokens)
+        present, waiting, mine = [], [], {}
+        owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
+        indexed = self.index.lookup(list(todo))
+        for cid, tokens in todo.items():
+            if self.store.get(cid) is not None or cid in indexed:
+                present.append(cid)
+            elif self.index.claim(cid, owner, self.limits.claim_ttl_s):
+                if cid in self.index.lookup([cid]):  # registered between our lookup and our claim
+                    self.index.release(cid, owner)
+                    present.append(cid)
+                else:
+                    mine[cid] = tokens
+            else:
+                waiting.append(cid)
+        try:
+            if mine:
+                with self._encode_lock:
+                    fresh = encode_chunks(self.lm, list(mine.values()), cfg, model_id, self.limits.prefill_batch_size)
+                for chunk in fresh:
+                    self.store.put(chunk)
+                self.encoded_total += len(fresh)
+        finally:
+            for cid in mine:
+                self.index.release(cid, owner)
+        return {"encoded": list(mine), "present": present, "waiting": waiting}
+
+    def read_chunks(self, cids: list[str]) -> dict[str, ChunkKV]:
+        """Same-node reads (through Ray's shared-memory object store, no network); absent ids are left out."""
+        out = {}
+        for cid in cids:
+            chunk = self.store.get(cid)
+            if chunk is not None:
+                out[cid] = _to_cpu(chunk)
+        return out
+
+    def status(self) -> dict:
+        return {
+            "name": self.name,
+            "node": self.node,
+            "address": self.store.address,
+            "inflight": self.inflight,
+            "encoded_total": self.encoded_total,
+            "served_bytes": self.server.service.served_bytes,
+            **self.store.usage(),
+        }
+
+    def stop(self) -> None:
+        """Stop serving and take this store's chunks out of the index."""
+        self.server.stop(grace=1.0)
+        self.store.clear()
+
+
+def _to_cpu(chunk: ChunkKV) -> ChunkKV:
+    if chunk.k.device.type == "cpu":
+        return chunk
+    return ChunkKV(chunk.chunk_id, chunk.tokens, chunk.k.cpu(), chunk.v.cpu(), chunk.summary.cpu(), chunk.has_bos)
