@@ -199,7 +199,10 @@ class Router:
             if "missing" not in out:
                 break  # else: a selected chunk was evicted between lookup and fetch; prefill it again and retry
         else:
-            raise ClusterTimeout(f"chunks kept vanishing (evicted) after {self.limits.max_retries} retries")
+            raise ClusterTimeout(
+                f"selected chunks kept vanishing (evicted) after {self.limits.max_retries} retries: is the chunk "
+                f"store large enough for this document's {len(set(ids))} chunks?"
+            )
         stats = out["stats"]
         with self._lock:
             slot.remember([ids[i] for i in stats.get("selected_chunk_indices", [])])
