@@ -29,10 +29,12 @@ def tensor_bytes(t: Tensor) -> memoryview:
 def tensor_from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: list[int]) -> Tensor:
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}")
-    buf = bytearray(data) if not isinstance(data, bytearray) else data
-    if not buf:
+    view = memoryview(data)
+    if view.readonly:  # torch needs writable memory: copy once (bytes from msgpack / protobuf)
+        view = memoryview(bytearray(view))
+    if not view.nbytes:
         return torch.empty(shape, dtype=DTYPES[dtype])
-    return torch.frombuffer(buf, dtype=torch.uint8).view(DTYPES[dtype]).reshape(shape)
+    return torch.frombuffer(view, dtype=torch.uint8).view(DTYPES[dtype]).reshape(shape)
 
 
 def pack_tensor(t: Tensor) -> bytes:

@@ -83,24 +83,32 @@ class GrpcTransport:
 
     @staticmethod
     def _collect(stream, result: FetchResult) -> None:
-        header, payload, expect = None, bytearray(), 0
+        """Reassemble pieces into one preallocated buffer per chunk (one copy), checking order, size and CRC-32."""
+        header, payload, expect, filled = None, None, 0, 0
         for piece in stream:
             if piece.missing:
                 result.missing.append(piece.chunk_id)
                 continue
-            if zlib.crc32(piece.data) != piece.crc32:
+            data = piece.data
+            if zlib.crc32(data) != piece.crc32:
                 raise TransferError(f"chunk {piece.chunk_id[:12]} piece {piece.seq}: checksum mismatch")
-            if piece.seq != expect or piece.offset != len(payload):
+            if piece.seq != expect or piece.offset != filled:
                 raise TransferError(f"chunk {piece.chunk_id[:12]}: piece {piece.seq} out of order")
             if piece.seq == 0:
                 header = msgpack.unpackb(piece.header)
-            payload += piece.data
+                payload = bytearray(header["total"])
+            if filled + len(data) > len(payload):
+                raise TransferError(f"chunk {piece.chunk_id[:12]}: more bytes than its header announced")
+            payload[filled : filled + len(data)] = data
+            filled += len(data)
             expect += 1
             if piece.last:
+                if filled != len(payload):
+                    raise TransferError(f"chunk {piece.chunk_id[:12]}: {filled} of {len(payload)} bytes arrived")
                 chunk = chunk_from_parts(header, payload)
                 result.chunks[chunk.chunk_id] = chunk
-                result.bytes += len(payload)
-                header, payload, expect = None, bytearray(), 0
+                result.bytes += filled
+                header, payload, expect, filled = None, None, 0, 0
         if expect:
             raise TransferError("stream ended in the middle of a chunk")
 
