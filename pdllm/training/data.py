@@ -1,14 +1,17 @@
-"""Training examples as token tensors, in two layouts the engine uses at inference time.
+"""Training examples as token tensors, in the layouts the engine uses at inference time, and the curriculum.
 
 dense:   [BOS] context question answer, positions 0..T-1, everything attends to everything (vanilla / prefix).
 chunked: [BOS] chunk_1 [BOS] chunk_2 ... question answer; each chunk has chunk-local positions 0..C and attends only
-         to itself (as chunk prefill encodes it); question + answer attend to every chunk and to themselves, at a
-         random position offset (the sparse decoder places the question after a selection of chunks).
-Prose comes from the training split only; evaluation uses the held-out split.
+         to itself (as chunk prefill encodes it); question + answer attend to every chunk and to themselves, starting
+         at the longest chunk's length, exactly where the sparse decoder places them.
+The answer span is the answer text, its end token, and end-token padding up to the task's generation length; the
+`core` part (text + first end token) is what the loss concentrates on. Chunked rows also record which chunk holds
+the answer, for the chunk-ranking loss. Prose comes from the training split only; evaluation uses the held-out one.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from dataclasses import dataclass
 
@@ -21,10 +24,31 @@ from pdllm.tasks import TASKS, byte_counter
 
 IDS = special_ids()
 BOS_ID, EOS_ID, PAD_ID = IDS[BOS], IDS[EOS], IDS[PAD]
-TASK_WEIGHTS = {"passkey": 0.15, "number_string": 0.15, "kv_retrieval": 0.25, "niah_single": 0.2, "niah_multikey": 0.25}
-CHUNK_SIZES = (128, 256, 512)
-SHORTEST = {"niah_multikey": 600, "niah_single": 400, "kv_retrieval": 400}  # room for preamble, needles, question
+ALL_TASKS = {"passkey": 0.15, "number_string": 0.15, "kv_retrieval": 0.25, "niah_single": 0.2, "niah_multikey": 0.25}
+SHORTEST = {"passkey": 270, "number_string": 310, "kv_retrieval": 300, "niah_single": 330, "niah_multikey": 520}
 QUERY_SEGMENT = -1
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the curriculum: which tasks, how long the contexts, which chunk sizes. Training moves on to the
+    next stage once the held-out exact match (probe.py) reaches `advance_at`, or at the latest when `until` of the
+    planned training time has passed (None: the last stage)."""
+
+    name: str
+    tasks: dict[str, float]
+    min_len: int
+    max_len: int  # 0: the training length
+    chunk_sizes: tuple[int, ...]
+    advance_at: float | None
+    until: float | None
+
+
+CURRICULUM = (
+    Stage("copy", {"passkey": 1.0}, 270, 400, (64, 128), 0.5, 0.25),
+    Stage("tasks", ALL_TASKS, 270, 768, (128, 256), 0.4, 0.45),
+    Stage("long", ALL_TASKS, 400, 0, (128, 256, 512), None, None),
+)
 
 
 @dataclass
@@ -33,6 +57,9 @@ class Example:
     pos: list[int]
     seg: list[int]  # chunk index for context tokens (0 for the whole dense context); QUERY_SEGMENT for q + answer
     answer_start: int  # tokens from here on are the answer span (answer text + EOS padding)
+    core_len: int  # answer text + first EOS: the tokens the loss is about
+    question: list[int]  # the templated question alone (chunk ranking runs it on its own)
+    needle_seg: int = -1  # chunked rows: the chunk holding the answer (-1: unknown or dense)
     full: bool = False  # dense only: the context also attends to question + answer (vanilla re-encoding)
     pretrain: bool = False  # mask the whole sequence (LLaDA pre-training) instead of only the answer
 
@@ -42,40 +69,50 @@ def byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def build_example(rng: random.Random, length: int, chunked: bool, train_length: int, full: bool = False) -> Example:
-    task = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
-    kw = {"split": "train"}
+def build_example(
+    rng: random.Random,
+    length: int,
+    chunked: bool,
+    tasks: dict[str, float] | None = None,
+    chunk_sizes: tuple[int, ...] = (128, 256, 512),
+    full: bool = False,
+    split: str = "train",
+) -> Example:
+    tasks = tasks or ALL_TASKS
+    task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
+    kw = {"split": split}
     if task in ("passkey", "number_string"):
         kw["haystack"] = "noise" if rng.random() < 0.3 else "prose"
-    length = max(length, SHORTEST.get(task, 0))
-    sample = TASKS[task].make(length, rng.getrandbits(48), byte_counter, None, **kw)  # short lengths allowed
+    length = max(length, SHORTEST[task])
+    sample = TASKS[task].make(length, rng.getrandbits(48), byte_counter, None, **kw)
     ctx = byte_ids(sample.context)
     span = byte_ids(QUESTION_TEMPLATE.format(question=sample.question))
     gen = TASKS[task].gen_length
     answer = byte_ids(sample.target)[: gen - 1]
+    core = len(answer) + 1
     answer += [EOS_ID] * (gen - len(answer))
     if not chunked:
         ids = [BOS_ID] + ctx + span + answer
-        return Example(
-            ids,
-            list(range(len(ids))),
-            [0] * (1 + len(ctx)) + [QUERY_SEGMENT] * (len(span) + gen),
-            1 + len(ctx) + len(span),
-            full,
-        )
-    size = rng.choice(CHUNK_SIZES)
+        seg = [0] * (1 + len(ctx)) + [QUERY_SEGMENT] * (len(span) + gen)
+        return Example(ids, list(range(len(ids))), seg, 1 + len(ctx) + len(span), core, span, full=full)
+    size = rng.choice(chunk_sizes)
     ids, pos, seg = [], [], []
     for c, lo in enumerate(range(0, len(ctx), size)):
         piece = [BOS_ID] + ctx[lo : lo + size]
         ids += piece
         pos += list(range(len(piece)))
         seg += [c] * len(piece)
+    at = bytes(ctx).find(sample.answers[0].encode())
+    start = max(pos) + 1  # the sparse decoder's question position: right after the longest selected chunk
     tail = span + answer
-    hi = max(size + 2, min(len(ids), train_length - len(tail)))
-    start = rng.randint(size + 1, hi)
-    answer_start = len(ids) + len(span)
     return Example(
-        ids + tail, pos + list(range(start, start + len(tail))), seg + [QUERY_SEGMENT] * len(tail), answer_start
+        ids + tail,
+        pos + list(range(start, start + len(tail))),
+        seg + [QUERY_SEGMENT] * len(tail),
+        len(ids) + len(span),
+        core,
+        span,
+        needle_seg=at // size if at >= 0 else -1,
     )
 
 
@@ -84,28 +121,38 @@ class Batch:
     ids: Tensor  # [B, T]
     pos: Tensor  # [B, T]
     seg: Tensor  # [B, T] (padding: -2)
-    answer: Tensor  # [B, T] bool: the answer span (where the loss lives)
+    answer: Tensor  # [B, T] bool: the answer span
+    core: Tensor  # [B, T] bool: the answer text and its first end token
     full: Tensor  # [B] bool: dense rows whose context attends to everything
     pretrain: Tensor  # [B] bool: rows trained with whole-sequence masking
+    needle_seg: Tensor  # [B] long: chunk holding the answer (-1: none)
+    question: Tensor  # [B, Q] the question alone, padded with PAD
+    question_valid: Tensor  # [B, Q] bool
 
     def to(self, device) -> Batch:
-        fields = (self.ids, self.pos, self.seg, self.answer, self.full, self.pretrain)
-        return Batch(*(t.to(device, non_blocking=True) for t in fields))
+        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
 
 
 def collate(examples: list[Example]) -> Batch:
     t = -(-max(len(e.ids) for e in examples) // 8) * 8  # a multiple of 8 keeps SDPA on its fused masked kernel
+    tq = max(len(e.question) for e in examples)
     b = len(examples)
     ids = torch.full((b, t), PAD_ID, dtype=torch.long)
     pos = torch.zeros((b, t), dtype=torch.long)
     seg = torch.full((b, t), -2, dtype=torch.long)
     answer = torch.zeros((b, t), dtype=torch.bool)
+    core = torch.zeros((b, t), dtype=torch.bool)
+    question = torch.full((b, tq), PAD_ID, dtype=torch.long)
+    question_valid = torch.zeros((b, tq), dtype=torch.bool)
     for i, e in enumerate(examples):
         n = len(e.ids)
         ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(e.ids), torch.tensor(e.pos), torch.tensor(e.seg)
         answer[i, e.answer_start : n] = True
-    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain")]
-    return Batch(ids, pos, seg, answer, *flags)
+        core[i, e.answer_start : e.answer_start + e.core_len] = True
+        question[i, : len(e.question)] = torch.tensor(e.question)
+        question_valid[i, : len(e.question)] = True
+    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
+    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid)
 
 
 def attention_mask(seg: Tensor, full: Tensor | None = None) -> Tensor:
@@ -121,25 +168,46 @@ def attention_mask(seg: Tensor, full: Tensor | None = None) -> Tensor:
     return allowed[:, None]
 
 
+def stage_lengths(rng: random.Random, stage: Stage, train_length: int, tokens: int) -> list[int]:
+    """Context lengths of one batch: a longest length drawn in the stage's range, rows within 75% of it."""
+    hi = stage.max_len or train_length
+    top = rng.randint(stage.min_len, max(stage.min_len, hi))
+    return [rng.randint(max(stage.min_len, int(0.75 * top)), top) for _ in range(max(1, tokens // top))]
+
+
+def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int, fracs: tuple[float, float]) -> Batch:
+    """One batch of `stage`, in one layout: chunked with probability fracs[0], else dense (prefix or full);
+    fracs[1] of the rows use whole-sequence masking."""
+    layout = rng.random()
+    chunked = layout < fracs[0]
+    full = not chunked and rng.random() < 0.5
+    examples = []
+    for n in stage_lengths(rng, stage, train_length, tokens):
+        e = build_example(rng, n, chunked, stage.tasks, stage.chunk_sizes, full)
+        e.pretrain = rng.random() < fracs[1]
+        examples.append(e)
+    return collate(examples)
+
+
 class ExampleStream(torch.utils.data.IterableDataset):
-    """Endless batches with a token budget; the longest context grows from `min_len` to `max_len` over warmup."""
+    """Endless batches with a token budget, from the curriculum stage held in a shared integer (the training loop
+    advances it; data-loader workers read it before each batch)."""
 
     def __init__(
         self,
         seed: int,
         tokens_per_batch: int,
-        min_len: int,
-        max_len: int,
+        train_length: int,
         chunked_frac: float,
         start_step: int = 0,
-        ramp_steps: int = 1,
         pretrain_frac: float = 0.0,
-        ramp_from: int = 0,
+        stage: int = 0,
     ) -> None:
         super().__init__()
-        self.seed, self.tokens, self.min_len, self.max_len = seed, tokens_per_batch, min_len, max_len
-        self.chunked_frac, self.start_step, self.ramp_steps = chunked_frac, start_step, ramp_steps
-        self.pretrain_frac, self.ramp_from = pretrain_frac, ramp_from
+        self.seed, self.tokens, self.train_length = seed, tokens_per_batch, train_length
+        self.fracs = (chunked_frac, pretrain_frac)
+        self.start_step = start_step
+        self.stage = multiprocessing.Value("i", stage)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -147,15 +215,6 @@ class ExampleStream(torch.utils.data.IterableDataset):
         step = self.start_step + wid
         while True:
             rng = random.Random(f"{self.seed}:{step}")
-            frac = min(1.0, max(0, step - self.ramp_from) / self.ramp_steps)
-            cap = int(self.min_len + frac * (self.max_len - self.min_len))
-            top = rng.randint(self.min_len, max(self.min_len, cap))
-            n = max(1, self.tokens // top)
-            layout = rng.random()
-            chunked, full = layout < self.chunked_frac, layout > (1 + self.chunked_frac) / 2
-            lengths = [rng.randint(max(self.min_len, int(0.75 * top)), top) for _ in range(n)]
-            examples = [build_example(rng, L, chunked, self.max_len, full) for L in lengths]
-            for e in examples:
-                e.pretrain = rng.random() < self.pretrain_frac
-            yield collate(examples)
+            stage = CURRICULUM[min(self.stage.value, len(CURRICULUM) - 1)]
+            yield make_batch(rng, stage, self.train_length, self.tokens, self.fracs)
             step += nw

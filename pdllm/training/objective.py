@@ -1,17 +1,27 @@
-"""LLaDA's masked-diffusion loss: SFT rows mask only the answer span, pre-training rows mask every token.
+"""LLaDA's masked-diffusion loss, focused on the answer, plus a chunk-ranking loss for predictive prefilling.
 
-Per sequence draw t ~ U(eps, 1), mask each eligible token with probability t (at least one), and take cross-entropy
-on the masked tokens weighted 1/t, normalized by the number of eligible tokens: an upper bound on their negative
-log-likelihood, as in LLaDA. Pre-training rows (whole-sequence masking) teach copying within the context (the
-passkey needle states its value twice) and the prose itself; SFT rows teach answering.
+Per sequence draw t ~ U(eps, 1) and mask each eligible token with probability t: the answer span of SFT rows,
+every token but BOS of pre-training rows. Cross-entropy on the masked tokens is weighted 1/t, as in LLaDA. Within
+the answer span the end-token padding weighs `pad_weight` (the answer text and its first end token weigh 1), and
+each row is normalized by its summed weights, so a 5-digit pass key is not drowned by ten padding tokens.
+
+Chunk ranking (sparse mode) scores each chunk by q . mean(k): the question's mean un-rotated query, from a forward
+over the question alone, against the chunk's mean un-rotated key at the last layers (pdllm.method.selection). The
+ranking loss is cross-entropy of those scores against the chunk that holds the answer, so the summaries the decode
+actor ranks by point at the needle.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from pdllm.method.selection import summary_layers
+from pdllm.models.attention import sdpa
+from pdllm.models.layers import apply_rotary
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import BOS_ID, QUERY_SEGMENT, Batch, attention_mask
 
@@ -26,35 +36,96 @@ class MaskedAttention:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+class PaddedQueryCapture:
+    """Self-attention over padded questions that keeps the queries of the chosen layers."""
+
+    def __init__(self, valid: Tensor, layers: list[int]) -> None:
+        self.valid, self.layers = valid, set(layers)
+        self.q: dict[int, Tensor] = {}
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if layer in self.layers:
+            self.q[layer] = q
+        return sdpa(q, k, v, self.valid)
+
+
 def mask_tokens(batch: Batch, mask_id: int, eps: float, generator: torch.Generator | None = None):
-    """Returns (noisy ids, masked bool [B, T], t [B], eligible [B, T]): the answer span of SFT rows, every real
-    token but BOS of pre-training rows (`batch.pretrain`), each masked with probability t (at least one per row)."""
+    """Returns (noisy ids, masked bool [B, T], t [B], eligible [B, T])."""
     b = batch.ids.shape[0]
     dev = batch.ids.device
     t = eps + (1 - eps) * torch.rand(b, device=dev, generator=generator)
     every = (batch.seg >= QUERY_SEGMENT) & (batch.ids != BOS_ID)
     eligible = torch.where(batch.pretrain[:, None], every, batch.answer)
     masked = (torch.rand(batch.ids.shape, device=dev, generator=generator) < t[:, None]) & eligible
-    none = ~masked.any(-1)
-    if none.any():
-        last = eligible.shape[1] - 1 - eligible.flip(-1).float().argmax(-1)
-        masked[none, last[none]] = True
     noisy = torch.where(masked, torch.full_like(batch.ids, mask_id), batch.ids)
     return noisy, masked, t, eligible
 
 
-def diffusion_loss(model: DllmModel, batch: Batch, eps: float = 1e-3, generator: torch.Generator | None = None):
-    """(loss, accuracy on masked answer tokens) for one batch."""
+def unrotate(x: Tensor, positions: Tensor, rotary) -> Tensor:
+    """Undo RoPE on x [B, H, T, D] rotated at positions [B, T]; float32."""
+    cos, sin = rotary.cos_sin(positions, torch.float32)
+    return apply_rotary(x.float(), cos, -sin)
+
+
+def ranking_scores(model: DllmModel, batch: Batch, kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does."""
+    layers = summary_layers(model.spec.num_layers)
+    rot = model.rotary
+    seg = batch.seg
+    n_chunks = int(seg.max()) + 1
+    content = (seg >= 0) & (batch.ids != BOS_ID)
+    onehot = (seg[:, :, None] == torch.arange(n_chunks, device=seg.device)) & content[:, :, None]  # [B, T, C]
+    counts = onehot.sum(1)  # [B, C]
+    cap = PaddedQueryCapture(batch.question_valid, layers)
+    qpos = torch.arange(batch.question.shape[1], device=seg.device).expand_as(batch.question)
+    model(batch.question, position_ids=qpos, context=cap, logits_from=None)
+    qv = batch.question_valid[:, None, :, None].float()
+    d = model.spec.head_dim
+    scores = 0
+    for i in layers:
+        k = unrotate(kv[i][0], batch.pos, rot)  # [B, H, T, D]
+        means = torch.einsum("bhtd,btc->bchd", k, onehot.float()) / counts.clamp_min(1)[:, :, None, None]
+        q = unrotate(cap.q[i], qpos, rot)  # [B, Hq, Q, D]
+        q = (q * qv).sum(2) / qv.sum(2)  # mean over the question's tokens
+        hkv = means.shape[2]
+        q = q.view(q.shape[0], hkv, -1, d).sum(2)  # sum over each KV head's query group
+        scores = scores + torch.einsum("bhd,bchd->bc", q, means)
+    return scores / (len(layers) * math.sqrt(d)), counts > 0
+
+
+def diffusion_loss(
+    model: DllmModel,
+    batch: Batch,
+    eps: float = 0.1,
+    generator: torch.Generator | None = None,
+    pad_weight: float = 0.1,
+    rank_weight: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
+    answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy."""
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
+    dev = batch.ids.device
     first = 0 if bool(batch.pretrain.any()) else int(batch.answer.float().argmax(-1).min())
-    out = model(noisy, batch.pos, MaskedAttention(attention_mask(batch.seg, batch.full)), logits_from=first)
-    logits = out.logits
+    ranked = rank_weight > 0 and bool((batch.needle_seg >= 0).any())
+    out = model(
+        noisy, batch.pos, MaskedAttention(attention_mask(batch.seg, batch.full)), return_kv=ranked, logits_from=first
+    )
     target = batch.ids[:, first:]
     m = masked[:, first:]
-    ce = F.cross_entropy(logits[m], target[m], reduction="none")
-    weight = (1.0 / t)[:, None].expand_as(m)[m]
-    lengths = eligible.sum(-1).clamp_min(1)[:, None].expand_as(m)[m]
-    loss = (ce * weight / lengths).sum() / batch.ids.shape[0]
-    ans = (m & batch.answer[:, first:])[m]
-    acc = (logits[m].argmax(-1) == target[m])[ans].float().mean()
-    return loss, acc
+    w = torch.where(batch.core | ~batch.answer, 1.0, pad_weight)  # padding of the answer span weighs less
+    norm = (w * eligible).sum(-1).clamp_min(1e-6)  # per row
+    ce = F.cross_entropy(out.logits[m], target[m], reduction="none")
+    scale = (w / (t[:, None] * norm[:, None]))[:, first:][m]
+    loss = (ce * scale).sum() / batch.ids.shape[0]
+    core = batch.core[:, first:][m]
+    hits = (out.logits[m].argmax(-1) == target[m])[core]
+    metrics = {"diff": loss.detach(), "acc": hits.float().mean() if hits.numel() else torch.zeros((), device=dev)}
+    if ranked:
+        scores, valid = ranking_scores(model, batch, out.kv)
+        rows = batch.needle_seg >= 0
+        scores = scores.float().masked_fill(~valid, float("-inf"))[rows]
+        rank = F.cross_entropy(scores, batch.needle_seg[rows])
+        loss = loss + rank_weight * rank
+        top1 = (scores.argmax(-1) == batch.needle_seg[rows]).float().mean()
+        metrics |= {"rank": rank.detach(), "rank_acc": top1}
+    return loss, metrics

@@ -24,12 +24,14 @@ from pdllm.models.checkpoint import save_checkpoint
 from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
-from pdllm.training.data import ExampleStream
+from pdllm.training.data import CURRICULUM, ExampleStream, Stage
 from pdllm.training.objective import diffusion_loss
+from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.state import load_state, save_state
 
 SHAPES = {
     "bundle": dict(hidden=256, layers=8, heads=8, inner=704, max_position=4096),
+    "small": dict(hidden=128, layers=4, heads=4, inner=352, max_position=4096),
     "smoke": dict(hidden=32, layers=2, heads=2, inner=64, max_position=4096),
 }
 
@@ -45,23 +47,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=9.0, help="stop and save after this much wall time")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (default: time limit only)")
     p.add_argument("--total-minutes", type=float, default=12.5, help="planned training time over all resumes (LR)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--tokens-per-batch", type=int, default=65536)
-    p.add_argument("--min-len", type=int, default=320)
-    p.add_argument("--max-len", type=int, default=2048, help="the training length")
-    p.add_argument("--ramp-steps", type=int, default=1500, help="steps over which the longest context grows")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--tokens-per-batch", type=int, default=32768)
+    p.add_argument("--max-len", type=int, default=2048, help="the training length (the last stage's longest context)")
+    p.add_argument("--stage", type=int, default=None, help="curriculum stage to start in (default: 0, or resumed)")
     p.add_argument("--chunked-frac", type=float, default=0.5, help="share of batches in the chunked layout")
-    p.add_argument("--pretrain-frac", type=float, default=0.3, help="share of rows with whole-sequence masking")
-    p.add_argument("--ramp-from", type=int, default=0, help="global step where the length ramp starts")
+    p.add_argument("--pretrain-frac", type=float, default=0.0, help="share of rows with whole-sequence masking")
+    p.add_argument("--eps", type=float, default=0.1, help="mask ratio t ~ U(eps, 1)")
+    p.add_argument("--pad-weight", type=float, default=0.1, help="loss weight of the answer's end-token padding")
+    p.add_argument("--rank-weight", type=float, default=0.2, help="weight of the chunk-ranking loss")
+    p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
+    p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
-    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--smoke", action="store_true", help="tiny shape, short sequences, 6 steps on CPU")
     args = p.parse_args(argv)
     if args.smoke:
-        args.shape, args.tokens_per_batch, args.max_len, args.min_len = "smoke", 4096, 1024, 320
+        args.shape, args.tokens_per_batch, args.max_len = "smoke", 4096, 1024
         args.max_steps = args.max_steps or 6
-        args.workers, args.save_every, args.warmup, args.ramp_steps = 1, 3, 2, 4
+        args.workers, args.save_every, args.warmup, args.probe_every, args.probe_samples = 1, 3, 2, 2, 4
     args.max_steps = args.max_steps or 10**9
     return args
 
@@ -74,9 +79,23 @@ def lr_at(step: int, seconds: float, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float) -> dict:
+def should_advance(stage: Stage, exact_match: float, time_frac: float) -> bool:
+    """Leave `stage` once the probe reaches its target, or once its share of the planned time is spent."""
+    if stage.advance_at is None:
+        return False
+    return exact_match >= stage.advance_at or (stage.until is not None and time_frac >= stage.until)
+
+
+def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float, stage: int) -> dict:
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    return {"step": step, "seconds": round(seconds, 1), "args": plain, "log": log, "command": " ".join(sys.argv)}
+    return {
+        "step": step,
+        "stage": stage,
+        "seconds": round(seconds, 1),
+        "args": plain,
+        "log": log,
+        "command": " ".join(sys.argv),
+    }
 
 
 def build_model(shape: str, device: torch.device) -> DllmModel:
@@ -118,35 +137,29 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    step, log, before = 0, [], 0.0
+    step, log, before, stage = 0, [], 0.0, 0
     if args.resume:
         meta = load_state(args.resume, model, opt)
-        step, log, before = meta["step"], meta.get("log", []), meta.get("seconds", 0.0)
+        step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
+    stage = stage if args.stage is None else args.stage
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; starting at step {step}", flush=True)
+    print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
     stream = ExampleStream(
-        args.seed,
-        args.tokens_per_batch,
-        args.min_len,
-        args.max_len,
-        args.chunked_frac,
-        start_step=step,
-        ramp_steps=args.ramp_steps,
-        pretrain_frac=args.pretrain_frac,
-        ramp_from=args.ramp_from,
+        args.seed, args.tokens_per_batch, args.max_len, args.chunked_frac, step, args.pretrain_frac, stage
     )
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if args.workers else None,
+        prefetch_factor=2 if args.workers else None,
     )
+    probes = {i: probe_batches(s, args.max_len, args.probe_samples) for i, s in enumerate(CURRICULUM)}
     gen = torch.Generator(device=device).manual_seed(args.seed + step)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     t_start, t_log = time.time(), time.time()
-    run_loss = run_acc = 0.0
-    n_run = 0
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     for batch in loader:
         if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
             break
@@ -154,32 +167,40 @@ def main(argv: list[str] | None = None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
         with amp:
-            loss, acc = diffusion_loss(model, batch, generator=gen)
+            loss, metrics = diffusion_loss(
+                model, batch, args.eps, gen, pad_weight=args.pad_weight, rank_weight=args.rank_weight
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        run_loss, run_acc, n_run = run_loss + loss.item(), run_acc + acc.item(), n_run + 1
+        for k, v in (metrics | {"loss": loss.detach()}).items():
+            sums[k] = sums.get(k, 0) + v
+            counts[k] = counts.get(k, 0) + 1
         if step % 50 == 0 or args.smoke:
-            entry = {
-                "step": step,
-                "loss": round(run_loss / n_run, 4),
-                "acc": round(run_acc / n_run, 4),
+            n = max(counts.values())
+            entry = {"step": step, "stage": stage} | {k: round(float(v) / counts[k], 4) for k, v in sums.items()}
+            entry |= {
                 "lr": round(opt.param_groups[0]["lr"], 6),
                 "T": batch.ids.shape[1],
                 "B": batch.ids.shape[0],
                 "s": round(before + time.time() - t_start, 1),
-                "step_s": round((time.time() - t_log) / n_run, 3),
+                "step_s": round((time.time() - t_log) / n, 3),
             }
+            if step % args.probe_every == 0:
+                entry |= probe_accuracy(model, probes[stage], device)
+                if should_advance(CURRICULUM[stage], entry["em"], entry["s"] / (60 * args.total_minutes)):
+                    stage += 1
+                    stream.stage.value = stage
+                    entry["advance"] = CURRICULUM[stage].name
             log.append(entry)
             print(json.dumps(entry), flush=True)
-            run_loss = run_acc = 0.0
-            n_run, t_log = 0, time.time()
+            sums, counts, t_log = {}, {}, time.time()
         if step % args.save_every == 0:
-            save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start))
-    save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start))
-    print(f"saved step {step} to {args.out} after {time.time() - t_start:.0f}s", flush=True)
+            save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
+    save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
+    print(f"saved step {step} (stage {stage}) to {args.out} after {time.time() - t_start:.0f}s", flush=True)
     return 0
 
 
