@@ -17,6 +17,7 @@ from pdllm.errors import PdllmError
 from pdllm.method.config import MIN_CHUNK_SIZE, MethodConfig
 
 RAY_LOCAL = "local"
+KV_TRANSPORTS = ("auto", "grpc", "gloo")
 
 
 class ConfigError(PdllmError):
@@ -49,6 +50,9 @@ class ClusterConfig:
     # Bytes of chunk KV each prefill actor keeps before evicting (LRU); 0: derived (GPU: 90% of free memory after
     # the weights; CPU: 2 GiB).
     store_capacity_bytes: int = 0
+    # How chunk KV moves from prefill to decode actors: "auto" (NCCL between actors on different GPUs, gRPC or
+    # same-node reads otherwise), "grpc" (never NCCL), "gloo" (a gloo group among all actors: CPU clusters, tests).
+    kv_transport: str = "auto"
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
@@ -104,6 +108,8 @@ class ClusterConfig:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.store_capacity_bytes < 0:
             raise ConfigError(f"store_capacity_bytes must be >= 0 (0: derived), got {self.store_capacity_bytes}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ConfigError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
 
     def method(self) -> MethodConfig:
         """The default method parameters of requests that do not set their own."""

@@ -24,6 +24,7 @@ class ClusterLimits:
     index_prefix: str = "pdllm:kv"  # Redis key prefix of the chunk index (one per cluster sharing a Redis)
     max_retries: int = 2  # decode retries after a selected chunk vanished (evicted) between lookup and fetch
     start_timeout_s: float = 180.0  # actors loading the model and starting their transfer servers
+    collective_timeout_s: float = 30.0  # NCCL/gloo group rendezvous, and each collective transfer before gRPC fallback
 
     def validate(self) -> None:
         for name in ("decode_concurrency", "max_queued_per_decode_actor", "max_queued_per_prefill_actor"):

@@ -19,6 +19,7 @@ from pdllm.cluster.bootstrap import (
     role_resources,
 )
 from pdllm.cluster.chunk_index import ChunkIndex
+from pdllm.cluster.collective_group import DECODE, PREFILL, Formation, form_group, with_actor_env
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.redis_server import EmbeddedRedis
@@ -41,6 +42,7 @@ class ClusterHandle:
     decode_actors: list = field(default_factory=list)
     embedded_redis: EmbeddedRedis | None = None
     owns_ray: bool = False
+    collective: Formation | None = None  # the NCCL/gloo group for chunk KV (spec None: gRPC only, reason says why)
 
     def shutdown(self) -> None:
         """Stop the actors (their chunks leave the index), then Ray and the embedded Redis if we started them."""
@@ -99,6 +101,7 @@ def _start_actors(
                 num_gpus=config.prefill_gpus_per_actor,
                 resources=role_resources(PREFILL_RESOURCE, config.prefill_gpus_per_actor),
                 max_concurrency=4,  # status and same-node reads answer while a prefill runs
+                runtime_env=with_actor_env(),  # NVLink multicast off (and NCCL errors raise) before NCCL loads
             ).remote(
                 name,
                 config.model_dir,
@@ -119,6 +122,7 @@ def _start_actors(
                 num_gpus=config.decode_gpus_per_actor,
                 resources=role_resources(DECODE_RESOURCE, config.decode_gpus_per_actor),
                 max_concurrency=limits.decode_concurrency + 1,  # + 1: status answers while jobs run
+                runtime_env=with_actor_env(),
             ).remote(
                 name, config.model_dir, config.decode_gpus_per_actor, config.cpus_per_actor, redis_url, limits, token
             )
@@ -136,6 +140,9 @@ def _start_actors(
     model_ids = {i["model_id"] for i in infos}
     if len(model_ids) != 1:
         raise BootstrapError(f"actors loaded different models from {config.model_dir}: {sorted(model_ids)}")
+    members = [(PREFILL, i["name"], a) for i, a in zip(p_info, prefill, strict=True)]
+    members += [(DECODE, i["name"], a) for i, a in zip(d_info, decode, strict=True)]
+    collective = form_group(members, config.kv_transport, limits.collective_timeout_s)
     index = ChunkIndex.from_url(redis_url, limits.index_prefix, limits.redis_timeout_s)
     pq, dq = limits.max_queued_per_prefill_actor, limits.max_queued_per_decode_actor
     router = Router(
@@ -148,4 +155,4 @@ def _start_actors(
         limits=limits,
         max_position=p_info[0]["max_position"],
     )
-    return ClusterHandle(router, config, limits, redis_url, prefill, decode, embedded, owns_ray)
+    return ClusterHandle(router, config, limits, redis_url, prefill, decode, embedded, owns_ray, collective)

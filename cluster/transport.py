@@ -39,10 +39,16 @@ class FetchResult:
     chunks: dict[str, ChunkKV] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # holder did not have them (evicted) or was unreachable
     bytes: int = 0
+    paths: dict[str, int] = field(default_factory=dict)  # chunks moved per path ("grpc", "nccl", "gloo")
 
 
 class KVTransport(Protocol):
     def fetch(self, items: list[FetchItem], timeout_s: float) -> FetchResult: ...
+
+    def serves_directly(self, address: str) -> bool:
+        """True when this transport reaches the holder at `address` device to device (NCCL), which beats even a
+        same-node read through host memory; the decode actor then fetches through it for same-node holders too."""
+        ...
 
 
 class GrpcTransport:
@@ -60,6 +66,9 @@ class GrpcTransport:
                 options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
                 channel = self._channels[address] = grpc.insecure_channel(address, options=options)
         return pb_grpc.ChunkTransferStub(channel)
+
+    def serves_directly(self, address: str) -> bool:
+        return False
 
     def fetch(self, items: list[FetchItem], timeout_s: float) -> FetchResult:
         result = FetchResult()
@@ -108,6 +117,7 @@ class GrpcTransport:
                 chunk = chunk_from_parts(header, payload)
                 result.chunks[chunk.chunk_id] = chunk
                 result.bytes += filled
+                result.paths["grpc"] = result.paths.get("grpc", 0) + 1
                 header, payload, expect, filled = None, None, 0, 0
         if expect:
             raise TransferError("stream ended in the middle of a chunk")

@@ -12,6 +12,8 @@ import time
 import ray
 import torch
 from pdllm.cluster.chunk_index import ChunkIndex, IndexEntry
+from pdllm.cluster.collective_group import CollectiveGroup, CollectiveMember
+from pdllm.cluster.collective_transport import CollectiveTransport
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.transport import FetchItem, GrpcTransport, KVTransport
 from pdllm.prefill_node.actor import pick_device
@@ -22,7 +24,7 @@ from pdllm.models.loader import load_model
 from pdllm.sampler import SamplerConfig, strip_after_eos
 
 
-class DecodeWorker:
+class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV group (cluster/collective_group.py)
     def __init__(
         self,
         name: str,
@@ -40,7 +42,9 @@ class DecodeWorker:
         self.lm = load_model(model_dir, self.device)
         self.index = ChunkIndex.from_url(redis_url, limits.index_prefix, limits.redis_timeout_s)
         self.node = ray.get_runtime_context().get_node_id()
-        self.transport = transport or GrpcTransport(token=token, piece_bytes=limits.transfer_piece_bytes)
+        self.collective = CollectiveGroup()  # joined by the runtime when a holder can send KV device to device
+        grpc_transport = GrpcTransport(token=token, piece_bytes=limits.transfer_piece_bytes)
+        self.transport = transport or CollectiveTransport(self.collective, grpc_transport, self.device)
         self.cache = ChunkCache(max_bytes=limits.decode_cache_bytes)  # fetched KV, LRU, for later jobs
         self._cache_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -93,6 +97,7 @@ class DecodeWorker:
             "fetched_same_node": where["node"],
             "fetched_remote": where["remote"],
             "fetched_bytes": where["bytes"],
+            "fetched_paths": where["paths"],
             "rank_ms": round(1000 * (t1 - t0), 3),
             "fetch_ms": round(1000 * (t2 - t1), 3),
             "decode_actor": self.name,
@@ -101,7 +106,7 @@ class DecodeWorker:
 
     def _gather(self, need: list[str], entries: dict[str, IndexEntry]) -> tuple[dict[str, ChunkKV], dict]:
         """KV of `need`: own cache, then same-node holders through Ray, then the transport."""
-        got, where = {}, {"cache": 0, "node": 0, "remote": 0, "bytes": 0}
+        got, where = {}, {"cache": 0, "node": 0, "remote": 0, "bytes": 0, "paths": {}}
         with self._cache_lock:
             for cid in need:
                 if (chunk := self.cache.get(cid)) is not None:
@@ -113,7 +118,7 @@ class DecodeWorker:
             if cid in got:
                 continue
             entry = entries[cid]
-            if entry.node == self.node:
+            if entry.node == self.node and not self.transport.serves_directly(entry.address):
                 local.setdefault(entry.holder, []).append(cid)
             else:
                 remote.append(FetchItem(cid, entry.address))
@@ -131,6 +136,7 @@ class DecodeWorker:
             got.update(fetched.chunks)
             where["remote"] += len(fetched.chunks)
             where["bytes"] += fetched.bytes
+            where["paths"] = fetched.paths
         with self._cache_lock:
             for chunk in got.values():
                 self.cache.put(chunk)

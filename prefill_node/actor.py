@@ -15,6 +15,8 @@ import ray
 import torch
 from pdllm.cluster.chunk_index import ChunkIndex
 from pdllm.cluster.chunk_store import ChunkStore
+from pdllm.cluster.collective_group import CollectiveGroup
+from pdllm.cluster.collective_transport import CollectiveHolder, CollectiveSender
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.transfer_server import serve
 
@@ -37,7 +39,7 @@ def derived_capacity(device: str) -> int:
     return CPU_STORE_BYTES
 
 
-class PrefillWorker:
+class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/gloo (cluster/collective_transport.py)
     def __init__(
         self,
         name: str,
@@ -60,6 +62,8 @@ class PrefillWorker:
         self.store = ChunkStore(capacity, self.index, name, self.node, "")
         self.server, port = serve(self.store, host=host, token=token, piece_bytes=limits.transfer_piece_bytes)
         self.store.address = f"{host}:{port}"
+        self.collective = CollectiveGroup()  # joined by the runtime when this actor can send KV device to device
+        self.kv_sender = CollectiveSender(self.collective, self.store, ttl_s=limits.collective_timeout_s)
         self._encode_lock = threading.Lock()
         self.encoded_total = 0
         self.inflight = 0
