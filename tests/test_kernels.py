@@ -1,6 +1,6 @@
 """Kernel tests that need no interpreter (references, dispatch), plus the Triton interpreter tests run in a fresh
 process: the interpreter must be switched on before triton is first imported, which a shared pytest process cannot
-promise (see tests/test_kernels_interpreter.py)."""
+promise (see tests/kernels_interpreter_cases.py)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def make_case(b, hq, hkv, tq, d, slots, s, n, dtype=torch.float64):
 
 
 def test_triton_kernels_in_interpreter():
-    """Runs tests/test_kernels_interpreter.py in a fresh Python with TRITON_INTERPRET=1 (CPU, ~15 s)."""
+    """Runs tests/kernels_interpreter_cases.py in a fresh Python with TRITON_INTERPRET=1 (CPU, ~15 s)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_kernels_interpreter.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "kernels_interpreter_cases.py")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
     tail = (res.stdout + res.stderr)[-6000:]
     assert res.returncode == 0, tail

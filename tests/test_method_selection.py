@@ -164,6 +164,7 @@ def test_engine_three_modes_and_sparse_stats(tiny):
 def test_generate_cli_modes(mode, tiny_llada, capsys):
     argv = [
         "generate",
+        "--in-process",
         "--model",
         str(tiny_llada),
         "--context",
@@ -199,6 +200,7 @@ def test_generate_cli_modes(mode, tiny_llada, capsys):
 def test_generate_cli_bad_method_flag_exits_2(tiny_llada, capsys):
     argv = [
         "generate",
+        "--in-process",
         "--model",
         str(tiny_llada),
         "--context",

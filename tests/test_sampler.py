@@ -92,6 +92,7 @@ def test_generate_cli_json(family, tiny_llada, tiny_dream, tmp_path, capsys):
     rc = main(
         [
             "generate",
+            "--in-process",
             "--model",
             str(model),
             "--context-file",
