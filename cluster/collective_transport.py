@@ -35,26 +35,27 @@ from pdllm.method.chunk_kv import ChunkKV
 
 log = logging.getLogger(__name__)
 
-_COLS = 1024  # checksum: words are weighted by their column in rows of this many words
-_SLICE = 1 << 24  # checksum: words per slice (bounds its temporary memory to 64 MiB)
+_COLS = 1024  # checksum: words per row (4 KiB of 32-bit words); rows are weighted by their position
+_SLICE = 1 << 24  # checksum: words per slice (bounds its temporary memory)
 MAX_ANNOUNCED_BYTES = 1 << 40  # a larger announcement is malformed, not a chunk
 
 
 def checksum(t: Tensor) -> int:
-    """Position-weighted sum of the tensor's 32-bit words (16- or 8-bit when its size is not a multiple of 4),
-    computed where the tensor lives. Integer sums wrap modulo 2^64 in any order, so sender (GPU 0) and receiver
-    (GPU 1) agree exactly; a flipped bit or a moved row changes it."""
+    """Sum of the tensor's 32-bit words (16- or 8-bit when its size is not a multiple of 4) per 4 KiB row, the rows
+    weighted by position: one read of the data, where it lives. Integer sums wrap modulo 2^64 in any order, so
+    sender (GPU 0) and receiver (GPU 1) agree exactly; a flipped bit or a moved or shifted block changes it (a
+    permutation inside one row does not: transports lose, duplicate or misplace whole pieces, they don't shuffle)."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     n = raw.numel()
     words = raw.view(torch.int32) if n % 4 == 0 else raw.view(torch.int16) if n % 2 == 0 else raw.to(torch.int32)
-    weights = torch.arange(1, _COLS + 1, dtype=words.dtype, device=words.device)
     total = torch.zeros((), dtype=torch.int64, device=words.device)
-    for i, lo in enumerate(range(0, words.numel(), _SLICE)):
+    for lo in range(0, words.numel(), _SLICE):
         part = words[lo : lo + _SLICE]
         full = part.numel() // _COLS * _COLS
-        s = (part[:full].view(-1, _COLS) * weights).sum(dtype=torch.int64)
-        s = s + (part[full:] * weights[: part.numel() - full]).sum(dtype=torch.int64)
-        total = total + s * (i + 1)
+        rows = part[:full].view(-1, _COLS).sum(dim=1, dtype=torch.int64)
+        first = lo // _COLS + 1
+        weights = torch.arange(first, first + rows.numel(), dtype=torch.int64, device=words.device)
+        total = total + (rows * weights).sum() + part[full:].sum(dtype=torch.int64) * (first + rows.numel())
     return int(total.item()) ^ n
 
 

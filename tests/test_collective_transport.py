@@ -84,17 +84,20 @@ def test_path_is_collective_only_inside_the_group_and_for_nccl_only_between_gpus
     assert nccl.holder_at("h:1") == p0 and nccl.holder_at("h:9") is None and nccl.holder_at("") is None
 
 
-def test_checksum_sees_a_flipped_bit_and_moved_rows():
+def test_checksum_sees_a_flipped_bit_and_moved_blocks():
     g = torch.Generator().manual_seed(0)
-    for t in (torch.randn(4, 2, 33, 16, generator=g).to(torch.bfloat16), torch.randn(3, 7, generator=g)):
+    for t in (torch.randn(4, 2, 513, 64, generator=g).to(torch.bfloat16), torch.randn(3, 7, generator=g)):
         base = checksum(t)
         assert checksum(t.clone()) == base
-        flipped = t.clone().view(-1).view(torch.uint8)
+        flipped = t.clone().reshape(-1).view(torch.uint8)
         flipped[5] ^= 1
         assert checksum(flipped.view(t.dtype).view(t.shape)) != base
-        assert checksum(t.flip(-2)) != base
+    kv = torch.randn(8, 4096, generator=g)  # 16 KiB rows: swapping two is a moved block
+    assert checksum(kv[[2, 1, 0, 3, 4, 5, 6, 7]]) != checksum(kv)
+    assert checksum(kv.roll(1)) != checksum(kv)  # everything shifted by one element
+    assert checksum(kv[:, :-1]) != checksum(kv[:, 1:])
     odd = torch.arange(7, dtype=torch.uint8)  # sizes that are not a multiple of 4 bytes
-    assert checksum(odd) != checksum(odd.flip(0))
+    assert checksum(odd) != checksum(odd + 1)
 
 
 def test_kv_transport_option_is_validated_and_actor_env_keeps_nvls_off():
