@@ -282,19 +282,25 @@ class CollectiveGroup:
         with self._post_lock:
             return dist.batch_isend_irecv([dist.P2POp(fns[kind], t, peer) for kind, t, peer in ops])
 
-    @staticmethod
-    def wait(works: list, deadline: float, what: str, abort=None) -> None:
+    def wait(self, works: list, deadline: float, what: str, abort=None) -> None:
         """Wait for `works` until `deadline` (time.monotonic); `abort()` may return a reason to give up early (the
         peer already reported failure). Raises CollectiveError saying `what` did not complete, and why.
 
-        Each work's own timed wait runs in a helper thread (gloo only progresses a send/recv inside wait(); NCCL's
-        wait(timeout) blocks the host until the GPU is done), so this thread can keep checking `abort`."""
+        Each work's own timed wait runs in a helper thread (gloo only progresses a send/recv inside wait(), and its
+        is_completed() stays False until then), so this thread can keep checking `abort`. With NCCL, wait() may
+        only order the current stream after the operation, so the helper also polls is_completed() (a CUDA event
+        query) until the GPU is done: the transfer has really finished, or failed, within the deadline."""
         box: list[BaseException] = []
+        on_gpu = self.spec is not None and self.spec.backend == "nccl"
 
         def run() -> None:
             try:
                 for w in works:
                     w.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+                    while on_gpu and not w.is_completed():
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("the GPU has not finished the operation")
+                        time.sleep(0.0001)
             except BaseException as e:  # reported below
                 box.append(e)
 
