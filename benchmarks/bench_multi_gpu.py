@@ -347,7 +347,11 @@ def main() -> None:
     args.requests = args.requests or (8 if smoke else 32)
     args.chunk_size = args.chunk_size or (64 if smoke else 512)
     args.store_gib = args.store_gib or (1 if smoke else 24)
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False))
+    flags = " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+        for k, v in vars(args).items()
+        if v not in (None, False)
+    )
     result = {
         "kind": "cpu smoke (gloo): not a GPU result" if smoke else "2 GPUs (NCCL)",
         "command": f"python benchmarks/bench_multi_gpu.py {flags}",
