@@ -34,6 +34,11 @@ class DeadlineExceeded(PdllmError):
     """The request's deadline passed before its answer was ready; work on it stopped."""
 
 
+class BackendUnavailable(PdllmError):
+    """The backend cannot run the request now (actors lost or not answering): UNAVAILABLE, safe to retry, since
+    generation has no side effects."""
+
+
 class GenerationBackend(Protocol):
     def generate(
         self,

@@ -2,12 +2,17 @@
 
 It drives any `GenerationBackend` (in-process model or the Ray cluster's router) and, when given one, a
 `BatchStore` for batch jobs. Sync gRPC with a bounded thread pool: generation is CPU/GPU-bound, not I/O-bound.
+
+Requests arrive as raw bytes and are parsed here, so a message that is not a valid protobuf gets INVALID_ARGUMENT
+naming the expected type (gRPC itself would answer an opaque INTERNAL). A stream's events pass through a bounded
+box (old step events give way to new ones); a client that stops reading holds a serving thread only until the
+stall watchdog cancels its call (`stream_stall_s`), and the backend stops with it. Health reports the counters that
+show this: open streams, stalls, running and queued calls, this process's memory and threads.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -15,18 +20,28 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pdllm.cluster import api_convert as conv
 from pdllm.cluster.api_admission import Admission
-from pdllm.cluster.api_backend import BackendBusy, DeadlineExceeded, GenerationBackend, RequestCancelled
+from pdllm.cluster.api_backend import (
+    BackendBusy,
+    BackendUnavailable,
+    DeadlineExceeded,
+    GenerationBackend,
+    RequestCancelled,
+)
 from pdllm.cluster.api_params import ApiLimits, complete_params, decode_text
 from pdllm.cluster.auth import TokenAuthInterceptor, server_credentials
 from pdllm.cluster.batch_store import BatchConflict, BatchNotFound
+from pdllm.cluster.event_box import EventBox
+from pdllm.cluster.proc_stats import process_stats
 from pdllm.proto import pdllm_api_pb2 as pb
-from pdllm.proto import pdllm_api_pb2_grpc as pb_grpc
 
 from pdllm.errors import InvalidRequest
+from pdllm.observability import metrics
+from pdllm.observability.logs import request_context
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pdllm"].full_name
@@ -44,6 +59,8 @@ class ApiServerConfig:
     max_message_bytes: int = 64 << 20  # both directions; larger messages: RESOURCE_EXHAUSTED from gRPC
     default_timeout_s: float = 600.0  # applies when the client sets no deadline
     results_page: int = 500
+    stream_events: int = 16  # events buffered per stream before old step events are dropped
+    stream_stall_s: float = 30.0  # a stream whose client accepts no event for this long is cancelled
     limits: ApiLimits = field(default_factory=ApiLimits)
 
 
@@ -56,6 +73,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, RequestCancelled):
         return grpc.StatusCode.CANCELLED, str(exc)
+    if isinstance(exc, BackendUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, BatchNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, BatchConflict):
@@ -64,13 +83,24 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
-class PdllmServicer(pb_grpc.PdllmServicer):
+@dataclass
+class _OpenStream:
+    """A stream being served: the watchdog cancels it when one write has waited longer than the stall limit."""
+
+    context: grpc.ServicerContext
+    writing_since: float | None = None
+
+
+class PdllmServicer:
     def __init__(self, backend: GenerationBackend, cfg: ApiServerConfig, batches=None) -> None:
         self.backend, self.cfg, self.batches = backend, cfg, batches
         self.admission = Admission(cfg.max_running, cfg.max_waiting)
         self.info = backend.model_info()
         self.modes = tuple(self.info.get("modes") or ("vanilla",))
+        self.defaults = dict(self.info.get("defaults") or {})  # the backend's defaults, under each request's params
         self.counters = {"completed": 0, "failed": 0, "cancelled": 0, "deadline_exceeded": 0, "invalid": 0}
+        self.streams = {"open": 0, "stalled": 0, "dropped_events": 0}
+        self._open: dict[int, _OpenStream] = {}
         self._lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -94,7 +124,7 @@ class PdllmServicer(pb_grpc.PdllmServicer):
             raise InvalidRequest(f"unknown model {request.model!r}; this server serves {self.info.get('name')!r}")
         context = decode_text("context", request.context, limits.max_context_bytes)
         question = decode_text("question", request.question, limits.max_question_bytes)
-        params = complete_params(conv.params_to_dict(request.params), self.modes, limits)
+        params = complete_params({**self.defaults, **conv.params_to_dict(request.params)}, self.modes, limits)
         return context, question, params, request.request_id or uuid.uuid4().hex
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
@@ -114,15 +144,37 @@ class PdllmServicer(pb_grpc.PdllmServicer):
         return on_event
 
     def _run(self, context, text, question, params, rid, on_queued=None, sink=None) -> pb.GenerateResponse:
-
         timeout = self._timeout(context)
         start = time.monotonic()
-        with self.admission.slot(timeout, on_queued, alive=context.is_active) as queued_s:
-            left = timeout - (time.monotonic() - start)
-            result = self.backend.generate(text, question, params, rid, self._watch(context, sink), left)
+        first_step: list[float] = []
+
+        def forward(event: dict) -> None:
+            if event.get("type") == "step" and not first_step:
+                first_step.append(time.monotonic() - start)
+            if sink is not None:
+                sink(event)
+
+        outcome = "error"
+        try:
+            with request_context(rid), self.admission.slot(timeout, on_queued, alive=context.is_active) as queued_s:
+                self._publish_admission()
+                left = timeout - (time.monotonic() - start)
+                result = self.backend.generate(text, question, params, rid, self._watch(context, forward), left)
+            outcome = "ok"
+        except (RequestCancelled, DeadlineExceeded):
+            outcome = "cancelled"
+            raise
+        finally:
+            self._publish_admission()
+            metrics.observe_request(time.monotonic() - start, first_step[0] if first_step else None, outcome)
         stats = {**result.get("stats", {}), "queue_seconds": round(queued_s, 4)}
         self._count("completed")
         return pb.GenerateResponse(request_id=rid, answer=result["answer"], stats=conv.stats_to_proto(stats))
+
+    def _publish_admission(self) -> None:
+        snap = self.admission.snapshot()
+        metrics.set_queue_depth("api_running", snap["running"])
+        metrics.set_queue_depth("api_waiting", snap["waiting"])
 
     # -- generation --------------------------------------------------------------------------------------------
     def Generate(self, request, context):
@@ -137,32 +189,56 @@ class PdllmServicer(pb_grpc.PdllmServicer):
             text, question, params, rid = self._parse(request)
         except Exception as exc:
             self._abort(context, exc)
-        events: queue.Queue = queue.Queue()
+        box = EventBox(self.cfg.stream_events)
 
         def work() -> None:
             try:
-                final = self._run(
-                    context,
-                    text,
-                    question,
-                    params,
-                    rid,
-                    on_queued=lambda pos: events.put({"type": "queued", "position": pos}),
-                    sink=events.put,
-                )
-                events.put(final)
+                on_queued = lambda pos: box.put_step({"type": "queued", "position": pos})  # noqa: E731
+                box.put_final(self._run(context, text, question, params, rid, on_queued, box.put_step))
             except BaseException as exc:  # handed to the serving thread, which maps it to a status
-                events.put(exc)
+                box.put_final(exc)
 
-        threading.Thread(target=work, name=f"pdllm-stream-{rid[:8]}", daemon=True).start()
-        while True:
-            item = events.get()
-            if isinstance(item, BaseException):
-                self._abort(context, item)
-            if isinstance(item, pb.GenerateResponse):
-                yield pb.GenerateEvent(request_id=rid, final=item)
-                return
-            yield conv.event_to_proto(rid, item)
+        entry = _OpenStream(context)
+        with self._lock:
+            self._open[id(entry)] = entry
+            self.streams["open"] += 1
+        try:
+            threading.Thread(target=work, name=f"pdllm-stream-{rid[:8]}", daemon=True).start()
+            while True:
+                item = box.get()
+                if isinstance(item, BaseException):
+                    self._abort(context, item)
+                msg = (
+                    pb.GenerateEvent(request_id=rid, final=item)
+                    if isinstance(item, pb.GenerateResponse)
+                    else conv.event_to_proto(rid, item)
+                )
+                entry.writing_since = time.monotonic()
+                yield msg  # blocks while the client's flow-control window is full
+                entry.writing_since = None
+                if isinstance(item, pb.GenerateResponse):
+                    return
+        finally:
+            with self._lock:
+                self._open.pop(id(entry), None)
+                self.streams["open"] -= 1
+                self.streams["dropped_events"] += box.dropped
+
+    def cancel_stalled(self) -> int:
+        """Cancel every stream whose current write has waited longer than `stream_stall_s` (the client is not
+        reading); the backend notices through its event callback and stops. Returns how many were cancelled."""
+        now, stalled = time.monotonic(), []
+        with self._lock:
+            for entry in self._open.values():
+                since = entry.writing_since
+                if since is not None and now - since > self.cfg.stream_stall_s:
+                    stalled.append(entry)
+                    entry.writing_since = None
+                    self.streams["stalled"] += 1
+        for entry in stalled:
+            log.warning("cancelling a stream whose client read nothing for %.1fs", self.cfg.stream_stall_s)
+            entry.context.cancel()
+        return len(stalled)
 
     # -- batches -----------------------------------------------------------------------------------------------
     def _store(self):
@@ -175,6 +251,9 @@ class PdllmServicer(pb_grpc.PdllmServicer):
 
         try:
             store = self._store()
+            for key, value in self.defaults.items():  # the backend's defaults, under the batch's own
+                if not request.default_params.HasField(key):
+                    setattr(request.default_params, key, value)
             batch_id, jobs, documents = jobs_from_request(request, self.modes, self.cfg.limits)
             status, created = store.submit(batch_id, jobs, documents)
             return pb.SubmitBatchResponse(batch=conv.batch_status_to_proto(status), created=created)
@@ -216,8 +295,14 @@ class PdllmServicer(pb_grpc.PdllmServicer):
         try:
             backend = self.backend.health()
             with self._lock:
-                counters = dict(self.counters)
-            detail = {"backend": backend, "admission": self.admission.snapshot(), "requests": counters}
+                counters, streams = dict(self.counters), dict(self.streams)
+            detail = {
+                "backend": backend,
+                "admission": self.admission.snapshot(),
+                "requests": counters,
+                "streams": streams,
+                "process": process_stats(),
+            }
             if self.batches is not None:
                 detail["batches"] = self.batches.health()
             serving = bool(backend.get("serving", False))
@@ -235,6 +320,41 @@ class PdllmServicer(pb_grpc.PdllmServicer):
             max_context_tokens=int(info.get("max_context_tokens", 0)),
             detail=conv.struct_from_dict(info),
         )
+
+
+def service_handler(servicer: PdllmServicer) -> grpc.GenericRpcHandler:
+    """The Pdllm service with requests taken as raw bytes and parsed here: an undecodable message gets
+    INVALID_ARGUMENT naming the expected type, counted like any other invalid request."""
+    service = pb.DESCRIPTOR.services_by_name["Pdllm"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        behaviour = getattr(servicer, method.name)
+
+        def parse(raw: bytes, context, cls=request_cls, name=method.input_type.full_name):
+            try:
+                return cls.FromString(raw)
+            except DecodeError as exc:
+                servicer._count("invalid")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {name}: {exc}")
+
+        if method.server_streaming:
+
+            def stream(raw, context, parse=parse, behaviour=behaviour):
+                yield from behaviour(parse(raw, context), context)
+
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                stream, response_serializer=lambda msg: msg.SerializeToString()
+            )
+        else:
+
+            def unary(raw, context, parse=parse, behaviour=behaviour):
+                return behaviour(parse(raw, context), context)
+
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                unary, response_serializer=lambda msg: msg.SerializeToString()
+            )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class ApiServer:
@@ -257,7 +377,7 @@ class ApiServer:
             options=options,
             maximum_concurrent_rpcs=workers,
         )
-        pb_grpc.add_PdllmServicer_to_server(self.servicer, self.server)
+        self.server.add_generic_rpc_handlers((service_handler(self.servicer),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -280,10 +400,23 @@ class ApiServer:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._stopped = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch_streams, name="pdllm-stream-watchdog", daemon=True)
+        self._watchdog.start()
         return self
+
+    def _watch_streams(self) -> None:
+        period = min(1.0, max(0.05, self.cfg.stream_stall_s / 4))
+        while not self._stopped.wait(period):
+            try:
+                self.servicer.cancel_stalled()
+            except Exception:  # the watchdog must outlive any one bad stream
+                log.exception("stream watchdog")
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
+        if getattr(self, "_stopped", None) is not None:
+            self._stopped.set()
         self.server.stop(grace).wait(grace + 5)
 
     def wait(self) -> None:

@@ -4,26 +4,34 @@ Keys (under `prefix`, default "pdllm:batch:"):
   index             ZSET  batch id -> creation time (listing, newest first)
   b:<bid>           HASH  fingerprint, created, total, state (open | cancelled), counters running/done/failed/cancelled
   b:<bid>:jobs      LIST  job ids in submission order (results are exported in this order)
+  b:<bid>:answered  LIST  job ids in the order their results were accepted: one entry per result ever written, so
+                          counting ids here checks "exactly one result per job" (refused late results: counter
+                          `refused_results` on b:<bid>)
   j:<bid>:<jid>     HASH  spec (JSON), state (pending | leased | done | failed | cancelled), attempts, owner,
                           result (JSON, written once with HSETNX), error
   pending           LIST  "<bid>|<jid>" members waiting for a worker (FIFO across batches)
   leases            ZSET  member -> lease expiry (ms, Redis server clock)
   doc:<sha256>      STRING a document shared by jobs, stored once
+  claimtok:<token>  STRING the job a claim call leased (short-lived): a claim retried after its reply was lost
+                          gets the same job back instead of leasing a second one
 
 Life of a job: submit (pending) -> claim (Lua: pop + lease) -> complete (Lua: HSETNX result, done) or fail
 (Lua: requeue while attempts remain, else failed). A lease that expires, or that belongs to a worker that
 restarted under the same owner name, is requeued by `requeue`; a job whose state is not `pending` when popped
 is skipped, so a duplicate queue entry never runs a finished job again.
 Scripts build key names from the prefix, which suits a single Redis/Valkey server (not Redis Cluster).
+`from_url` clients retry through a server restart (cluster/redis_client.py); every script above is safe to run twice.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import redis
 from pdllm.cluster.batch_spec import fingerprint
+from pdllm.cluster.redis_client import connect
 
 from pdllm.errors import InvalidRequest
 
@@ -34,7 +42,18 @@ CLAIM = (
     _NOW_MS
     + _SPLIT
     + """
-local p, owner, lease_ms, max_skip = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local p, owner, lease_ms, max_skip, token = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+if token ~= '' then
+  local prev = redis.call('GET', p .. 'claimtok:' .. token)
+  if prev then
+    local bid, jid = split(prev)
+    local jk = p .. 'j:' .. bid .. ':' .. jid
+    if redis.call('HGET', jk, 'state') == 'leased' and redis.call('HGET', jk, 'owner') == owner then
+      return {prev, redis.call('HGET', jk, 'spec'), tonumber(redis.call('HGET', jk, 'attempts'))}
+    end
+    return false
+  end
+end
 for _ = 1, max_skip do
   local m = redis.call('LPOP', p .. 'pending')
   if not m then return false end
@@ -45,6 +64,7 @@ for _ = 1, max_skip do
     local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
     redis.call('HINCRBY', p .. 'b:' .. bid, 'running', 1)
     redis.call('ZADD', p .. 'leases', now + lease_ms, m)
+    if token ~= '' then redis.call('SET', p .. 'claimtok:' .. token, m, 'PX', lease_ms) end
     return {m, redis.call('HGET', jk, 'spec'), attempts}
   end
 end
@@ -59,8 +79,11 @@ local p, m, result = ARGV[1], ARGV[2], ARGV[3]
 local bid, jid = split(m)
 local jk, bk = p .. 'j:' .. bid .. ':' .. jid, p .. 'b:' .. bid
 local state = redis.call('HGET', jk, 'state')
-if state ~= 'leased' and state ~= 'pending' then return 0 end
-if redis.call('HSETNX', jk, 'result', result) == 0 then return 0 end
+if (state ~= 'leased' and state ~= 'pending') or redis.call('HSETNX', jk, 'result', result) == 0 then
+  if state then redis.call('HINCRBY', bk, 'refused_results', 1) end
+  return 0
+end
+redis.call('RPUSH', bk .. ':answered', jid)
 redis.call('HSET', jk, 'state', 'done')
 if state == 'leased' then redis.call('HINCRBY', bk, 'running', -1) end
 redis.call('HINCRBY', bk, 'done', 1)
@@ -176,9 +199,9 @@ class BatchStore:
         self._cancel = client.register_script(CANCEL)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs) -> BatchStore:
-        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, decode_responses=True)
-        return cls(client, **kwargs)
+    def from_url(cls, url: str, outage_s: float = 15.0, **kwargs) -> BatchStore:
+        """A store whose commands ride out `outage_s` seconds of Redis being away (restart, failover)."""
+        return cls(connect(url, timeout_s=10, outage_s=outage_s, decode_responses=True), **kwargs)
 
     def _bk(self, batch_id: str) -> str:
         return f"{self.p}b:{batch_id}"
@@ -275,6 +298,14 @@ class BatchStore:
         ids = [_text(i) for i in self.r.zrevrange(f"{self.p}index", 0, limit - 1)]
         return [self.status(i) for i in ids]
 
+    def answered(self, batch_id: str) -> list[str]:
+        """Job ids in the order their results were accepted; an id appears once per result ever written."""
+        return [_text(i) for i in self.r.lrange(f"{self._bk(batch_id)}:answered", 0, -1)]
+
+    def refused_results(self, batch_id: str) -> int:
+        """Results offered for jobs that already had one (or were cancelled), and refused."""
+        return int(self.r.hget(self._bk(batch_id), "refused_results") or 0)
+
     def job(self, batch_id: str, job_id: str) -> dict:
         return {_text(k): _text(v) for k, v in self.r.hgetall(self._jk(batch_id, job_id)).items()}
 
@@ -287,8 +318,9 @@ class BatchStore:
 
     # -- worker side -------------------------------------------------------------------------------------------
     def claim(self, owner: str, lease_s: float, max_skip: int = 100) -> tuple[str, dict, int] | None:
-        """Lease the next pending job: (member, spec, attempt number) or None when nothing is pending."""
-        got = self._claim(args=[self.p, owner, int(lease_s * 1000), max_skip])
+        """Lease the next pending job: (member, spec, attempt number) or None when nothing is pending. The call
+        carries a fresh token, so the client's own retry of it (reply lost) returns the same lease."""
+        got = self._claim(args=[self.p, owner, int(lease_s * 1000), max_skip, uuid.uuid4().hex])
         if not got:
             return None
         m, spec, attempts = got

@@ -93,7 +93,8 @@ class BatchWorker:
             result = self.backend.generate(
                 context, spec["question"], spec["params"], request_id, None, self.job_timeout_s
             )
-            self.store.complete(m, {"answer": result["answer"], "stats": result.get("stats", {})})
+            if not self.store.complete(m, {"answer": result["answer"], "stats": result.get("stats", {})}):
+                log.warning("batch job %s already had a result or was cancelled: this answer is dropped", m)
             self.finished += 1
         except InvalidRequest as exc:
             self.store.fail(m, self.owner, str(exc), retry=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import redis
 from pdllm.cluster.kv_codec import LAYOUT, dtype_name, pack_tensor, unpack_tensor
+from pdllm.cluster.redis_client import connect
 from torch import Tensor
 
 from pdllm.method.chunk_kv import ChunkKV
@@ -60,8 +61,8 @@ class ChunkIndex:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "pdllm:kv", timeout_s: float = 5.0) -> ChunkIndex:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, prefix)
+        """A client that keeps working through a Redis restart (commands retried, see cluster/redis_client.py)."""
+        return cls(connect(url, timeout_s), prefix)
 
     def _key(self, cid: str) -> str:
         return f"{self.prefix}:chunk:{cid}"
@@ -118,8 +119,13 @@ class ChunkIndex:
         return {m.decode() for m in self.r.smembers(self._ids)}
 
     def claim(self, cid: str, owner: str, ttl_s: float) -> bool:
-        """True if `owner` now holds the prefill claim on `cid` (expires after ttl_s)."""
-        return bool(self.r.set(f"{self.prefix}:claim:{cid}", owner, nx=True, px=max(1, int(ttl_s * 1000))))
+        """True if `owner` now holds the prefill claim on `cid` (expires after ttl_s). A retried SET whose first
+        try went through finds its own owner there, and still counts as won."""
+        key = f"{self.prefix}:claim:{cid}"
+        if self.r.set(key, owner, nx=True, px=max(1, int(ttl_s * 1000))):
+            return True
+        current = self.r.get(key)
+        return current is not None and current.decode() == owner
 
     def release(self, cid: str, owner: str) -> None:
         self._release_if_owner(keys=[f"{self.prefix}:claim:{cid}"], args=[owner])
@@ -130,12 +136,30 @@ class ChunkIndex:
         values = self.r.mget([f"{self.prefix}:claim:{c}" for c in cids])
         return {c: v is not None for c, v in zip(cids, values, strict=True)}
 
-    def remove_holder(self, holder: str) -> int:
-        """Delete every entry of `holder` (its store is gone: shutdown, or the actor died)."""
-        removed = 0
-        for cid in self.ids():
-            removed += self.remove(cid, holder)
+    def remove_holder(self, holder: str, batch: int = 500) -> int:
+        """Delete every entry of `holder` (its store is gone: shutdown, or the actor died); returns how many."""
+        removed, ids = 0, sorted(self.ids())
+        for i in range(0, len(ids), batch):
+            part = ids[i : i + batch]
+            pipe = self.r.pipeline(transaction=False)
+            for cid in part:
+                pipe.hget(self._key(cid), "holder")
+            for cid, owner in zip(part, pipe.execute(), strict=True):
+                if owner is not None and owner.decode() == holder:
+                    removed += self.remove(cid, holder)
         return removed
+
+    def holders(self) -> dict[str, int]:
+        """Entries per holder (status, and tests that look for entries left by a lost holder)."""
+        counts: dict[str, int] = {}
+        ids = sorted(self.ids())
+        pipe = self.r.pipeline(transaction=False)
+        for cid in ids:
+            pipe.hget(self._key(cid), "holder")
+        for owner in pipe.execute() if ids else []:
+            if owner is not None:
+                counts[owner.decode()] = counts.get(owner.decode(), 0) + 1
+        return counts
 
 
 def _entry(cid: str, h: dict[bytes, bytes]) -> IndexEntry:

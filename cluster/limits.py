@@ -25,10 +25,16 @@ class ClusterLimits:
     max_retries: int = 2  # decode retries after a selected chunk vanished (evicted) between lookup and fetch
     start_timeout_s: float = 180.0  # actors loading the model and starting their transfer servers
     collective_timeout_s: float = 30.0  # NCCL/gloo group rendezvous, and each collective transfer before gRPC fallback
+    fetch_timeout_s: float = 30.0  # one KV fetch from one holder (a stalled stream fails after this, then retried)
+    fetch_retries: int = 1  # further tries of a failed fetch from the same holder before the chunks are re-prefilled
+    stream_events: int = 8  # progress events buffered per streamed job (older step events give way to newer ones)
+    probe_timeout_s: float = 3.0  # an actor asked "are you alive?" after a failure; no answer counts as down
 
     def validate(self) -> None:
         for name in ("decode_concurrency", "max_queued_per_decode_actor", "max_queued_per_prefill_actor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.fetch_timeout_s <= 0 or self.probe_timeout_s <= 0 or self.fetch_retries < 0 or self.stream_events < 1:
+            raise ValueError("fetch_timeout_s and probe_timeout_s must be > 0, fetch_retries >= 0, stream_events >= 1")
         if self.transfer_piece_bytes < 1024 or self.transfer_piece_bytes > (4 << 20) - 4096:
             raise ValueError("transfer_piece_bytes must be in [1 KiB, 4 MiB - 4 KiB] (gRPC's message limit)")

@@ -1,14 +1,24 @@
 """The router: tokenizes and chunks a request, asks the index which chunks already have KV, sends the missing ones
 to the least-loaded prefill actor, and sends the job to the decode actor with the best mix of load and chunk
 affinity. Queues are bounded: when every actor of a kind is full, `ClusterBusy` says so instead of queueing more.
+
+Faults. A decode actor that dies during a job (killed, its node removed) is marked lost and the job runs again on
+another decode actor: decoding is a pure function of the job, so a second run cannot answer differently or twice.
+A prefill actor that dies is marked lost, its index entries are deleted (they point at KV that is gone), and its
+work goes to another prefill actor. A holder that a decode actor could not read from is asked whether it is alive
+(`probe_timeout_s`); if not, the same happens to it; if it is, the chunks are prefilled again elsewhere.
+The decode job streams its progress back (`decode_stream`); the request's deadline bounds every wait, and a caller
+that goes away (its `on_event` raises) cancels the decode job at its next step.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -17,11 +27,16 @@ from pdllm.cluster.limits import ClusterLimits
 
 from pdllm.errors import InvalidRequest, PdllmError
 from pdllm.method import MethodConfig, chunk_id, split_chunks
+from pdllm.observability import metrics
+from pdllm.observability.logs import request_context
 from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, encode_request
 from pdllm.sampler import SamplerConfig
 
+log = logging.getLogger(__name__)
 AFFINITY_MEMORY = 4096  # chunk ids remembered per decode actor (what it has fetched recently)
 WAIT_POLL_S = 0.02
+CONTROL = "control"  # the actors' concurrency group for status/cancel: answered even when every job thread is busy
+UP, DOWN, DEAD = "up", "down", "dead"  # DOWN: did not answer a probe (may come back); DEAD: Ray says it died
 
 
 class ClusterBusy(PdllmError):
@@ -32,6 +47,18 @@ class ClusterTimeout(PdllmError):
     """An actor did not answer within the configured time."""
 
 
+class RequestExpired(ClusterTimeout):
+    """The request's own deadline passed."""
+
+
+class ClusterUnavailable(PdllmError):
+    """No live actor of a kind is left to run the request."""
+
+
+class _ActorLost(PdllmError):
+    """A decode actor died during the job (internal: the job runs again elsewhere)."""
+
+
 @dataclass
 class ActorSlot:
     name: str
@@ -40,6 +67,11 @@ class ActorSlot:
     max_queued: int
     inflight: int = 0
     recent: OrderedDict = field(default_factory=OrderedDict)  # chunk ids this decode actor fetched
+    state: str = UP
+
+    @property
+    def alive(self) -> bool:
+        return self.state == UP
 
     def remember(self, cids: list[str]) -> None:
         for cid in cids:
@@ -47,6 +79,11 @@ class ActorSlot:
             self.recent.move_to_end(cid)
         while len(self.recent) > AFFINITY_MEMORY:
             self.recent.popitem(last=False)
+
+
+def control(method):
+    """`actor.method` sent to the control concurrency group (answers while jobs occupy the default group)."""
+    return method.options(concurrency_group=CONTROL)
 
 
 class Router:
@@ -69,33 +106,52 @@ class Router:
         self._lock = threading.Lock()
         self.completed = 0
         self.rejected = 0
+        self.failed = 0
+        self.active = 0  # requests inside generate() right now
+        self.faults = {
+            "actors_lost": 0,
+            "decode_failovers": 0,  # decode jobs run again on another actor after theirs died
+            "prefill_failovers": 0,  # prefill calls sent to another actor after theirs died
+            "refetch_retries": 0,  # decode jobs run again after selected chunks were missing or unreadable
+            "stale_entries_removed": 0,  # index entries deleted because their holder was lost
+            "cancelled_jobs": 0,  # decode jobs cancelled (caller gone, deadline)
+        }
 
     # ---- placement -------------------------------------------------------------------------------------------
     def _acquire(self, slot: ActorSlot) -> None:
         slot.inflight += 1
+        self._publish_depth()
 
     def _release(self, slot: ActorSlot) -> None:
         with self._lock:
             slot.inflight -= 1
+            self._publish_depth()
 
-    def pick_prefill(self) -> ActorSlot:
+    def _publish_depth(self) -> None:
+        metrics.set_queue_depth("prefill", sum(s.inflight for s in self.prefill))
+        metrics.set_queue_depth("decode", sum(s.inflight for s in self.decode))
+
+    def _open(self, slots: list[ActorSlot], kind: str, avoid: set[str]) -> list[ActorSlot]:
+        live = [s for s in slots if s.alive]
+        if not live:
+            raise ClusterUnavailable(f"no live {kind} actor is left (of {len(slots)}); see `pdllm status`")
+        open_slots = [s for s in live if s.inflight < s.max_queued]
+        if not open_slots:
+            self.rejected += 1
+            raise ClusterBusy(f"all {len(live)} {kind} actors have full queues; retry later")
+        return [s for s in open_slots if s.name not in avoid] or open_slots
+
+    def pick_prefill(self, avoid: set[str] = frozenset()) -> ActorSlot:
         with self._lock:
-            open_slots = [s for s in self.prefill if s.inflight < s.max_queued]
-            if not open_slots:
-                self.rejected += 1
-                raise ClusterBusy(f"all {len(self.prefill)} prefill actors have full queues; retry later")
-            slot = min(open_slots, key=lambda s: s.inflight)
+            slot = min(self._open(self.prefill, "prefill", avoid), key=lambda s: s.inflight)
             self._acquire(slot)
             return slot
 
-    def pick_decode(self, cids: list[str], holders: dict[str, str]) -> ActorSlot:
+    def pick_decode(self, cids: list[str], holders: dict[str, str], avoid: set[str] = frozenset()) -> ActorSlot:
         """Score = share of the request's chunks the actor holds (cached, or on its node) - its queue fill."""
         unique = set(cids)
         with self._lock:
-            open_slots = [s for s in self.decode if s.inflight < s.max_queued]
-            if not open_slots:
-                self.rejected += 1
-                raise ClusterBusy(f"all {len(self.decode)} decode actors have full queues; retry later")
+            open_slots = self._open(self.decode, "decode", avoid)
 
             def score(s: ActorSlot) -> float:
                 held = sum(1 for c in unique if c in s.recent or holders.get(c) == s.node)
@@ -105,35 +161,116 @@ class Router:
             self._acquire(slot)
             return slot
 
-    def _get(self, ref, what: str):
+    def _timeout(self, deadline: float | None) -> float:
+        """Seconds the next wait may take: the per-call limit, cut to the request's deadline."""
+        if deadline is None:
+            return self.limits.call_timeout_s
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RequestExpired("the request's deadline passed")
+        return min(left, self.limits.call_timeout_s)
+
+    def _timed_out(self, what: str, deadline: float | None) -> ClusterTimeout:
+        if deadline is not None and time.monotonic() >= deadline - 1e-3:
+            return RequestExpired(f"the request's deadline passed while waiting for {what}")
+        return ClusterTimeout(f"{what} did not answer within {self.limits.call_timeout_s}s")
+
+    def _get(self, ref, what: str, deadline: float | None = None):
         try:
-            return ray.get(ref, timeout=self.limits.call_timeout_s)
+            return ray.get(ref, timeout=self._timeout(deadline))
         except ray.exceptions.GetTimeoutError as e:
             ray.cancel(ref)
-            raise ClusterTimeout(f"{what} did not answer within {self.limits.call_timeout_s}s") from e
+            raise self._timed_out(what, deadline) from e
         except ray.exceptions.RayTaskError as e:
             cause = e.as_instanceof_cause()
             if isinstance(cause, PdllmError):
                 raise cause from None
             raise
 
+    # ---- faults ----------------------------------------------------------------------------------------------
+    def _lost(self, slot: ActorSlot, why: object, dead: bool = True) -> None:
+        """Take `slot` out of placement; a prefill actor's index entries go too (its KV is unreachable)."""
+        with self._lock:
+            was = slot.state
+            slot.state = DEAD if dead else DOWN
+            if was == UP:
+                self.faults["actors_lost"] += 1
+        metrics.set_actor_health(slot.name, False)
+        if was != UP:
+            return
+        log.warning("actor %s lost (%s): no longer placed", slot.name, why)
+        if slot in self.prefill:
+            removed = self.index.remove_holder(slot.name)
+            with self._lock:
+                self.faults["stale_entries_removed"] += removed
+            log.warning("removed %d index entries of lost holder %s", removed, slot.name)
+
+    def _probe(self, slot: ActorSlot) -> bool:
+        """Is the actor alive? Answers come from its control group, so a busy actor still says yes."""
+        try:
+            ray.get(control(slot.handle.status).remote(), timeout=self.limits.probe_timeout_s)
+            return True
+        except ray.exceptions.RayActorError as e:
+            self._lost(slot, type(e).__name__, dead=True)
+        except ray.exceptions.GetTimeoutError:
+            self._lost(slot, f"no answer within {self.limits.probe_timeout_s}s", dead=False)
+        return False
+
+    def _after_missing(self, holders: dict[str, str], avoid: set[str]) -> None:
+        """Selected chunks were missing or unreadable at these holders: probe ours, avoid the ones that failed."""
+        by_name = {s.name: s for s in self.prefill}
+        for holder, why in holders.items():
+            slot = by_name.get(holder)
+            if slot is None:
+                continue  # a holder of an earlier run: the decode actor already dropped the entries it tried
+            if why != "missing":
+                avoid.add(holder)  # alive or not, it could not send: prefill these chunks elsewhere now
+            if slot.alive:
+                self._probe(slot)
+
+    def sweep(self) -> int:
+        """Delete index entries whose holder is not a live prefill actor of this cluster (entries that persisted
+        in Redis from an earlier run, or of actors lost since). One index prefix per cluster makes this safe."""
+        live = {s.name for s in self.prefill if s.alive}
+        removed = 0
+        for holder in self.index.holders():
+            if holder not in live:
+                removed += self.index.remove_holder(holder)
+        with self._lock:
+            self.faults["stale_entries_removed"] += removed
+        return removed
+
     # ---- prefill ---------------------------------------------------------------------------------------------
-    def ensure_chunks(self, chunks: list[list[int]], ids: list[str], method: MethodConfig) -> dict:
+    def ensure_chunks(
+        self,
+        chunks: list[list[int]],
+        ids: list[str],
+        method: MethodConfig,
+        deadline: float | None = None,
+        avoid: set[str] = frozenset(),
+    ) -> dict:
         """Make every chunk's KV available somewhere; returns counts of chunks encoded for this request and reused."""
         unique = dict(zip(ids, chunks, strict=True))
         present = set(self.index.lookup(list(unique)))
         todo = {cid: c for cid, c in unique.items() if cid not in present}
+        metrics.record_cache(hit=True, n=len(present))
+        metrics.record_cache(hit=False, n=len(todo))
         encoded = 0
-        deadline = time.monotonic() + self.limits.call_timeout_s
+        wait_until = time.monotonic() + self._timeout(deadline)
         while todo:
-            slot = self.pick_prefill()
+            slot = self.pick_prefill(avoid)
             try:
                 ref = slot.handle.prefill.remote(list(todo.values()), asdict(method))
-                out = self._get(ref, f"prefill actor {slot.name}")
+                out = self._get(ref, f"prefill actor {slot.name}", deadline)
+            except ray.exceptions.RayActorError as e:
+                self._lost(slot, type(e).__name__)
+                with self._lock:
+                    self.faults["prefill_failovers"] += 1
+                continue  # the same chunks go to another prefill actor (ClusterUnavailable when none is left)
             finally:
                 self._release(slot)
             encoded += len(out["encoded"])
-            waiting = self._wait_for(out["waiting"], deadline)  # claimed by another actor: wait for its entry
+            waiting = self._wait_for(out["waiting"], wait_until)  # claimed by another actor: wait for its entry
             todo = {cid: unique[cid] for cid in waiting}  # claims that expired without an entry: prefill again
         return {"prefill_chunks": encoded, "reused_chunks": len(ids) - encoded}
 
@@ -154,6 +291,56 @@ class Router:
             time.sleep(WAIT_POLL_S)
         return dead
 
+    # ---- decode ----------------------------------------------------------------------------------------------
+    def _decode(self, slot: ActorSlot, job: dict, on_event: Callable[[dict], None] | None, deadline: float | None):
+        """Run `job` on `slot` as a stream, passing step events to `on_event`; returns the decode result dict.
+        Anything but a normal end (caller gone, deadline, error) cancels the job on the actor."""
+        what = f"decode actor {slot.name}"
+        gen = slot.handle.decode_stream.options(
+            num_returns="streaming", _generator_backpressure_num_objects=self.limits.stream_events
+        ).remote(job)
+        finished = False
+        try:
+            while True:
+                ready, _ = ray.wait([gen], timeout=self._timeout(deadline))
+                if not ready:
+                    raise self._timed_out(what, deadline)
+                try:
+                    event = ray.get(next(gen), timeout=self._timeout(deadline))
+                except StopIteration:
+                    finished = True
+                    raise ClusterTimeout(f"{what} ended the job without a result") from None
+                except ray.exceptions.RayActorError as e:
+                    finished = True  # nothing left to cancel
+                    self._lost(slot, type(e).__name__)
+                    raise _ActorLost(f"{what} died during the job: {type(e).__name__}") from e
+                except ray.exceptions.GetTimeoutError as e:
+                    raise self._timed_out(what, deadline) from e
+                except ray.exceptions.RayTaskError as e:
+                    finished = True
+                    cause = e.as_instanceof_cause()
+                    if isinstance(cause, PdllmError):
+                        raise cause from None
+                    raise
+                kind = event.get("type")
+                if kind == "step":
+                    if on_event is not None:
+                        on_event(event)
+                    continue
+                finished = True
+                if kind == "cancelled":
+                    raise ClusterTimeout(f"{what} cancelled the job")
+                return event
+        finally:
+            if not finished:
+                with self._lock:
+                    self.faults["cancelled_jobs"] += 1
+                try:
+                    control(slot.handle.cancel).remote(job["job_id"])
+                    ray.cancel(gen)
+                except Exception as e:  # the actor is gone: nothing runs there any more
+                    log.info("cancelling job %s on %s: %s", job["job_id"], slot.name, e)
+
     # ---- the request -----------------------------------------------------------------------------------------
     def generate(
         self,
@@ -163,11 +350,36 @@ class Router:
         sampler: SamplerConfig | None = None,
         request_id: str | None = None,
         seed: int = 0,
+        *,
+        on_event: Callable[[dict], None] | None = None,
+        timeout_s: float | None = None,
     ) -> dict:
-        """Answer `question` about `context` on the cluster: {"answer": str, "stats": {...}}."""
+        """Answer `question` about `context` on the cluster: {"answer": str, "stats": {...}}.
+
+        `on_event` receives {"type": "prefill", ...} and {"type": "step", ...} dicts (pdllm.cluster.api_backend
+        documents them); whatever it raises stops the request and is re-raised. `timeout_s` bounds the whole
+        request (RequestExpired); without it each wait is bounded by `limits.call_timeout_s`."""
+        request_id = request_id or uuid.uuid4().hex
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with request_context(request_id):
+            with self._lock:
+                self.active += 1
+            try:
+                out = self._generate(context, question, method, sampler, request_id, seed, on_event, deadline)
+            except BaseException:
+                with self._lock:
+                    self.failed += 1
+                raise
+            finally:
+                with self._lock:
+                    self.active -= 1
+            with self._lock:
+                self.completed += 1
+            return out
+
+    def _generate(self, context, question, method, sampler, request_id, seed, on_event, deadline) -> dict:
         t0 = time.perf_counter()
         check_request_params(method, sampler)
-        request_id = request_id or uuid.uuid4().hex
         method = method or self.default_method
         sampler = sampler or SamplerConfig()
         method.validate(self.max_position)
@@ -175,45 +387,77 @@ class Router:
         req = encode_request(self.tokenizer, context, question, self.max_context_tokens)
         chunks = split_chunks(req.context_ids, method.chunk_size)
         ids = [chunk_id(self.model_id, c, method.chunk_size, method.use_bos) for c in chunks]
-        encoded = 0
         job = {
+            "request_id": request_id,
             "question_ids": req.question_ids,
             "chunk_ids": ids,
             "method": asdict(method),
             "sampler": asdict(sampler),
             "seed": seed,
+            "stream": on_event is not None,
+            "total_steps": sampler.steps if sampler.threshold is None else sampler.gen_length,
         }
-        prefill_s = 0.0
-        attempt = 0
-        for attempt in range(self.limits.max_retries + 1):  # noqa: B007 (reported as retries)
+
+        def prefill_event(done: int, reused: int) -> None:
+            if on_event is not None:
+                on_event(
+                    {
+                        "type": "prefill",
+                        "done_chunks": done,
+                        "total_chunks": len(ids),
+                        "reused_chunks": reused,
+                        "context_tokens": len(req.context_ids),
+                    }
+                )
+
+        prefill_event(0, 0)
+        encoded, prefill_s, retries, failovers = 0, 0.0, 0, 0
+        avoid_prefill: set[str] = set()
+        while True:
             t_prefill = time.perf_counter()
-            counts = self.ensure_chunks(chunks, ids, method)
+            counts = self.ensure_chunks(chunks, ids, method, deadline, avoid_prefill)
             prefill_s += time.perf_counter() - t_prefill
             encoded += counts["prefill_chunks"]
+            prefill_event(len(ids), max(0, len(ids) - encoded))
             entries = self.index.lookup(sorted(set(ids)))
             slot = self.pick_decode(ids, {c: e.node for c, e in entries.items()})
+            job["job_id"] = uuid.uuid4().hex
             try:
-                out = self._get(slot.handle.decode.remote(job), f"decode actor {slot.name}")
+                out = self._decode(slot, job, on_event, deadline)
+            except _ActorLost as e:
+                failovers += 1
+                with self._lock:
+                    self.faults["decode_failovers"] += 1
+                if failovers > len(self.decode):
+                    raise ClusterUnavailable(f"decode actors kept dying under this request: {e}") from e
+                log.warning("request %s: %s; running it again on another decode actor", request_id, e)
+                continue
             finally:
                 self._release(slot)
             if "missing" not in out:
-                break  # else: a selected chunk was evicted between lookup and fetch; prefill it again and retry
-        else:
-            raise ClusterTimeout(
-                f"selected chunks kept vanishing (evicted) after {self.limits.max_retries} retries: is the chunk "
-                f"store large enough for this document's {len(set(ids))} chunks?"
-            )
+                break
+            # selected chunks were evicted, or their holder died or could not send them: prefill again, retry
+            retries += 1
+            with self._lock:
+                self.faults["refetch_retries"] += 1
+            self._after_missing(out.get("holders", {}), avoid_prefill)
+            if retries > self.limits.max_retries:
+                raise ClusterTimeout(
+                    f"selected chunks kept vanishing (evicted or unreadable) after {self.limits.max_retries} "
+                    f"retries: is the chunk store large enough for this document's {len(set(ids))} chunks? "
+                    f"last holders: {out.get('holders')}"
+                )
         stats = out["stats"]
         with self._lock:
             slot.remember([ids[i] for i in stats.get("selected_chunk_indices", [])])
-            self.completed += 1
         stats.update(
             request_id=request_id,
             chunks=len(ids),
             context_tokens=len(req.context_ids),
             question_tokens=len(req.question_ids),
             generated_tokens=len(out["tokens"]),
-            retries=attempt,
+            retries=retries,
+            failovers=failovers,
             prefill_seconds=round(prefill_s, 4),
             total_seconds=round(time.perf_counter() - t0, 4),
             prefill_chunks=encoded,
@@ -223,23 +467,45 @@ class Router:
 
     # ---- status ----------------------------------------------------------------------------------------------
     def status(self, timeout_s: float = 5.0) -> dict:
-        """Actors, store usage, index size and queue depths (actors that do not answer in time say so)."""
+        """Actors, store usage, index size and queue depths (actors that do not answer in time say so). An actor
+        that answers is up again; one that Ray reports dead is taken out of placement."""
 
         def ask(slots: list[ActorSlot], kind: str) -> list[dict]:
-            refs = [s.handle.status.remote() for s in slots]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            refs = [None if s.state == DEAD else control(s.handle.status).remote() for s in slots]
+            live = [r for r in refs if r is not None]
+            ready, _ = ray.wait(live, num_returns=len(live), timeout=timeout_s) if live else ([], [])
             out = []
             for s, ref in zip(slots, refs, strict=True):
-                row = {"kind": kind, "name": s.name, "node": s.node, "queued": s.inflight, "max_queued": s.max_queued}
+                row = {"kind": kind, "role": kind, "name": s.name, "node": s.node}
+                row.update(queue=s.inflight, queued=s.inflight, max_queued=s.max_queued)
                 try:
-                    row.update(ray.get(ref, timeout=0) if ref in ready else {"error": "no answer"})
+                    if ref is None:
+                        row["error"] = "dead"
+                    elif ref in ready:
+                        row.update(ray.get(ref, timeout=0))
+                        if s.state == DOWN:
+                            with self._lock:
+                                s.state = UP
+                            log.info("actor %s answers again: placed again", s.name)
+                    else:
+                        row["error"] = "no answer"
+                except ray.exceptions.RayActorError as e:
+                    row["error"] = type(e).__name__
+                    self._lost(s, type(e).__name__)
                 except ray.exceptions.RayError as e:
                     row["error"] = type(e).__name__
+                row["alive"] = s.alive and "error" not in row
+                row["state"] = s.state
+                metrics.set_actor_health(s.name, row["alive"])
                 out.append(row)
             return out
 
         prefill, decode = ask(self.prefill, "prefill"), ask(self.decode, "decode")
         stores = [p for p in prefill if "used_bytes" in p]
+        index_size = self.index.size()
+        with self._lock:
+            counts = {"completed": self.completed, "rejected": self.rejected, "failed": self.failed}
+            counts.update(active=self.active, faults=dict(self.faults))
         return {
             "actors": prefill + decode,
             "store": {
@@ -248,15 +514,15 @@ class Router:
                 "chunks": sum(p["chunks"] for p in stores),
                 "evictions": sum(p["evictions"] for p in stores),
             },
-            "index_size": self.index.size(),
+            "index_size": index_size,
+            "index": {"chunks": index_size},
             "queues": {
                 "prefill": sum(s.inflight for s in self.prefill),
                 "decode": sum(s.inflight for s in self.decode),
-                "prefill_capacity": sum(s.max_queued for s in self.prefill),
-                "decode_capacity": sum(s.max_queued for s in self.decode),
+                "prefill_capacity": sum(s.max_queued for s in self.prefill if s.alive),
+                "decode_capacity": sum(s.max_queued for s in self.decode if s.alive),
             },
-            "completed": self.completed,
-            "rejected": self.rejected,
+            **counts,
         }
 
 

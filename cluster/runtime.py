@@ -23,7 +23,7 @@ from pdllm.cluster.collective_group import DECODE, PREFILL, Formation, form_grou
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.redis_server import EmbeddedRedis
-from pdllm.cluster.router import ActorSlot, Router
+from pdllm.cluster.router import CONTROL, ActorSlot, Router
 from pdllm.decode_node.actor import DecodeWorker
 from pdllm.prefill_node.actor import PrefillWorker
 
@@ -43,6 +43,7 @@ class ClusterHandle:
     embedded_redis: EmbeddedRedis | None = None
     owns_ray: bool = False
     collective: Formation | None = None  # the NCCL/gloo group for chunk KV (spec None: gRPC only, reason says why)
+    model: dict = field(default_factory=dict)  # the model as a prefill actor loaded it (family, sizes, model_id)
 
     def shutdown(self) -> None:
         """Stop the actors (their chunks leave the index), then Ray and the embedded Redis if we started them."""
@@ -89,8 +90,9 @@ def _start_actors(
 ) -> ClusterHandle:
     token = new_token()  # the chunk transfer services' shared secret, for this cluster's lifetime
     run = uuid.uuid4().hex[:8]
-    prefill_cls = ray.remote(PrefillWorker)
-    decode_cls = ray.remote(DecodeWorker)
+    groups = {CONTROL: 2}  # status, cancel and probes answer even when every job thread is busy
+    prefill_cls = ray.remote(concurrency_groups=groups)(PrefillWorker)
+    decode_cls = ray.remote(concurrency_groups=groups)(DecodeWorker)
     prefill, decode = [], []
     for i in range(config.num_prefill_actors):
         name = f"pdllm-prefill-{run}-{i}"
@@ -155,4 +157,7 @@ def _start_actors(
         limits=limits,
         max_position=p_info[0]["max_position"],
     )
-    return ClusterHandle(router, config, limits, redis_url, prefill, decode, embedded, owns_ray, collective)
+    stale = router.sweep()  # entries that outlived their holders (Redis persists across runs)
+    if stale:
+        log.info("removed %d index entries left by holders of an earlier run", stale)
+    return ClusterHandle(router, config, limits, redis_url, prefill, decode, embedded, owns_ray, collective, p_info[0])

@@ -1,10 +1,18 @@
 """The ChunkTransfer gRPC service every chunk-store node runs: streams a chunk's KV (whole, or selected token
-rows) in pieces below gRPC's message limit, each with a CRC-32 of its bytes; token auth on every call."""
+rows) in pieces below gRPC's message limit, each with a CRC-32 of its bytes; token auth on every call.
+
+`TransferFault` is fault injection on the real stream (operators' drills and the reliability tests): the next
+`count` fetches break after `after_pieces` pieces: the stream ends early (truncate), fails with INTERNAL (abort),
+carries one flipped byte under the original CRC (corrupt), or stalls for `stall_s` (past the reader's deadline).
+"""
 
 from __future__ import annotations
 
+import threading
+import time
 import zlib
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import msgpack
@@ -15,25 +23,74 @@ from pdllm.proto import chunk_transfer_pb2 as pb
 from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default receive limit; pieces stay below it
+FAULT_KINDS = ("truncate", "abort", "corrupt", "stall")
+
+
+@dataclass
+class TransferFault:
+    kind: str
+    count: int = 1  # fetch streams it breaks, then it is spent
+    after_pieces: int = 1  # pieces sent intact first (across the stream's chunks)
+    stall_s: float = 5.0  # stall: how long the stream goes silent
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {', '.join(FAULT_KINDS)}, got {self.kind!r}")
+        if self.count < 1 or self.after_pieces < 0 or self.stall_s < 0:
+            raise ValueError("count must be >= 1, after_pieces >= 0, stall_s >= 0")
 
 
 class ChunkTransferService(pb_grpc.ChunkTransferServicer):
     def __init__(self, store: ChunkStore, piece_bytes: int = 1 << 20) -> None:
         self.store, self.piece_bytes = store, piece_bytes
         self.served_bytes = 0
+        self.active_streams = 0  # fetches in progress (each holds references to the chunks it streams)
+        self.faults_fired = 0
+        self._fault: TransferFault | None = None
+        self._lock = threading.Lock()
+
+    def inject(self, fault: TransferFault | None) -> None:
+        """Break the next `fault.count` fetches (None: clear)."""
+        with self._lock:
+            self._fault = fault
+
+    def _take_fault(self) -> TransferFault | None:
+        with self._lock:
+            fault = self._fault
+            if fault is None:
+                return None
+            fault.count -= 1
+            if fault.count <= 0:
+                self._fault = None
+            self.faults_fired += 1
+            return fault
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
         piece = min(request.max_piece_bytes or self.piece_bytes, MAX_MESSAGE_BYTES - 64 * 1024)
-        for req in request.chunks:
-            chunk = self.store.get(req.chunk_id)
-            if chunk is None:
-                yield pb.ChunkPiece(chunk_id=req.chunk_id, missing=True, last=True)
-                continue
-            rows = list(req.rows)
-            if rows and (min(rows) < 0 or max(rows) >= chunk.length):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rows out of range for chunk {req.chunk_id[:12]}")
-            header, parts = chunk_parts(chunk, rows or None)
-            yield from self._pieces(req.chunk_id, msgpack.packb(header), parts, piece)
+        fault, sent = self._take_fault(), 0
+        with self._lock:
+            self.active_streams += 1
+        try:
+            for req in request.chunks:
+                chunk = self.store.get(req.chunk_id)
+                if chunk is None:
+                    yield pb.ChunkPiece(chunk_id=req.chunk_id, missing=True, last=True)
+                    continue
+                rows = list(req.rows)
+                if rows and (min(rows) < 0 or max(rows) >= chunk.length):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rows out of range for chunk {req.chunk_id[:12]}")
+                header, parts = chunk_parts(chunk, rows or None)
+                for msg in self._pieces(req.chunk_id, msgpack.packb(header), parts, piece):
+                    if fault is not None and sent == fault.after_pieces:
+                        msg = _apply(fault, msg, context)
+                        fault = None
+                        if msg is None:
+                            return
+                    sent += 1
+                    yield msg
+        finally:
+            with self._lock:
+                self.active_streams -= 1
 
     def _pieces(self, cid: str, header: bytes, parts: list[memoryview], piece: int):
         """Pieces of exactly `piece` bytes (the last shorter) cut across the k/v/summary parts without joining them."""
@@ -66,6 +123,26 @@ class ChunkTransferService(pb_grpc.ChunkTransferServicer):
                 if pending == piece and sent < total:
                     yield emit(False)
         yield emit(True)
+
+
+def _apply(fault: TransferFault, msg: pb.ChunkPiece, context: grpc.ServicerContext) -> pb.ChunkPiece | None:
+    """The injected fault at this piece: None ends the stream here, else the piece to send."""
+    if fault.kind == "truncate":
+        return None
+    if fault.kind == "abort":
+        context.abort(grpc.StatusCode.INTERNAL, "injected transfer fault: stream aborted mid-chunk")
+    if fault.kind == "corrupt" and msg.data:
+        data = bytearray(msg.data)
+        data[len(data) // 2] ^= 0xFF
+        bad = pb.ChunkPiece()
+        bad.CopyFrom(msg)
+        bad.data = bytes(data)  # the CRC still describes the original bytes
+        return bad
+    if fault.kind == "stall":
+        until = time.monotonic() + fault.stall_s
+        while time.monotonic() < until and context.is_active():
+            time.sleep(0.05)
+    return msg
 
 
 def serve(

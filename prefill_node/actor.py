@@ -3,6 +3,7 @@ the Redis index, and serves them to decode actors over gRPC (ChunkTransfer) or, 
 
 Two requests needing the same missing chunk encode it once: a chunk is encoded only by whoever wins its claim
 (Redis SET NX with expiry); the others report it as `waiting` and the router waits for its index entry.
+A chunk still in this store whose index entry was dropped (a reader could not fetch it) is registered again.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pdllm.cluster.chunk_store import ChunkStore
 from pdllm.cluster.collective_group import CollectiveGroup
 from pdllm.cluster.collective_transport import CollectiveHolder, CollectiveSender
 from pdllm.cluster.limits import ClusterLimits
-from pdllm.cluster.transfer_server import serve
+from pdllm.cluster.proc_stats import process_stats
+from pdllm.cluster.transfer_server import TransferFault, serve
 
 from pdllm.method import MethodConfig, chunk_id, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
+from pdllm.observability import metrics
 
 CPU_STORE_BYTES = 2 << 30
 
@@ -78,6 +81,10 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
             "max_position": spec.max_position,
             "device": self.device,
             "pid": os.getpid(),
+            "family": spec.family,
+            "vocab_size": spec.vocab_size,
+            "num_layers": spec.num_layers,
+            "hidden_size": spec.hidden_size,
         }
 
     def prefill(self, chunks: list[list[int]], method: dict) -> dict:
@@ -98,7 +105,12 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
         owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
         indexed = self.index.lookup(list(todo))
         for cid, tokens in todo.items():
-            if self.store.get(cid) is not None or cid in indexed:
+            held = self.store.get(cid)
+            if held is not None:
+                if cid not in indexed:  # its entry was dropped after a failed fetch: register it again
+                    self.store.put(held)
+                present.append(cid)
+            elif cid in indexed:
                 present.append(cid)
             elif self.index.claim(cid, owner, self.limits.claim_ttl_s):
                 if cid in self.index.lookup([cid]):  # registered between our lookup and our claim
@@ -115,6 +127,7 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
                 for chunk in fresh:
                     self.store.put(chunk)
                 self.encoded_total += len(fresh)
+                metrics.record_prefill(sum(len(t) for t in mine.values()), len(fresh))
         finally:
             for cid in mine:
                 self.index.release(cid, owner)
@@ -130,15 +143,28 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
         return out
 
     def status(self) -> dict:
+        service = self.server.service
         return {
             "name": self.name,
             "node": self.node,
+            "pid": os.getpid(),
             "address": self.store.address,
             "inflight": self.inflight,
+            "running": self.inflight,
             "encoded_total": self.encoded_total,
-            "served_bytes": self.server.service.served_bytes,
+            "served_bytes": service.served_bytes,
+            "transfer_streams": service.active_streams,  # fetches in progress: KV held for readers
+            "collective_pinned": len(self.kv_sender._pinned),  # announced collective transfers not yet sent
+            "faults_fired": service.faults_fired,
+            "process": process_stats(),
+            "metrics": metrics.snapshot(),
             **self.store.usage(),
         }
+
+    def inject_transfer_fault(self, kind: str, count: int = 1, after_pieces: int = 1, stall_s: float = 5.0) -> None:
+        """Break this holder's next `count` KV fetches on the real gRPC stream (drills, reliability tests):
+        truncate | abort | corrupt | stall (see cluster/transfer_server.py)."""
+        self.server.service.inject(TransferFault(kind, count, after_pieces, stall_s))
 
     def stop(self) -> None:
         """Stop serving and take this store's chunks out of the index."""
