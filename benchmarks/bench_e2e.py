@@ -22,6 +22,7 @@ import math
 import platform
 import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -93,16 +94,16 @@ def random_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> D
 
 
 class PrefixBuffer:
-    """Prefix-cache baseline done well: context KV preallocated with room for the span, SDPA over the buffer."""
+    """Prefix-cache baseline done well: context KV preallocated with room for the span, SDPA over the buffer.
 
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], span: int) -> None:
+    The context rows are filled with random values in place (no second copy of the context KV at any time)."""
+
+    def __init__(self, spec: ModelSpec, batch: int, ctx: int, span: int, device, dtype) -> None:
         self.bufs = []
-        for k, v in kv:
-            b, h, s, d = k.shape
-            kb = torch.empty(b, h, s + span, d, device=k.device, dtype=k.dtype)
-            vb = torch.empty_like(kb)
-            kb[:, :, :s], vb[:, :, :s] = k, v
-            self.bufs.append((kb, vb, s))
+        shape = (batch, spec.num_kv_heads, ctx + span, spec.head_dim)
+        for _ in range(spec.num_layers):
+            kb = torch.empty(shape, device=device, dtype=dtype).normal_()
+            self.bufs.append((kb, torch.empty_like(kb).normal_(), ctx))
 
     def attend(self, layer: int, q, k, v):
         kb, vb, s = self.bufs[layer]
@@ -114,10 +115,11 @@ class PrefixBuffer:
 class SparsePool:
     """Ours: a chunk pool per layer and per-request, per-KV-head lists of selected rows, read by the kernel."""
 
-    def __init__(self, spec, batch, selected, chunk, device, dtype, attention) -> None:
+    def __init__(self, spec, batch, selected, chunk, device, dtype, attention, extra_rows: int = 0) -> None:
+        """`extra_rows` (<= chunk + 1) more rows per request, from a slot of their own: the cached question's KV."""
         s_rows = chunk + 1  # [BOS] + chunk
         kept_chunks = max(1, selected // chunk)
-        slots = 2 * kept_chunks * batch  # selected chunks scattered over a pool twice their size
+        slots = 2 * kept_chunks * batch + (batch if extra_rows else 0)  # chunks scattered over twice their size
         h, d = spec.num_kv_heads, spec.head_dim
         self.pools = [
             (
@@ -126,11 +128,14 @@ class SparsePool:
             )
             for _ in range(spec.num_layers)
         ]
-        n_sel = kept_chunks * s_rows
+        n_sel = kept_chunks * s_rows + extra_rows
         idx = torch.empty(batch, h, n_sel, dtype=torch.int32)
         for b in range(batch):
-            chosen = torch.randperm(slots)[:kept_chunks]
+            chosen = torch.randperm(2 * kept_chunks * batch)[:kept_chunks]
             rows = (chosen[:, None] * s_rows + torch.arange(s_rows)[None]).flatten()
+            if extra_rows:
+                question_slot = 2 * kept_chunks * batch + b
+                rows = torch.cat([rows, question_slot * s_rows + torch.arange(extra_rows)])
             for hh in range(h):  # per-head order differs, as per-head token selection makes it
                 idx[b, hh] = rows[torch.randperm(rows.numel())].sort().values.int()
         self.sel_idx = idx.to(device)
@@ -182,6 +187,11 @@ def try_graph(run):
         return None
 
 
+def graphed_ms(fn, reps: int) -> float:
+    """Milliseconds of fn, CUDA-graphed where possible so that a short kernel is not hidden by launch cost."""
+    return 1e3 * timed(try_graph(fn) or fn, reps)
+
+
 def bench_config(spec, model, ctx, batch, selected, chunk, device, dtype, attention, bw, rate, reps, vanilla_cap):
     row = {"model": spec.family, "context": ctx, "batch": batch, "selected": selected}
     span = QUESTION + BLOCK
@@ -190,38 +200,47 @@ def bench_config(spec, model, ctx, batch, selected, chunk, device, dtype, attent
     kv_tok = spec.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids_span = torch.randint(0, 256, (batch, span), generator=gen).to(device)
-    attn_flops = lambda keys: 4 * batch * spec.num_heads * span * keys * spec.head_dim * spec.num_layers  # noqa: E731
-    lin_flops = 2 * (params - spec.vocab_size * spec.hidden_size) * batch * span
     head_flops = 2 * spec.vocab_size * spec.hidden_size * batch * BLOCK
 
-    def floor(kv_tokens: int) -> float:
+    def floor(kv_tokens: int, rows: int = span) -> float:
+        """Weights + KV bytes over copy bandwidth, or FLOPs over the matmul rate, for `rows` new tokens a step."""
+        lin_flops = 2 * (params - spec.vocab_size * spec.hidden_size) * batch * rows
+        attn_flops = 4 * batch * spec.num_heads * rows * (kv_tokens + rows) * spec.head_dim * spec.num_layers
         by = weight_bytes + batch * kv_tokens * kv_tok
-        return max(by / bw, (lin_flops + head_flops + attn_flops(kv_tokens + span)) / rate)
+        return max(by / bw, (lin_flops + head_flops + attn_flops) / rate)
 
+    # one layer's attention alone (the paper's kernel-level comparison): span queries over the selected rows
+    # through the kernel, against dense SDPA over the whole context + span
+    qkv = [
+        torch.randn(batch, heads, span, spec.head_dim, device=device, dtype=dtype)
+        for heads in (spec.num_heads, spec.num_kv_heads, spec.num_kv_heads)
+    ]
     # sparse
     pool = SparsePool(spec, batch, selected, chunk, device, dtype, attention)
+    row["attn_sparse_ms"] = graphed_ms(partial(pool.attend, 0, *qkv), reps)
     run = step_runner(model, ids_span, pool, QUESTION)
     row["sparse_ms"] = 1e3 * timed(run, reps)
     g = try_graph(run)
     row["sparse_graph_ms"] = 1e3 * timed(g, reps) if g else None
     row["sparse_floor_ms"] = 1e3 * floor(pool.n_sel)
-    del pool
+    del pool, run, g
+    # sparse with the question's KV cached after step 1 (--keep-question-kv; what the paper's SGLang port does):
+    # a step recomputes only the block, attending to the selected rows + the question's rows
+    pool = SparsePool(spec, batch, selected, chunk, device, dtype, attention, extra_rows=QUESTION)
+    run = step_runner(model, ids_span[:, :BLOCK], pool, 0)
+    g = try_graph(run)
+    row["sparse_qkv_ms"] = 1e3 * timed(g or run, reps)
+    row["sparse_qkv_floor_ms"] = 1e3 * floor(pool.n_sel, BLOCK)
+    del pool, run, g
     # prefix
     torch.cuda.empty_cache() if device.type == "cuda" else None
-    kv_gib = batch * ctx * kv_tok / 2**30
-    if device.type == "cuda" and kv_gib > 0.6 * torch.cuda.mem_get_info()[0] / 2**30:
+    kv_gib = batch * (ctx + span) * kv_tok / 2**30
+    if device.type == "cuda" and kv_gib > 0.85 * torch.cuda.mem_get_info()[0] / 2**30:
         row["prefix_ms"] = row["prefix_graph_ms"] = None
         row["prefix_note"] = f"context KV {kv_gib:.0f} GiB does not fit"
     else:
-        kv = [
-            (
-                torch.randn(batch, spec.num_kv_heads, ctx, spec.head_dim, device=device, dtype=dtype),
-                torch.randn(batch, spec.num_kv_heads, ctx, spec.head_dim, device=device, dtype=dtype),
-            )
-            for _ in range(spec.num_layers)
-        ]
-        ctx_prefix = PrefixBuffer(kv, span)
-        del kv
+        ctx_prefix = PrefixBuffer(spec, batch, ctx, span, device, dtype)
+        row["attn_dense_ms"] = graphed_ms(partial(ctx_prefix.attend, 0, *qkv), reps)
         run = step_runner(model, ids_span, ctx_prefix, QUESTION)
         row["prefix_ms"] = 1e3 * timed(run, reps)
         g = try_graph(run)
@@ -236,7 +255,7 @@ def bench_config(spec, model, ctx, batch, selected, chunk, device, dtype, attent
     else:
         ids = torch.randint(0, 256, (batch, ctx + span), generator=gen).to(device)
         run = step_runner(model, ids, None, ctx + QUESTION)
-        row["vanilla_ms"] = 1e3 * timed(run, max(2, reps // 4))
+        row["vanilla_ms"] = 1e3 * timed(run, 1 if ctx >= 32768 else 3)
         del ids, run
     torch.cuda.empty_cache() if device.type == "cuda" else None
     # chunked prefill throughput (sparse mode's one-time cost), a few batches of [BOS]+chunk
@@ -263,6 +282,9 @@ def summarize(row: dict, steps: int) -> dict:
     row["sparse_best_ms"], row["prefix_best_ms"] = sp, pf
     row["x_vs_vanilla"] = va / sp if va else None
     row["x_vs_prefix"] = pf / sp if pf else None
+    row["qkv_x_vs_prefix"] = pf / row["sparse_qkv_ms"] if pf and row.get("sparse_qkv_ms") else None
+    dense_attn = row.get("attn_dense_ms")
+    row["attn_x"] = dense_attn / row["attn_sparse_ms"] if dense_attn else None
     row["floor_gap"] = sp / row["sparse_floor_ms"]
     row["e2e_vanilla_s"] = steps * va / 1e3 if va else None
     row["e2e_prefix_s"] = (steps * pf / 1e3 + (va or 0) / 1e3) if pf and va else None
@@ -299,6 +321,14 @@ def main() -> None:
     bw, rate = copy_bandwidth(device), matmul_rate(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}: "
           f"copy {bw / 1e9:.0f} GB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")  # fmt: skip
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "copy_GBps": bw / 1e9,
+        "matmul_TFLOPs": rate / 1e12,
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args),
+    }
     rows = []
     for name in args.models.split(","):
         spec = specs[name]
@@ -311,31 +341,20 @@ def main() -> None:
                         spec, model, ctx, batch, args.selected, args.chunk, device, dtype, attention, bw, rate,
                         args.reps, args.vanilla_cap,
                     )  # fmt: skip
-                except torch.OutOfMemoryError as exc:
-                    row = {"model": name, "context": ctx, "batch": batch, "error": f"OOM: {str(exc)[:80]}"}
-                    torch.cuda.empty_cache()
-                if "error" not in row:
                     rows.append(summarize(row, args.steps))
-                else:
-                    rows.append(row)
+                except torch.OutOfMemoryError as exc:
+                    rows.append({"model": name, "context": ctx, "batch": batch, "error": f"OOM: {str(exc)[:80]}"})
+                    torch.cuda.empty_cache()
                 print(f"  {name} ctx={ctx} b={batch} done in {time.time() - t0:.0f}s", flush=True)
+                if args.out:  # after every row: a run cut short still leaves what it measured
+                    with open(args.out, "w") as f:
+                        json.dump({"meta": meta, "rows": rows}, f, indent=1)
         del model
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
-    meta = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "copy_GBps": bw / 1e9,
-        "matmul_TFLOPs": rate / 1e12,
-        "date": time.strftime("%Y-%m-%d"),
-        "args": vars(args),
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print()
     hdr = "model  ctx     b  vanilla  prefix(best)  sparse(eager/graph)  floor  gap   xVan   xPre"
-    hdr += "  e2e_van  e2e_sp  e2e_x"
+    hdr += "  e2e_van  e2e_sp  e2e_x  attnX  spQ(floor)  xPreQ"
     print(hdr)
     for r in rows:
         if "error" in r:
@@ -346,9 +365,13 @@ def main() -> None:
             f"{fmt(r['prefix_best_ms']):>12}  {fmt(r['sparse_ms']):>8}/{fmt(r.get('sparse_graph_ms')):<8}  "
             f"{fmt(r['sparse_floor_ms']):>6} {fmt(r['floor_gap'], '{:.2f}'):>5} {fmt(r['x_vs_vanilla']):>6} "
             f"{fmt(r['x_vs_prefix'], '{:.2f}'):>6} {fmt(r['e2e_vanilla_s'], '{:.2f}'):>8} "
-            f"{fmt(r['e2e_sparse_s'], '{:.2f}'):>7} {fmt(r['e2e_x_vs_vanilla']):>6}"
+            f"{fmt(r['e2e_sparse_s'], '{:.2f}'):>7} {fmt(r['e2e_x_vs_vanilla']):>6} {fmt(r.get('attn_x')):>6}"
+            f" {fmt(r.get('sparse_qkv_ms')):>5}({fmt(r.get('sparse_qkv_floor_ms'))})"
+            f" {fmt(r.get('qkv_x_vs_prefix'), '{:.2f}'):>5}"
         )
-    print("times in ms per denoising step; e2e in s for a 64-token answer (64 steps); gap = sparse / floor")
+    print("times in ms per denoising step; e2e in s for a 64-token answer (64 steps); gap = sparse / floor;")
+    print("attnX = one layer's dense attention over the whole context / the kernel over the selected rows (graphed);")
+    print("spQ = sparse step with the question's KV cached (block rows only), its floor, and prefix / spQ")
 
 
 if __name__ == "__main__":
