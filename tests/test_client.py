@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -76,27 +77,39 @@ def test_generate_via_server_returns_answer_and_stats(backend):
     json.dumps(out)  # what `pdllm generate --server --json` prints
 
 
+def read_until_serving(proc: subprocess.Popen, timeout_s: float) -> str:
+    """What the server printed up to its "serving on" line (or until it exited or the time ran out)."""
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "serving on" in line:
+            break
+    return "".join(lines)
+
+
+def scrape(server_output: str) -> str:
+    """GET the /metrics URL the server printed."""
+    url = re.search(r"metrics on (http://\S+)", server_output).group(1)
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
+
+
 def test_pdllm_serve_process(tiny_llada, tmp_path):
     """The real command: prints a fresh token once, serves with it (and batch jobs), stops on SIGTERM."""
     port = free_port()
-    cmd = [sys.executable, "-m", "pdllm.cli", "serve", "--model", str(tiny_llada), "--port", str(port)]
-    cmd += ["--data-dir", str(tmp_path), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "pdllm.cli", "serve", "--in-process", "--model", str(tiny_llada)]
+    cmd += ["--port", str(port), "--data-dir", str(tmp_path), "--device", "cpu", "--metrics-port", "0"]
     env = {k: v for k, v in os.environ.items() if k != "PDLLM_AUTH_TOKEN"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        lines = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "serving on" in line:
-                break
-        text = "".join(lines)
+        text = read_until_serving(proc, 60)
         token = re.search(r"auth token .*: (\S+)", text).group(1)
         with Client(f"127.0.0.1:{port}", auth_token=token, timeout_s=30) as c:
             assert c.generate("The key is 7.", "Key?", SMALL)["stats"]["steps"] == 8
+            assert re.search(r'pdllm_request_seconds_count\{[^}]*outcome="ok"[^}]*\} 1\.0', scrape(text))
             c.submit_batch("b1", [{"id": "a", "context": "c", "question": "q?", "params": SMALL}])
             deadline = time.monotonic() + 30
             while c.get_batch("b1")["state"] != "done" and time.monotonic() < deadline:
@@ -110,6 +123,31 @@ def test_pdllm_serve_process(tiny_llada, tmp_path):
         assert proc.returncode == 0
         assert token not in out + err  # printed once at start, never again
         assert (tmp_path / "valkey" / "password").stat().st_mode & 0o077 == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.timeout(240)
+def test_pdllm_serve_embedded_cluster_process(tiny_llada, tmp_path):
+    """The default mode: an embedded cluster behind the API; one scrape shows the actors' prefill and fetch metrics."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pdllm.cli", "serve", "--model", str(tiny_llada), "--port", str(port), "--no-batch"]
+    cmd += ["--data-dir", str(tmp_path), "--metrics-port", "0", "--auth-token", "t0k", "--log-json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        text = read_until_serving(proc, 180)
+        assert "embedded: local Ray, embedded Valkey" in text, text
+        with Client(f"127.0.0.1:{port}", auth_token="t0k", timeout_s=120) as c:
+            out = c.generate("The pass key is 71432. " * 8, "Key?", {**SMALL, "chunk_size": 32, "top_k": 2})
+            assert out["stats"]["decode_actor"].startswith("pdllm-decode-") and out["stats"]["prefill_chunks"] >= 2
+        page = scrape(text)
+        chunks = re.search(r"^pdllm_prefill_chunks_total(?:\{[^}]*\})? (\S+)$", page, re.M)
+        assert chunks and float(chunks.group(1)) >= 2, page[:2000]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,8 +1,9 @@
 """`pdllm serve`: the pdllm.v1 gRPC API over a model, with batch jobs in Redis.
 
-Single-process mode (`--model DIR`, or the tiny model written to a cache directory when none is given) runs the
-model in this process. `--config F` is the Ray cluster mode: `cluster_backend(path)` below is where the cluster's
-router is adapted to the API's GenerationBackend.
+Where answers come from, as in `pdllm generate`: by default an embedded cluster (a private local Ray with a prefill
+and a decode actor, an embedded Valkey for the chunk index, the bundled model); `--config F` the Ray cluster that
+file describes; `--in-process` the engine in this process (the only mode serving the vanilla and prefix baselines).
+`--model DIR` picks the checkpoint in every mode. Prometheus metrics are served on `--metrics-port` (9090).
 A shared token is required on every call: `--auth-token`, else $PDLLM_AUTH_TOKEN, else a new one printed once
 at start (and never logged again). `--no-auth` turns it off for loopback development.
 """
@@ -16,16 +17,21 @@ import sys
 import threading
 from pathlib import Path
 
+from pdllm.commands.generate import model_dir
 from pdllm.errors import PdllmError
+from pdllm.observability import metrics
+from pdllm.observability.logs import configure_logging
 
 TOKEN_ENV = "PDLLM_AUTH_TOKEN"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the gRPC API (generation, streaming, batch jobs)")
-    p.add_argument("--config", help="cluster config (YAML): serve through the Ray cluster")
-    p.add_argument("--model", help="local model directory for single-process mode (default: the tiny model)")
-    p.add_argument("--device", default=None, help="cpu or cuda (single-process mode)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="cluster config (YAML): serve through the Ray cluster it describes")
+    where.add_argument("--in-process", action="store_true", help="run the model in this process (no Ray)")
+    p.add_argument("--model", help="local model directory (default: the bundled model, or the config's model_dir)")
+    p.add_argument("--device", default=None, help="cpu or cuda (--in-process)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--auth-token", default=None, help=f"shared secret (default: ${TOKEN_ENV} or a new one)")
@@ -39,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=16, help="calls queued beyond those; more are refused")
     p.add_argument("--batch-concurrency", type=int, default=1, help="batch jobs running at once")
     p.add_argument("--worker-name", default="router-0", help="batch worker identity (stable across restarts)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port on --host (0: any free)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines (with request ids) instead of text")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
 
@@ -55,27 +65,25 @@ def resolve_token(args: argparse.Namespace) -> str | None:
     return token
 
 
-def cluster_backend(config_path: str):
-    """The Ray cluster behind the API. Wired by the cluster side: pdllm.cluster.cluster_backend.ClusterBackend."""
-    try:
-        from pdllm.cluster.cluster_backend import ClusterBackend  # type: ignore[import-not-found]
-    except ImportError:
-        raise PdllmError("cluster mode (--config) is not wired yet; use --model for single-process mode") from None
-    return ClusterBackend.from_config(config_path)
+def cluster_backend(args: argparse.Namespace):
+    """The Ray cluster behind the API: the one --config describes, else an embedded one on this machine."""
+    from pdllm.cluster.cluster_backend import ClusterBackend
+    from pdllm.cluster.config import ClusterConfig
+    from pdllm.cluster.runtime import start_cluster
+
+    config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
+    if args.model or not config.model_dir:
+        config = config.with_overrides(model_dir=model_dir(args))
+    where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
+    print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
+    return ClusterBackend(start_cluster(config))
 
 
 def local_backend(args: argparse.Namespace):
     from pdllm.cluster.api_backend import InProcessBackend
-    from pdllm.models.tiny import make_tiny_checkpoint
 
-    model = args.model
-    if model is None:
-        model = Path(args.data_dir) / "models" / "tiny-llada"
-        if not (model / "config.json").is_file():
-            make_tiny_checkpoint(model, "llada")
-        print(f"serving the tiny model in {model} (pass --model DIR for a real checkpoint)", flush=True)
     device = args.device or ("cuda" if _cuda() else "cpu")
-    return InProcessBackend.from_directory(str(model), device=device, concurrency=args.max_running)
+    return InProcessBackend.from_directory(model_dir(args), device=device, concurrency=args.max_running)
 
 
 def _cuda() -> bool:
@@ -107,34 +115,40 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise PdllmError("--tls-cert and --tls-key go together")
+    configure_logging(json=args.log_json, level=args.log_level)
     token = resolve_token(args)
-    backend = cluster_backend(args.config) if args.config else local_backend(args)
-    closers: list = []
-    store = None if args.no_batch else batch_store(args, closers)
-    cfg = ApiServerConfig(
-        host=args.host,
-        port=args.port,
-        auth_token=token,
-        tls_cert=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
-        tls_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-        max_running=args.max_running,
-        max_waiting=args.max_waiting,
-    )
-    server = ApiServer(backend, cfg, store).start()
-    worker = None
-    if store is not None:
-        worker = BatchWorker(store, backend, args.worker_name, concurrency=args.batch_concurrency).start()
-    print(f"pdllm serving on {server.address} ({'TLS' if args.tls_cert else 'plaintext'})", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    try:
+    backend = local_backend(args) if args.in_process else cluster_backend(args)
+    closers: list = [backend.close] if hasattr(backend, "close") else []
+    server = worker = None
+    try:  # whatever fails from here on, what was started is stopped (a cluster, a Valkey, a metrics port)
+        if not args.no_metrics:
+            port = metrics.start_metrics_server(args.metrics_port, host=args.host)
+            closers.insert(0, metrics.stop_metrics_servers)
+            print(f"metrics on http://{args.host}:{port}/metrics", flush=True)
+        store = None if args.no_batch else batch_store(args, closers)
+        cfg = ApiServerConfig(
+            host=args.host,
+            port=args.port,
+            auth_token=token,
+            tls_cert=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+            tls_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            max_running=args.max_running,
+            max_waiting=args.max_waiting,
+        )
+        server = ApiServer(backend, cfg, store).start()
+        if store is not None:
+            worker = BatchWorker(store, backend, args.worker_name, concurrency=args.batch_concurrency).start()
+        print(f"pdllm serving on {server.address} ({'TLS' if args.tls_cert else 'plaintext'})", flush=True)
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
         done.wait()
     finally:
         if worker is not None:
             worker.stop(wait=False)  # unfinished jobs keep their leases: the next start requeues them
-        server.stop()
-        for close in closers:
+        if server is not None:
+            server.stop()
+        for close in reversed(closers):  # the Valkey of batch jobs first, the backend (cluster) last
             close()
     print("pdllm: stopped", file=sys.stderr)
     return 0
