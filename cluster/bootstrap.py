@@ -52,6 +52,7 @@ def connect_ray(config: ClusterConfig) -> bool:
             DECODE_RESOURCE: math.ceil(config.num_decode_actors * max(config.decode_gpus_per_actor, ROLE_MARKER)),
         }
         ray.init(
+            address="local",  # always a new private Ray, never a leftover one found through /tmp/ray
             num_cpus=max(os.cpu_count() or 1, int(needed_cpus + 0.999)),
             resources=resources,
             include_dashboard=False,
