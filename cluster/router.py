@@ -148,7 +148,8 @@ class Router:
             return slot
 
     def pick_decode(self, cids: list[str], holders: dict[str, str], avoid: set[str] = frozenset()) -> ActorSlot:
-        """Score = share of the request's chunks the actor holds (cached, or on its node) - its queue fill."""
+        """An actor with a free job thread first (waiting behind a whole job costs more than any fetch saves), then
+        score = share of the request's chunks the actor holds (cached, or on its node) - its queue fill."""
         unique = set(cids)
         with self._lock:
             open_slots = self._open(self.decode, "decode", avoid)
@@ -157,7 +158,8 @@ class Router:
                 held = sum(1 for c in unique if c in s.recent or holders.get(c) == s.node)
                 return held / max(1, len(unique)) - s.inflight / s.max_queued
 
-            slot = max(open_slots, key=lambda s: (score(s), -s.inflight))
+            free = lambda s: s.inflight < self.limits.decode_concurrency  # noqa: E731
+            slot = max(open_slots, key=lambda s: (free(s), score(s), -s.inflight))
             self._acquire(slot)
             return slot
 

@@ -1,0 +1,152 @@
+"""Reliability, item 1: decode actors lost mid-batch. Five Ray nodes on one machine (ray.cluster_utils.Cluster): a
+head for the router and the batch worker, one prefill node, three decode nodes; the real embedded Valkey holds the
+chunk index and the batch; KV moves between nodes over gRPC on loopback. While a batch runs, one decode actor is
+killed (`ray.kill`) and then the node of another is removed. Every job must end with exactly one result (counted
+from the batch's answered-log in Redis), equal to the in-process answer, without a batch-level retry: the router
+runs the lost jobs again on the surviving decode actor. About 60 s on 2 cores."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+import ray
+from pdllm.cluster.batch_store import BatchStore
+from pdllm.cluster.batch_worker import BatchWorker
+from pdllm.cluster.bootstrap import DECODE_RESOURCE, PREFILL_RESOURCE, loopback_only
+from pdllm.cluster.cluster_backend import ClusterBackend
+from pdllm.cluster.config import ClusterConfig
+from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.router import control
+from pdllm.cluster.runtime import start_cluster
+from ray.cluster_utils import Cluster
+
+from pdllm.engine import generate
+from pdllm.method import ChunkCache, MethodConfig
+from pdllm.models.loader import load_model
+from pdllm.sampler import SamplerConfig
+
+METHOD = MethodConfig(chunk_size=32, top_k=2, keep_ratio=1.0)
+PARAMS = {"gen_length": 64, "block_length": 32, "steps": 64}
+DOCS = [
+    " ".join(f"Alpha {i}: the vault number is {4000 + 13 * i}." for i in range(5)),
+    " ".join(f"Beta {i}: the river is {['Nile', 'Rhine', 'Po'][i % 3]} number {i}." for i in range(5)),
+]
+JOBS = 18
+# a removed node is declared dead within ~2 s instead of Ray's default ~30 s
+FAST_FAILURE_DETECTION = {
+    "health_check_initial_delay_ms": 500,
+    "health_check_period_ms": 500,
+    "health_check_timeout_ms": 500,
+    "health_check_failure_threshold": 3,
+}
+
+
+def node_args(**kw) -> dict:
+    return {"num_cpus": 1, "node_ip_address": "127.0.0.1", **kw}
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    loopback_only()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args=node_args(include_dashboard=False, _system_config=FAST_FAILURE_DETECTION),
+    )
+    cluster.add_node(**node_args(resources={PREFILL_RESOURCE: 1}))
+    decode = [cluster.add_node(**node_args(resources={DECODE_RESOURCE: 1})) for _ in range(3)]
+    yield cluster, {n.node_id: n for n in decode}
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def backend(nodes, tiny_llada, tmp_path_factory):
+    cluster, _ = nodes
+    config = ClusterConfig(
+        model_dir=str(tiny_llada),
+        ray_address=cluster.address,
+        num_prefill_actors=1,
+        num_decode_actors=3,
+        cpus_per_actor=1,  # one actor per node
+        chunk_size=METHOD.chunk_size,
+        top_k=METHOD.top_k,
+        keep_ratio=METHOD.keep_ratio,
+        store_capacity_bytes=64 << 20,
+    )
+    limits = ClusterLimits(
+        call_timeout_s=60,
+        start_timeout_s=120,
+        decode_cache_bytes=1,  # every job fetches its chunks from the prefill node
+        redis_data_dir=str(tmp_path_factory.mktemp("kv")),
+    )
+    b = ClusterBackend(start_cluster(config, limits))
+    yield b
+    b.close()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llada):
+    return load_model(tiny_llada)
+
+
+def running(slot) -> int:
+    try:
+        return ray.get(control(slot.handle.status).remote(), timeout=5)["running"]
+    except ray.exceptions.RayError:
+        return 0
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(240)
+def test_decode_actors_lost_mid_batch_every_job_answered_exactly_once(nodes, backend, lm):
+    cluster, decode_nodes = nodes
+    router = backend.router
+    store = BatchStore.from_url(backend.handle.redis_url, prefix="rel1:")
+    jobs = [
+        {"id": f"j{i:02d}", "context": DOCS[i % 2], "question": f"What is item {i % 5}?", "params": PARAMS}
+        for i in range(JOBS)
+    ]
+    status, created = store.submit("batch-1", jobs, {})
+    assert created and status["total"] == JOBS
+    worker = BatchWorker(store, backend, "rel1-worker", concurrency=3, poll_s=0.02).start()
+    try:
+        killed, removed = router.decode[0], router.decode[1]
+        wait_until(lambda: running(killed) > 0, 60, "a job on the first decode actor")
+        ray.kill(killed.handle, no_restart=True)  # the actor dies mid-job
+        wait_until(lambda: running(removed) > 0, 60, "a job on the second decode actor")
+        cluster.remove_node(decode_nodes[removed.node], allow_graceful=False)  # the whole node goes away
+        wait_until(lambda: store.status("batch-1")["state"] == "done", 180, "the batch to finish")
+    finally:
+        worker.stop()
+
+    final = store.status("batch-1")
+    assert final["done"] == JOBS and final["failed"] == 0 and final["running"] == 0
+    answered = Counter(store.answered("batch-1"))
+    assert set(answered) == {j["id"] for j in jobs} and set(answered.values()) == {1}  # none lost, none twice
+    assert store.refused_results("batch-1") == 0
+    results, _ = store.results("batch-1", 0, JOBS)
+    sampler = SamplerConfig(**PARAMS)
+    references = {}
+    for job, result in zip(jobs, results, strict=True):
+        key = (job["context"], job["question"])
+        if key not in references:
+            references[key] = generate(lm, *key, sampler, mode="sparse", method=METHOD, cache=ChunkCache()).answer
+        assert result["answer"] == references[key], job["id"]
+        assert result["attempts"] == 1  # the router failed over; the batch never had to retry
+    faults = router.status()["faults"]
+    assert faults["actors_lost"] == 2 and faults["decode_failovers"] >= 2
+    assert sum(r["stats"]["failovers"] for r in results) == faults["decode_failovers"]
+    survivor = router.decode[2]
+    assert {r["stats"]["decode_actor"] for r in results if r["stats"]["failovers"]} == {survivor.name}
+    health = backend.health()
+    assert health["serving"] and health["alive"] == {"prefill": 1, "decode": 1}
+    assert [a["alive"] for a in health["actors"] if a["kind"] == "decode"] == [False, False, True]
