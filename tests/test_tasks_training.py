@@ -62,6 +62,16 @@ def test_dense_layout_and_answer_masking():
     assert (noisy[masked] == 258).all()
 
 
+def test_long_value_rows_keep_the_official_wording_and_copy_more():
+    rows = [build_example(random.Random(i), 400, False, {"passkey": 1.0}, long_values=1.0) for i in range(8)]
+    for e in rows:
+        text = bytes(e.ids[1 : e.answer_start]).decode()
+        value = bytes(e.ids[e.answer_start : e.answer_start + e.core_len - 1]).decode().strip()
+        assert f"The pass key is {value}. Remember it. {value} is the pass key." in text
+        assert 5 <= len(value) <= 32 and len(e.ids) - e.answer_start == 48
+    assert max(e.core_len for e in rows) > 12
+
+
 def test_byte_ids_are_the_tokenizer_ids():
     from pdllm.models.tokenizer import build_byte_tokenizer
 
@@ -97,9 +107,9 @@ def test_loss_is_finite_and_padding_weighs_less():
     assert not torch.isclose(heavy, light)  # t = 1: every answer token masked; only the weighting differs
 
 
-def test_curriculum_starts_on_passkey_and_ends_on_every_task_at_the_training_length():
+def test_curriculum_starts_on_digit_copying_and_ends_on_every_task_at_the_training_length():
     first, last = CURRICULUM[0], CURRICULUM[-1]
-    assert set(first.tasks) == {"passkey"} and first.max_len < 512
+    assert set(first.tasks) == {"passkey", "number_string"} and first.max_len < 512 and first.long_values > 0.5
     assert len(last.tasks) == 5 and last.max_len == 0 and 512 in last.chunk_sizes and last.advance_at is None
     assert should_advance(first, first.advance_at, 0.0) and not should_advance(first, 0.0, 0.0)
     assert should_advance(first, 0.0, first.until) and not should_advance(last, 1.0, 1.0)
@@ -109,7 +119,7 @@ def test_curriculum_starts_on_passkey_and_ends_on_every_task_at_the_training_len
         ids = next(iter(stream)).ids
         return {bytes(ids[i, 1:9].tolist()).decode() for i in range(ids.shape[0])}
 
-    assert openings() == {"There is"}  # passkey rows only (InfiniteBench's retrieval preamble)
+    assert openings() == {"There is"}  # passkey / number_string rows only (InfiniteBench's retrieval preamble)
     stream.stage.value = 1  # what the training loop does when the probe passes
     assert len(openings()) > 1  # kv_retrieval / niah rows appear
 

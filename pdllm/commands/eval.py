@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depths", type=int, default=11, help="number of depths in a sweep")
     p.add_argument("--no-bos", action="store_true", help="ablation: encode chunks without their BOS anchor")
     p.add_argument("--method", default="{}", help="MethodConfig fields as JSON, e.g. '{\"top_k\": 4}'")
+    p.add_argument("--cell-seconds", type=float, default=None, help="time budget per task and length (all modes)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="save records and summary as JSON (- stdout)")
     p.set_defaults(func=run)
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold or None,
         bos_anchor=not args.no_bos,
         method=method,
+        cell_seconds=args.cell_seconds,
     )
     cfg.validate()
     if args.model is None:
@@ -77,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         args.model = str(default_model_dir())
     lm = load_model(args.model, device=args.device or ("cuda" if _cuda() else "cpu"))
     t0 = time.time()
-    records = run_eval(lm, cfg, lambda jobs: tqdm(jobs, desc="eval", file=sys.stderr, unit="gen"))
+    n_depths = len(depths) if depths else 1
+    total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples * n_depths * len(cfg.modes)
+    with tqdm(total=total, desc="eval", file=sys.stderr, unit="gen") as bar:
+        records = run_eval(lm, cfg, bar.update)
     rows = summarize(records)
     text = table(rows)
     print(text, file=sys.stderr if args.json == "-" else sys.stdout)

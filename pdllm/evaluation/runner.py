@@ -7,8 +7,8 @@ the accuracy difference between modes is then the method's, not the data's.
 from __future__ import annotations
 
 import inspect
-import random
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdllm import engine
@@ -29,6 +29,7 @@ class EvalConfig:
     threshold: float | None = 0.9  # Fast-dLLM parallel decoding; None: one token per step
     bos_anchor: bool = True  # False: the --no-bos ablation (chunks encoded without their BOS anchor)
     method: dict = field(default_factory=dict)  # MethodConfig fields for prefix/sparse (chunk size, top-k, ...)
+    cell_seconds: float | None = None  # time budget per (task, length): later samples are skipped, in every mode
 
     def validate(self) -> None:
         for t in self.tasks:
@@ -40,6 +41,8 @@ class EvalConfig:
             raise InvalidRequest(f"unknown mode(s) {', '.join(unknown)}; this engine has {', '.join(engine.MODES)}")
         if self.samples < 1:
             raise InvalidRequest(f"samples must be >= 1, got {self.samples}")
+        if self.cell_seconds is not None and self.cell_seconds <= 0:
+            raise InvalidRequest(f"cell time budget must be > 0 seconds, got {self.cell_seconds}")
 
 
 def sampler_for(task: str, threshold: float | None) -> SamplerConfig:
@@ -102,14 +105,26 @@ def samples_for(cfg: EvalConfig, lm: LoadedModel, task: str, length: int) -> lis
     return out
 
 
-def run_eval(lm: LoadedModel, cfg: EvalConfig, progress: Callable[[Iterable], Iterable] | None = None) -> list[dict]:
-    """All records of cfg, one per (task, length, sample, mode)."""
+def run_eval(lm: LoadedModel, cfg: EvalConfig, progress: Callable[[int], object] | None = None) -> list[dict]:
+    """All records of cfg, one per (task, length, sample, mode). Each sample runs in every mode before the next,
+    so when a (task, length) cell spends its time budget, every mode has seen the same samples.
+    `progress(n)` is told of each finished or skipped generation."""
     cfg.validate()
     method = method_config(cfg) if any(m != "vanilla" for m in cfg.modes) else None
-    work = [(t, n, s) for t in cfg.tasks for n in cfg.lengths for s in samples_for(cfg, lm, t, n)]
-    random.Random(cfg.seed).shuffle(work)  # a fair progress bar: long and short samples interleaved
-    jobs = [(t, n, s, m) for t, n, s in work for m in cfg.modes]
     records = []
-    for _task, _length, sample, mode in progress(jobs) if progress else jobs:
-        records.append(run_one(lm, sample, mode, cfg, method))
+    for task in cfg.tasks:
+        for length in cfg.lengths:
+            samples = samples_for(cfg, lm, task, length)
+            if cfg.depths is not None:  # a sweep: interleave depths so a cut budget leaves every depth sampled
+                samples = [samples[d * cfg.samples + i] for i in range(cfg.samples) for d in range(len(cfg.depths))]
+            t0 = time.perf_counter()
+            for i, sample in enumerate(samples):
+                if i and cfg.cell_seconds is not None and time.perf_counter() - t0 > cfg.cell_seconds:
+                    if progress:
+                        progress((len(samples) - i) * len(cfg.modes))
+                    break
+                for mode in cfg.modes:
+                    records.append(run_one(lm, sample, mode, cfg, method))
+                    if progress:
+                        progress(1)
     return records

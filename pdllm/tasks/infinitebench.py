@@ -59,9 +59,11 @@ def passkey(
     depth: float | None = None,
     haystack: str = "noise",
     split: str = "heldout",
+    digits: int = 5,
 ) -> Sample:
+    """`digits` other than InfiniteBench's 5 only for training (longer values: more copying per example)."""
     fmt = "The pass key is {value}. Remember it. {value} is the pass key."
-    return _digit_task("passkey", fmt, "What is the pass key?", 5, length, seed, count, depth, haystack, split)
+    return _digit_task("passkey", fmt, "What is the pass key?", digits, length, seed, count, depth, haystack, split)
 
 
 def number_string(
@@ -71,10 +73,11 @@ def number_string(
     depth: float | None = None,
     haystack: str = "noise",
     split: str = "heldout",
+    digits: int = 10,
 ) -> Sample:
     fmt = "The sequence of digits is {value}. Remember it. {value} is the sequence of digits."
     question = "What is the sequence of number?"
-    return _digit_task("number_string", fmt, question, 10, length, seed, count, depth, haystack, split)
+    return _digit_task("number_string", fmt, question, digits, length, seed, count, depth, haystack, split)
 
 
 def kv_retrieval(

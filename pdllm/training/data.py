@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pdllm.errors import InvalidRequest
 from pdllm.models.tokenizer import BOS, EOS, PAD, special_ids
 from pdllm.prompt import QUESTION_TEMPLATE
 from pdllm.tasks import TASKS, byte_counter
@@ -42,13 +43,16 @@ class Stage:
     chunk_sizes: tuple[int, ...]
     advance_at: float | None
     until: float | None
+    long_values: float = 0.2  # share of passkey / number_string rows whose value has 5-32 digits
 
 
+COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
 CURRICULUM = (
-    Stage("copy", {"passkey": 1.0}, 270, 400, (64, 128), 0.5, 0.25),
-    Stage("tasks", ALL_TASKS, 270, 768, (128, 256), 0.4, 0.45),
+    Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7),
+    Stage("tasks", ALL_TASKS, 270, 768, (128, 256), 0.4, 0.55),
     Stage("long", ALL_TASKS, 400, 0, (128, 256, 512), None, None),
 )
+LONG_VALUE_SPAN = 48  # answer span of a long-value row (value + end token + padding)
 
 
 @dataclass
@@ -77,17 +81,27 @@ def build_example(
     chunk_sizes: tuple[int, ...] = (128, 256, 512),
     full: bool = False,
     split: str = "train",
+    long_values: float = 0.0,
 ) -> Example:
+    """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
+    official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
-    kw = {"split": split}
+    kw: dict = {"split": split}
+    gen = TASKS[task].gen_length
     if task in ("passkey", "number_string"):
         kw["haystack"] = "noise" if rng.random() < 0.3 else "prose"
-    length = max(length, SHORTEST[task])
-    sample = TASKS[task].make(length, rng.getrandbits(48), byte_counter, None, **kw)
+        if rng.random() < long_values:
+            kw["digits"], gen = rng.randint(5, 32), LONG_VALUE_SPAN
+    length, seed = max(length, SHORTEST[task]), rng.getrandbits(48)
+    while True:  # long keys or needles can leave a short target no room for haystack: lengthen it
+        try:
+            sample = TASKS[task].make(length, seed, byte_counter, None, **kw)
+            break
+        except InvalidRequest:
+            length += 32
     ctx = byte_ids(sample.context)
     span = byte_ids(QUESTION_TEMPLATE.format(question=sample.question))
-    gen = TASKS[task].gen_length
     answer = byte_ids(sample.target)[: gen - 1]
     core = len(answer) + 1
     answer += [EOS_ID] * (gen - len(answer))
@@ -183,7 +197,7 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
     full = not chunked and rng.random() < 0.5
     examples = []
     for n in stage_lengths(rng, stage, train_length, tokens):
-        e = build_example(rng, n, chunked, stage.tasks, stage.chunk_sizes, full)
+        e = build_example(rng, n, chunked, stage.tasks, stage.chunk_sizes, full, long_values=stage.long_values)
         e.pretrain = rng.random() < fracs[1]
         examples.append(e)
     return collate(examples)

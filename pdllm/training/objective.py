@@ -25,6 +25,8 @@ from pdllm.models.layers import apply_rotary
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import BOS_ID, QUERY_SEGMENT, Batch, attention_mask
 
+RANK_BOUND = 8.0  # chunk scores enter the ranking loss squashed into (-8, 8)
+
 
 class MaskedAttention:
     """An AttentionContext that applies a fixed [B, 1, T, T] boolean mask (chunk structure and padding)."""
@@ -123,7 +125,8 @@ def diffusion_loss(
     if ranked:
         scores, valid = ranking_scores(model, batch, out.kv)
         rows = batch.needle_seg >= 0
-        scores = scores.float().masked_fill(~valid, float("-inf"))[rows]
+        scores = RANK_BOUND * torch.tanh(scores.float() / RANK_BOUND)  # bounded: no reward for ever larger q.k
+        scores = scores.masked_fill(~valid, float("-inf"))[rows]
         rank = F.cross_entropy(scores, batch.needle_seg[rows])
         loss = loss + rank_weight * rank
         top1 = (scores.argmax(-1) == batch.needle_seg[rows]).float().mean()

@@ -172,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(norm):  # a non-finite gradient skips the update instead of poisoning the weights
+            opt.step()
+        metrics["skipped"] = (~torch.isfinite(norm)).float()
         step += 1
         for k, v in (metrics | {"loss": loss.detach()}).items():
             sums[k] = sums.get(k, 0) + v
