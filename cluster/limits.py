@@ -29,6 +29,8 @@ class ClusterLimits:
     fetch_retries: int = 1  # further tries of a failed fetch from the same holder before the chunks are re-prefilled
     stream_events: int = 8  # progress events buffered per streamed job (older step events give way to newer ones)
     probe_timeout_s: float = 3.0  # an actor asked "are you alive?" after a failure; no answer counts as down
+    log_json: bool = False  # actors log JSON lines (each with its request id) instead of text
+    log_level: str = "INFO"  # actors' log level; their lines reach the driver's stderr and Ray's worker logs
 
     def validate(self) -> None:
         for name in ("decode_concurrency", "max_queued_per_decode_actor", "max_queued_per_prefill_actor"):
@@ -36,5 +38,7 @@ class ClusterLimits:
                 raise ValueError(f"{name} must be >= 1")
         if self.fetch_timeout_s <= 0 or self.probe_timeout_s <= 0 or self.fetch_retries < 0 or self.stream_events < 1:
             raise ValueError("fetch_timeout_s and probe_timeout_s must be > 0, fetch_retries >= 0, stream_events >= 1")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.transfer_piece_bytes < 1024 or self.transfer_piece_bytes > (4 << 20) - 4096:
             raise ValueError("transfer_piece_bytes must be in [1 KiB, 4 MiB - 4 KiB] (gRPC's message limit)")

@@ -28,7 +28,7 @@ from pdllm.cluster.limits import ClusterLimits
 from pdllm.errors import InvalidRequest, PdllmError
 from pdllm.method import MethodConfig, chunk_id, split_chunks
 from pdllm.observability import metrics
-from pdllm.observability.logs import request_context
+from pdllm.observability.logs import current_request_id, request_context
 from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, encode_request
 from pdllm.sampler import SamplerConfig
 
@@ -262,7 +262,7 @@ class Router:
         while todo:
             slot = self.pick_prefill(avoid)
             try:
-                ref = slot.handle.prefill.remote(list(todo.values()), asdict(method))
+                ref = slot.handle.prefill.remote(list(todo.values()), asdict(method), current_request_id())
                 out = self._get(ref, f"prefill actor {slot.name}", deadline)
             except ray.exceptions.RayActorError as e:
                 self._lost(slot, type(e).__name__)
@@ -366,17 +366,24 @@ class Router:
         with request_context(request_id):
             with self._lock:
                 self.active += 1
+            t0 = time.perf_counter()
             try:
                 out = self._generate(context, question, method, sampler, request_id, seed, on_event, deadline)
-            except BaseException:
+            except BaseException as e:
                 with self._lock:
                     self.failed += 1
+                log.info("request failed after %.1f ms: %s: %s", 1000 * (time.perf_counter() - t0), type(e).__name__, e)
                 raise
             finally:
                 with self._lock:
                     self.active -= 1
             with self._lock:
                 self.completed += 1
+            stats = out["stats"]
+            log.info(
+                "answered in %.1f ms on %s (%d chunks, %d prefilled)", 1000 * (time.perf_counter() - t0),
+                stats.get("decode_actor"), stats.get("chunks", 0), stats.get("prefill_chunks", 0),
+            )  # fmt: skip
             return out
 
     def _generate(self, context, question, method, sampler, request_id, seed, on_event, deadline) -> dict:

@@ -34,7 +34,7 @@ from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, rank_chun
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
 from pdllm.observability import metrics
-from pdllm.observability.logs import request_context
+from pdllm.observability.logs import configure_logging, request_context
 from pdllm.sampler import SamplerConfig, strip_after_eos
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         transport: KVTransport | None = None,
     ) -> None:
         torch.set_num_threads(max(1, int(cpus)))
+        configure_logging(json=limits.log_json, level=limits.log_level)
         self.name, self.limits = name, limits
         self.device = pick_device(gpus)
         self.lm = load_model(model_dir, self.device)
@@ -213,6 +214,11 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "fetch_ms": round(1000 * (t2 - t1), 3),
             "decode_actor": self.name,
         }
+        log.info(
+            "decoded %d tokens in %d steps over %d of %d chunks (rank %.1f ms, fetch %.1f ms, total %.1f ms)",
+            len(tokens), result.steps, len(picked), len(ids), stats["rank_ms"], stats["fetch_ms"],
+            1000 * (time.perf_counter() - t0),
+        )  # fmt: skip
         return {"tokens": tokens, "answer": self.lm.tokenizer.decode(tokens), "stats": stats}
 
     def _gather(self, need: list[str], entries: dict[str, IndexEntry]) -> tuple[dict[str, ChunkKV], dict]:

@@ -8,8 +8,10 @@ A chunk still in this store whose index entry was dropped (a reader could not fe
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 import uuid
 
 import ray
@@ -26,6 +28,9 @@ from pdllm.method import MethodConfig, chunk_id, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
 from pdllm.observability import metrics
+from pdllm.observability.logs import configure_logging, request_context
+
+log = logging.getLogger(__name__)
 
 CPU_STORE_BYTES = 2 << 30
 
@@ -55,6 +60,7 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
         token: str,
     ) -> None:
         torch.set_num_threads(max(1, int(cpus)))
+        configure_logging(json=limits.log_json, level=limits.log_level)
         self.name, self.limits = name, limits
         self.device = pick_device(gpus)
         self.lm = load_model(model_dir, self.device)
@@ -87,12 +93,21 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
             "hidden_size": spec.hidden_size,
         }
 
-    def prefill(self, chunks: list[list[int]], method: dict) -> dict:
+    def prefill(self, chunks: list[list[int]], method: dict, request_id: str | None = None) -> dict:
         """Make every chunk's KV available: returns chunk ids `encoded` here, `present` (already in this store, or
-        in the index under a holder), and `waiting` (another prefill actor holds the claim and is encoding it)."""
+        in the index under a holder), and `waiting` (another prefill actor holds the claim and is encoding it).
+        `request_id` (the request that asked) goes on this call's log lines."""
         self.inflight += 1
+        t0 = time.perf_counter()
         try:
-            return self._prefill(chunks, MethodConfig(**method))
+            with request_context(request_id):
+                out = self._prefill(chunks, MethodConfig(**method))
+                log.info(
+                    "prefill of %d chunks: %d encoded, %d present, %d waiting on another actor (%.1f ms)",
+                    len(chunks), len(out["encoded"]), len(out["present"]), len(out["waiting"]),
+                    1000 * (time.perf_counter() - t0),
+                )  # fmt: skip
+                return out
         finally:
             self.inflight -= 1
 

@@ -6,8 +6,11 @@ job on its actor. About 40 s on 2 cores (most of it starting Ray and the actors)
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
+import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -50,7 +53,8 @@ def backend(tiny_llada, tmp_path_factory):
         "store_capacity_bytes": 64 << 20,
     }
     path.write_text(yaml.safe_dump(config))
-    limits = ClusterLimits(call_timeout_s=60, start_timeout_s=90, redis_data_dir=str(tmp_path_factory.mktemp("kv")))
+    kv_dir = str(tmp_path_factory.mktemp("kv"))
+    limits = ClusterLimits(call_timeout_s=60, start_timeout_s=90, redis_data_dir=kv_dir, log_json=True)
     b = ClusterBackend.from_config(path, limits)
     redis = b.handle.embedded_redis
     yield b
@@ -102,6 +106,32 @@ def test_generate_through_the_api_equals_the_in_process_sparse_answer(client, lm
     assert stats["decode_actor"].startswith("pdllm-decode-") and stats["queue_seconds"] >= 0
     again = client.generate(DOC, "What is the code of box 1?", {**SMALL, "top_k": 1})
     assert again["stats"]["prefill_chunks"] == 0 and again["stats"]["selected_chunks"] == 1  # request overrides
+
+
+def actor_log_lines(request_id: str) -> list[dict]:
+    """JSON log lines of this Ray session's workers (their stderr files) that carry `request_id`."""
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    lines = []
+    for f in logs.glob("worker-*.err"):
+        for line in f.read_text(errors="replace").splitlines():
+            if request_id in line and line.startswith("{"):
+                lines.append(json.loads(line))
+    return lines
+
+
+def test_the_request_id_of_the_grpc_call_is_on_the_prefill_and_decode_actors_log_lines(client):
+    rid = "trace-" + uuid.uuid4().hex[:8]
+    doc = DOC.replace("Record", "Entry")  # chunks no actor has encoded yet
+    client.generate(doc, "What is the code of box 2?", SMALL, request_id=rid)
+    want = {"pdllm.prefill_node.actor", "pdllm.decode_node.actor"}
+    deadline = time.monotonic() + 20  # Ray writes workers' stderr to their files asynchronously
+    while {line["logger"] for line in actor_log_lines(rid)} < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = actor_log_lines(rid)
+    assert want <= {line["logger"] for line in lines}, lines
+    assert all(line["request_id"] == rid for line in lines)
+    prefill = next(line for line in lines if line["logger"] == "pdllm.prefill_node.actor")
+    assert "encoded" in prefill["msg"] and not prefill["msg"].startswith("prefill of 0 chunks")
 
 
 @pytest.mark.timeout(120)

@@ -176,6 +176,7 @@ def _in_process(args, context: str, sampler, method, mode: str) -> dict:
 def _on_cluster(args, context: str, sampler, method) -> dict:
     """Start the cluster (embedded by default), answer once through its router, stop what was started."""
     from pdllm.cluster.config import ClusterConfig
+    from pdllm.cluster.limits import ClusterLimits
     from pdllm.cluster.runtime import start_cluster
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
@@ -183,7 +184,7 @@ def _on_cluster(args, context: str, sampler, method) -> dict:
         config = config.with_overrides(model_dir=model_dir(args))
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"pdllm: starting the cluster ({where}; model {config.model_dir})", file=sys.stderr, flush=True)
-    with start_cluster(config) as handle:
+    with start_cluster(config, ClusterLimits(log_level="WARNING")) as handle:  # the answer, not per-job lines
         out = handle.router.generate(context, args.question, method, sampler, seed=args.seed)
     return {"answer": out["answer"], "stats": out["stats"]}
 

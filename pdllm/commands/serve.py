@@ -69,6 +69,7 @@ def cluster_backend(args: argparse.Namespace):
     """The Ray cluster behind the API: the one --config describes, else an embedded one on this machine."""
     from pdllm.cluster.cluster_backend import ClusterBackend
     from pdllm.cluster.config import ClusterConfig
+    from pdllm.cluster.limits import ClusterLimits
     from pdllm.cluster.runtime import start_cluster
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
@@ -76,7 +77,8 @@ def cluster_backend(args: argparse.Namespace):
         config = config.with_overrides(model_dir=model_dir(args))
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
-    return ClusterBackend(start_cluster(config))
+    limits = ClusterLimits(log_json=args.log_json, log_level=args.log_level)  # the actors log like the server
+    return ClusterBackend(start_cluster(config, limits))
 
 
 def local_backend(args: argparse.Namespace):
