@@ -42,6 +42,7 @@ class ApiLimits:
     max_chunk_size: int = 8192
     max_temperature: float = 2.0
     max_batch_jobs: int = 100_000
+    max_request_id_chars: int = 128
 
 
 def decode_text(field: str, data: bytes | str, max_bytes: int, allow_empty: bool = False) -> str:
@@ -56,6 +57,17 @@ def decode_text(field: str, data: bytes | str, max_bytes: int, allow_empty: bool
     if not allow_empty and not text.strip():
         raise InvalidRequest(f"{field} is empty")
     return text
+
+
+def check_request_id(value: str, limits: ApiLimits) -> str:
+    """A client's request id: it is echoed in every event and written into every log line on its way, so it must
+    be short and printable (no spaces or control characters that could forge a log line)."""
+    if len(value) > limits.max_request_id_chars or not value.isascii() or not value.isprintable() or " " in value:
+        raise InvalidRequest(
+            f"request_id must be at most {limits.max_request_id_chars} printable ASCII characters without spaces "
+            f"(got {len(value)} characters)"
+        )
+    return value
 
 
 def _int(params: dict, key: str, lo: int, hi: int) -> int:

@@ -7,7 +7,10 @@ Requests arrive as raw bytes and are parsed here, so a message that is not a val
 naming the expected type (gRPC itself would answer an opaque INTERNAL). A stream's events pass through a bounded
 box (old step events give way to new ones); a client that stops reading holds a serving thread only until the
 stall watchdog cancels its call (`stream_stall_s`), and the backend stops with it. Health reports the counters that
-show this: open streams, stalls, running and queued calls, this process's memory and threads.
+show this: open streams, their worker threads, stalls, running and queued calls, this process's memory and threads;
+every call ends in exactly one request counter (a stream whose client left counts as cancelled).
+Error details are bounded (`MAX_DETAILS_CHARS`): a huge bad value quoted in full would push the status past the
+client's metadata limit, and the client would see an opaque RESOURCE_EXHAUSTED instead of what was wrong.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from pdllm.cluster.api_backend import (
     GenerationBackend,
     RequestCancelled,
 )
-from pdllm.cluster.api_params import ApiLimits, complete_params, decode_text
+from pdllm.cluster.api_params import ApiLimits, check_request_id, complete_params, decode_text
 from pdllm.cluster.auth import TokenAuthInterceptor, server_credentials
 from pdllm.cluster.batch_store import BatchConflict, BatchNotFound
 from pdllm.cluster.event_box import EventBox
 from pdllm.cluster.proc_stats import process_stats
+from pdllm.cluster.proto_check import wrong_wire_types
 from pdllm.proto import pdllm_api_pb2 as pb
 
 from pdllm.errors import InvalidRequest
@@ -45,6 +49,7 @@ from pdllm.observability.logs import request_context
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Pdllm"].full_name
+MAX_DETAILS_CHARS = 1024  # status details sent back; gRPC clients refuse trailers over 8-16 KiB
 
 
 @dataclass
@@ -62,6 +67,15 @@ class ApiServerConfig:
     stream_events: int = 16  # events buffered per stream before old step events are dropped
     stream_stall_s: float = 30.0  # a stream whose client accepts no event for this long is cancelled
     limits: ApiLimits = field(default_factory=ApiLimits)
+
+
+def bounded(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """`details` cut in the middle to at most about `limit` characters: the start names the field, the end says
+    what was expected."""
+    if len(details) <= limit:
+        return details
+    head, tail = details[: limit * 2 // 3], details[-(limit // 4) :]
+    return f"{head} [... {len(details) - len(head) - len(tail)} characters cut ...] {tail}"
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -99,7 +113,7 @@ class PdllmServicer:
         self.modes = tuple(self.info.get("modes") or ("vanilla",))
         self.defaults = dict(self.info.get("defaults") or {})  # the backend's defaults, under each request's params
         self.counters = {"completed": 0, "failed": 0, "cancelled": 0, "deadline_exceeded": 0, "invalid": 0}
-        self.streams = {"open": 0, "stalled": 0, "dropped_events": 0}
+        self.streams = {"open": 0, "workers": 0, "stalled": 0, "dropped_events": 0}
         self._open: dict[int, _OpenStream] = {}
         self._lock = threading.Lock()
 
@@ -116,7 +130,7 @@ class PdllmServicer:
             grpc.StatusCode.CANCELLED: "cancelled",
         }.get(code, "failed")
         self._count(key)
-        context.abort(code, message)
+        context.abort(code, bounded(message))
 
     def _parse(self, request: pb.GenerateRequest) -> tuple[str, str, dict, str]:
         limits = self.cfg.limits
@@ -125,7 +139,7 @@ class PdllmServicer:
         context = decode_text("context", request.context, limits.max_context_bytes)
         question = decode_text("question", request.question, limits.max_question_bytes)
         params = complete_params({**self.defaults, **conv.params_to_dict(request.params)}, self.modes, limits)
-        return context, question, params, request.request_id or uuid.uuid4().hex
+        return context, question, params, check_request_id(request.request_id, limits) or uuid.uuid4().hex
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         left = context.time_remaining()
@@ -168,7 +182,6 @@ class PdllmServicer:
             self._publish_admission()
             metrics.observe_request(time.monotonic() - start, first_step[0] if first_step else None, outcome)
         stats = {**result.get("stats", {}), "queue_seconds": round(queued_s, 4)}
-        self._count("completed")
         return pb.GenerateResponse(request_id=rid, answer=result["answer"], stats=conv.stats_to_proto(stats))
 
     def _publish_admission(self) -> None:
@@ -180,7 +193,9 @@ class PdllmServicer:
     def Generate(self, request, context):
         try:
             text, question, params, rid = self._parse(request)
-            return self._run(context, text, question, params, rid)
+            reply = self._run(context, text, question, params, rid)
+            self._count("completed")
+            return reply
         except Exception as exc:
             self._abort(context, exc)
 
@@ -197,16 +212,27 @@ class PdllmServicer:
                 box.put_final(self._run(context, text, question, params, rid, on_queued, box.put_step))
             except BaseException as exc:  # handed to the serving thread, which maps it to a status
                 box.put_final(exc)
+            finally:
+                with self._lock:
+                    self.streams["workers"] -= 1
 
         entry = _OpenStream(context)
         with self._lock:
             self._open[id(entry)] = entry
             self.streams["open"] += 1
+            self.streams["workers"] += 1
+        ended = False  # the call got its answer or an error status; else the client left (gone, or stalled)
         try:
-            threading.Thread(target=work, name=f"pdllm-stream-{rid[:8]}", daemon=True).start()
+            try:
+                threading.Thread(target=work, name=f"pdllm-stream-{rid[:8]}", daemon=True).start()
+            except BaseException:
+                with self._lock:
+                    self.streams["workers"] -= 1
+                raise
             while True:
                 item = box.get()
                 if isinstance(item, BaseException):
+                    ended = True
                     self._abort(context, item)
                 msg = (
                     pb.GenerateEvent(request_id=rid, final=item)
@@ -217,12 +243,16 @@ class PdllmServicer:
                 yield msg  # blocks while the client's flow-control window is full
                 entry.writing_since = None
                 if isinstance(item, pb.GenerateResponse):
+                    ended = True
+                    self._count("completed")
                     return
         finally:
             with self._lock:
                 self._open.pop(id(entry), None)
                 self.streams["open"] -= 1
                 self.streams["dropped_events"] += box.dropped
+                if not ended:  # closed by gRPC while writing: the worker stops at its next event
+                    self.counters["cancelled"] += 1
 
     def cancel_stalled(self) -> int:
         """Cancel every stream whose current write has waited longer than `stream_stall_s` (the client is not
@@ -323,8 +353,9 @@ class PdllmServicer:
 
 
 def service_handler(servicer: PdllmServicer) -> grpc.GenericRpcHandler:
-    """The Pdllm service with requests taken as raw bytes and parsed here: an undecodable message gets
-    INVALID_ARGUMENT naming the expected type, counted like any other invalid request."""
+    """The Pdllm service with requests taken as raw bytes and parsed here: an undecodable message, or one with a
+    known field of the wrong wire type, gets INVALID_ARGUMENT naming the expected type, counted like any other
+    invalid request."""
     service = pb.DESCRIPTOR.services_by_name["Pdllm"]
     handlers = {}
     for method in service.methods:
@@ -333,10 +364,16 @@ def service_handler(servicer: PdllmServicer) -> grpc.GenericRpcHandler:
 
         def parse(raw: bytes, context, cls=request_cls, name=method.input_type.full_name):
             try:
-                return cls.FromString(raw)
+                request = cls.FromString(raw)
             except DecodeError as exc:
                 servicer._count("invalid")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {name}: {exc}")
+            wrong = wrong_wire_types(request)
+            if wrong:
+                servicer._count("invalid")
+                fields = bounded(", ".join(wrong), 256)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} has fields of the wrong type: {fields}")
+            return request
 
         if method.server_streaming:
 
