@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Train the bundled tiny LLaDA-architecture dLLM with the curriculum, export it, and evaluate the three modes on
+# every task at 1x-8x the training length, plus the depth sweep and the no-BOS ablation. One GPU, one call:
+#   bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS]
+# Every step writes under OUT_DIR as it finishes, so a run cut short still leaves what it did. With PACK_TO set (a
+# device's $OUT, which takes few files), the model is copied there and the rest packed into results.tgz after each step.
+set -uo pipefail
+out=${1:?usage: train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS]}
+minutes=${2:-5.5}
+cell=${3:-6}
+method='{"chunk_size": 256, "top_k": 4}'
+mkdir -p "$out"
+pack() {
+    [ -n "${PACK_TO:-}" ] || return 0
+    [ -d "$out/model" ] && mkdir -p "$PACK_TO/model" && cp "$out"/model/* "$PACK_TO/model/"
+    tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude=ckpt --exclude=export .
+}
+python3 -m pdllm.training.train --out "$out/ckpt" --minutes "$minutes" --total-minutes "$minutes" --workers 12 \
+    --seed 1234 2>&1 | tee "$out/train_log.txt" | grep -E '"em"|saved|params' | tail -40
+python3 -m pdllm.training.train --export "$out/ckpt" --out "$out/export" --bundle "$out/model" | tee -a "$out/train_log.txt"
+pack
+rm -rf "$out/ckpt" "$out/export"  # optimizer state: not needed and too many files to bring back
+run_eval() { python3 -m pdllm.cli eval --model "$out/model" --method "$method" --cell-seconds "$cell" "$@"; }
+run_eval --task all --lengths 2048,4096,8192,16384 --modes vanilla,prefix,sparse --samples 8 \
+    --json "$out/eval_modes.json" 2>"$out/eval_modes.err" | tee "$out/eval_modes.txt"
+pack
+run_eval --task passkey,niah_single --lengths 2048 --modes vanilla,sparse --samples 2 --depth-sweep "$out/depth.png" \
+    --json "$out/eval_depth.json" 2>"$out/eval_depth.err" | tee "$out/eval_depth.txt"
+pack
+run_eval --task all --lengths 2048,8192 --modes sparse --samples 8 --no-bos \
+    --json "$out/eval_nobos.json" 2>"$out/eval_nobos.err" | tee "$out/eval_nobos.txt"
+pack
