@@ -19,9 +19,11 @@ import msgpack
 from pdllm.cluster.auth import TokenAuthInterceptor
 from pdllm.cluster.chunk_store import ChunkStore
 from pdllm.cluster.kv_codec import chunk_parts
+from pdllm.cluster.piece_codec import encode_piece
 from pdllm.proto import chunk_transfer_pb2 as pb
 from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 
+SERVICE = "pdllm.transfer.v1.ChunkTransfer"
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default receive limit; pieces stay below it
 FAULT_KINDS = ("truncate", "abort", "corrupt", "stall")
 
@@ -66,6 +68,7 @@ class ChunkTransferService(pb_grpc.ChunkTransferServicer):
             return fault
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext):
+        """Yields encoded ChunkPiece messages (bytes: the method is registered without a response serializer)."""
         piece = min(request.max_piece_bytes or self.piece_bytes, MAX_MESSAGE_BYTES - 64 * 1024)
         fault, sent = self._take_fault(), 0
         with self._lock:
@@ -74,75 +77,67 @@ class ChunkTransferService(pb_grpc.ChunkTransferServicer):
             for req in request.chunks:
                 chunk = self.store.get(req.chunk_id)
                 if chunk is None:
-                    yield pb.ChunkPiece(chunk_id=req.chunk_id, missing=True, last=True)
+                    yield encode_piece(req.chunk_id, missing=True, last=True)
                     continue
                 rows = list(req.rows)
                 if rows and (min(rows) < 0 or max(rows) >= chunk.length):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rows out of range for chunk {req.chunk_id[:12]}")
                 header, parts = chunk_parts(chunk, rows or None)
-                for msg in self._pieces(req.chunk_id, msgpack.packb(header), parts, piece):
+                for fields in self._pieces(req.chunk_id, msgpack.packb(header), parts, piece):
                     if fault is not None and sent == fault.after_pieces:
-                        msg = _apply(fault, msg, context)
+                        fields = _apply(fault, fields, context)
                         fault = None
-                        if msg is None:
+                        if fields is None:
                             return
                     sent += 1
-                    yield msg
+                    yield encode_piece(**fields)
         finally:
             with self._lock:
                 self.active_streams -= 1
 
     def _pieces(self, cid: str, header: bytes, parts: list[memoryview], piece: int):
-        """Pieces of exactly `piece` bytes (the last shorter) cut across the k/v/summary parts without joining them."""
-        seq, offset, buf, pending = 0, 0, [], 0
+        """encode_piece arguments of pieces of exactly `piece` bytes (the last shorter), cut across the k/v/summary
+        parts without joining them: the slices are joined once, into the message itself."""
+        seq, offset, buf, pending, crc = 0, 0, [], 0, 0
         total = sum(p.nbytes for p in parts)
 
-        def emit(last: bool) -> pb.ChunkPiece:
-            nonlocal seq, offset, buf, pending
-            data = b"".join(buf)
-            msg = pb.ChunkPiece(
-                chunk_id=cid,
-                seq=seq,
-                header=header if seq == 0 else b"",
-                data=data,
-                offset=offset,
-                crc32=zlib.crc32(data),
-                last=last,
-            )
-            seq, offset, buf, pending = seq + 1, offset + len(data), [], 0
-            self.served_bytes += len(data)
-            return msg
+        def emit(last: bool) -> dict:
+            nonlocal seq, offset, buf, pending, crc
+            fields = {"chunk_id": cid, "seq": seq, "header": header if seq == 0 else b"", "data": buf}
+            fields |= {"offset": offset, "crc32": crc, "last": last}
+            self.served_bytes += pending
+            seq, offset, buf, pending, crc = seq + 1, offset + pending, [], 0, 0
+            return fields
 
         sent = 0
         for part in parts:
             pos = 0
             while pos < part.nbytes:
                 take = min(piece - pending, part.nbytes - pos)
-                buf.append(part[pos : pos + take])
+                view = part[pos : pos + take]
+                buf.append(view)
+                crc = zlib.crc32(view, crc)
                 pending, pos, sent = pending + take, pos + take, sent + take
                 if pending == piece and sent < total:
                     yield emit(False)
         yield emit(True)
 
 
-def _apply(fault: TransferFault, msg: pb.ChunkPiece, context: grpc.ServicerContext) -> pb.ChunkPiece | None:
-    """The injected fault at this piece: None ends the stream here, else the piece to send."""
+def _apply(fault: TransferFault, fields: dict, context: grpc.ServicerContext) -> dict | None:
+    """The injected fault at this piece (its encode_piece arguments): None ends the stream here, else the piece."""
     if fault.kind == "truncate":
         return None
     if fault.kind == "abort":
         context.abort(grpc.StatusCode.INTERNAL, "injected transfer fault: stream aborted mid-chunk")
-    if fault.kind == "corrupt" and msg.data:
-        data = bytearray(msg.data)
+    if fault.kind == "corrupt" and fields["data"]:
+        data = bytearray(b"".join(fields["data"]))
         data[len(data) // 2] ^= 0xFF
-        bad = pb.ChunkPiece()
-        bad.CopyFrom(msg)
-        bad.data = bytes(data)  # the CRC still describes the original bytes
-        return bad
+        return fields | {"data": [bytes(data)]}  # the CRC still describes the original bytes
     if fault.kind == "stall":
         until = time.monotonic() + fault.stall_s
         while time.monotonic() < until and context.is_active():
             time.sleep(0.05)
-    return msg
+    return fields
 
 
 def serve(
@@ -156,7 +151,10 @@ def serve(
         options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
     service = ChunkTransferService(store, piece_bytes)
-    pb_grpc.add_ChunkTransferServicer_to_server(service, server)
+    fetch = grpc.unary_stream_rpc_method_handler(
+        service.Fetch, request_deserializer=pb.FetchRequest.FromString, response_serializer=None
+    )  # pieces leave as the bytes encode_piece wrote
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Fetch": fetch}),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot bind the chunk transfer service to {host}:{port}")

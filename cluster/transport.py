@@ -15,12 +15,13 @@ import grpc
 import msgpack
 from pdllm.cluster.auth import token_metadata
 from pdllm.cluster.kv_codec import chunk_from_parts
+from pdllm.cluster.piece_codec import PieceDecodeError, decode_piece
 from pdllm.proto import chunk_transfer_pb2 as pb
-from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 
 from pdllm.method.chunk_kv import ChunkKV
 
 MAX_MESSAGE_BYTES = 4 << 20
+FETCH_METHOD = "/pdllm.transfer.v1.ChunkTransfer/Fetch"
 
 
 class TransferError(RuntimeError):
@@ -59,13 +60,16 @@ class GrpcTransport:
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
-    def _stub(self, address: str) -> pb_grpc.ChunkTransferStub:
+    def _fetch_method(self, address: str) -> grpc.UnaryStreamMultiCallable:
+        """ChunkTransfer.Fetch on the holder at `address`, returning each piece as the received bytes."""
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
                 options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
                 channel = self._channels[address] = grpc.insecure_channel(address, options=options)
-        return pb_grpc.ChunkTransferStub(channel)
+        return channel.unary_stream(
+            FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None
+        )
 
     def serves_directly(self, address: str) -> bool:
         return False
@@ -81,7 +85,7 @@ class GrpcTransport:
                 max_piece_bytes=self.piece_bytes,
             )
             try:
-                stream = self._stub(address).Fetch(request, timeout=timeout_s, metadata=token_metadata(self.token))
+                stream = self._fetch_method(address)(request, timeout=timeout_s, metadata=token_metadata(self.token))
                 self._collect(stream, result)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:  # the holder is gone: its chunks must be re-prefilled
@@ -92,9 +96,14 @@ class GrpcTransport:
 
     @staticmethod
     def _collect(stream, result: FetchResult) -> None:
-        """Reassemble pieces into one preallocated buffer per chunk (one copy), checking order, size and CRC-32."""
+        """Reassemble pieces into one preallocated buffer per chunk (the one copy of the KV on this side), checking
+        order, size and CRC-32."""
         header, payload, expect, filled = None, None, 0, 0
-        for piece in stream:
+        for message in stream:
+            try:
+                piece = decode_piece(message)
+            except PieceDecodeError as e:
+                raise TransferError(f"undecodable piece after {expect} pieces: {e}") from e
             if piece.missing:
                 result.missing.append(piece.chunk_id)
                 continue

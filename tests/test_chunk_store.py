@@ -4,6 +4,7 @@ claims, the tensor codec, and the ChunkTransfer gRPC service on loopback (pieces
 from __future__ import annotations
 
 import time
+import zlib
 
 import grpc
 import msgpack
@@ -161,7 +162,11 @@ def test_pieces_carry_checksums_below_the_message_limit(transfer):
     assert len(pieces) == -(-chunk.nbytes() // 10_000)
     assert all(len(p.data) <= 10_000 for p in pieces) and pieces[-1].last and not any(p.last for p in pieces[:-1])
     assert [p.seq for p in pieces] == list(range(len(pieces))) and pieces[0].header and not pieces[1].header
+    assert all(p.crc32 == zlib.crc32(p.data) for p in pieces)  # the generated class reads the hand-written pieces
+    whole = FetchResult()
+    GrpcTransport._collect(iter([p.SerializeToString() for p in pieces]), whole)  # and ours reads the generated ones
+    assert torch.equal(whole.chunks[chunk.chunk_id].k, chunk.k)
     bad = pieces[1]
     bad.data = bytes([bad.data[0] ^ 1]) + bad.data[1:]
     with pytest.raises(TransferError, match="checksum"):
-        GrpcTransport._collect(iter(pieces), FetchResult())
+        GrpcTransport._collect(iter([p.SerializeToString() for p in pieces]), FetchResult())
