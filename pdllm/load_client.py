@@ -1,0 +1,84 @@
+"""Many concurrent clients against one pdllm server, for a fixed number of requests: the load benchmark
+(benchmarks/bench_load.py) and its bounded test run this same code.
+
+Each client is a thread with its own `Client` (its own channel and HTTP/2 connection, as separate processes would
+have); the requests are dealt round-robin, so every client sends the same number. A request's outcome is its answer
+or the gRPC status it failed with; nothing is retried (`retries=0`), so an error the server made is counted, not
+hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pdllm.client import ApiError, Client
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    context: str
+    question: str
+    params: dict
+
+
+@dataclass
+class RoundResult:
+    """What one round of `run_round` saw, in the order the requests were given."""
+
+    answers: list[str | None]
+    latencies_s: list[float]  # of answered requests
+    errors: list[str] = field(default_factory=list)  # "request i: CODE: details"
+    wall_s: float = 0.0
+
+    def percentile(self, q: float) -> float:
+        """The q-quantile (0..1) of the answered requests' latencies, nearest rank; nan without any."""
+        if not self.latencies_s:
+            return float("nan")
+        ranked = sorted(self.latencies_s)
+        return ranked[min(len(ranked) - 1, max(0, math.ceil(q * len(ranked)) - 1))]
+
+
+def run_round(
+    address: str,
+    requests: list[LoadRequest],
+    clients: int,
+    auth_token: str | None = None,
+    timeout_s: float = 120.0,
+) -> RoundResult:
+    """Send `requests` from `clients` concurrent clients (client k sends requests k, k + clients, ...), all starting
+    together; every call has the deadline `timeout_s`."""
+    if clients < 1:
+        raise ValueError("clients must be >= 1")
+    answers: list[str | None] = [None] * len(requests)
+    latencies: list[float | None] = [None] * len(requests)
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def client_loop(k: int) -> None:
+        with Client(address, auth_token=auth_token, timeout_s=timeout_s, retries=0) as client:
+            start.wait(timeout_s)
+            for i in range(k, len(requests), clients):
+                req = requests[i]
+                t0 = time.perf_counter()
+                try:
+                    answers[i] = client.generate(req.context, req.question, req.params)["answer"]
+                    latencies[i] = time.perf_counter() - t0
+                except ApiError as exc:
+                    with lock:
+                        errors.append(f"request {i}: {exc}")
+
+    threads = [threading.Thread(target=client_loop, args=(k,), name=f"load-client-{k}") for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s * (len(requests) // clients + 2))
+    wall = time.perf_counter() - t0
+    hung = [t.name for t in threads if t.is_alive()]
+    if hung:
+        errors.append(f"clients still waiting after their deadlines: {', '.join(hung)}")
+    return RoundResult(answers, [x for x in latencies if x is not None], sorted(errors), wall)
