@@ -18,13 +18,13 @@ import grpc
 import msgpack
 from pdllm.cluster.auth import TokenAuthInterceptor
 from pdllm.cluster.chunk_store import ChunkStore
+from pdllm.cluster.grpc_bulk import MAX_MESSAGE_BYTES, server_options
 from pdllm.cluster.kv_codec import chunk_parts
 from pdllm.cluster.piece_codec import encode_piece
 from pdllm.proto import chunk_transfer_pb2 as pb
 from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 
 SERVICE = "pdllm.transfer.v1.ChunkTransfer"
-MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default receive limit; pieces stay below it
 FAULT_KINDS = ("truncate", "abort", "corrupt", "stall")
 
 
@@ -148,7 +148,7 @@ def serve(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunk-transfer"),
         interceptors=interceptors,
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+        options=server_options(),
     )
     service = ChunkTransferService(store, piece_bytes)
     fetch = grpc.unary_stream_rpc_method_handler(

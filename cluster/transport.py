@@ -14,13 +14,13 @@ from typing import Protocol
 import grpc
 import msgpack
 from pdllm.cluster.auth import token_metadata
+from pdllm.cluster.grpc_bulk import channel_options
 from pdllm.cluster.kv_codec import chunk_from_parts
 from pdllm.cluster.piece_codec import PieceDecodeError, decode_piece
 from pdllm.proto import chunk_transfer_pb2 as pb
 
 from pdllm.method.chunk_kv import ChunkKV
 
-MAX_MESSAGE_BYTES = 4 << 20
 FETCH_METHOD = "/pdllm.transfer.v1.ChunkTransfer/Fetch"
 
 
@@ -65,8 +65,7 @@ class GrpcTransport:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-                channel = self._channels[address] = grpc.insecure_channel(address, options=options)
+                channel = self._channels[address] = grpc.insecure_channel(address, options=channel_options())
         return channel.unary_stream(
             FETCH_METHOD, request_serializer=pb.FetchRequest.SerializeToString, response_deserializer=None
         )
