@@ -131,6 +131,7 @@ def test_decode_actors_lost_mid_batch_every_job_answered_exactly_once(nodes, bac
     final = store.status("batch-1")
     assert final["done"] == JOBS and final["failed"] == 0 and final["running"] == 0
     answered = Counter(store.answered("batch-1"))
+    print(f"\nbatch-1 answered-log: {sum(answered.values())} entries for {len(answered)} of {JOBS} jobs")
     assert set(answered) == {j["id"] for j in jobs} and set(answered.values()) == {1}  # none lost, none twice
     assert store.refused_results("batch-1") == 0
     results, _ = store.results("batch-1", 0, JOBS)
@@ -143,6 +144,7 @@ def test_decode_actors_lost_mid_batch_every_job_answered_exactly_once(nodes, bac
         assert result["answer"] == references[key], job["id"]
         assert result["attempts"] == 1  # the router failed over; the batch never had to retry
     faults = router.status()["faults"]
+    print(f"router faults: {faults}")
     assert faults["actors_lost"] == 2 and faults["decode_failovers"] >= 2
     assert sum(r["stats"]["failovers"] for r in results) == faults["decode_failovers"]
     survivor = router.decode[2]

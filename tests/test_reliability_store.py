@@ -234,6 +234,7 @@ def test_redis_restart_mid_batch_resumes_unfinished_jobs_and_keeps_finished_resu
     final = store.status("batch-3")
     assert final["done"] == len(jobs) and final["failed"] == 0
     answered = Counter(store.answered("batch-3"))
+    print(f"\nbatch-3 answered-log: {sum(answered.values())} entries for {len(answered)} of {len(jobs)} jobs")
     assert set(answered) == {j["id"] for j in jobs} and set(answered.values()) == {1}
     assert store.refused_results("batch-3") == 0
     results = {r["id"]: r for r in store.results("batch-3", 0, 100)[0]}
