@@ -94,8 +94,11 @@ def main() -> None:
     args = parser.parse_args()
     date = datetime.now(timezone.utc)
     out = args.out or str(ROOT / "benchmarks" / "results" / f"load_{date:%Y-%m-%d}_cpu{os.cpu_count()}")
-    command = "python benchmarks/bench_load.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"
+    env = "".join(f"{k}={os.environ[k]} " for k in ("MALLOC_ARENA_MAX",) if k in os.environ)  # changes RSS
+    command = (
+        env
+        + "python benchmarks/bench_load.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")
     )
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "processor": platform.processor() or platform.machine()}  # fmt: skip
