@@ -6,7 +6,9 @@ prefilled once, then for n = 1, 2, 4 a router restricted to the first n decode a
 questions from 2n client threads. Linear scaling is capped by the machine's cores (each actor runs one torch thread).
 Transfer: a chunk store holding one large chunk is served by the ChunkTransfer gRPC service; GrpcTransport fetches
 it whole (pieces, CRC-32 checks, reassembly into tensors). The raw baseline sends the same number of bytes through
-one TCP socket on 127.0.0.1 (sendall / recv_into a preallocated buffer), no framing or checks.
+one TCP socket on 127.0.0.1 (sendall / recv_into a preallocated buffer), no framing or checks. The gRPC floor
+streams the same bytes as ready-made 1 MiB messages through a bare gRPC method with the transfer's channel options
+(no codec, checksum or reassembly): what gRPC's own framing costs, which no KV service on gRPC can beat.
 Holder and sender run in their own processes (a holder is another actor), the receiver in this one.
 
     python benchmarks/bench_cluster.py --out benchmarks/results/cluster_<date>_cpu
@@ -27,9 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+import grpc
 import torch
 from pdllm.cluster.chunk_store import ChunkStore
 from pdllm.cluster.config import ClusterConfig
+from pdllm.cluster.grpc_bulk import channel_options, server_options
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import Router
 from pdllm.cluster.runtime import start_cluster
@@ -130,6 +134,44 @@ def grpc_rate(chunk: ChunkKV, repeats: int, piece_bytes: int, nbytes: int) -> fl
         holder.join(30)
 
 
+def floor_holder(nbytes: int, ports, stop) -> None:
+    """A bare gRPC server streaming `nbytes` as prebuilt 1 MiB messages (no protobuf, checksum or store)."""
+    payload = os.urandom(1 << 20)
+
+    def stream(request: bytes, context):
+        for _ in range(nbytes >> 20):
+            yield payload
+
+    method = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=None, response_serializer=None)
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), options=server_options())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Bytes", {"Stream": method}),))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    stop.wait(600)
+    server.stop(grace=None)
+
+
+def grpc_floor_rate(nbytes: int, repeats: int) -> float:
+    ctx = mp.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    holder = ctx.Process(target=floor_holder, args=(nbytes, ports, stop), daemon=True)
+    holder.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=120)}", options=channel_options())
+    try:
+        call = channel.unary_stream("/floor.Bytes/Stream", request_serializer=None, response_deserializer=None)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            got = sum(len(m) for m in call(b"", timeout=120))
+            times.append(time.perf_counter() - t0)
+            assert got == nbytes >> 20 << 20
+        return (nbytes >> 20 << 20) / statistics.median(times[1:]) / 1e9
+    finally:
+        channel.close()
+        stop.set()
+        holder.join(30)
+
+
 def raw_sender(nbytes: int, repeats: int, ports) -> None:
     payload = memoryview(os.urandom(1 << 20) * (nbytes >> 20))
     with socket.socket() as listener:
@@ -181,12 +223,14 @@ def main() -> None:
     nbytes = args.transfer_mib << 20
     chunk = big_chunk(nbytes)
     raw = socket_rate(chunk.nbytes() >> 20 << 20, args.repeats)
+    floor = grpc_floor_rate(chunk.nbytes(), args.repeats)
     transfer = []
     for piece in (1 << 20, (4 << 20) - (128 << 10)):
         rate = grpc_rate(chunk, args.repeats, piece, nbytes)
         transfer.append({"piece_bytes": piece, "grpc_GBps": round(rate, 3), "raw_socket_GBps": round(raw, 3),
                          "ratio": round(rate / raw, 3)})  # fmt: skip
-    result["transfer"] = {"bytes": chunk.nbytes(), "rows": transfer}
+    result["transfer"] = {"bytes": chunk.nbytes(), "rows": transfer, "grpc_floor_GBps": round(floor, 3),
+                          "grpc_floor_ratio": round(floor / raw, 3)}  # fmt: skip
     if not args.skip_decode:
         with tempfile.TemporaryDirectory() as tmp:
             model = make_tiny_checkpoint(Path(tmp) / "tiny", "llada", seed=1)
@@ -197,8 +241,10 @@ def main() -> None:
     for r in transfer:
         lines.append(
             f"  gRPC pieces {r['piece_bytes']:>8} B: {r['grpc_GBps']:.3f} GB/s   "
-            f"raw socket {r['raw_socket_GBps']:.3f} GB/s   ratio {r['ratio']:.2f}"
+            f"raw socket {r['raw_socket_GBps']:.3f} GB/s   ratio {r['ratio']:.2f}   "
+            f"of the gRPC floor {r['grpc_GBps'] / floor:.2f}"
         )
+    lines.append(f"  gRPC floor (bare 1 MiB messages): {floor:.3f} GB/s   ratio to raw socket {floor / raw:.2f}")
     for r in result.get("decode", []):
         lines.append(
             f"decode actors {r['decode_actors']}: {r['requests_per_s']:6.2f} req/s  speedup {r['speedup']:.2f}  "
