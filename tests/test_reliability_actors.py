@@ -7,20 +7,17 @@ runs the lost jobs again on the surviving decode actor. About 60 s on 2 cores.""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
 import ray
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
-from pdllm.cluster.bootstrap import DECODE_RESOURCE, PREFILL_RESOURCE, loopback_only
 from pdllm.cluster.cluster_backend import ClusterBackend
-from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import control
 from pdllm.cluster.runtime import start_cluster
-from ray.cluster_utils import Cluster
+from reliability_cluster import one_actor_per_node, role_nodes, wait_until
 
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig
@@ -34,46 +31,18 @@ DOCS = [
     " ".join(f"Beta {i}: the river is {['Nile', 'Rhine', 'Po'][i % 3]} number {i}." for i in range(5)),
 ]
 JOBS = 18
-# a removed node is declared dead within ~2 s instead of Ray's default ~30 s
-FAST_FAILURE_DETECTION = {
-    "health_check_initial_delay_ms": 500,
-    "health_check_period_ms": 500,
-    "health_check_timeout_ms": 500,
-    "health_check_failure_threshold": 3,
-}
-
-
-def node_args(**kw) -> dict:
-    return {"num_cpus": 1, "node_ip_address": "127.0.0.1", **kw}
 
 
 @pytest.fixture(scope="module")
 def nodes():
-    loopback_only()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=node_args(include_dashboard=False, _system_config=FAST_FAILURE_DETECTION),
-    )
-    cluster.add_node(**node_args(resources={PREFILL_RESOURCE: 1}))
-    decode = [cluster.add_node(**node_args(resources={DECODE_RESOURCE: 1})) for _ in range(3)]
-    yield cluster, {n.node_id: n for n in decode}
-    cluster.shutdown()
+    with role_nodes(prefill=1, decode=3) as (cluster, _, decode):
+        yield cluster, decode
 
 
 @pytest.fixture(scope="module")
 def backend(nodes, tiny_llada, tmp_path_factory):
     cluster, _ = nodes
-    config = ClusterConfig(
-        model_dir=str(tiny_llada),
-        ray_address=cluster.address,
-        num_prefill_actors=1,
-        num_decode_actors=3,
-        cpus_per_actor=1,  # one actor per node
-        chunk_size=METHOD.chunk_size,
-        top_k=METHOD.top_k,
-        keep_ratio=METHOD.keep_ratio,
-        store_capacity_bytes=64 << 20,
-    )
+    config = one_actor_per_node(str(tiny_llada), cluster.address, METHOD, prefill=1, decode=3)
     limits = ClusterLimits(
         call_timeout_s=60,
         start_timeout_s=120,
@@ -96,14 +65,6 @@ def running(slot) -> int:
         return ray.get(control(slot.handle.status).remote(), timeout=5)["running"]
     except ray.exceptions.RayError:
         return 0
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.timeout(240)

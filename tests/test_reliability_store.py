@@ -17,14 +17,12 @@ import pytest
 import ray
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
-from pdllm.cluster.bootstrap import DECODE_RESOURCE, PREFILL_RESOURCE, loopback_only
 from pdllm.cluster.cluster_backend import ClusterBackend
-from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.redis_server import EmbeddedRedis
 from pdllm.cluster.router import control
 from pdllm.cluster.runtime import start_cluster
-from ray.cluster_utils import Cluster
+from reliability_cluster import one_actor_per_node, role_nodes
 
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
@@ -35,29 +33,12 @@ from pdllm.sampler import SamplerConfig
 METHOD = MethodConfig(chunk_size=32, top_k=2, keep_ratio=1.0)
 PARAMS = {"gen_length": 16, "block_length": 16, "steps": 8}
 DOC = " ".join(f"Gamma {i}: the lamp colour is {['red', 'blue', 'green', 'amber'][i % 4]}." for i in range(8))
-FAST_FAILURE_DETECTION = {
-    "health_check_initial_delay_ms": 500,
-    "health_check_period_ms": 500,
-    "health_check_timeout_ms": 500,
-    "health_check_failure_threshold": 3,
-}
-
-
-def node_args(**kw) -> dict:
-    return {"num_cpus": 1, "node_ip_address": "127.0.0.1", **kw}
 
 
 @pytest.fixture(scope="module")
 def nodes():
-    loopback_only()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=node_args(include_dashboard=False, _system_config=FAST_FAILURE_DETECTION),
-    )
-    prefill = [cluster.add_node(**node_args(resources={PREFILL_RESOURCE: 1})) for _ in range(3)]
-    cluster.add_node(**node_args(resources={DECODE_RESOURCE: 1}))
-    yield cluster, {n.node_id: n for n in prefill}
-    cluster.shutdown()
+    with role_nodes(prefill=3, decode=1) as (cluster, prefill, _):
+        yield cluster, prefill
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +51,7 @@ def valkey(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend(nodes, valkey, tiny_llada):
     cluster, _ = nodes
-    config = ClusterConfig(
-        model_dir=str(tiny_llada),
-        redis_url=valkey.url,
-        ray_address=cluster.address,
-        num_prefill_actors=3,
-        num_decode_actors=1,
-        cpus_per_actor=1,  # one actor per node
-        chunk_size=METHOD.chunk_size,
-        top_k=METHOD.top_k,
-        keep_ratio=METHOD.keep_ratio,
-        store_capacity_bytes=64 << 20,
-    )
+    config = one_actor_per_node(str(tiny_llada), cluster.address, METHOD, prefill=3, decode=1, redis_url=valkey.url)
     limits = ClusterLimits(
         call_timeout_s=60,
         start_timeout_s=120,
