@@ -7,6 +7,7 @@ in one of those places; without it Ray refuses, and we say where to put it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -39,12 +40,22 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+class _DropTokenAuthNotice(logging.Filter):
+    """Ray 2.60 announces, at every new local cluster, the token authentication we keep on: not news to our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def connect_ray(config: ClusterConfig) -> bool:
     """Make this process a Ray driver; returns True if it started a private Ray (and so must shut it down)."""
     if ray.is_initialized():
         return False
     if config.ray_address == RAY_LOCAL:
         loopback_only()
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        if not any(isinstance(f, _DropTokenAuthNotice) for f in notice.filters):
+            notice.addFilter(_DropTokenAuthNotice())
         needed_cpus = config.cpus_per_actor * (config.num_prefill_actors + config.num_decode_actors)
         resources = {
             # node resources must be whole numbers

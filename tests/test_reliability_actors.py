@@ -3,7 +3,7 @@ head for the router and the batch worker, one prefill node, three decode nodes; 
 chunk index and the batch; KV moves between nodes over gRPC on loopback. While a batch runs, one decode actor is
 killed (`ray.kill`) and then the node of another is removed. Every job must end with exactly one result (counted
 from the batch's answered-log in Redis), equal to the in-process answer, without a batch-level retry: the router
-runs the lost jobs again on the surviving decode actor. About 60 s on 2 cores."""
+runs the lost jobs again on a live decode actor (the survivor, once the node is gone). About 60 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -109,7 +109,9 @@ def test_decode_actors_lost_mid_batch_every_job_answered_exactly_once(nodes, bac
     assert faults["actors_lost"] == 2 and faults["decode_failovers"] >= 2
     assert sum(r["stats"]["failovers"] for r in results) == faults["decode_failovers"]
     survivor = router.decode[2]
-    assert {r["stats"]["decode_actor"] for r in results if r["stats"]["failovers"]} == {survivor.name}
+    # jobs of the killed actor may finish on the second one (alive then); the removed node's only on the survivor
+    failed_over_to = {r["stats"]["decode_actor"] for r in results if r["stats"]["failovers"]}
+    assert survivor.name in failed_over_to and killed.name not in failed_over_to
     health = backend.health()
     assert health["serving"] and health["alive"] == {"prefill": 1, "decode": 1}
     assert [a["alive"] for a in health["actors"] if a["kind"] == "decode"] == [False, False, True]
