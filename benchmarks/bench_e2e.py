@@ -223,6 +223,11 @@ def bench_config(spec, model, ctx, batch, selected, chunk, device, dtype, attent
     g = try_graph(run)
     row["sparse_graph_ms"] = 1e3 * timed(g, reps) if g else None
     row["sparse_floor_ms"] = 1e3 * floor(pool.n_sel)
+    # the same step with fused q/k/v and gate/up GEMMs (4 weight reads a layer instead of 7), then undone
+    model.fuse_projections()
+    g = try_graph(run)
+    row["sparse_fused_ms"] = 1e3 * timed(g or run, reps)
+    model.fuse_projections(False)
     del pool, run, g
     # sparse with the question's KV cached after step 1 (--keep-question-kv; what the paper's SGLang port does):
     # a step recomputes only the block, attending to the selected rows + the question's rows
@@ -286,6 +291,7 @@ def summarize(row: dict, steps: int) -> dict:
     dense_attn = row.get("attn_dense_ms")
     row["attn_x"] = dense_attn / row["attn_sparse_ms"] if dense_attn else None
     row["floor_gap"] = sp / row["sparse_floor_ms"]
+    row["fused_floor_gap"] = row["sparse_fused_ms"] / row["sparse_floor_ms"] if row.get("sparse_fused_ms") else None
     row["e2e_vanilla_s"] = steps * va / 1e3 if va else None
     row["e2e_prefix_s"] = (steps * pf / 1e3 + (va or 0) / 1e3) if pf and va else None
     row["e2e_sparse_s"] = steps * sp / 1e3 + row["sparse_prefill_s"]
@@ -354,7 +360,7 @@ def main() -> None:
 
     print()
     hdr = "model  ctx     b  vanilla  prefix(best)  sparse(eager/graph)  floor  gap   xVan   xPre"
-    hdr += "  e2e_van  e2e_sp  e2e_x  attnX  spQ(floor)  xPreQ"
+    hdr += "  e2e_van  e2e_sp  e2e_x  attnX  spQ(floor)  xPreQ  fused(gap)"
     print(hdr)
     for r in rows:
         if "error" in r:
@@ -368,10 +374,12 @@ def main() -> None:
             f"{fmt(r['e2e_sparse_s'], '{:.2f}'):>7} {fmt(r['e2e_x_vs_vanilla']):>6} {fmt(r.get('attn_x')):>6}"
             f" {fmt(r.get('sparse_qkv_ms')):>5}({fmt(r.get('sparse_qkv_floor_ms'))})"
             f" {fmt(r.get('qkv_x_vs_prefix'), '{:.2f}'):>5}"
+            f"  {fmt(r.get('sparse_fused_ms'))}({fmt(r.get('fused_floor_gap'), '{:.2f}')})"
         )
     print("times in ms per denoising step; e2e in s for a 64-token answer (64 steps); gap = sparse / floor;")
     print("attnX = one layer's dense attention over the whole context / the kernel over the selected rows (graphed);")
-    print("spQ = sparse step with the question's KV cached (block rows only), its floor, and prefix / spQ")
+    print("spQ = sparse step with the question's KV cached (block rows only), its floor, and prefix / spQ;")
+    print("fused = the sparse step with fused q/k/v and gate/up projections (graphed where possible), its gap")
 
 
 if __name__ == "__main__":

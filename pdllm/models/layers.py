@@ -42,6 +42,28 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate the weights (and biases) of Linear layers that read the same input, and make each layer's
+    parameters views into the result: one GEMM then replaces several, with no second copy of the weights."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    bias = torch.cat([m.bias.detach() for m in linears]) if linears[0].bias is not None else None
+    row = 0
+    for m in linears:
+        m.weight.data = weight[row : row + m.out_features]
+        if bias is not None:
+            m.bias.data = bias[row : row + m.out_features]
+        row += m.out_features
+    return weight, bias
+
+
+def unfuse_linears(linears: list[nn.Linear]) -> None:
+    """Give each layer its own storage again (the fused tensors can then be dropped)."""
+    for m in linears:
+        m.weight.data = m.weight.data.clone()
+        if m.bias is not None:
+            m.bias.data = m.bias.data.clone()
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); LLaDA calls these ff_proj / up_proj / ff_out."""
 
@@ -50,6 +72,18 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(hidden, inner, bias=False)
         self.up = nn.Linear(hidden, inner, bias=False)
         self.down = nn.Linear(inner, hidden, bias=False)
+        self.gate_up: Tensor | None = None  # [2 * inner, hidden] once fused
+
+    def fuse(self, on: bool = True) -> None:
+        """gate and up as one GEMM (Block.fuse_projections says when that pays)."""
+        if on and self.gate_up is None:
+            self.gate_up, _ = fuse_linears([self.gate, self.up])
+        elif not on and self.gate_up is not None:
+            unfuse_linears([self.gate, self.up])
+            self.gate_up = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up is not None:
+            gate, up = nn.functional.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down(nn.functional.silu(gate) * up)
         return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
