@@ -21,3 +21,11 @@ def tiny_dream(tmp_path_factory):
     from pdllm.models.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_dream"), "dream", seed=2, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def lm(tiny_llada):
+    """The tiny LLaDA loaded once, for in-process reference answers (read only: no test may change it)."""
+    from pdllm.models.loader import load_model
+
+    return load_model(tiny_llada)

@@ -16,7 +16,6 @@ from pdllm.cluster.runtime import start_cluster
 
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
-from pdllm.models.loader import load_model
 from pdllm.prompt import encode_request
 from pdllm.sampler import SamplerConfig
 
@@ -43,11 +42,6 @@ def cluster(tiny_llada, tmp_path_factory):
     redis = handle.embedded_redis
     handle.shutdown()
     assert not ray.is_initialized() and not redis.running  # everything we started is stopped
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_llada):
-    return load_model(tiny_llada)
 
 
 def test_answer_equals_the_in_process_sparse_answer(cluster, lm):

@@ -28,7 +28,6 @@ from pdllm.client import ApiError, Client, document_ref
 from pdllm.commands.status import render_status
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig
-from pdllm.models.loader import load_model
 from pdllm.observability import metrics
 from pdllm.sampler import SamplerConfig
 
@@ -79,11 +78,6 @@ def server(backend, store):
 def client(server):
     with Client(server.address, auth_token=TOKEN, timeout_s=60, retries=0) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_llada):
-    return load_model(tiny_llada)
 
 
 def reference(lm, doc: str, question: str) -> str:

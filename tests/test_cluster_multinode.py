@@ -14,7 +14,6 @@ from ray.cluster_utils import Cluster
 
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig, chunk_id, encode_chunks, split_chunks
-from pdllm.models.loader import load_model
 from pdllm.prompt import encode_request
 from pdllm.sampler import SamplerConfig
 
@@ -23,11 +22,6 @@ SAMPLER = SamplerConfig(gen_length=16, block_length=16, steps=8)
 DOC_A = " ".join(f"Alpha {i}: the vault number is {4000 + 13 * i}." for i in range(3))
 DOC_B = " ".join(f"Beta {i}: the river is {['Nile', 'Rhine', 'Po'][i % 3]} number {i}." for i in range(3))
 STORE_CHUNKS = 5  # capacity of the one prefill store, in chunks: less than DOC_A + DOC_B
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_llada):
-    return load_model(tiny_llada)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from reliability_cluster import one_actor_per_node, role_nodes, wait_until
 
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig
-from pdllm.models.loader import load_model
 from pdllm.sampler import SamplerConfig
 
 METHOD = MethodConfig(chunk_size=32, top_k=2, keep_ratio=1.0)
@@ -53,11 +52,6 @@ def backend(nodes, tiny_llada, tmp_path_factory):
     yield b
     b.close()
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_llada):
-    return load_model(tiny_llada)
 
 
 def running(slot) -> int:

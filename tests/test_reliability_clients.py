@@ -24,7 +24,6 @@ from pdllm.client import Client, generate_request
 from pdllm.engine import generate
 from pdllm.load_client import LoadRequest, run_round
 from pdllm.method import ChunkCache, MethodConfig
-from pdllm.models.loader import load_model
 from pdllm.sampler import SamplerConfig
 
 TOKEN = "reliability-clients-token"
@@ -70,11 +69,6 @@ def server(backend):
 def client(server):
     with Client(server.address, auth_token=TOKEN, timeout_s=60, retries=0) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_llada):
-    return load_model(tiny_llada)
 
 
 def reference(lm, doc: str, question: str) -> str:

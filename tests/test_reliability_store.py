@@ -26,7 +26,6 @@ from reliability_cluster import one_actor_per_node, role_nodes
 
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
-from pdllm.models.loader import load_model
 from pdllm.prompt import encode_request
 from pdllm.sampler import SamplerConfig
 
@@ -64,11 +63,6 @@ def backend(nodes, valkey, tiny_llada):
     yield b
     b.close()
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_llada):
-    return load_model(tiny_llada)
 
 
 def reference(lm, doc: str, question: str, params: dict = PARAMS) -> str:
