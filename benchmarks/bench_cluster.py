@@ -63,7 +63,7 @@ def decode_scaling(model_dir: str, counts: list[int], requests: int) -> list[dic
         top_k=METHOD.top_k,
         keep_ratio=METHOD.keep_ratio,
     )
-    limits = ClusterLimits(decode_concurrency=2, call_timeout_s=120)
+    limits = ClusterLimits(call_timeout_s=120)
     handle = start_cluster(config, limits)
     try:
         base = handle.router

@@ -12,7 +12,7 @@ Two measurements, each against baselines taken in the same run:
               split-nccl     prefill actor on GPU 0, decode actor on GPU 1, kv_transport auto -> NCCL
               split-host     same placement, kv_transport grpc -> same-node reads through host memory (Ray)
               one-gpu        both actors on GPU 0 (Ray told of one GPU): the baseline
-            The decode actors keep no KV cache (decode_cache_bytes 1), so every request moves its top-K chunks.
+            The decode actors keep no fetched KV (decode_reuse_fetched False), so every request moves its top-K chunks.
 NVLink multicast stays off everywhere: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
 NVSHMEM_DISABLE_NVLS=1 are set in this process, in Ray's job runtime_env and in every actor's runtime_env.
 
@@ -261,7 +261,7 @@ def e2e(name: str, model_dir: str, gpus: dict, kv_transport: str, args, docs: li
         store_capacity_bytes=args.store_gib << 30,
         kv_transport=kv_transport,
     )
-    limits = ClusterLimits(decode_cache_bytes=1, call_timeout_s=600, start_timeout_s=600, collective_timeout_s=120)
+    limits = ClusterLimits(decode_reuse_fetched=False, call_timeout_s=600, start_timeout_s=600, collective_timeout_s=120)
     try:
         with start_cluster(config, limits) as handle:
             infos = ray.get([a.collective_probe.remote() for a in handle.prefill_actors + handle.decode_actors])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+from pdllm.decode_node.engine import EngineConfig, parse_buckets
 
 from pdllm.errors import PdllmError
 from pdllm.method.config import MIN_CHUNK_SIZE, MethodConfig
@@ -53,6 +54,15 @@ class ClusterConfig:
     # How chunk KV moves from prefill to decode actors: "auto" (NCCL between actors on different GPUs, gRPC or
     # same-node reads otherwise), "grpc" (never NCCL), "gloo" (a gloo group among all actors: CPU clusters, tests).
     kv_transport: str = "auto"
+    # Jobs one decode actor batches into each denoising step (continuous batching; more wait in its queue).
+    decode_max_batch: int = 32
+    # Bytes of the decode actor's resident chunk-KV pool (K+V); 0: derived (GPU: 90% of free memory after the
+    # weights less an 8 GiB reserve for activations and graphs; CPU: 1 GiB).
+    decode_pool_bytes: int = 0
+    # Batch sizes a CUDA graph of the decode step is captured for (a step runs at the smallest bucket that fits).
+    decode_graph_buckets: str = "1,2,4,8,16,32,64"
+    # Default for requests: keep the question's KV after the first step and recompute only the generated tokens.
+    keep_question_kv: bool = False
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
@@ -108,12 +118,34 @@ class ClusterConfig:
             raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.store_capacity_bytes < 0:
             raise ConfigError(f"store_capacity_bytes must be >= 0 (0: derived), got {self.store_capacity_bytes}")
+        if self.decode_max_batch < 1:
+            raise ConfigError(f"decode_max_batch must be >= 1, got {self.decode_max_batch}")
+        if self.decode_pool_bytes < 0:
+            raise ConfigError(f"decode_pool_bytes must be >= 0 (0: derived), got {self.decode_pool_bytes}")
+        try:
+            parse_buckets(self.decode_graph_buckets)
+        except ValueError as e:
+            raise ConfigError(f"decode_graph_buckets: {e}") from None
         if self.kv_transport not in KV_TRANSPORTS:
             raise ConfigError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
 
     def method(self) -> MethodConfig:
         """The default method parameters of requests that do not set their own."""
-        return MethodConfig(chunk_size=self.chunk_size, top_k=self.top_k, keep_ratio=self.keep_ratio)
+        return MethodConfig(
+            chunk_size=self.chunk_size,
+            top_k=self.top_k,
+            keep_ratio=self.keep_ratio,
+            keep_question_kv=self.keep_question_kv,
+        )
+
+    def engine(self, reuse_fetched: bool = True) -> EngineConfig:
+        """The decode actors' engine settings."""
+        return EngineConfig(
+            max_batch=self.decode_max_batch,
+            pool_bytes=self.decode_pool_bytes,
+            graph_buckets=parse_buckets(self.decode_graph_buckets),
+            keep_unpinned=reuse_fetched,
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ClusterConfig:
@@ -124,7 +156,13 @@ class ClusterConfig:
 
 def _coerce(name: str, annotation: str, value):
     """YAML/CLI value -> the option's type, with a clear error (ints stay ints: 2.0 GPUs may be written as 2)."""
-    kind = {"str": str, "int": int, "float": float}[str(annotation)]
+    kind = {"str": str, "int": int, "float": float, "bool": bool}[str(annotation)]
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
     if isinstance(value, bool) or (kind is not str and isinstance(value, str)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if kind is str:
@@ -145,7 +183,7 @@ def _coerce(name: str, annotation: str, value):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE plus one flag per option (--num-decode-actors 4 ...); unset flags keep the file's value."""
     parser.add_argument("--config", help="cluster config YAML (see deploy/config.example.yaml)")
-    types = {"str": str, "int": int, "float": float}
+    types = {"str": str, "int": int, "float": float, "bool": str}
     for f in fields(ClusterConfig):
         flag = "--" + f.name.replace("_", "-")
         parser.add_argument(flag, dest=f.name, type=types[str(f.type)], default=None, help=f"cluster option {f.name}")

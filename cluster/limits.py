@@ -11,15 +11,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ClusterLimits:
-    decode_concurrency: int = 4  # jobs one decode actor runs at once (threads; more wait in its queue)
-    max_queued_per_decode_actor: int = 16  # jobs sent to one decode actor and not finished; beyond: ClusterBusy
+    max_queued_per_decode_actor: int = 64  # jobs sent to one decode actor and not finished; beyond: ClusterBusy
     max_queued_per_prefill_actor: int = 16  # prefill calls in flight per prefill actor; beyond: ClusterBusy
     prefill_batch_size: int = 8  # chunks encoded per forward pass
     claim_ttl_s: float = 60.0  # a prefill claim expires after this, so a dead claimant blocks no one for longer
     call_timeout_s: float = 300.0  # every Ray call, gRPC fetch and wait for another actor's prefill
     redis_timeout_s: float = 5.0  # socket timeout of every Redis command
     transfer_piece_bytes: int = 1 << 20  # bytes of KV per gRPC message (gRPC's default limit is 4 MiB)
-    decode_cache_bytes: int = 1 << 30  # fetched chunk KV a decode actor keeps (LRU) for later jobs
+    decode_reuse_fetched: bool = True  # fetched chunk KV stays in the decode pool (LRU) after its jobs finish
     redis_data_dir: str = ""  # embedded Valkey's directory ("": a new temporary one)
     index_prefix: str = "pdllm:kv"  # Redis key prefix of the chunk index (one per cluster sharing a Redis)
     max_retries: int = 2  # decode retries after a selected chunk vanished (evicted) between lookup and fetch
@@ -33,7 +32,7 @@ class ClusterLimits:
     log_level: str = "INFO"  # actors' log level; their lines reach the driver's stderr and Ray's worker logs
 
     def validate(self) -> None:
-        for name in ("decode_concurrency", "max_queued_per_decode_actor", "max_queued_per_prefill_actor"):
+        for name in ("max_queued_per_decode_actor", "max_queued_per_prefill_actor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.fetch_timeout_s <= 0 or self.probe_timeout_s <= 0 or self.fetch_retries < 0 or self.stream_events < 1:

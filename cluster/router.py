@@ -65,6 +65,7 @@ class ActorSlot:
     node: str
     handle: object  # ray.actor.ActorHandle
     max_queued: int
+    batch: int = 1  # jobs the actor runs at once (a decode actor's max batch)
     inflight: int = 0
     recent: OrderedDict = field(default_factory=OrderedDict)  # chunk ids this decode actor fetched
     state: str = UP
@@ -148,7 +149,7 @@ class Router:
             return slot
 
     def pick_decode(self, cids: list[str], holders: dict[str, str], avoid: set[str] = frozenset()) -> ActorSlot:
-        """An actor with a free job thread first (waiting behind a whole job costs more than any fetch saves), then
+        """An actor with a free batch row first (waiting behind a whole job costs more than any fetch saves), then
         score = share of the request's chunks the actor holds (cached, or on its node) - its queue fill."""
         unique = set(cids)
         with self._lock:
@@ -158,7 +159,7 @@ class Router:
                 held = sum(1 for c in unique if c in s.recent or holders.get(c) == s.node)
                 return held / max(1, len(unique)) - s.inflight / s.max_queued
 
-            free = lambda s: s.inflight < self.limits.decode_concurrency  # noqa: E731
+            free = lambda s: s.inflight < s.batch  # noqa: E731
             slot = max(open_slots, key=lambda s: (free(s), score(s), -s.inflight))
             self._acquire(slot)
             return slot

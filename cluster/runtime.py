@@ -123,10 +123,17 @@ def _start_actors(
                 num_cpus=config.cpus_per_actor,
                 num_gpus=config.decode_gpus_per_actor,
                 resources=role_resources(DECODE_RESOURCE, config.decode_gpus_per_actor),
-                max_concurrency=limits.decode_concurrency + 1,  # + 1: status answers while jobs run
-                runtime_env=with_actor_env(),
+                max_concurrency=limits.max_queued_per_decode_actor + 1,  # a thread per queued job (they wait
+                runtime_env=with_actor_env(),  # on the actor's engine, which batches them), + 1 for status
             ).remote(
-                name, config.model_dir, config.decode_gpus_per_actor, config.cpus_per_actor, redis_url, limits, token
+                name,
+                config.model_dir,
+                config.decode_gpus_per_actor,
+                config.cpus_per_actor,
+                redis_url,
+                limits,
+                token,
+                config.engine(limits.decode_reuse_fetched),
             )
         )
     try:
@@ -149,7 +156,10 @@ def _start_actors(
     pq, dq = limits.max_queued_per_prefill_actor, limits.max_queued_per_decode_actor
     router = Router(
         prefill=[ActorSlot(i["name"], i["node"], a, pq) for i, a in zip(p_info, prefill, strict=True)],
-        decode=[ActorSlot(i["name"], i["node"], a, dq) for i, a in zip(d_info, decode, strict=True)],
+        decode=[
+            ActorSlot(i["name"], i["node"], a, dq, batch=config.decode_max_batch)
+            for i, a in zip(d_info, decode, strict=True)
+        ],
         index=index,
         tokenizer=load_tokenizer(Path(config.model_dir).expanduser()),
         model_id=model_ids.pop(),

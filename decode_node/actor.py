@@ -1,7 +1,9 @@
 """The decode actor: takes a job (question tokens + the document's chunk ids), ranks the chunks from their index
-summaries, gets the top-K chunks' KV (its own cache first, then the holder: through Ray on the same node, over the
-KVTransport between nodes), and runs the denoising loop. Several jobs run at once (bounded by the actor's
-max_concurrency); a selected chunk that vanished (evicted) is reported back so the router re-prefills it.
+summaries, pins the top-K chunks in its decode engine's resident KV pool (fetching those not resident from their
+holder: through Ray on the same node, over the KVTransport between nodes, straight into pool pages), and submits the
+job to the engine, which batches every running job into each denoising step (pdllm.decode_node.engine). Each call
+runs in its own thread (up to the actor's max_concurrency) and waits on its job; a selected chunk that vanished
+(evicted) is reported back so the router re-prefills it.
 
 `decode_stream` is the same job as a Ray streaming generator: progress events (one per denoising step, through a
 bounded box that drops old steps rather than stall the decode) and then the result. `cancel(request_id)` stops a
@@ -16,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 
 import ray
@@ -27,10 +30,11 @@ from pdllm.cluster.event_box import EventBox
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transport import FetchItem, GrpcTransport, KVTransport, TransferError
+from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks
+from pdllm.decode_node.job import JobCancelled, JobHandle
 from pdllm.prefill_node.actor import pick_device
 
-from pdllm.errors import PdllmError
-from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, rank_chunks
+from pdllm.method import MethodConfig, rank_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
 from pdllm.observability import metrics
@@ -39,10 +43,6 @@ from pdllm.sampler import SamplerConfig, strip_after_eos
 
 log = logging.getLogger(__name__)
 CANCEL_MEMORY_S = 600.0  # how long a cancelled request id is remembered (a cancel may arrive before its job)
-
-
-class JobCancelled(PdllmError):
-    """The router cancelled the job (its caller left or its deadline passed)."""
 
 
 class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV group (cluster/collective_group.py)
@@ -55,6 +55,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         redis_url: str,
         limits: ClusterLimits,
         token: str,
+        engine: EngineConfig | None = None,
         transport: KVTransport | None = None,
     ) -> None:
         torch.set_num_threads(max(1, int(cpus)))
@@ -67,8 +68,8 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self.collective = CollectiveGroup()  # joined by the runtime when a holder can send KV device to device
         grpc_transport = GrpcTransport(token=token, piece_bytes=limits.transfer_piece_bytes)
         self.transport = transport or CollectiveTransport(self.collective, grpc_transport, self.device)
-        self.cache = ChunkCache(max_bytes=limits.decode_cache_bytes)  # fetched KV, LRU, for later jobs
-        self._cache_lock = threading.Lock()
+        self.engine = DecodeEngine(self.lm, engine)  # resident KV pool + batched steps, for every job
+        self._handles: dict[str, JobHandle] = {}  # job id -> its engine job, while it runs
         self._count_lock = threading.Lock()
         self.running = 0
         self.done = 0
@@ -91,8 +92,11 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         now = time.monotonic()
         with self._count_lock:
             self._cancel_at[job_id] = now
+            handle = self._handles.get(job_id)
             for rid in [r for r, t in self._cancel_at.items() if now - t > CANCEL_MEMORY_S]:
                 del self._cancel_at[rid]
+        if handle is not None:
+            handle.cancel()  # dropped at the engine's next step boundary, queued or running
 
     def _is_cancelled(self, job_id: str | None) -> bool:
         return job_id is not None and job_id in self._cancel_at
@@ -122,12 +126,23 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
                     raise item
                 if item.get("type") in ("result", "cancelled"):
                     finished = True
-                yield item
+                yield self._step_event(item, job) if "row" in item else item
                 if finished:
                     return
         finally:
             if not finished and jid is not None:  # the consumer went away (ray.cancel): stop the worker too
                 self.cancel(jid)
+
+    def _step_event(self, item: dict, job: dict) -> dict:
+        spec, row = self.lm.spec, item["row"]
+        tokens = strip_after_eos(row, spec.eos_token_ids, spec.mask_token_id)
+        return {
+            "type": "step",
+            "step": item["step"],
+            "total_steps": int(job.get("total_steps", 0)),
+            "partial_text": self.lm.tokenizer.decode(tokens),
+            "unmasked_tokens": sum(t != spec.mask_token_id for t in row),
+        }
 
     def decode(self, job: dict, events: EventBox | None = None) -> dict:
         """job: question_ids, chunk_ids (document order), method (MethodConfig fields), sampler (SamplerConfig
@@ -149,7 +164,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
 
     def _on_step(self, job: dict, events: EventBox | None):
         """The denoising loop's callback: stop if cancelled, record the step, hand a progress event to `events`."""
-        jid, spec, last = job.get("job_id"), self.lm.spec, [time.perf_counter()]
+        jid, last = job.get("job_id"), [time.perf_counter()]
 
         def on_step(step: int, gen) -> None:
             if self._is_cancelled(jid):
@@ -157,17 +172,8 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             now = time.perf_counter()
             metrics.record_step(now - last[0])
             last[0] = now
-            if events is not None:
-                row = gen[0].tolist()
-                tokens = strip_after_eos(row, spec.eos_token_ids, spec.mask_token_id)
-                event = {
-                    "type": "step",
-                    "step": step,
-                    "total_steps": int(job.get("total_steps", 0)),
-                    "partial_text": self.lm.tokenizer.decode(tokens),
-                    "unmasked_tokens": sum(t != spec.mask_token_id for t in row),
-                }
-                events.put_step(event)
+            if events is not None:  # the tokens only: the stream's reader makes the text, off the engine's thread
+                events.put_step({"type": "step", "step": step, "row": gen[0].tolist()})
 
         return on_step
 
@@ -181,30 +187,48 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         gone = sorted({c for c in ids if c not in entries})
         if gone:
             return {"missing": gone, "holders": {}}
-        picked = rank_chunks(self.lm, question_ids, [entries[c].summary for c in ids], cfg.top_k) if ids else []
+        with self.engine.scheduler.gpu_lock:
+            picked = rank_chunks(self.lm, question_ids, [entries[c].summary for c in ids], cfg.top_k) if ids else []
         t1 = time.perf_counter()
         need = list(dict.fromkeys(ids[i] for i in picked))
-        got, where = self._gather(need, entries)
-        gone = [c for c in need if c not in got]
-        if gone:
+        where = _where()
+        fetch = lambda missing: self._gather(missing, entries, where)  # noqa: E731
+        jid = job.get("job_id") or uuid.uuid4().hex
+        try:
+            djob = self.engine.prepare(
+                question_ids, need, fetch, cfg, sampler, job.get("seed", 0), self._on_step(job, events),
+                timeout_s=self.limits.call_timeout_s, job_id=jid,
+            )  # fmt: skip
+        except MissingChunks as e:
             holders = {}
-            for cid in gone:  # the holder no longer has it, or cannot send it: drop the entry so it is re-prefilled
+            for cid in e.cids:  # the holder no longer has it, or cannot send it: drop the entry so it is re-prefilled
                 holder = entries[cid].holder
                 self.index.remove(cid, holder)
                 holders[holder] = where["failed"].get(holder, "missing")
-            return {"missing": gone, "holders": holders}
+            return {"missing": e.cids, "holders": holders}
         self.index.touch(need)
         t2 = time.perf_counter()
-        device = self.lm.model.device
-        chunks = [_on(got[ids[i]], device) for i in picked]
-        on_step = self._on_step(job, events)
-        result = decode_with_chunks(self.lm, question_ids, chunks, cfg, sampler, job.get("seed", 0), on_step)
+        n_sel = int(djob.sel_rows.shape[-1])
+        with self._count_lock:
+            handle = self.engine.submit(djob)
+            self._handles[jid] = handle
+        if self._is_cancelled(jid):
+            handle.cancel()
+        try:
+            result = handle.wait()
+        finally:
+            with self._count_lock:
+                self._handles.pop(jid, None)
         spec = self.lm.spec
         tokens = strip_after_eos(result.tokens, spec.eos_token_ids, spec.mask_token_id)
         stats = {
             **result.stats,
+            "selected_chunks": len(need),
+            "selected_tokens": n_sel,
+            "question_start_position": djob.start,
+            "kv_tokens_per_step": n_sel + len(question_ids) + sampler.gen_length,
             "selected_chunk_indices": picked,
-            "fetched_local_cache": where["cache"],
+            "fetched_local_cache": len(need) - where["node"] - where["remote"],
             "fetched_same_node": where["node"],
             "fetched_remote": where["remote"],
             "fetched_bytes": where["bytes"],
@@ -215,28 +239,21 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "decode_actor": self.name,
         }
         log.info(
-            "decoded %d tokens in %d steps over %d of %d chunks (rank %.1f ms, fetch %.1f ms, total %.1f ms)",
-            len(tokens), result.steps, len(picked), len(ids), stats["rank_ms"], stats["fetch_ms"],
-            1000 * (time.perf_counter() - t0),
+            "decoded %d tokens in %d steps (mean batch %.1f) over %d of %d chunks (rank %.1f ms, fetch %.1f ms, "
+            "total %.1f ms)", len(tokens), result.steps, result.stats["mean_batch"], len(picked), len(ids),
+            stats["rank_ms"], stats["fetch_ms"], 1000 * (time.perf_counter() - t0),
         )  # fmt: skip
         return {"tokens": tokens, "answer": self.lm.tokenizer.decode(tokens), "stats": stats}
 
-    def _gather(self, need: list[str], entries: dict[str, IndexEntry]) -> tuple[dict[str, ChunkKV], dict]:
-        """KV of `need`: own cache, then same-node holders through Ray, then the transport (per holder, so one
-        failing holder costs only its own chunks). where["failed"]: holder -> why its chunks could not be had."""
+    def _gather(self, need: list[str], entries: dict[str, IndexEntry], where: dict) -> dict[str, ChunkKV]:
+        """KV of `need` (chunks not resident in the pool): same-node holders through Ray, then the transport (per
+        holder, so one failing holder costs only its own chunks). where["failed"]: holder -> why its chunks could not
+        be had."""
         got = {}
-        where = {"cache": 0, "node": 0, "remote": 0, "bytes": 0, "paths": {}, "failed": {}, "errors": []}
-        with self._cache_lock:
-            for cid in need:
-                if (chunk := self.cache.get(cid)) is not None:
-                    got[cid] = chunk
-        where["cache"] = len(got)
         local: dict[str, list[str]] = {}
         remote: dict[str, list[FetchItem]] = {}
         holder_at: dict[str, str] = {}
         for cid in need:
-            if cid in got:
-                continue
             entry = entries[cid]
             if entry.node == self.node and not self.transport.serves_directly(entry.address):
                 local.setdefault(entry.holder, []).append(cid)
@@ -268,10 +285,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
                 where["paths"][path] = where["paths"].get(path, 0) + n
                 if path in metrics.TRANSPORTS:
                     metrics.record_fetch(path, fetched.bytes * n // max(1, len(fetched.chunks)))
-        with self._cache_lock:
-            for chunk in got.values():
-                self.cache.put(chunk)
-        return got, where
+        return got
 
     def _fetch(self, address: str, items: list[FetchItem], where: dict):
         """One holder's chunks through the transport, tried 1 + fetch_retries times; None if every try failed
@@ -293,6 +307,8 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         return None
 
     def status(self) -> dict:
+        engine = self.engine.status()
+        pool = engine["pool"]
         with self._count_lock:
             cancels = len(self._cancel_at)
             failures = dict(self.fetch_failures)
@@ -306,8 +322,9 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "cancels_remembered": cancels,
             "fetch_failures": failures,
             "fetch_recovered": self.fetch_recovered,
-            "cache_chunks": len(self.cache),
-            "cache_bytes": self.cache.bytes,
+            "cache_chunks": pool["chunks"],
+            "cache_bytes": pool["used_bytes"],
+            "engine": engine,
             "process": process_stats(),
             "metrics": metrics.snapshot(),
         }
@@ -321,8 +338,6 @@ def _failure_kind(reason: str) -> str:
     return "error"
 
 
-def _on(chunk: ChunkKV, device: torch.device) -> ChunkKV:
-    if chunk.k.device == device:
-        return chunk
-    k, v, s = chunk.k.to(device), chunk.v.to(device), chunk.summary.to(device)
-    return ChunkKV(chunk.chunk_id, chunk.tokens, k, v, s, chunk.has_bos)
+def _where() -> dict:
+    """Where a job's chunks came from (filled by _gather)."""
+    return {"node": 0, "remote": 0, "bytes": 0, "paths": {}, "failed": {}, "errors": []}

@@ -1,30 +1,48 @@
 """Generation in one process: a request, a mode, the denoising loop, the answer and its statistics.
 
-Modes are Denoisers (see sampler.py). `vanilla` re-encodes BOS + context + question + block at every step: the
-reference that every faster mode is compared with. `prefix` encodes BOS + context once and attends to all of it
-(Fast-dLLM style). `sparse` is predictive prefilling (pdllm.method): chunks encoded once each (and cached across
-requests), the top-K chunks and their most relevant tokens selected per question, the block denoised against them.
+`vanilla` re-encodes BOS + context + question + block at every step (pdllm.sampler.denoise over a Denoiser): the
+reference that every faster mode is compared with. `prefix` (Fast-dLLM style: BOS + context encoded once and
+attended in full) and `sparse` (predictive prefilling: chunks encoded once each and cached across requests, the top-K
+chunks and their most relevant tokens selected per question) run on the decode engine of `pdllm.decode_node`, the
+same batched engine a decode actor runs, with this one request as its batch: the prefix is a single pool entry read
+whole, the chunks are pool entries read through their selected rows.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from pdllm.decode_node.engine import DecodeEngine, EngineConfig
 from pdllm.errors import InvalidRequest
-from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, rank_chunks, split_chunks
-from pdllm.method.prefix import PrefixDenoiser, encode_prefix
+from pdllm.method import ChunkCache, MethodConfig, chunk_id, rank_chunks, split_chunks
+from pdllm.method.chunk_kv import ChunkKV
+from pdllm.method.prefix import encode_prefix
 from pdllm.models.loader import LoadedModel
 from pdllm.models.transformer import DllmModel
 from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, EncodedRequest, encode_request
 from pdllm.sampler import SamplerConfig, denoise, strip_after_eos
 
 MODES = ("vanilla", "prefix", "sparse")
-DEFAULT_CHUNK_CACHE = ChunkCache()  # process-wide: a chunk seen by any request is not encoded again
+DEFAULT_CHUNK_CACHE = ChunkCache()  # process-wide: a chunk (or prefix) seen by any request is not encoded again
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its decode engine
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(lm: LoadedModel, config: EngineConfig | None = None) -> DecodeEngine:
+    """The process's decode engine for `lm` (made on first use; `config` applies then only)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(lm.model)
+        if engine is None:
+            engine = _ENGINES[lm.model] = DecodeEngine(lm, config)
+        return engine
+
 
 __all__ = ["MODES", "GenerationOutput", "MethodConfig", "generate"]
 
@@ -67,9 +85,11 @@ def generate(
     on_step: Callable[[int, Tensor], None] | None = None,
     method: MethodConfig | None = None,
     cache: ChunkCache | None = None,
+    engine: DecodeEngine | None = None,
 ) -> GenerationOutput:
     """`on_step(step, gen)` sees the generated tokens after every denoising step (streaming); raising stops it.
-    `method` configures prefix/sparse (chunking, top-K, keep ratio, BOS anchor); `cache` defaults to the process's."""
+    `method` configures prefix/sparse (chunking, top-K, keep ratio, BOS anchor); `cache` (prefill's chunk cache)
+    defaults to the process's; `engine` (the decode engine) to the process's engine for `lm`."""
     sampler = sampler or SamplerConfig()
     sampler.validate()
     if mode not in MODES:
@@ -80,19 +100,9 @@ def generate(
     req = encode_request(lm.tokenizer, context, question, max_context_tokens)
     t0 = time.perf_counter()
     stats: dict = {"mode": mode, "context_tokens": len(req.context_ids), "question_tokens": len(req.question_ids)}
-    if mode == "sparse":
-        raw, more = sparse_tokens(lm, req, sampler, method, seed, on_step, cache or DEFAULT_CHUNK_CACHE)
-        stats.update(more)
-    else:
-        if mode == "vanilla":
-            denoiser = VanillaDenoiser(lm.model, prompt_tensor(lm, req))
-        else:
-            bos = [lm.spec.bos_token_id] if method.use_bos and lm.spec.bos_token_id is not None else []
-            t_prefill = time.perf_counter()
-            kv = encode_prefix(lm.model, bos + req.context_ids)
-            stats["prefill_seconds"] = round(time.perf_counter() - t_prefill, 4)
-            stats["kv_tokens_per_step"] = len(bos) + len(req.context_ids) + len(req.question_ids) + sampler.gen_length
-            denoiser = PrefixDenoiser(lm.model, kv, torch.tensor([req.question_ids], device=lm.model.device))
+    cache = cache if cache is not None else DEFAULT_CHUNK_CACHE
+    if mode == "vanilla":
+        denoiser = VanillaDenoiser(lm.model, prompt_tensor(lm, req))
         gen = torch.Generator(device=lm.model.device).manual_seed(seed)
         result = denoise(
             denoiser, 1, sampler, lm.spec.mask_token_id, lm.spec.eos_token_ids, lm.model.device, gen, on_step=on_step
@@ -103,10 +113,57 @@ def generate(
             decode_seconds=round(sum(result.step_seconds), 4),
             mean_step_ms=round(1000 * sum(result.step_seconds) / max(result.steps, 1), 3),
         )
+    else:
+        engine = engine or engine_for(lm)
+        run = prefix_tokens if mode == "prefix" else sparse_tokens
+        raw, more = run(lm, req, sampler, method, seed, on_step, cache, engine)
+        stats.update(more)
     tokens = strip_after_eos(raw, lm.spec.eos_token_ids, lm.spec.mask_token_id)
     stats["generated_tokens"] = len(tokens)
     stats["total_seconds"] = round(time.perf_counter() - t0, 4)
     return GenerationOutput(answer=lm.tokenizer.decode(tokens), tokens=tokens, stats=stats)
+
+
+def prefix_kv(lm: LoadedModel, req: EncodedRequest, method: MethodConfig, cache: ChunkCache) -> tuple[ChunkKV, bool]:
+    """[BOS] + context as one cache entry (encoded once per document); True if it was encoded now."""
+    bos = [lm.spec.bos_token_id] if method.use_bos and lm.spec.bos_token_id is not None else []
+    cid = chunk_id(lm.model_id, req.context_ids, 0, bool(bos))  # chunk size 0: the whole-context entry
+    entry = cache.get(cid)
+    if entry is not None:
+        return entry, False
+    kv = encode_prefix(lm.model, bos + req.context_ids)
+    k = torch.stack([k[0] for k, _ in kv])
+    v = torch.stack([v[0] for _, v in kv])
+    entry = ChunkKV(cid, list(req.context_ids), k, v, torch.zeros(0), bool(bos))
+    cache.put(entry)
+    return entry, True
+
+
+def prefix_tokens(
+    lm: LoadedModel,
+    req: EncodedRequest,
+    sampler: SamplerConfig,
+    method: MethodConfig,
+    seed: int,
+    on_step: Callable[[int, Tensor], None] | None,
+    cache: ChunkCache,
+    engine: DecodeEngine,
+) -> tuple[list[int], dict]:
+    """The prefix-cache baseline on the decode engine: the question attends to every context row."""
+    t0 = time.perf_counter()
+    entry, encoded = prefix_kv(lm, req, method, cache)
+    t1 = time.perf_counter()
+    whole = MethodConfig(**{**method.__dict__, "keep_ratio": 1.0})
+    result, sel = engine.run(
+        req.question_ids, [entry.chunk_id], lambda _: {entry.chunk_id: entry}, whole, sampler, seed, on_step
+    )
+    return result.tokens, {
+        "prefill_seconds": round(t1 - t0, 4),
+        "prefix_encoded": encoded,
+        "kv_tokens_per_step": sel["kv_tokens_per_step"],
+        "question_start_position": sel["question_start_position"],
+        **result.stats,
+    }
 
 
 def sparse_tokens(
@@ -117,16 +174,22 @@ def sparse_tokens(
     seed: int,
     on_step: Callable[[int, Tensor], None] | None,
     cache: ChunkCache,
+    engine: DecodeEngine,
 ) -> tuple[list[int], dict]:
-    """Chunk (cached), rank, select, denoise; returns the raw generated tokens and the method's statistics."""
+    """Chunk (cached), rank, select, denoise on the engine; returns the raw generated tokens and the statistics."""
     t0 = time.perf_counter()
     chunks = split_chunks(req.context_ids, method.chunk_size)
     found = cache.get_or_encode(lm, chunks, method, lm.model_id)
     t1 = time.perf_counter()
-    picked = rank_chunks(lm, req.question_ids, [c.summary for c in found.chunks], method.top_k) if chunks else []
+    picked = []
+    if chunks:
+        with engine.scheduler.gpu_lock:
+            picked = rank_chunks(lm, req.question_ids, [c.summary for c in found.chunks], method.top_k)
     t2 = time.perf_counter()
-    result = decode_with_chunks(
-        lm, req.question_ids, [found.chunks[i] for i in picked], method, sampler, seed=seed, on_step=on_step
+    selected = {found.chunks[i].chunk_id: found.chunks[i] for i in picked}
+    cids = [found.chunks[i].chunk_id for i in picked]
+    result, sel = engine.run(
+        req.question_ids, cids, lambda need: {c: selected[c] for c in need}, method, sampler, seed, on_step
     )
     stats = {
         "chunks": len(chunks),
@@ -141,6 +204,8 @@ def sparse_tokens(
         "chunk_size": method.chunk_size,
         "keep_ratio": method.keep_ratio,
         "use_bos": method.use_bos,
+        "context_tokens_selected": sum(len(found.chunks[i].tokens) for i in picked),
+        **sel,
         **result.stats,
     }
     return result.tokens, stats

@@ -128,8 +128,8 @@ def denoise(
 
 
 def topk_mask(scores: Tensor, k: Tensor) -> Tensor:
-    """Boolean mask of each row's k[b] highest scores."""
-    order = scores.argsort(dim=-1, descending=True)
+    """Boolean mask of each row's k[b] highest scores (ties go to the earlier position, whatever follows it)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return ranks < k[:, None]

@@ -51,7 +51,7 @@ def cluster(nodes, tiny_llada, lm):
         keep_ratio=METHOD.keep_ratio,
         store_capacity_bytes=STORE_CHUNKS * chunk.nbytes(),
     )
-    handle = start_cluster(config, ClusterLimits(call_timeout_s=60, start_timeout_s=90, decode_cache_bytes=1))
+    handle = start_cluster(config, ClusterLimits(call_timeout_s=60, start_timeout_s=90, decode_reuse_fetched=False))
     yield handle
     handle.shutdown()
     ray.shutdown()

@@ -327,7 +327,7 @@ def test_cluster_on_gloo_answers_like_in_process_and_falls_back_to_grpc_when_the
     limits = ClusterLimits(
         call_timeout_s=60,
         start_timeout_s=90,
-        decode_cache_bytes=1,  # every request fetches its chunks again
+        decode_reuse_fetched=False,  # every request fetches its chunks again
         collective_timeout_s=DEADLINE_S,
         index_prefix=f"t-coll-e2e-{uuid.uuid4().hex[:6]}",
     )

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from pdllm.decode_node.engine import DecodeEngine, EngineConfig
 
 from pdllm.engine import VanillaDenoiser
-from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, encode_chunks, split_chunks
-from pdllm.method.decode import SparseDenoiser
-from pdllm.method.pool import ChunkPool, SparseChunkAttention
+from pdllm.method import ChunkCache, MethodConfig, encode_chunks, split_chunks
 from pdllm.method.prefix import PrefixDenoiser, encode_prefix
-from pdllm.method.selection import select_tokens
-from pdllm.models.attention import sdpa
 from pdllm.models.loader import LoadedModel
 from pdllm.models.tiny import random_model, tiny_spec
 from pdllm.sampler import SamplerConfig, denoise
@@ -44,22 +41,15 @@ def masked_gen(lm: LoadedModel, g: int = 8) -> torch.Tensor:
     return gen
 
 
-def sparse_denoiser(lm, question, kvs, keep_question_kv=False):
-    spec = lm.spec
-    pool = ChunkPool(
-        kvs,
-        spec.num_layers,
-        spec.num_kv_heads,
-        spec.head_dim,
-        "cpu",
-        torch.float32,
-        len(question) if keep_question_kv else 0,
-    )
-    sel = select_tokens(
-        [], [pool.k[i] for i in range(spec.num_layers)], [c.length for c in kvs], [c.has_bos for c in kvs], 1.0
-    )
-    start = max(c.length for c in kvs)
-    return SparseDenoiser(lm.model, torch.tensor([question]), start, SparseChunkAttention(pool, sel), keep_question_kv)
+def engine_answer(lm, question, kvs, cfg, sampler) -> list[int]:
+    """The decode engine's tokens for one job over `kvs` (every row of every chunk, or cfg.keep_ratio of them)."""
+    engine = DecodeEngine(lm, EngineConfig(max_batch=2, pool_bytes=4 << 20, page_rows=8, max_span=64, max_selected=256))
+    by_id = {c.chunk_id: c for c in kvs}
+    job = engine.prepare(question, list(by_id), lambda need: {c: by_id[c] for c in need}, cfg, sampler)
+    handle = engine.scheduler.submit(job)
+    while not handle.done.is_set():
+        engine.scheduler.step()
+    return handle.wait().tokens
 
 
 @pytest.mark.parametrize("family,kv_heads", [("llada", None), ("dream", 2)])
@@ -69,13 +59,10 @@ def test_sparse_whole_single_chunk_equals_prefix(family, kv_heads):
     cfg = MethodConfig(chunk_size=64, top_k=1, keep_ratio=1.0, use_bos=False)
     kvs = encode_chunks(lm, split_chunks(context, cfg.chunk_size), cfg, lm.model_id)
     assert len(kvs) == 1 and not kvs[0].has_bos
-    sparse = sparse_denoiser(lm, question, kvs)
     prefix = PrefixDenoiser(lm.model, encode_prefix(lm.model, context), torch.tensor([question]))
-    gen = masked_gen(lm)
-    torch.testing.assert_close(sparse.logits(gen), prefix.logits(gen), rtol=1e-5, atol=1e-5)
-    # whole generations agree too (same logits -> same decisions)
+    # the engine's sparse answer over the one chunk equals the dense prefix-cache reference's
     sampler = SamplerConfig(gen_length=8, block_length=8, steps=8)
-    a = decode_with_chunks(lm, question, kvs, cfg, sampler).tokens
+    a = engine_answer(lm, question, kvs, cfg, sampler)
     b = denoise(prefix, 1, sampler, lm.spec.mask_token_id, lm.spec.eos_token_ids).tokens[0].tolist()
     assert a == b
 
@@ -135,51 +122,26 @@ def test_prefix_equals_vanilla_first_step_where_exactness_holds(family, kv_heads
     assert (pre - VanillaDenoiser(lm2.model, prompt).logits(gen)).abs().max() > 1e-3
 
 
-def test_sparse_attention_context_matches_dense_over_gathered_rows():
-    lm = tiny_lm("dream", kv_heads=2)
-    cfg = MethodConfig(chunk_size=16, keep_ratio=0.5)
-    kvs = encode_chunks(lm, split_chunks(ids(40, 6), 16), cfg, lm.model_id)
-    spec = lm.spec
-    pool = ChunkPool(kvs, spec.num_layers, spec.num_kv_heads, spec.head_dim, "cpu", torch.float32)
-    sel = [torch.tensor([[0, 3, 17, 20, 34], [1, 2, 18, 35, 36]], dtype=torch.int32)] * spec.num_layers
-    ctx = SparseChunkAttention(pool, sel)
-    q = torch.randn(1, spec.num_heads, 5, spec.head_dim)
-    k, v = torch.randn(1, spec.num_kv_heads, 5, spec.head_dim), torch.randn(1, spec.num_kv_heads, 5, spec.head_dim)
-    out = ctx.attend(1, q, k, v)
-    flat_k = pool.k[1].permute(1, 0, 2, 3).reshape(spec.num_kv_heads, -1, spec.head_dim)
-    flat_v = pool.v[1].permute(1, 0, 2, 3).reshape(spec.num_kv_heads, -1, spec.head_dim)
-    gk = torch.stack([flat_k[h, sel[1][h].long()] for h in range(2)])[None]
-    gv = torch.stack([flat_v[h, sel[1][h].long()] for h in range(2)])[None]
-    ref = sdpa(q, torch.cat([gk, k], 2), torch.cat([gv, v], 2))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+def test_keep_question_kv_decodes_and_reports():
+    from pdllm.engine import generate
 
-
-@pytest.mark.parametrize("family,kv_heads", [("llada", None), ("dream", 2)])
-def test_keep_question_kv_same_first_step_then_recomputes_only_the_block(family, kv_heads):
-    lm = tiny_lm(family, kv_heads=kv_heads)
-    cfg = MethodConfig(chunk_size=16, use_bos=True)
-    kvs = encode_chunks(lm, split_chunks(ids(48, 7), 16), cfg, lm.model_id)
-    question = ids(9, 8)
-    fresh, kept = sparse_denoiser(lm, question, kvs), sparse_denoiser(lm, question, kvs, keep_question_kv=True)
-    gen = masked_gen(lm)
-    torch.testing.assert_close(kept.logits(gen), fresh.logits(gen), rtol=1e-6, atol=1e-6)
-    # later steps: the kept question KV is the first step's, so a step over the same tokens is still the same
-    torch.testing.assert_close(kept.logits(gen), fresh.logits(gen), rtol=1e-5, atol=1e-5)
-    shift = 1 if lm.spec.shift_logits else 0
-    assert kept.span_tokens == [len(question) + 8, 8 + shift] and fresh.span_tokens == [len(question) + 8] * 2
-    # once the block changes, the stale question KV makes the logits differ from a full recompute
-    gen2 = gen.clone()
-    gen2[0, :4] = torch.tensor([70, 71, 72, 73])
-    assert (kept.logits(gen2) - fresh.logits(gen2)).abs().max() > 1e-4
-
-
-def test_keep_question_kv_decodes_and_reports(tmp_path):
     lm = tiny_lm("llada")
+    lm = LoadedModel(lm.model, ByteTokenizer(), lm.spec, lm.path, lm.model_id)
     cfg = MethodConfig(chunk_size=16, keep_question_kv=True)
-    kvs = encode_chunks(lm, split_chunks(ids(40, 9), 16), cfg, lm.model_id)
-    res = decode_with_chunks(lm, ids(5, 10), kvs, cfg, SamplerConfig(gen_length=16, block_length=8, steps=8))
-    assert res.steps == 8 and len(res.tokens) in (8, 16) and res.stats["keep_question_kv"] is True
-    assert res.stats["selected_tokens"] == 17 + 17 + 9
+    sampler = SamplerConfig(gen_length=16, block_length=8, steps=8)
+    out = generate(lm, "x" * 40, "q?", sampler, "sparse", method=cfg, cache=ChunkCache())
+    question = len(lm.tokenizer("\n\nQuestion: q?\nAnswer:").input_ids)
+    assert out.stats["steps"] == 8 and out.stats["keep_question_kv"] is True
+    assert out.stats["selected_tokens"] == 17 + 17 + 9
+    assert out.stats["kv_tokens_per_step"] == 17 + 17 + 9 + question + 16
+
+
+class ByteTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": list(text.encode())})()
+
+    def decode(self, tokens):
+        return bytes(t for t in tokens if t < 256).decode(errors="replace")
 
 
 def test_chunk_cache_hit_skips_encoding(monkeypatch):
@@ -200,3 +162,23 @@ def test_chunk_cache_hit_skips_encoding(monkeypatch):
     assert (mixed.encoded, mixed.reused, len(calls)) == (1, 2, 2) and calls[-1][0] == 1
     nobos = cache.get_or_encode(lm, doc[:2], MethodConfig(chunk_size=16, use_bos=False), lm.model_id)
     assert nobos.encoded == 2 and not nobos.chunks[0].has_bos
+
+
+@pytest.mark.parametrize("family,kv_heads", [("llada", None), ("dream", 2)])
+def test_engine_prefix_mode_equals_the_dense_prefix_reference(family, kv_heads):
+    from pdllm.engine import generate
+
+    lm = tiny_lm(family, kv_heads=kv_heads, seed=4)
+    lm = LoadedModel(lm.model, ByteTokenizer(), lm.spec, lm.path, lm.model_id)
+    context, question = "abcdefghij" * 5, "what?"
+    sampler = SamplerConfig(gen_length=16, block_length=8, steps=8)
+    out = generate(lm, context, question, sampler, "prefix", cache=ChunkCache())
+    q = lm.tokenizer("\n\nQuestion: what?\nAnswer:").input_ids
+    prefix = PrefixDenoiser(
+        lm.model, encode_prefix(lm.model, [lm.spec.bos_token_id, *context.encode()]), torch.tensor([q])
+    )
+    ref = denoise(prefix, 1, sampler, lm.spec.mask_token_id, lm.spec.eos_token_ids).tokens[0].tolist()
+    from pdllm.sampler import strip_after_eos
+
+    assert out.tokens == strip_after_eos(ref, lm.spec.eos_token_ids, lm.spec.mask_token_id)
+    assert out.stats["kv_tokens_per_step"] == 1 + len(context) + len(q) + 16

@@ -15,7 +15,6 @@ from pdllm.cli import main
 from pdllm.engine import generate
 from pdllm.errors import InvalidRequest
 from pdllm.method import ChunkCache, MethodConfig, chunk_id, chunk_scores, encode_chunks, rank_chunks, split_chunks
-from pdllm.method.pool import ChunkPool
 from pdllm.method.selection import question_queries, select_tokens
 from pdllm.models.loader import LoadedModel, load_model
 from pdllm.models.tiny import tiny_spec
@@ -85,12 +84,14 @@ def test_token_selection_keeps_the_needle_and_bos_in_every_layer_and_head():
     cfg = MethodConfig(chunk_size=32, keep_ratio=0.25)
     kvs = encode_chunks(lm, split_chunks(haystack(4, 32, 2, 20), 32), cfg, "needle")
     spec = lm.spec
-    pool = ChunkPool(kvs, 1, spec.num_kv_heads, spec.head_dim, "cpu", torch.float32)
+    s = max(c.length for c in kvs)
+    keys = torch.zeros(len(kvs), spec.num_kv_heads, s, spec.head_dim)  # slot i = chunk i (the layout select reads)
+    for i, c in enumerate(kvs):
+        keys[i, :, : c.length] = c.k[0]
     q = question_queries(lm, [QTOK] * 5, start=33).q
-    sel = select_tokens(q, [pool.k[0]], [c.length for c in kvs], [c.has_bos for c in kvs], 0.25)[0]
+    sel = select_tokens(q, [keys], [c.length for c in kvs], [c.has_bos for c in kvs], 0.25)[0]
     per_chunk = 1 + math.ceil(0.25 * 32)
     assert sel.shape == (HEADS, 4 * per_chunk)
-    s = pool.rows
     for h in range(HEADS):
         rows = set(sel[h].tolist())
         assert {i * s for i in range(4)} <= rows  # every chunk's BOS anchor

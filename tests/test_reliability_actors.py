@@ -45,7 +45,7 @@ def backend(nodes, tiny_llada, tmp_path_factory):
     limits = ClusterLimits(
         call_timeout_s=60,
         start_timeout_s=120,
-        decode_cache_bytes=1,  # every job fetches its chunks from the prefill node
+        decode_reuse_fetched=False,  # every job fetches its chunks from the prefill node
         redis_data_dir=str(tmp_path_factory.mktemp("kv")),
     )
     b = ClusterBackend(start_cluster(config, limits))

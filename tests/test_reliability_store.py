@@ -54,7 +54,7 @@ def backend(nodes, valkey, tiny_llada):
     limits = ClusterLimits(
         call_timeout_s=60,
         start_timeout_s=120,
-        decode_cache_bytes=1,  # every request fetches its chunks over gRPC
+        decode_reuse_fetched=False,  # every request fetches its chunks over gRPC
         transfer_piece_bytes=4096,  # a chunk is ~9 pieces: faults land mid-chunk
         fetch_timeout_s=2.0,
         fetch_retries=1,
