@@ -261,7 +261,9 @@ def e2e(name: str, model_dir: str, gpus: dict, kv_transport: str, args, docs: li
         store_capacity_bytes=args.store_gib << 30,
         kv_transport=kv_transport,
     )
-    limits = ClusterLimits(decode_reuse_fetched=False, call_timeout_s=600, start_timeout_s=600, collective_timeout_s=120)
+    limits = ClusterLimits(
+        decode_reuse_fetched=False, call_timeout_s=600, start_timeout_s=600, collective_timeout_s=120
+    )
     try:
         with start_cluster(config, limits) as handle:
             infos = ray.get([a.collective_probe.remote() for a in handle.prefill_actors + handle.decode_actors])
