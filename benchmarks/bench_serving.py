@@ -128,7 +128,7 @@ def serve(engine, request, lm, doc, concurrency: int, n: int, seed: int) -> dict
 
 def one_at_a_time(lm, doc, n: int) -> dict:
     """The pre-engine path: each request its own eager batch-1 loop, one after another."""
-    engine = DecodeEngine(lm, EngineConfig(max_batch=1, use_graphs=False, pool_bytes=8 << 30 if _cuda() else 1 << 28))
+    engine = DecodeEngine(lm, EngineConfig(max_batch=1, use_graphs=False, pool_bytes=4 << 30 if _cuda() else 1 << 28))
     qs = questions(n + 1, 99, lm.spec.vocab_size)
     sparse_request(engine, lm, doc, qs[0])
     t0 = time.perf_counter()
@@ -158,6 +158,15 @@ def synthetic_step_ms(lm, batch: int, reps: int) -> float:
     return 1e3 * timed(try_graph(run) or run, reps)
 
 
+def _engine_cfg(batch: int, selected: int, pool_bytes: int) -> EngineConfig:
+    return EngineConfig(max_batch=batch, pool_bytes=pool_bytes, max_span=QUESTION + ANSWER, max_selected=selected)
+
+
+def _free(share: float) -> int:
+    """A share of the GPU's free memory now (after the weights and the document's KV)."""
+    return int(share * torch.cuda.mem_get_info()[0]) if _cuda() else 1 << 28
+
+
 def _cuda() -> bool:
     return torch.cuda.is_available()
 
@@ -170,8 +179,9 @@ def bench_model(spec, contexts, levels, prefix_levels, reps, pool_bytes, device,
     for ctx in contexts:
         doc = Document(lm, ctx, with_prefix=bool(prefix_levels) and ctx <= 32768)
         base = {"model": spec.family, "context": ctx, "prefill_s": round(doc.prefill_s, 3)}
-        engine = DecodeEngine(lm, EngineConfig(max_batch=max(levels), pool_bytes=pool_bytes, max_span=256))
         row = {**base, "path": "one-at-a-time", **one_at_a_time(lm, doc, 4)}
+        share = 0.45 if doc.prefix is not None else 0.8
+        engine = DecodeEngine(lm, _engine_cfg(max(levels), TOP_K * (CHUNK + 1), pool_bytes or _free(share)))
         log(row)
         rows.append(row)
         for c in levels:
@@ -179,13 +189,16 @@ def bench_model(spec, contexts, levels, prefix_levels, reps, pool_bytes, device,
             row["synthetic_step_ms"] = round(synthetic[c], 3)
             log(row)
             rows.append(row)
+        log({**base, "engine": engine.status()})
+        engine.close()
+        del engine
         if doc.prefix is not None:
+            engine = DecodeEngine(lm, _engine_cfg(max(prefix_levels), doc.prefix.length, pool_bytes or _free(0.8)))
             for c in prefix_levels:
                 row = {**base, "path": "prefix", **serve(engine, prefix_request, lm, doc, c, 2 * c, 1000 + c)}
                 log(row)
                 rows.append(row)
-        log({**base, "engine": engine.status()})
-        engine.close()
+            engine.close()
         del doc, engine
         torch.cuda.empty_cache() if _cuda() else None
     del lm, model
@@ -233,7 +246,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--levels", default="1,8,32,64")
     ap.add_argument("--prefix-levels", default="1,8")
-    ap.add_argument("--pool-gib", type=float, default=24.0)
+    ap.add_argument("--pool-gib", type=float, default=0.0, help="decode pool; 0: a share of free GPU memory")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     args = ap.parse_args()
