@@ -10,6 +10,7 @@ output tok/s, mean step ms, time to first block, p50/p99 latency, and, in the sa
   prefix         the prefix-cache baseline on the same engine (every context row attended; 32K only: 128K does
                  not fit twice)
   synthetic      bench_e2e's graphed step over a scattered chunk pool at the same batch and span: the floor
+  sparse-kq      (--paths) sparse with the question's KV kept after step 1: the span is the answer alone
 Ratios against the targets of the decode-engine issue are printed last.
 
     python benchmarks/bench_serving.py --out $OUT/serving.json        # on the GPU
@@ -75,12 +76,13 @@ class _OneEntry:
         pass
 
 
-def sparse_request(engine: DecodeEngine, lm, doc: Document, question: list[int]) -> dict:
+def sparse_request(engine: DecodeEngine, lm, doc: Document, question: list[int], keep_q: bool = False) -> dict:
     t0 = time.perf_counter()
     with engine.scheduler.gpu_lock:
         picked = rank_chunks(lm, question, [c.summary for c in doc.kvs], TOP_K)
     cids = [doc.kvs[i].chunk_id for i in picked]
-    result, _ = engine.run(question, cids, doc.fetch, MethodConfig(chunk_size=CHUNK, top_k=TOP_K), SAMPLER)
+    method = MethodConfig(chunk_size=CHUNK, top_k=TOP_K, keep_question_kv=keep_q)
+    result, _ = engine.run(question, cids, doc.fetch, method, SAMPLER)
     return _row(result, t0)
 
 
@@ -147,7 +149,11 @@ def synthetic_step_ms(lm, batch: int, reps: int) -> float:
     """bench_e2e's graphed sparse step (TOP_K chunks of 512 scattered over a pool) at this batch, with the served
     span (question + the whole answer)."""
     spec, device = lm.spec, lm.model.device
-    pool = SparsePool(spec, batch, TOP_K * CHUNK, CHUNK, device, lm.model.dtype, load_attention())
+    group = min(batch, 4)  # a pool scattered for 4 requests, its row lists repeated: bench_e2e's pool at batch 64
+    pool = SparsePool(spec, group, TOP_K * CHUNK, CHUNK, device, lm.model.dtype, load_attention())  # is 275 GB
+    reps_needed = -(-batch // group)
+    pool.sel_idx = pool.sel_idx.repeat(reps_needed, 1, 1)[:batch].contiguous()
+    pool.sel_len = pool.sel_len.repeat(reps_needed)[:batch].contiguous()
     ids = torch.randint(0, 256, (batch, QUESTION + ANSWER), device=device)
     pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
 
@@ -171,28 +177,34 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def bench_model(spec, contexts, levels, prefix_levels, reps, pool_bytes, device, log) -> list[dict]:
+def sparse_kq_request(engine, lm, doc, question) -> dict:
+    return sparse_request(engine, lm, doc, question, keep_q=True)
+
+
+def bench_model(spec, contexts, levels, prefix_levels, reps, pool_bytes, device, log, paths) -> list[dict]:
+    spec = replace(spec, max_position=1 << 20)  # the prefix baseline runs past the trained length: speed only
     model = random_model(spec, device, torch.bfloat16 if _cuda() else torch.float32)
     lm = LoadedModel(model, None, spec, Path("."), f"random-{spec.family}")
     rows = []
     synthetic = {c: synthetic_step_ms(lm, c, reps) for c in sorted({1, *levels})}
     for ctx in contexts:
-        doc = Document(lm, ctx, with_prefix=bool(prefix_levels) and ctx <= 32768)
+        doc = Document(lm, ctx, with_prefix="prefix" in paths and bool(prefix_levels) and ctx <= 32768)
         base = {"model": spec.family, "context": ctx, "prefill_s": round(doc.prefill_s, 3)}
         row = {**base, "path": "one-at-a-time", **one_at_a_time(lm, doc, 4)}
         share = 0.45 if doc.prefix is not None else 0.8
-        engine = DecodeEngine(lm, _engine_cfg(max(levels), TOP_K * (CHUNK + 1), pool_bytes or _free(share)))
+        engine = DecodeEngine(lm, _engine_cfg(max(levels), TOP_K * (CHUNK + 1) + QUESTION, pool_bytes or _free(share)))
         log(row)
         rows.append(row)
-        for c in levels:
-            row = {**base, "path": "sparse", **serve(engine, sparse_request, lm, doc, c, 2 * c, c)}
-            row["synthetic_step_ms"] = round(synthetic[c], 3)
-            log(row)
-            rows.append(row)
+        for path, request in (("sparse", sparse_request), ("sparse-kq", sparse_kq_request)):
+            for c in levels if path in paths else []:
+                row = {**base, "path": path, **serve(engine, request, lm, doc, c, 2 * c, c)}
+                row["synthetic_step_ms"] = round(synthetic[c], 3)
+                log(row)
+                rows.append(row)
         log({**base, "engine": engine.status()})
         engine.close()
         del engine
-        if doc.prefix is not None:
+        if doc.prefix is not None and "prefix" in paths:
             engine = DecodeEngine(lm, _engine_cfg(max(prefix_levels), doc.prefix.length, pool_bytes or _free(0.8)))
             for c in prefix_levels:
                 row = {**base, "path": "prefix", **serve(engine, prefix_request, lm, doc, c, 2 * c, 1000 + c)}
@@ -248,6 +260,7 @@ def main() -> None:
     ap.add_argument("--prefix-levels", default="1,8")
     ap.add_argument("--pool-gib", type=float, default=0.0, help="decode pool; 0: a share of free GPU memory")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--paths", default="one-at-a-time,sparse,prefix", help="also: sparse-kq (question KV kept)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     args = ap.parse_args()
     device = torch.device("cuda" if _cuda() else "cpu")
@@ -273,7 +286,7 @@ def main() -> None:
             rows.append(row)
 
     for name in args.models.split(",") if not args.smoke else ["tiny"]:
-        bench_model(specs[name], contexts, levels, prefix_levels, args.reps, pool_bytes, device, log)
+        bench_model(specs[name], contexts, levels, prefix_levels, args.reps, pool_bytes, device, log, args.paths)
     print(f"\n{_device_name()}; {' '.join(platform.python_version_tuple())}; torch {torch.__version__}")
     print(f"{'model':6} {'ctx':>5} {'path':13} {'C':>3} {'tok/s':>8} {'step ms':>8} {'synth':>7} {'batch':>5} "
           f"{'1st blk s':>9} {'p50 s':>6} {'p99 s':>6}")  # fmt: skip

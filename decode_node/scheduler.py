@@ -65,7 +65,8 @@ class Scheduler:
         extra = len(job.question_ids) if job.keep_question_kv else 0
         if job.sel_rows.shape[-1] + extra > buf.max_selected:
             raise InvalidRequest(
-                f"{job.sel_rows.shape[-1]} selected context rows exceed the decode engine's {buf.max_selected}"
+                f"{job.sel_rows.shape[-1]} selected context rows (+ {extra} kept question rows) exceed the decode "
+                f"engine's {buf.max_selected}"
             )
         spec = self.spec
         if tuple(job.sel_rows.shape[:2]) != (spec.num_layers, spec.num_kv_heads):
