@@ -110,7 +110,9 @@ def test_loss_is_finite_and_padding_weighs_less():
 def test_curriculum_starts_on_digit_copying_and_ends_on_every_task_at_the_training_length():
     first, last = CURRICULUM[0], CURRICULUM[-1]
     assert set(first.tasks) == {"passkey", "number_string"} and first.max_len < 512 and first.long_values > 0.5
-    assert len(last.tasks) == 5 and last.max_len == 0 and 512 in last.chunk_sizes and last.advance_at is None
+    official = {"passkey", "number_string", "kv_retrieval", "niah_single", "niah_multikey"}
+    assert set(last.tasks) == official | {"facts"} and last.max_len == 0 and 512 in last.chunk_sizes
+    assert last.advance_at is None
     assert should_advance(first, first.advance_at, 0.0) and not should_advance(first, 0.0, 0.0)
     assert should_advance(first, 0.0, first.until) and not should_advance(last, 1.0, 1.0)
     stream = ExampleStream(0, 4096, 1024, 0.5)

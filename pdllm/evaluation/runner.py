@@ -87,6 +87,7 @@ def run_one(lm: LoadedModel, sample: Sample, mode: str, cfg: EvalConfig, method)
         "mode": mode,
         "depth": round(sample.depth, 4),
         "gold": sample.answers[0],
+        "kind": sample.meta.get("kind", "digits" if sample.answers[0].isdigit() else "uuid"),
         "answer": out.answer,
         "score": score(sample.task, out.answer, sample.answers),
         "steps": out.stats["steps"],

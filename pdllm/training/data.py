@@ -21,12 +21,26 @@ from torch import Tensor
 from pdllm.errors import InvalidRequest
 from pdllm.models.tokenizer import BOS, EOS, PAD, special_ids
 from pdllm.prompt import QUESTION_TEMPLATE
-from pdllm.tasks import TASKS, byte_counter
+from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter
 
 IDS = special_ids()
 BOS_ID, EOS_ID, PAD_ID = IDS[BOS], IDS[EOS], IDS[PAD]
-ALL_TASKS = {"passkey": 0.15, "number_string": 0.15, "kv_retrieval": 0.25, "niah_single": 0.2, "niah_multikey": 0.25}
-SHORTEST = {"passkey": 270, "number_string": 310, "kv_retrieval": 300, "niah_single": 330, "niah_multikey": 520}
+ALL_TASKS = {
+    "passkey": 0.1,
+    "number_string": 0.1,
+    "kv_retrieval": 0.2,
+    "niah_single": 0.12,
+    "niah_multikey": 0.2,
+    "facts": 0.28,  # trained wordings only, values of every kind, with distractor facts
+}
+SHORTEST = {
+    "passkey": 270,
+    "number_string": 310,
+    "kv_retrieval": 300,
+    "niah_single": 330,
+    "niah_multikey": 520,
+    "facts": 420,
+}
 QUERY_SEGMENT = -1
 
 
@@ -49,7 +63,7 @@ class Stage:
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
 CURRICULUM = (
     Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7),
-    Stage("tasks", ALL_TASKS, 270, 768, (128, 256), 0.4, 0.55),
+    Stage("tasks", ALL_TASKS, 270, 768, (128, 256), 0.4, 0.6),
     Stage("long", ALL_TASKS, 400, 0, (128, 256, 512), None, None),
 )
 LONG_VALUE_SPAN = 48  # answer span of a long-value row (value + end token + padding)
@@ -73,6 +87,19 @@ def byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def answer_offset(sample) -> int:
+    """Byte offset of the queried value in the context: inside its needle sentence when the task records it (a
+    word value may also occur in the prose), else its first occurrence; -1 if absent."""
+    value = sample.answers[0].encode()
+    ctx = sample.context.encode()
+    needles = sample.meta.get("needles")
+    if needles:
+        at = ctx.find(needles[0].encode())
+        if at >= 0:
+            return at + needles[0].encode().find(value)
+    return ctx.find(value)
+
+
 def build_example(
     rng: random.Random,
     length: int,
@@ -87,6 +114,8 @@ def build_example(
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
+    if task in HELDOUT_TASKS:
+        raise ValueError(f"{task} is held out of training: its wordings are only for evaluation")
     kw: dict = {"split": split}
     gen = TASKS[task].gen_length
     if task in ("passkey", "number_string"):
@@ -116,7 +145,7 @@ def build_example(
         ids += piece
         pos += list(range(len(piece)))
         seg += [c] * len(piece)
-    at = bytes(ctx).find(sample.answers[0].encode())
+    at = answer_offset(sample)
     start = max(pos) + 1  # the sparse decoder's question position: right after the longest selected chunk
     tail = span + answer
     return Example(
