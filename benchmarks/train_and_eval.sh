@@ -4,7 +4,9 @@
 # 1x-16x the training length, then prefix / sparse at 64x (131072 tokens; vanilla re-encoding 128K tokens at every
 # step does not fit a session's device time). The depth sweep and the no-BOS ablation follow only while the run is
 # younger than EXTRAS_BEFORE seconds. One GPU, one call:
-#   bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]
+#   [MIX=official|varied] bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]
+# MIX picks the training tasks (pdllm/training/data.py curriculum): `official` with 5 minutes is the bundled model's
+# recipe; `varied` adds facts in many wordings and value kinds.
 # Every step writes under OUT_DIR as it finishes, so a run cut short still leaves what it did. With PACK_TO set (a
 # device's $OUT, which takes few files), the model is copied there and the rest packed into results.tgz after each step.
 set -uo pipefail
@@ -20,7 +22,7 @@ pack() {
     tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude=ckpt --exclude=export .
 }
 python3 -m pdllm.training.train --out "$out/ckpt" --minutes "$minutes" --total-minutes "$minutes" --workers 12 \
-    --seed 1234 2>&1 | tee "$out/train_log.txt" | grep -E '"em"|saved|params' | tail -40
+    --seed 1234 --mix "${MIX:-official}" 2>&1 | tee "$out/train_log.txt" | grep -E '"em"|saved|params' | tail -40
 python3 -m pdllm.training.train --export "$out/ckpt" --out "$out/export" --bundle "$out/model" | tee -a "$out/train_log.txt"
 pack
 rm -rf "$out/ckpt" "$out/export"  # optimizer state: not needed and too many files to bring back

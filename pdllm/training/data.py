@@ -25,13 +25,14 @@ from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter
 
 IDS = special_ids()
 BOS_ID, EOS_ID, PAD_ID = IDS[BOS], IDS[EOS], IDS[PAD]
-ALL_TASKS = {
+ALL_TASKS = {"passkey": 0.15, "number_string": 0.15, "kv_retrieval": 0.25, "niah_single": 0.2, "niah_multikey": 0.25}
+VARIED_TASKS = {  # the official tasks plus facts in trained wordings, values of every kind, with distractor facts
     "passkey": 0.1,
     "number_string": 0.1,
     "kv_retrieval": 0.2,
     "niah_single": 0.12,
     "niah_multikey": 0.2,
-    "facts": 0.28,  # trained wordings only, values of every kind, with distractor facts
+    "facts": 0.28,
 }
 SHORTEST = {
     "passkey": 270,
@@ -61,11 +62,23 @@ class Stage:
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
-CURRICULUM = (
-    Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7),
-    Stage("tasks", ALL_TASKS, 270, 768, (128, 256), 0.4, 0.6),
-    Stage("long", ALL_TASKS, 400, 0, (128, 256, 512), None, None),
-)
+MIXES = {"official": (ALL_TASKS, 0.55), "varied": (VARIED_TASKS, 0.6)}  # task weights, end of the `tasks` stage
+
+
+def curriculum(mix: str = "official") -> tuple[Stage, ...]:
+    """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's recipe) or `varied`
+    (plus facts in many wordings and value kinds)."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
+    tasks, until = MIXES[mix]
+    return (
+        Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7),
+        Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until),
+        Stage("long", tasks, 400, 0, (128, 256, 512), None, None),
+    )
+
+
+CURRICULUM = curriculum("official")
 LONG_VALUE_SPAN = 48  # answer span of a long-value row (value + end token + padding)
 
 
@@ -245,8 +258,10 @@ class ExampleStream(torch.utils.data.IterableDataset):
         start_step: int = 0,
         pretrain_frac: float = 0.0,
         stage: int = 0,
+        mix: str = "official",
     ) -> None:
         super().__init__()
+        self.stages = curriculum(mix)
         self.seed, self.tokens, self.train_length = seed, tokens_per_batch, train_length
         self.fracs = (chunked_frac, pretrain_frac)
         self.start_step = start_step
@@ -258,6 +273,6 @@ class ExampleStream(torch.utils.data.IterableDataset):
         step = self.start_step + wid
         while True:
             rng = random.Random(f"{self.seed}:{step}")
-            stage = CURRICULUM[min(self.stage.value, len(CURRICULUM) - 1)]
+            stage = self.stages[min(self.stage.value, len(self.stages) - 1)]
             yield make_batch(rng, stage, self.train_length, self.tokens, self.fracs)
             step += nw
