@@ -11,11 +11,17 @@
 # device's $OUT, which takes few files), the model is copied there and the rest packed into results.tgz after each step.
 set -uo pipefail
 out=${1:?usage: train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]}
-minutes=${2:-4}
-cell=${3:-6}
+minutes=${2:-5}
+cell=${3:-5}
 extras_before=${4:-0}
 method='{"chunk_size": 256, "top_k": 4}'
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root" || exit 1
+# A bare checkout (no installed package, as on a lent GPU): link in the packages pyproject maps under pdllm/.
+python3 -c "import pdllm.kernels" 2>/dev/null || for d in cluster prefill_node decode_node kernels proto; do
+    [ -e "pdllm/$d" ] || ln -s "../$d" "pdllm/$d"
+done
 pack() {
     [ -n "${PACK_TO:-}" ] || return 0
     [ -d "$out/model" ] && mkdir -p "$PACK_TO/model" && cp "$out"/model/* "$PACK_TO/model/"
