@@ -91,3 +91,15 @@ def test_kinds_cycle_with_the_seed_and_partial_answers_score_zero():
     assert score("heldout_wording", " 4471-KESTREL.", answers) == 1.0
     assert score("heldout_wording", " 4471", answers) == 0.0  # the old model's answer to a user's own notes
     assert TASKS["value_kinds"].gen_length > 37  # a UUID and its end token fit the answer span
+
+
+def test_the_ranking_target_is_the_needles_chunk_even_when_the_value_also_occurs_in_prose():
+    from pdllm.tasks import Sample
+    from pdllm.training.data import answer_offset
+
+    needle = "Note: the vault code is amber."
+    context = "The amber light was on. " * 20 + needle + " More prose follows."
+    s = Sample("facts", context, "What is the vault code?", ("amber",), " amber", 0.5, 900, {"needles": [needle]})
+    assert answer_offset(s) == context.index(needle) + needle.index("amber") > context.index("amber")
+    plain = Sample("passkey", context, "q", ("amber",), " amber", 0.5, 900)
+    assert answer_offset(plain) == context.index("amber")
