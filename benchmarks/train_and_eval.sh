@@ -1,32 +1,52 @@
 #!/usr/bin/env bash
-# Train the bundled tiny LLaDA-architecture dLLM with the curriculum, export it, and evaluate the three modes on
-# every task at 1x-8x the training length, plus the depth sweep and the no-BOS ablation. One GPU, one call:
-#   bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS]
+# Train the bundled tiny LLaDA-architecture dLLM with the curriculum, export it, and evaluate vanilla / prefix /
+# sparse on every task (the five official families, facts in held-out wordings, facts with non-digit values) at
+# 1x-16x the training length, then prefix / sparse at 64x (131072 tokens; vanilla re-encoding 128K tokens at every
+# step does not fit a session's device time). The depth sweep and the no-BOS ablation follow only while the run is
+# younger than EXTRAS_BEFORE seconds. One GPU, one call:
+#   [MIX=official|varied] bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]
+# MIX picks the training tasks (pdllm/training/data.py curriculum): `official` with 5 minutes is the bundled model's
+# recipe; `varied` adds facts in many wordings and value kinds.
 # Every step writes under OUT_DIR as it finishes, so a run cut short still leaves what it did. With PACK_TO set (a
 # device's $OUT, which takes few files), the model is copied there and the rest packed into results.tgz after each step.
 set -uo pipefail
-out=${1:?usage: train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS]}
-minutes=${2:-5.5}
-cell=${3:-6}
+out=${1:?usage: train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]}
+minutes=${2:-5}
+cell=${3:-5}
+extras_before=${4:-0}
 method='{"chunk_size": 256, "top_k": 4}'
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root" || exit 1
+# A bare checkout (no installed package, as on a lent GPU): link in the packages pyproject maps under pdllm/.
+python3 -c "import pdllm.kernels" 2>/dev/null || for d in cluster prefill_node decode_node kernels proto; do
+    [ -e "pdllm/$d" ] || ln -s "../$d" "pdllm/$d"
+done
 pack() {
     [ -n "${PACK_TO:-}" ] || return 0
     [ -d "$out/model" ] && mkdir -p "$PACK_TO/model" && cp "$out"/model/* "$PACK_TO/model/"
     tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude=ckpt --exclude=export .
 }
 python3 -m pdllm.training.train --out "$out/ckpt" --minutes "$minutes" --total-minutes "$minutes" --workers 12 \
-    --seed 1234 2>&1 | tee "$out/train_log.txt" | grep -E '"em"|saved|params' | tail -40
+    --seed 1234 --mix "${MIX:-official}" 2>&1 | tee "$out/train_log.txt" | grep -E '"em"|saved|params' | tail -40
 python3 -m pdllm.training.train --export "$out/ckpt" --out "$out/export" --bundle "$out/model" | tee -a "$out/train_log.txt"
 pack
 rm -rf "$out/ckpt" "$out/export"  # optimizer state: not needed and too many files to bring back
-run_eval() { python3 -m pdllm.cli eval --model "$out/model" --method "$method" --cell-seconds "$cell" "$@"; }
-run_eval --task all --lengths 2048,4096,8192,16384 --modes vanilla,prefix,sparse --samples 8 \
+run_eval() { python3 -m pdllm.cli eval --model "$out/model" --method "$method" "$@"; }
+run_eval --task all --lengths 2048,8192,16384,32768 --modes vanilla,prefix,sparse --samples 8 --cell-seconds "$cell" \
     --json "$out/eval_modes.json" 2>"$out/eval_modes.err" | tee "$out/eval_modes.txt"
 pack
-run_eval --task passkey,niah_single --lengths 2048 --modes vanilla,sparse --samples 2 --depth-sweep "$out/depth.png" \
-    --json "$out/eval_depth.json" 2>"$out/eval_depth.err" | tee "$out/eval_depth.txt"
+run_eval --task all --lengths 131072 --modes prefix,sparse --samples 8 --cell-seconds "$((2 * cell))" \
+    --json "$out/eval_128k.json" 2>"$out/eval_128k.err" | tee "$out/eval_128k.txt"
 pack
-run_eval --task all --lengths 2048,8192 --modes sparse --samples 8 --no-bos \
-    --json "$out/eval_nobos.json" 2>"$out/eval_nobos.err" | tee "$out/eval_nobos.txt"
-pack
+if ((SECONDS < extras_before)); then
+    run_eval --task passkey,heldout_wording --lengths 2048 --modes vanilla,sparse --samples 2 --cell-seconds 20 \
+        --depth-sweep "$out/depth.png" --json "$out/eval_depth.json" 2>"$out/eval_depth.err" | tee "$out/eval_depth.txt"
+    pack
+fi
+if ((SECONDS < extras_before)); then
+    run_eval --task all --lengths 2048,16384 --modes sparse --samples 8 --no-bos --cell-seconds "$cell" \
+        --json "$out/eval_nobos.json" 2>"$out/eval_nobos.err" | tee "$out/eval_nobos.txt"
+    pack
+fi
+echo "train_and_eval done after ${SECONDS}s"

@@ -65,3 +65,27 @@ def test_example_input_reports_expected_answer_and_score(tiny_llada, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["expected"]) == 1 and out["expected"][0].isdigit()  # the sample's pass key
     assert out["score"] in (0.0, 1.0) and out["stats"]["mode"] == "sparse"
+
+
+@pytest.mark.parametrize("task", ["passkey", "number_string", "niah_single"])
+def test_examples_answer_right_with_the_bundled_model_by_default(task, capsys):
+    assert main(["generate", "--in-process", "--example", task, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"].strip() == out["expected"][0] and out["score"] == 1.0
+    assert out["stats"]["mode"] == "sparse"
+
+
+def test_unset_flags_take_the_tasks_settings_only_for_examples():
+    import argparse
+
+    from pdllm.commands.generate import PLAIN_DEFAULTS, fill_defaults
+
+    names = dict.fromkeys(PLAIN_DEFAULTS)
+    plain, example, chosen = (argparse.Namespace(**names) for _ in range(3))
+    fill_defaults(plain, None)
+    fill_defaults(example, "kv_retrieval")
+    chosen.gen_length, chosen.threshold = 8, 0.0
+    fill_defaults(chosen, "passkey")
+    assert vars(plain) == PLAIN_DEFAULTS
+    assert (example.gen_length, example.block_length, example.threshold, example.top_k) == (48, 48, 0.9, 4)
+    assert chosen.gen_length == 8 and chosen.threshold is None and chosen.steps == 16  # given flags win; 0 is off

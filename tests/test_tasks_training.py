@@ -25,6 +25,7 @@ from pdllm.training.data import (
     build_example,
     byte_ids,
     collate,
+    curriculum,
 )
 from pdllm.training.objective import diffusion_loss, mask_tokens, ranking_scores
 from pdllm.training.probe import exact_match, probe_batches
@@ -110,7 +111,10 @@ def test_loss_is_finite_and_padding_weighs_less():
 def test_curriculum_starts_on_digit_copying_and_ends_on_every_task_at_the_training_length():
     first, last = CURRICULUM[0], CURRICULUM[-1]
     assert set(first.tasks) == {"passkey", "number_string"} and first.max_len < 512 and first.long_values > 0.5
-    assert len(last.tasks) == 5 and last.max_len == 0 and 512 in last.chunk_sizes and last.advance_at is None
+    official = {"passkey", "number_string", "kv_retrieval", "niah_single", "niah_multikey"}
+    assert set(last.tasks) == official and last.max_len == 0 and 512 in last.chunk_sizes and last.advance_at is None
+    varied = curriculum("varied")
+    assert varied[0] == first and set(varied[-1].tasks) == official | {"facts"}  # same copy stage, facts added
     assert should_advance(first, first.advance_at, 0.0) and not should_advance(first, 0.0, 0.0)
     assert should_advance(first, 0.0, first.until) and not should_advance(last, 1.0, 1.0)
     stream = ExampleStream(0, 4096, 1024, 0.5)
@@ -166,3 +170,27 @@ def test_smoke_train_resume_export(tmp_path):
     assert main(["--export", str(tmp_path / "b"), "--out", str(tmp_path), "--bundle", str(tmp_path / "m")]) == 0
     lm = load_model(tmp_path / "m")
     assert lm.spec.family == "llada" and lm.spec.num_layers == 2
+
+
+@pytest.mark.timeout(120)
+def test_smoke_train_on_the_varied_mix(tmp_path):
+    from pdllm.training.train import main
+
+    assert main(["--smoke", "--mix", "varied", "--out", str(tmp_path), "--max-steps", "2", "--workers", "0"]) == 0
+    meta = json.loads((tmp_path / "state.json").read_text())
+    assert meta["args"]["mix"] == "varied" and meta["step"] == 2
+
+
+def test_the_official_mix_reads_the_data_that_trained_the_bundled_model():
+    """The bundled weights come from `--mix official --seed 1234`: its first batches of every stage hash to the
+    value the recipe's data had when the bundle was trained, so adding other mixes did not change it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for stage in range(3):
+        it = iter(ExampleStream(1234, 32768, 2048, 0.5, 0, 0.0, stage))
+        for _ in range(3):
+            b = next(it)
+            for t in (b.ids, b.pos, b.seg, b.answer, b.core, b.needle_seg):
+                h.update(t.numpy().tobytes())
+    assert h.hexdigest() == "cd0e1fd237fbc36dc44cb2806bc634e0ee6d41fe8a5102705b5e1da479a3e951"

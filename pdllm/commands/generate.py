@@ -15,14 +15,38 @@ from pathlib import Path
 
 from pdllm.errors import InvalidRequest
 
+# Flags left unset take these values; with --example, the task's own (example_defaults).
+PLAIN_DEFAULTS = {"gen_length": 64, "block_length": 32, "steps": 64, "threshold": None, "chunk_size": 512, "top_k": 8}
+EVAL_METHOD = {"chunk_size": 256, "top_k": 4}  # what benchmarks/train_and_eval.sh evaluates the bundled model with
+
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-length", type=int, default=64)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--gen-length", type=int, default=None, help="answer tokens (default 64; --example: the task's)")
+    p.add_argument("--block-length", type=int, default=None, help="default 32; --example: the whole answer")
+    p.add_argument("--steps", type=int, default=None, help="default 64; --example: one per answer token")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
-    p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding confidence threshold")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold (--example: 0.9; 0: off)"
+    )
+
+
+def example_defaults(task: str | None) -> dict:
+    """Values for unset flags. A task example decodes and selects as `pdllm eval` scores that task: the task's
+    answer span in one block, threshold-0.9 parallel decoding, chunks of 256 and the top 4."""
+    if task is None:
+        return dict(PLAIN_DEFAULTS)
+    from pdllm.tasks import task_def
+
+    n = task_def(task).gen_length
+    return {"gen_length": n, "block_length": n, "steps": n, "threshold": 0.9} | EVAL_METHOD
+
+
+def fill_defaults(args: argparse.Namespace, task: str | None) -> None:
+    for name, value in example_defaults(task).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.threshold = args.threshold or None
 
 
 def sampler_from_args(args: argparse.Namespace):
@@ -82,8 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("predictive prefilling (--mode prefix/sparse)")
-    g.add_argument("--chunk-size", type=int, default=512, help="context tokens per chunk (sparse)")
-    g.add_argument("--top-k", type=int, default=8, help="chunks kept per question (sparse)")
+    g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default 512; --example: 256)")
+    g.add_argument("--top-k", type=int, default=None, help="chunks kept per question (default 8; --example: 4)")
     g.add_argument("--keep-ratio", type=float, default=1.0, help="fraction of a kept chunk's tokens kept (sparse)")
     g.add_argument("--no-bos", action="store_true", help="ablation: no BOS anchor in front of chunks / the prefix")
     g.add_argument("--keep-question-kv", action="store_true", help="sparse: reuse the question's KV after step 1")
@@ -112,6 +136,7 @@ def _cuda() -> bool:
 
 def run(args: argparse.Namespace) -> int:
     example = _example(args)
+    fill_defaults(args, example.task if example else None)
     context = example.context if example else read_context(args)
     if not (args.question or "").strip():
         raise InvalidRequest("question is empty" if args.question is not None else "--question is required")

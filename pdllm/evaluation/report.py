@@ -28,12 +28,12 @@ def summarize(records: list[dict], keys: tuple[str, ...] = ("task", "length", "m
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'task':14} {'length':>7} {'mode':8} {'n':>4} {'acc%':>6} {'ms/step':>8} {'KV tok/step':>11} {'steps':>6}"
+    head = f"{'task':16} {'length':>7} {'mode':8} {'n':>4} {'acc%':>6} {'ms/step':>8} {'KV tok/step':>11} {'steps':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         kv = "-" if r["kv_tokens_per_step"] is None else str(r["kv_tokens_per_step"])
         lines.append(
-            f"{r['task']:14} {r['length']:>7} {r['mode']:8} {r['n']:>4} {r['accuracy']:>6.1f} "
+            f"{r['task']:16} {r['length']:>7} {r['mode']:8} {r['n']:>4} {r['accuracy']:>6.1f} "
             f"{r['mean_step_ms']:>8.2f} {kv:>11} {r['mean_steps']:>6.2f}"
         )
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdllm.errors import InvalidRequest
-from pdllm.tasks import infinitebench, metrics, ruler
+from pdllm.tasks import facts, infinitebench, metrics, ruler
 from pdllm.tasks.sample import Sample, TokenCounter, byte_counter, tokenizer_counter
 
 
@@ -27,7 +27,11 @@ TASKS: dict[str, TaskDef] = {
     "kv_retrieval": TaskDef(infinitebench.kv_retrieval, metrics.kv_retrieval_score, 48),
     "niah_single": TaskDef(ruler.niah_single, metrics.string_match_all, 16),
     "niah_multikey": TaskDef(ruler.niah_multikey, metrics.string_match_all, 16),
+    "facts": TaskDef(facts.facts, metrics.kv_retrieval_score, 48),
+    "heldout_wording": TaskDef(facts.heldout_wording, metrics.kv_retrieval_score, 48),
+    "value_kinds": TaskDef(facts.value_kinds, metrics.kv_retrieval_score, 48),
 }
+HELDOUT_TASKS = ("heldout_wording",)  # evaluation only: its paraphrase families never appear in training data
 MIN_LENGTH = 640
 
 
@@ -52,4 +56,14 @@ def score(task: str, prediction: str, answers: tuple[str, ...]) -> float:
     return task_def(task).score(prediction, answers)
 
 
-__all__ = ["TASKS", "Sample", "TaskDef", "byte_counter", "make_sample", "score", "task_def", "tokenizer_counter"]
+__all__ = [
+    "HELDOUT_TASKS",
+    "TASKS",
+    "Sample",
+    "TaskDef",
+    "byte_counter",
+    "make_sample",
+    "score",
+    "task_def",
+    "tokenizer_counter",
+]

@@ -21,12 +21,27 @@ from torch import Tensor
 from pdllm.errors import InvalidRequest
 from pdllm.models.tokenizer import BOS, EOS, PAD, special_ids
 from pdllm.prompt import QUESTION_TEMPLATE
-from pdllm.tasks import TASKS, byte_counter
+from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter
 
 IDS = special_ids()
 BOS_ID, EOS_ID, PAD_ID = IDS[BOS], IDS[EOS], IDS[PAD]
 ALL_TASKS = {"passkey": 0.15, "number_string": 0.15, "kv_retrieval": 0.25, "niah_single": 0.2, "niah_multikey": 0.25}
-SHORTEST = {"passkey": 270, "number_string": 310, "kv_retrieval": 300, "niah_single": 330, "niah_multikey": 520}
+VARIED_TASKS = {  # the official tasks plus facts in trained wordings, values of every kind, with distractor facts
+    "passkey": 0.1,
+    "number_string": 0.1,
+    "kv_retrieval": 0.2,
+    "niah_single": 0.12,
+    "niah_multikey": 0.2,
+    "facts": 0.28,
+}
+SHORTEST = {
+    "passkey": 270,
+    "number_string": 310,
+    "kv_retrieval": 300,
+    "niah_single": 330,
+    "niah_multikey": 520,
+    "facts": 420,
+}
 QUERY_SEGMENT = -1
 
 
@@ -47,11 +62,23 @@ class Stage:
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
-CURRICULUM = (
-    Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7),
-    Stage("tasks", ALL_TASKS, 270, 768, (128, 256), 0.4, 0.55),
-    Stage("long", ALL_TASKS, 400, 0, (128, 256, 512), None, None),
-)
+MIXES = {"official": (ALL_TASKS, 0.55), "varied": (VARIED_TASKS, 0.6)}  # task weights, end of the `tasks` stage
+
+
+def curriculum(mix: str = "official") -> tuple[Stage, ...]:
+    """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's recipe) or `varied`
+    (plus facts in many wordings and value kinds)."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
+    tasks, until = MIXES[mix]
+    return (
+        Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7),
+        Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until),
+        Stage("long", tasks, 400, 0, (128, 256, 512), None, None),
+    )
+
+
+CURRICULUM = curriculum("official")
 LONG_VALUE_SPAN = 48  # answer span of a long-value row (value + end token + padding)
 
 
@@ -73,6 +100,19 @@ def byte_ids(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
+def answer_offset(sample) -> int:
+    """Byte offset of the queried value in the context: inside its needle sentence when the task records it (a
+    word value may also occur in the prose), else its first occurrence; -1 if absent."""
+    value = sample.answers[0].encode()
+    ctx = sample.context.encode()
+    needles = sample.meta.get("needles")
+    if needles:
+        at = ctx.find(needles[0].encode())
+        if at >= 0:
+            return at + needles[0].encode().find(value)
+    return ctx.find(value)
+
+
 def build_example(
     rng: random.Random,
     length: int,
@@ -87,6 +127,8 @@ def build_example(
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
+    if task in HELDOUT_TASKS:
+        raise ValueError(f"{task} is held out of training: its wordings are only for evaluation")
     kw: dict = {"split": split}
     gen = TASKS[task].gen_length
     if task in ("passkey", "number_string"):
@@ -116,7 +158,7 @@ def build_example(
         ids += piece
         pos += list(range(len(piece)))
         seg += [c] * len(piece)
-    at = bytes(ctx).find(sample.answers[0].encode())
+    at = answer_offset(sample)
     start = max(pos) + 1  # the sparse decoder's question position: right after the longest selected chunk
     tail = span + answer
     return Example(
@@ -216,8 +258,10 @@ class ExampleStream(torch.utils.data.IterableDataset):
         start_step: int = 0,
         pretrain_frac: float = 0.0,
         stage: int = 0,
+        mix: str = "official",
     ) -> None:
         super().__init__()
+        self.stages = curriculum(mix)
         self.seed, self.tokens, self.train_length = seed, tokens_per_batch, train_length
         self.fracs = (chunked_frac, pretrain_frac)
         self.start_step = start_step
@@ -229,6 +273,6 @@ class ExampleStream(torch.utils.data.IterableDataset):
         step = self.start_step + wid
         while True:
             rng = random.Random(f"{self.seed}:{step}")
-            stage = CURRICULUM[min(self.stage.value, len(CURRICULUM) - 1)]
+            stage = self.stages[min(self.stage.value, len(self.stages) - 1)]
             yield make_batch(rng, stage, self.train_length, self.tokens, self.fracs)
             step += nw

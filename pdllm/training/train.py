@@ -1,6 +1,7 @@
 """Train the small LLaDA-architecture dLLM on synthetic long-context retrieval, resumable within a time limit.
 
-    python -m pdllm.training.train --out runs/tiny --minutes 9            # on one H100
+    python -m pdllm.training.train --out runs/tiny --minutes 5 --total-minutes 5 --seed 1234   # the bundled model
+    python -m pdllm.training.train --out runs/tiny --mix varied ...       # plus facts in many wordings and values
     python -m pdllm.training.train --out runs/tiny --resume runs/tiny --minutes 4
     python -m pdllm.training.train --smoke --out /tmp/smoke               # a few CPU steps of a tiny config
     python -m pdllm.training.train --export runs/tiny --bundle pdllm/assets/pdllm-tiny-llada
@@ -24,7 +25,7 @@ from pdllm.models.checkpoint import save_checkpoint
 from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
-from pdllm.training.data import CURRICULUM, ExampleStream, Stage
+from pdllm.training.data import MIXES, ExampleStream, Stage, curriculum
 from pdllm.training.objective import diffusion_loss
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.state import load_state, save_state
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bundle", type=Path, help="with --export: the checkpoint directory to write")
     p.add_argument("--shape", choices=sorted(SHAPES), default="bundle")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--mix", choices=sorted(MIXES), default="official", help="training tasks (data.curriculum)")
     p.add_argument("--minutes", type=float, default=9.0, help="stop and save after this much wall time")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (default: time limit only)")
     p.add_argument("--total-minutes", type=float, default=12.5, help="planned training time over all resumes (LR)")
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
     stream = ExampleStream(
-        args.seed, args.tokens_per_batch, args.max_len, args.chunked_frac, step, args.pretrain_frac, stage
+        args.seed, args.tokens_per_batch, args.max_len, args.chunked_frac, step, args.pretrain_frac, stage, args.mix
     )
+    stages = curriculum(args.mix)
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if args.workers else None,
     )
-    probes = {i: probe_batches(s, args.max_len, args.probe_samples) for i, s in enumerate(CURRICULUM)}
+    probes = {i: probe_batches(s, args.max_len, args.probe_samples) for i, s in enumerate(stages)}
     gen = torch.Generator(device=device).manual_seed(args.seed + step)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     t_start, t_log = time.time(), time.time()
@@ -192,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             if step % args.probe_every == 0:
                 entry |= probe_accuracy(model, probes[stage], device)
-                if should_advance(CURRICULUM[stage], entry["em"], entry["s"] / (60 * args.total_minutes)):
+                if should_advance(stages[stage], entry["em"], entry["s"] / (60 * args.total_minutes)):
                     stage += 1
                     stream.stage.value = stage
-                    entry["advance"] = CURRICULUM[stage].name
+                    entry["advance"] = stages[stage].name
             log.append(entry)
             print(json.dumps(entry), flush=True)
             sums, counts, t_log = {}, {}, time.time()

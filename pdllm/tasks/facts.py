@@ -1,0 +1,180 @@
+"""Facts in free wording: needles and questions built from combinatorial templates, values of several kinds.
+
+A fact is (subject, value), e.g. ("vault code", "4471-KESTREL"). Its needle sentence is an opener, a core template and
+a closer; its question is one of the question templates of the same split. The `train` split is what training reads;
+the `heldout` split holds whole paraphrase families (needle cores and questions) that training never sees, so an
+evaluation on it measures whether the model finds a fact in a wording it was not taught. Subjects and value kinds
+are shared: the held-out part is the wording. Every document holds one queried fact and 1-4 distractor facts about
+other subjects, in prose or in the InfiniteBench noise. Scored like kv_retrieval: the value must appear as a whole
+word of the answer after punctuation (but not dashes) is blanked.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+import uuid
+
+from pdllm.prompt import QUESTION_TEMPLATE
+from pdllm.tasks.haystack import fill, insert_needles, noise_sentences, prose_sentences
+from pdllm.tasks.sample import Sample, TokenCounter
+
+SUBJECTS = (
+    "pass key", "vault code", "access code", "door code", "secret code", "ticket number", "order number",
+    "locker combination", "serial number", "reference code", "account number", "room number", "flight code",
+    "tracking number", "membership id", "voucher code", "badge number", "project code", "safe combination",
+    "gate code", "parcel id", "booking reference", "licence key", "alarm code", "invoice number", "batch code",
+    "wifi password", "server name", "meeting room", "code word", "station id", "cabinet key", "archive label",
+    "shipment code", "control number", "recovery phrase", "unlock code", "file number", "desk number", "lab code",
+)  # fmt: skip
+
+OPENERS = ("", "Note: ", "Remember this: ", "For the record, ", "Important: ", "Keep in mind that ", "By the way, ")
+TRAIN_CORES = (
+    "the {s} is {v}.",
+    "the {s} is {v}, not anything else.",
+    "the {s} was set to {v}.",
+    "the {s} has been changed to {v}.",
+    "the current {s} reads {v}.",
+    "we use {v} as the {s}.",
+    "{v} is the {s}.",
+    "the {s} you will need is {v}.",
+    "the official {s} is {v}.",
+    "the {s}, written on the label, is {v}.",
+    "our {s} equals {v}.",
+    "the new {s} is now {v}.",
+)
+TRAIN_COLON = ("The {s}: {v}.", "{S} = {v}.", "{S} - {v}.", "[{s}] {v}")  # list-like needles (no opener)
+CLOSERS = ("", " Remember it.", " Do not forget it.", " Keep it safe.", " {v} is the {s}.", " Write it down.")
+TRAIN_QUESTIONS = (
+    "What is the {s}?",
+    "What is the {s} mentioned in the text?",
+    "Which {s} does the text give?",
+    "Tell me the {s}.",
+    "What was the {s}?",
+    "What {s} was written in the document?",
+    "Give the {s}.",
+    "Find the {s} in the text. What is it?",
+    "What is the value of the {s}?",
+    "Recall the {s}.",
+)
+# Held-out paraphrase families: no sentence built from these is ever produced for the train split.
+HELDOUT_CORES = (
+    "whoever asks for the {s} should be told {v}.",
+    "the {s} we agreed on yesterday was {v}.",
+    "if anyone needs the {s}, it happens to be {v}.",
+    "my notebook lists {v} under the {s}.",
+    "they finally settled the {s} as {v}.",
+)
+HELDOUT_QUESTIONS = (
+    "Could you look up the {s} for me?",
+    "I forgot the {s}. Which one was it?",
+    "According to the notes, the {s} is what?",
+    "Which value was agreed on for the {s}?",
+)
+VALUE_KINDS = ("digits", "word", "code", "uuid")
+WORDS = (
+    "amber", "basalt", "cobalt", "dune", "ember", "falcon", "glacier", "harbor", "indigo", "juniper", "kestrel",
+    "lantern", "meadow", "nebula", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "velvet",
+    "willow", "zephyr", "anvil", "beacon", "cedar", "delta", "falcon", "garnet", "hazel", "ivory", "jasper",
+    "lotus", "marble", "nectar", "onyx", "pewter", "quill", "ripple", "sable", "thistle", "valley", "walnut",
+)  # fmt: skip
+FACT_PREFIX = "Some facts are hidden in the following text. Read it carefully; I will ask about one of them."
+
+
+def make_value(rng: random.Random, kind: str) -> str:
+    """One value of `kind`: digits (4-10 of them), a word, a code of letters, digits and dashes, or a UUID."""
+    if kind == "digits":
+        n = rng.randint(4, 10)
+        return str(rng.randrange(10 ** (n - 1), 10**n))
+    if kind == "word":
+        return rng.choice(WORDS)
+    if kind == "code":
+        shape = rng.randrange(4)
+        up = string.ascii_uppercase
+        if shape == 0:  # 4471-KESTREL
+            return f"{rng.randrange(1000, 10000)}-{rng.choice(WORDS).upper()}"
+        if shape == 1:  # QX-7741-B
+            return f"{''.join(rng.choices(up, k=2))}-{rng.randrange(1000, 10000)}-{rng.choice(up)}"
+        if shape == 2:  # K9F2-22A7
+            alnum = up + string.digits
+            return f"{''.join(rng.choices(alnum, k=4))}-{''.join(rng.choices(alnum, k=4))}"
+        return f"{rng.choice(WORDS)}-{rng.randrange(10, 100)}"  # walnut-42
+    if kind == "uuid":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    raise ValueError(f"unknown value kind {kind!r}; choose from {', '.join(VALUE_KINDS)}")
+
+
+def _fill(template: str, subject: str, value: str) -> str:
+    text = template.format(s=subject, S=subject[0].upper() + subject[1:], v=value)
+    return text[0].upper() + text[1:]
+
+
+def needle_text(rng: random.Random, subject: str, value: str, split: str) -> str:
+    """A needle sentence for (subject, value) in the wording of `split`."""
+    if split == "heldout":
+        return _fill(rng.choice(OPENERS) + rng.choice(HELDOUT_CORES), subject, value)
+    if rng.random() < 0.2:
+        return _fill(rng.choice(TRAIN_COLON), subject, value)
+    return _fill(rng.choice(OPENERS) + rng.choice(TRAIN_CORES) + rng.choice(CLOSERS), subject, value)
+
+
+def question_text(rng: random.Random, subject: str, split: str) -> str:
+    return _fill(rng.choice(HELDOUT_QUESTIONS if split == "heldout" else TRAIN_QUESTIONS), subject, "")
+
+
+def facts(
+    length: int,
+    seed: int,
+    count: TokenCounter,
+    depth: float | None = None,
+    split: str = "heldout",
+    wording: str = "train",
+    kinds: tuple[str, ...] = VALUE_KINDS,
+    task: str = "facts",
+    haystack: str | None = None,
+) -> Sample:
+    """One queried fact at `depth` plus 1-4 distractor facts, all worded from `wording`'s templates; `split` picks
+    the prose. The value kind cycles through `kinds` with the seed, so n consecutive seeds cover every kind."""
+    rng = random.Random(f"{task}:{length}:{seed}")
+    kind = kinds[seed % len(kinds)]
+    subjects = rng.sample(SUBJECTS, rng.randint(2, 5))
+    values = [make_value(rng, kind)] + [make_value(rng, rng.choice(VALUE_KINDS)) for _ in subjects[1:]]
+    while values[0] in values[1:]:
+        values[0] = make_value(rng, kind)
+    depth = rng.random() if depth is None else depth
+    depths = [depth] + [rng.random() for _ in subjects[1:]]
+    needles = [needle_text(rng, s, v, wording) for s, v in zip(subjects, values, strict=True)]
+    question = question_text(rng, subjects[0], wording)
+    haystack = haystack or ("noise" if rng.random() < 0.2 else "prose")
+    fixed = 1 + count(QUESTION_TEMPLATE.format(question=question)) + count(FACT_PREFIX + "\n\n")
+    fixed += sum(count(n + " ") for n in needles)
+    units = fill(noise_sentences() if haystack == "noise" else prose_sentences(rng, split), length - fixed, count)
+    context = FACT_PREFIX + "\n\n" + " ".join(insert_needles(units, list(zip(depths, needles, strict=True))))
+    meta = {"kind": kind, "subject": subjects[0], "needles": needles, "haystack": haystack}
+    return Sample(task, context, question, (values[0],), " " + values[0], depth, length, meta)
+
+
+def heldout_wording(length: int, seed: int, count: TokenCounter, depth: float | None = None, split: str = "heldout"):
+    """Evaluation: facts worded only with the held-out paraphrase families, values of every kind."""
+    return facts(length, seed, count, depth, split, "heldout", VALUE_KINDS, "heldout_wording")
+
+
+def value_kinds(length: int, seed: int, count: TokenCounter, depth: float | None = None, split: str = "heldout"):
+    """Evaluation: facts in trained wordings whose values are words, codes and UUIDs (not digits)."""
+    return facts(length, seed, count, depth, split, "train", ("word", "code", "uuid"), "value_kinds")
+
+
+def template_pattern(template: str) -> re.Pattern:
+    """A regex matching any sentence built from `template` (any subject, any value without spaces)."""
+    subj = "|".join(re.escape(s) for s in SUBJECTS)
+    parts = re.split(r"(\{s\}|\{S\}|\{v\})", template)
+    out = []
+    for p in parts:
+        if p in ("{s}", "{S}"):
+            out.append(f"(?:{subj})")
+        elif p == "{v}":
+            out.append(r"\S+?")
+        else:
+            out.append(re.escape(p))
+    return re.compile("".join(out), re.IGNORECASE)

@@ -1,0 +1,105 @@
+"""Facts in free wording: value kinds, distractors, and the held-out paraphrase families kept out of training."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from pdllm.tasks import TASKS, make_sample, score
+from pdllm.tasks.facts import (
+    HELDOUT_CORES,
+    HELDOUT_QUESTIONS,
+    TRAIN_COLON,
+    TRAIN_CORES,
+    TRAIN_QUESTIONS,
+    VALUE_KINDS,
+    make_value,
+    template_pattern,
+)
+from pdllm.training.data import MIXES, build_example, curriculum, make_batch
+
+HELDOUT = [template_pattern(t) for t in HELDOUT_CORES + HELDOUT_QUESTIONS]
+TRAINED = [template_pattern(t) for t in TRAIN_CORES + TRAIN_COLON]
+
+
+def literal_fragments(template: str) -> list[str]:
+    return [f.strip(" .,?:") for f in re.split(r"\{[sSv]\}", template) if len(f.strip(" .,?:")) >= 8]
+
+
+def test_heldout_families_share_no_phrase_with_the_trained_templates():
+    trained = " | ".join(TRAIN_CORES + TRAIN_COLON + TRAIN_QUESTIONS).lower()
+    fragments = [f for t in HELDOUT_CORES + HELDOUT_QUESTIONS for f in literal_fragments(t)]
+    assert len(fragments) >= len(HELDOUT_CORES)  # every held-out family has a distinctive phrase
+    assert not [f for f in fragments if f.lower() in trained]
+
+
+def test_training_data_never_contains_a_heldout_wording():
+    rng = random.Random(0)
+    texts, fact_rows = [], 0
+    for stage in curriculum("varied"):  # every stage, dense and chunked layouts, as the training stream builds them
+        for _ in range(6):
+            batch = make_batch(rng, stage, 1024, 8192, (0.5, 0.0))
+            for row in batch.ids.tolist():
+                texts.append(bytes(t for t in row if t < 256).decode("utf-8", "replace"))
+    for i in range(120):
+        e = build_example(random.Random(i), 900, i % 2 == 1, {"facts": 1.0})
+        texts.append(bytes(t for t in e.ids if t < 256).decode())
+        fact_rows += 1
+    assert fact_rows and any(p.search(t) for t in texts for p in TRAINED)  # the check sees the needles it should
+    leaks = [(p.pattern[:40], t[:80]) for t in texts for p in HELDOUT if p.search(t)]
+    assert not leaks
+
+
+def test_the_training_mix_cannot_draw_the_heldout_task():
+    stages = [s for mix in MIXES for s in curriculum(mix)]
+    assert stages and all("heldout_wording" not in s.tasks for s in stages)
+    with pytest.raises(ValueError, match="held out"):
+        build_example(random.Random(0), 900, False, {"heldout_wording": 1.0})
+
+
+def test_heldout_samples_use_only_heldout_wordings_with_distractors():
+    for seed in range(12):
+        s = make_sample("heldout_wording", 3000, seed)
+        needles = s.meta["needles"]
+        assert 2 <= len(needles) <= 5 and all(n in s.context for n in needles)
+        assert all(any(p.search(n) for p in HELDOUT) for n in needles)
+        assert not any(p.search(n) for n in needles for p in TRAINED)
+        assert any(p.fullmatch(s.question) for p in HELDOUT)
+        assert s.meta["subject"] in s.question and s.answers[0] in needles[0]
+
+
+@pytest.mark.parametrize(
+    "kind,pattern",
+    [
+        ("digits", r"\d{4,10}"),
+        ("word", r"[a-z]+"),
+        ("code", r"(\d{4}-[A-Z]+|[A-Z]{2}-\d{4}-[A-Z]|[A-Z0-9]{4}-[A-Z0-9]{4}|[a-z]+-\d{2})"),
+        ("uuid", r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"),
+    ],
+)
+def test_value_kinds(kind, pattern):
+    rng = random.Random(kind)
+    assert all(re.fullmatch(pattern, make_value(rng, kind)) for _ in range(50))
+
+
+def test_kinds_cycle_with_the_seed_and_partial_answers_score_zero():
+    assert [make_sample("heldout_wording", 2000, i).meta["kind"] for i in range(4)] == list(VALUE_KINDS)
+    assert {make_sample("value_kinds", 2000, i).meta["kind"] for i in range(3)} == {"word", "code", "uuid"}
+    answers = ("4471-KESTREL",)
+    assert score("heldout_wording", " 4471-KESTREL.", answers) == 1.0
+    assert score("heldout_wording", " 4471", answers) == 0.0  # the old model's answer to a user's own notes
+    assert TASKS["value_kinds"].gen_length > 37  # a UUID and its end token fit the answer span
+
+
+def test_the_ranking_target_is_the_needles_chunk_even_when_the_value_also_occurs_in_prose():
+    from pdllm.tasks import Sample
+    from pdllm.training.data import answer_offset
+
+    needle = "Note: the vault code is amber."
+    context = "The amber light was on. " * 20 + needle + " More prose follows."
+    s = Sample("facts", context, "What is the vault code?", ("amber",), " amber", 0.5, 900, {"needles": [needle]})
+    assert answer_offset(s) == context.index(needle) + needle.index("amber") > context.index("amber")
+    plain = Sample("passkey", context, "q", ("amber",), " amber", 0.5, 900)
+    assert answer_offset(plain) == context.index("amber")
