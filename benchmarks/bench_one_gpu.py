@@ -304,7 +304,7 @@ def main() -> None:
     for r in rows:
         counts = {k: (r[k]["requests"], r[k]["seconds"]) for k in ("c1", "c8") if r.get(k)}
         lines.append(
-            f"# {r['backend']}: start {r['start_s']} s, measured {r["total_s"]} s, (requests, s) {counts}"
+            f"# {r['backend']}: start {r['start_s']} s, measured {r['total_s']} s, (requests, s) {counts}"
             + (f", skipped (budget) {r['skipped']}" if r.get("skipped") else "")
         )
     text = "\n".join(lines)
