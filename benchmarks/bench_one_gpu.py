@@ -253,9 +253,17 @@ def main() -> None:
         rows = [measure("in-process", lambda: InProcess(model, method, sampler, device), docs, args, None)]
         save_partial(args.out, result, rows)
         loopback_only()
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), num_gpus=0 if args.smoke else 1, namespace=NAMESPACE,
-                 include_dashboard=False, resources={PREFILL_RESOURCE: 2, DECODE_RESOURCE: 2}, logging_level="warning",
-                 _node_ip_address="127.0.0.1", runtime_env=with_actor_env())  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=max(4, os.cpu_count() or 1),
+            num_gpus=0 if args.smoke else 1,
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            resources={PREFILL_RESOURCE: 2, DECODE_RESOURCE: 2},
+            logging_level="warning",
+            _node_ip_address="127.0.0.1",
+            runtime_env=with_actor_env(),
+        )
         try:
             make_ipc = lambda: Cluster(model, method, sampler, True, args)  # noqa: E731
             rows.append(measure("cluster-ipc", make_ipc, docs, args, None))

@@ -315,9 +315,16 @@ def main() -> None:
         },  # fmt: skip
     }
     loopback_only()
-    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), num_gpus=1, resources={PREFILL_RESOURCE: 2, DECODE_RESOURCE: 2},
-             namespace=NAMESPACE, include_dashboard=False, logging_level="warning",
-             _node_ip_address="127.0.0.1")  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=max(8, os.cpu_count() or 1),
+        num_gpus=1,
+        resources={PREFILL_RESOURCE: 2, DECODE_RESOURCE: 2},
+        namespace=NAMESPACE,
+        include_dashboard=False,
+        logging_level="warning",
+        _node_ip_address="127.0.0.1",
+    )
     try:
         tensor_checks(results)
         with tempfile.TemporaryDirectory() as tmp:
