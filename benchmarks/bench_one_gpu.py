@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -73,12 +74,20 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
+class _KeptCache(ChunkCache):
+    """A chunk cache that is never falsy: engine.generate takes `cache or DEFAULT_CHUNK_CACHE`, and an empty
+    ChunkCache (len 0) would be passed over for the 4 GiB default, which cannot hold one 32K document's KV."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class InProcess:
     """engine.generate one call at a time (pdllm serve --in-process, --max-running 1)."""
 
     def __init__(self, model_dir: str, method: MethodConfig, sampler: SamplerConfig, device: str) -> None:
         self.lm = load_model(model_dir, device)
-        self.cache = ChunkCache(max_bytes=96 << 30)
+        self.cache = _KeptCache(max_bytes=96 << 30)
         self.method, self.sampler = method, sampler
         self._lock = threading.Lock()
 
@@ -198,9 +207,66 @@ def save_partial(out: str | None, result: dict, rows: list[dict]) -> None:
         Path(out + ".json").write_text(json.dumps({**result, "rows": rows, "partial": True}, default=str) + "\n")
 
 
-def main() -> None:
+def render(result: dict) -> str:
+    """The table of a result (ratios against the in-process row); parameters read back from its command."""
+    args = parser().parse_args(shlex.split(result["command"])[2:])
+    rows = result["rows"]
+    base = rows[0]
+    lines = [
+        f"# {result['kind']}",
+        f"# {result['command']}",
+        f"# {result['date']}  {result['machine']}",
+        f"# model: {result['model']}",
+        f"# documents of {args.context_tokens} tokens, chunk {args.chunk_size}, top-{args.top_k}, "
+        f"gen {args.gen_length} in {args.steps} steps; ratios against in-process from this run",
+        "",
+        f"{'backend':<13} {'first q s':>9} {'x':>6} {'first x8 mean s':>15} {'x':>6} {'c1 req/s':>9} {'x':>6} "
+        f"{'c8 req/s':>9} {'x':>6}  fetch ms (c8)  paths (c8)  chunks encoded (c1, c8)  answers = in-process",
+    ]
+
+    def cell(row, key, field):
+        part = row.get(key)
+        if not part or not part.get("requests"):
+            return f"{'-':>9} {'-':>6}"
+        value = part["latency_s"]["mean"] if field == "lat" else part["requests_per_s"]
+        ref = base.get(key)
+        ref_value = (ref["latency_s"]["mean"] if field == "lat" else ref["requests_per_s"]) if ref else None
+        ratio = value / ref_value if ref_value else float("nan")
+        return f"{value:9.3f} {ratio:5.2f}x"
+
+    def same_answers(r, ref) -> bool | None:
+        if ref is None or not r.get("first") or not ref.get("first"):
+            return None
+        a, b = r.get("c1", {}).get("answers", []), ref.get("c1", {}).get("answers", [])
+        n = min(len(a), len(b))
+        return r["first"]["answers"] == ref["first"]["answers"] and a[:n] == b[:n]
+
+    for r in rows:
+        c8 = r.get("c8") or {}
+        encoded = tuple((r.get(k) or {}).get("prefill_chunks") for k in ("c1", "c8"))
+        lines.append(
+            f"{r['backend']:<13} {cell(r, 'first', 'lat')} {cell(r, 'first_x8', 'lat'):>22} "
+            f"{cell(r, 'c1', 'rps')} {cell(r, 'c8', 'rps')}  {c8.get('mean_fetch_ms')}  "
+            f"{c8.get('paths')}  {encoded}  {same_answers(r, base)}" + (f"  ERROR {r['error']}" if "error" in r else "")
+        )
+    host = next((r for r in rows if r["backend"] == "cluster-host"), None)
+    if host is not None and len(rows) > 1:
+        lines.append(f"# answers cluster-ipc = cluster-host (first, c1): {same_answers(rows[1], host)}")
+    for r in rows:
+        counts = {k: (r[k]["requests"], r[k]["seconds"]) for k in ("c1", "c8") if r.get(k)}
+        lines.append(
+            f"# {r['backend']}: start {r['start_s']} s, measured {r['total_s']} s, (requests, s) {counts}"
+            + (f", skipped (budget) {r['skipped']}" if r.get("skipped") else "")
+        )
+    if result.get("partial"):
+        lines.append("# partial: the run stopped before every backend was measured (rows above are all it has)")
+    return "\n".join(lines)  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write <out>.json and <out>.txt")
+    ap.add_argument("--render", help="print the table of a saved <out>.json (a run cut short) and write <out>.txt")
     ap.add_argument("--model", help="checkpoint directory (default: a random LLaDA-8B-shaped one)")
     ap.add_argument("--context-tokens", type=int, default=32768)
     ap.add_argument("--chunk-size", type=int, default=512)
@@ -215,7 +281,16 @@ def main() -> None:
     ap.add_argument("--host-c8-requests", type=int, default=8)
     ap.add_argument("--skip-host", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, short documents: checks the script runs")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.render:
+        text = render(json.loads(Path(args.render).read_text()))
+        print(text)
+        Path(args.render.removesuffix(".json") + ".txt").write_text(text + "\n")
+        return
     if args.smoke:
         args.context_tokens, args.chunk_size, args.top_k, args.store_gib = 1024, 64, 4, 1
         args.c1_requests, args.c8_requests = min(args.c1_requests, 3), min(args.c8_requests, 8)
@@ -274,48 +349,7 @@ def main() -> None:
         finally:
             ray.shutdown()
     result["rows"] = rows
-    base = rows[0]
-    lines = [f"# {result['kind']}", f"# {result['command']}", f"# {result['date']}  {result['machine']}",
-             f"# model: {result['model']}",
-             f"# documents of {args.context_tokens} tokens, chunk {args.chunk_size}, top-{args.top_k}, "
-             f"gen {args.gen_length} in {args.steps} steps; ratios against in-process from this run", "",
-             f"{'backend':<13} {'first q s':>9} {'x':>6} {'first x8 mean s':>15} {'x':>6} {'c1 req/s':>9} {'x':>6} "
-             f"{'c8 req/s':>9} {'x':>6}  fetch ms (c8)  paths (c8)  answers = in-process"]  # fmt: skip
-
-    def cell(row, key, field, ratio_of):
-        part = row.get(key)
-        if not part or not part.get("requests"):
-            return f"{'-':>9} {'-':>6}"
-        value = part["latency_s"]["mean"] if field == "lat" else part["requests_per_s"]
-        ref = base.get(key)
-        ref_value = (ref["latency_s"]["mean"] if field == "lat" else ref["requests_per_s"]) if ref else None
-        ratio = value / ref_value if ref_value else float("nan")
-        return f"{value:9.3f} {ratio:5.2f}x" if ratio_of else f"{value:9.3f}"
-
-    host = next((r for r in rows if r["backend"] == "cluster-host"), None)
-
-    def same_answers(r, ref) -> bool | None:
-        if ref is None or not r.get("first") or not ref.get("first"):
-            return None
-        a, b = r.get("c1", {}).get("answers", []), ref.get("c1", {}).get("answers", [])
-        n = min(len(a), len(b))
-        return r["first"]["answers"] == ref["first"]["answers"] and a[:n] == b[:n]
-
-    for r in rows:
-        c8 = r.get("c8") or {}
-        lines.append(f"{r['backend']:<13} {cell(r, 'first', 'lat', True)} {cell(r, 'first_x8', 'lat', True):>22} "
-                     f"{cell(r, 'c1', 'rps', True)} {cell(r, 'c8', 'rps', True)}  {c8.get('mean_fetch_ms')}  "
-                     f"{c8.get('paths')}  {same_answers(r, base)}"
-                     + (f"  ERROR {r['error']}" if "error" in r else ""))  # fmt: skip
-    if host is not None and len(rows) > 1:
-        lines.append(f"# answers cluster-ipc = cluster-host (first, c1): {same_answers(rows[1], host)}")
-    for r in rows:
-        counts = {k: (r[k]["requests"], r[k]["seconds"]) for k in ("c1", "c8") if r.get(k)}
-        lines.append(
-            f"# {r['backend']}: start {r['start_s']} s, measured {r['total_s']} s, (requests, s) {counts}"
-            + (f", skipped (budget) {r['skipped']}" if r.get("skipped") else "")
-        )
-    text = "\n".join(lines)
+    text = render(result)
     print(text, flush=True)
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(result, indent=2, default=str) + "\n")

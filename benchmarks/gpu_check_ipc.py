@@ -15,8 +15,9 @@ Checks (each prints PASS/FAIL and what it saw; the JSON keeps the details):
                    with an error, the reader's GPU context still works, the next fetch from that holder is refused
                    (IpcUnavailable) so the decode side falls back
   cluster          start_cluster with one prefill and two decode actors on the one GPU (0.34 / 0.33 / 0.33), tiny
-                   random model: every request's KV comes over IPC, answers equal the in-process engine's; with
-                   same_gpu_ipc off the KV goes through host memory and the answers are the same
+                   random model, both decode actors answering: every chunk they did not have in their own cache
+                   comes over IPC (none through host memory); with same_gpu_ipc off the same chunks go through host
+                   memory and the answers are the same (also compared with the in-process engine's, reported)
 
     python benchmarks/gpu_check_ipc.py --out benchmarks/results/gpu_check_ipc_<date>_h200
 """
@@ -287,8 +288,9 @@ def cluster_check(results: dict, tmp: str) -> None:
 
     def compare():
         on, off = seen.get(True, {}), seen.get(False, {})
-        fetched = len(questions) * method.top_k
-        ok = on.get("paths") == {"ipc": fetched} and on.get("same_node") == 0 and off.get("same_node") == fetched
+        moved = on.get("paths", {}).get("ipc", 0)  # the rest were hits of the decode actors' own cache
+        ok = moved > 0 and list(on.get("paths", {})) == ["ipc"] and on.get("same_node") == 0
+        ok = ok and off.get("paths") == {} and off.get("same_node") == moved  # same requests, through host memory
         ok = ok and on.get("answers") == off.get("answers") and len(on.get("decode_actors", [])) == 2
         return ok, {"ipc": {k: v for k, v in on.items() if k != "answers"},
                     "host": {k: v for k, v in off.items() if k != "answers"},
