@@ -25,6 +25,8 @@ class ClusterLimits:
     start_timeout_s: float = 180.0  # actors loading the model and starting their transfer servers
     collective_timeout_s: float = 30.0  # NCCL/gloo group rendezvous, and each collective transfer before gRPC fallback
     fetch_timeout_s: float = 30.0  # one KV fetch from one holder (a stalled stream fails after this, then retried)
+    same_gpu_ipc: bool = True  # chunk KV between actors on one GPU by CUDA IPC (off: through host memory)
+    ipc_lease_s: float = 60.0  # a holder keeps KV it exported over CUDA IPC alive this long for an unfinished copy
     fetch_retries: int = 1  # further tries of a failed fetch from the same holder before the chunks are re-prefilled
     stream_events: int = 8  # progress events buffered per streamed job (older step events give way to newer ones)
     probe_timeout_s: float = 3.0  # an actor asked "are you alive?" after a failure; no answer counts as down
@@ -35,6 +37,8 @@ class ClusterLimits:
         for name in ("max_queued_per_decode_actor", "max_queued_per_prefill_actor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.ipc_lease_s <= 0:
+            raise ValueError(f"ipc_lease_s must be > 0, got {self.ipc_lease_s}")
         if self.fetch_timeout_s <= 0 or self.probe_timeout_s <= 0 or self.fetch_retries < 0 or self.stream_events < 1:
             raise ValueError("fetch_timeout_s and probe_timeout_s must be > 0, fetch_retries >= 0, stream_events >= 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -40,7 +40,8 @@ class FetchResult:
     chunks: dict[str, ChunkKV] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # holder did not have them (evicted) or was unreachable
     bytes: int = 0
-    paths: dict[str, int] = field(default_factory=dict)  # chunks moved per path ("grpc", "nccl", "gloo")
+    paths: dict[str, int] = field(default_factory=dict)  # chunks moved per path ("grpc", "nccl", "gloo", "ipc", ...)
+    error: str = ""  # why `missing` could not be had, when the holder failed rather than lacked them
 
 
 class KVTransport(Protocol):

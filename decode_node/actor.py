@@ -27,9 +27,10 @@ from pdllm.cluster.chunk_index import ChunkIndex, IndexEntry
 from pdllm.cluster.collective_group import CollectiveGroup, CollectiveMember
 from pdllm.cluster.collective_transport import CollectiveTransport
 from pdllm.cluster.event_box import EventBox
+from pdllm.cluster.kv_paths import NODE, HolderFetch, KVPaths
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.proc_stats import process_stats
-from pdllm.cluster.transport import FetchItem, GrpcTransport, KVTransport, TransferError
+from pdllm.cluster.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks
 from pdllm.decode_node.job import JobCancelled, JobHandle
 from pdllm.prefill_node.actor import pick_device
@@ -68,6 +69,9 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self.collective = CollectiveGroup()  # joined by the runtime when a holder can send KV device to device
         grpc_transport = GrpcTransport(token=token, piece_bytes=limits.transfer_piece_bytes)
         self.transport = transport or CollectiveTransport(self.collective, grpc_transport, self.device)
+        self.kv_paths = KVPaths.for_actor(  # the path per holder: IPC on this GPU, NCCL, same-node read, gRPC
+            name, self.node, self.device, self.transport, limits.same_gpu_ipc, probe_timeout_s=limits.probe_timeout_s
+        )
         self.engine = DecodeEngine(self.lm, engine)  # resident KV pool + batched steps, for every job
         self._handles: dict[str, JobHandle] = {}  # job id -> its engine job, while it runs
         self._count_lock = threading.Lock()
@@ -246,59 +250,44 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         return {"tokens": tokens, "answer": self.lm.tokenizer.decode(tokens), "stats": stats}
 
     def _gather(self, need: list[str], entries: dict[str, IndexEntry], where: dict) -> dict[str, ChunkKV]:
-        """KV of `need` (chunks not resident in the pool): same-node holders through Ray, then the transport (per
-        holder, so one failing holder costs only its own chunks). where["failed"]: holder -> why its chunks could not
-        be had."""
+        """KV of `need` (chunks not resident in the pool), from each holder over the path cluster/kv_paths.py
+        chooses for it (one failing holder costs only its own chunks). where["failed"]: holder -> why its chunks
+        could not be had."""
         got = {}
-        local: dict[str, list[str]] = {}
-        remote: dict[str, list[FetchItem]] = {}
-        holder_at: dict[str, str] = {}
-        for cid in need:
-            entry = entries[cid]
-            if entry.node == self.node and not self.transport.serves_directly(entry.address):
-                local.setdefault(entry.holder, []).append(cid)
-            else:
-                remote.setdefault(entry.address, []).append(FetchItem(cid, entry.address))
-                holder_at[entry.address] = entry.holder
-        for holder, cids in local.items():
-            try:
-                actor = ray.get_actor(holder)
-                found = ray.get(actor.read_chunks.remote(cids), timeout=self.limits.fetch_timeout_s)
-            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-                found = {}  # the holder died or hangs: its chunks count as missing
-                where["failed"][holder] = f"same-node read failed: {type(e).__name__}"
-            got.update(found)
-            where["node"] += len(found)
-            nbytes = sum(c.nbytes() for c in found.values())
-            where["bytes"] += nbytes
-            if found:
-                metrics.record_fetch("local", nbytes)
-        for address, items in remote.items():
-            fetched = self._fetch(address, items, where)
+        for group in self.kv_paths.plan(need, entries):
+            fetched = self._fetch(group, where)
             if fetched is None:
-                where["failed"][holder_at[address]] = where["errors"][-1]
+                where["failed"][group.holder] = where["errors"][-1]
                 continue
+            if fetched.error:
+                where["failed"][group.holder] = fetched.error
             got.update(fetched.chunks)
-            where["remote"] += len(fetched.chunks)
             where["bytes"] += fetched.bytes
             for path, n in fetched.paths.items():
+                per_chunk = fetched.bytes * n // max(1, len(fetched.chunks))
+                if path == NODE:  # through host memory on this node (counted apart, as before)
+                    where["node"] += n
+                    metrics.record_fetch("local", per_chunk)
+                    continue
+                where["remote"] += n
                 where["paths"][path] = where["paths"].get(path, 0) + n
                 if path in metrics.TRANSPORTS:
-                    metrics.record_fetch(path, fetched.bytes * n // max(1, len(fetched.chunks)))
+                    metrics.record_fetch(path, per_chunk)
         return got
 
-    def _fetch(self, address: str, items: list[FetchItem], where: dict):
-        """One holder's chunks through the transport, tried 1 + fetch_retries times; None if every try failed
+    def _fetch(self, group: HolderFetch, where: dict) -> FetchResult | None:
+        """One holder's chunks over their path, tried 1 + fetch_retries times; None if every try failed
         (the reasons are appended to where["errors"])."""
         for attempt in range(self.limits.fetch_retries + 1):
             try:
-                fetched = self.transport.fetch(items, timeout_s=self.limits.fetch_timeout_s)
+                fetched = self.kv_paths.fetch(group, timeout_s=self.limits.fetch_timeout_s)
             except TransferError as e:
                 reason = str(e)
                 where["errors"].append(reason)
                 with self._count_lock:
                     self.fetch_failures[_failure_kind(reason)] += 1
-                log.warning("fetch of %d chunks from %s failed (try %d): %s", len(items), address, attempt + 1, e)
+                log.warning("fetch of %d chunks from %s failed (try %d): %s", len(group.items), group.address,
+                            attempt + 1, e)  # fmt: skip
                 continue
             if attempt:
                 with self._count_lock:
@@ -325,6 +314,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "cache_chunks": pool["chunks"],
             "cache_bytes": pool["used_bytes"],
             "engine": engine,
+            "kv_paths": self.kv_paths.status(),
             "process": process_stats(),
             "metrics": metrics.snapshot(),
         }

@@ -20,6 +20,7 @@ from pdllm.cluster.chunk_index import ChunkIndex
 from pdllm.cluster.chunk_store import ChunkStore
 from pdllm.cluster.collective_group import CollectiveGroup
 from pdllm.cluster.collective_transport import CollectiveHolder, CollectiveSender
+from pdllm.cluster.ipc_transport import IpcExporter, IpcHolder
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transfer_server import TransferFault, serve
@@ -47,7 +48,7 @@ def derived_capacity(device: str) -> int:
     return CPU_STORE_BYTES
 
 
-class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/gloo (cluster/collective_transport.py)
+class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* methods: KV over NCCL/gloo, CUDA IPC
     def __init__(
         self,
         name: str,
@@ -73,6 +74,7 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
         self.store.address = f"{host}:{port}"
         self.collective = CollectiveGroup()  # joined by the runtime when this actor can send KV device to device
         self.kv_sender = CollectiveSender(self.collective, self.store, ttl_s=limits.collective_timeout_s)
+        self.kv_exporter = IpcExporter(self.store, self.device, ttl_s=limits.ipc_lease_s)  # same-GPU readers
         self._encode_lock = threading.Lock()
         self.encoded_total = 0
         self.inflight = 0
@@ -171,6 +173,7 @@ class PrefillWorker(CollectiveHolder):  # + collective_* methods: KV over NCCL/g
             "transfer_streams": service.active_streams,  # fetches in progress: KV held for readers
             "collective_pinned": len(self.kv_sender._pinned),  # announced collective transfers not yet sent
             "faults_fired": service.faults_fired,
+            **self.kv_exporter.status(),  # CUDA IPC leases held for readers on this GPU
             "process": process_stats(),
             "metrics": metrics.snapshot(),
             **self.store.usage(),

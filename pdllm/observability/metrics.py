@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-TRANSPORTS = ("local", "grpc", "nccl")
+TRANSPORTS = ("local", "grpc", "nccl", "ipc")
 BATCH_STATES = ("pending", "leased", "done", "failed", "cancelled")
 OUTCOMES = ("ok", "error", "cancelled")
 
@@ -112,7 +112,7 @@ def record_cache(hit: bool, n: int = 1) -> None:
 
 
 def record_fetch(transport: str, nbytes: int) -> None:
-    """One KV fetch of `nbytes` over `transport` (local | grpc | nccl; anything else is a bug, not a new label)."""
+    """One KV fetch of `nbytes` over `transport` (local | grpc | nccl | ipc; anything else is a bug, not a label)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     FETCH_BYTES.labels(transport=transport).inc(nbytes)
