@@ -12,7 +12,8 @@ fewer requests: steps past the budget are skipped and reported)
 The in-process engine is `pdllm serve --in-process`'s: `engine.generate`, one call at a time (--max-running 1), with
 a chunk cache big enough for every document (so it never re-encodes). The cluster is `start_cluster` + the router
 (the gRPC API in front of either backend is the same and left out), default limits (the decode engine: a batch of up
-to 32 jobs per step over its resident KV pool), `same_gpu_ipc` on or off. The host path gets a time budget (--host-budget-s): it is slow.
+to 32 jobs per step over its resident KV pool), `same_gpu_ipc` on or off. The host path gets a time budget
+(--host-budget-s): it is slow.
 
     python benchmarks/bench_one_gpu.py --out benchmarks/results/one_gpu_<date>_h200
 """
