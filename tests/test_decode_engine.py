@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks
 from pdllm.decode_node.job import JobCancelled, JobExpired
 from pdllm.decode_node.kv_pool import KVPool, PoolFull, page_bytes
+
 from pdllm.method import MethodConfig, encode_chunks, split_chunks
 from pdllm.models.attention import DenseCachedAttention
 from pdllm.models.loader import LoadedModel
