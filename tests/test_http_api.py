@@ -1,0 +1,291 @@
+"""The OpenAI-compatible HTTP API on loopback, driven by the official `openai` client: models, chat and completions
+unary and streamed (the streamed text equals the unary text), usage and finish_reason, the mapping of messages and
+prompts onto context and question (the same answer as the gRPC API), chunks of a long document prefilled once
+across chat requests, and the error codes (400, 401, 404, 429, 503, 500) in OpenAI's error JSON."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from pdllm.cluster.api_backend import InProcessBackend
+from pdllm.cluster.api_params import ApiLimits
+from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.http_api import HttpApiConfig, HttpApiServer, http_error
+from pdllm.cluster.openai_schema import parse_chat, parse_completion
+from pdllm.cluster.openai_stream import StableText
+
+from pdllm.client import Client
+
+TOKEN = "http-test-token"
+CONTEXT = "The pass key is 71432. Remember it. " * 4
+QUESTION = "What is the pass key?"
+SMALL = {"block_length": 4}  # with max_tokens=16: 4 blocks of 4, 16 steps
+LIMITS = ApiLimits(max_context_bytes=64 << 10, max_question_bytes=1024, max_gen_length=1024)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_llada):
+    b = InProcessBackend.from_directory(str(tiny_llada), name="tiny")
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def grpc_server(backend):
+    cfg = ApiServerConfig(port=0, auth_token=TOKEN, max_running=1, max_waiting=0, limits=LIMITS)
+    with ApiServer(backend, cfg) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(grpc_server):
+    with HttpApiServer(HttpApiConfig(port=0, auth_token=TOKEN), grpc_server.servicer) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def oai(http):
+    with openai.OpenAI(base_url=http.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60) as c:
+        yield c
+
+
+def chat_messages(question: str = QUESTION, context: str = CONTEXT) -> list[dict]:
+    return [{"role": "user", "content": context}, {"role": "user", "content": question}]
+
+
+def test_models_lists_the_served_model(oai, backend):
+    models = oai.models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].owned_by == "pdllm"
+    assert models[0].model_extra["max_model_len"] == backend.lm.spec.max_position
+    assert oai.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("llada-8b-nope")
+
+
+def test_chat_answers_as_the_grpc_api_does(oai, grpc_server):
+    out = oai.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=16, extra_body=SMALL)
+    choice = out.choices[0]
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-") and choice.message.role == "assistant"
+    with Client(grpc_server.address, auth_token=TOKEN, timeout_s=60, retries=0) as c:
+        ref = c.generate(CONTEXT, QUESTION, gen_length=16, block_length=4, steps=16)
+    assert choice.message.content == ref["answer"]
+    stats = out.model_extra["pdllm"]
+    assert (
+        out.usage.prompt_tokens
+        == stats["context_tokens"] + stats["question_tokens"]
+        == (ref["stats"]["context_tokens"] + ref["stats"]["question_tokens"])
+    )
+    assert out.usage.completion_tokens == stats["generated_tokens"] <= 16
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert choice.finish_reason == ("length" if stats["generated_tokens"] == 16 else "stop")
+
+
+def test_chat_stream_equals_unary_and_comes_in_blocks(oai):
+    kwargs = {"model": "tiny", "messages": chat_messages(), "max_tokens": 16, "extra_body": SMALL}
+    unary = oai.chat.completions.create(**kwargs)
+    chunks = list(oai.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == unary.choices[0].message.content
+    assert len(deltas) >= 2  # sent as blocks finished, not all at the end
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [unary.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == unary.usage
+
+
+def test_completion_splits_prompt_at_its_last_line_or_at_question(oai, backend):
+    params = {"gen_length": 16, "block_length": 4, "steps": 16}
+    ref = backend.generate(CONTEXT.rstrip(), QUESTION, params, "ref")["answer"]
+    by_line = oai.completions.create(model="tiny", prompt=CONTEXT + "\n" + QUESTION, max_tokens=16, extra_body=SMALL)
+    explicit = oai.completions.create(
+        model="tiny", prompt=CONTEXT.rstrip(), max_tokens=16, extra_body={**SMALL, "question": QUESTION}
+    )
+    assert by_line.object == "text_completion" and by_line.id.startswith("cmpl-")
+    assert by_line.choices[0].text == explicit.choices[0].text == ref
+    streamed = oai.completions.create(
+        model="tiny", prompt=CONTEXT + "\n" + QUESTION, max_tokens=16, extra_body=SMALL, stream=True
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == ref
+    assert chunks[-1].choices[0].finish_reason == by_line.choices[0].finish_reason
+
+
+def test_system_message_is_the_instruction_in_front_of_the_context(oai, backend):
+    messages = [{"role": "system", "content": "Answer briefly."}, *chat_messages()]
+    out = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=8, extra_body={"block_length": 8})
+    ref = backend.generate(
+        "Answer briefly.\n\n" + CONTEXT, QUESTION, {"gen_length": 8, "block_length": 8, "steps": 8}, "r"
+    )
+    assert out.choices[0].message.content == ref["answer"]
+    assert out.model_extra["pdllm"]["context_tokens"] == ref["stats"]["context_tokens"]
+
+
+def test_dllm_knobs_are_extra_fields(oai):
+    knobs = {"block_length": 8, "steps": 8, "threshold": 0.9, "mode": "sparse", "chunk_size": 32, "top_k": 2}
+    out = oai.chat.completions.create(model="tiny", messages=chat_messages(context=CONTEXT * 4), max_tokens=8,
+                                      extra_body={**knobs, "keep_ratio": 0.5})  # fmt: skip
+    stats = out.model_extra["pdllm"]
+    assert stats["mode"] == "sparse" and stats["chunk_size"] == 32 and stats["top_k"] == 2
+    assert stats["keep_ratio"] == 0.5 and stats["selected_chunks"] == 2 and stats["steps"] <= 8
+
+
+def test_long_document_asked_twice_through_chat_prefills_its_chunks_once(oai):
+    document = " ".join(f"Record {i}: the code of item {i} is {(i * 7919) % 10000}." for i in range(40))
+    knobs = {"mode": "sparse", "chunk_size": 64, "top_k": 2, "block_length": 8}
+    first = oai.chat.completions.create(
+        model="tiny", messages=chat_messages("What is the code of item 3?", document), max_tokens=8, extra_body=knobs
+    ).model_extra["pdllm"]
+    second = oai.chat.completions.create(
+        model="tiny", messages=chat_messages("What is the code of item 31?", document), max_tokens=8, extra_body=knobs
+    ).model_extra["pdllm"]
+    assert first["chunks"] == second["chunks"] > 10
+    assert first["prefill_chunks"] == first["chunks"] and first["reused_chunks"] == 0
+    assert second["prefill_chunks"] == 0 and second["reused_chunks"] == second["chunks"]
+
+
+def test_stop_sequence_cuts_unary_and_stream_alike(oai):
+    kwargs = {"model": "tiny", "messages": chat_messages(), "max_tokens": 16, "extra_body": SMALL}
+    full = oai.chat.completions.create(**kwargs).choices[0].message.content
+    assert len(full) > 2
+    stop = full[len(full) // 2 :][:2]
+    cut = oai.chat.completions.create(**kwargs, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    chunks = list(oai.chat.completions.create(**kwargs, stop=[stop], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("body", "needle", "param"),
+    [
+        ({"max_tokens": 5000}, "max_tokens must be an integer in [1, 1024]", "max_tokens"),
+        ({"max_tokens": 16, "block_length": 3}, "max_tokens 16 is not a multiple of block_length 3", "max_tokens"),
+        ({"extra_body": {"steps": 0}}, "steps", "steps"),
+        ({"temperature": 9.0}, "temperature", "temperature"),
+        ({"extra_body": {"top_k": 0}}, "top_k", "top_k"),
+        ({"extra_body": {"keep_ratio": 0}}, "keep_ratio", "keep_ratio"),
+        ({"extra_body": {"mode": "warp"}}, "unknown mode", None),
+        ({"n": 2}, "n=2 is not supported", "n"),
+        ({"extra_body": {"gen_length": 8}}, "unknown parameter(s): gen_length", None),
+        ({"extra_body": {"warp_factor": 9}}, "unknown parameter(s): warp_factor", None),
+        ({"messages": []}, "messages must be a non-empty list", "messages"),
+        ({"messages": [{"role": "user", "content": "only one line?"}]}, "single line", None),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "role 'tool' is not supported", None),
+        ({"messages": [*chat_messages(), {"role": "assistant", "content": "a"}]}, "must be from the user", "messages"),
+        ({"messages": chat_messages(question="   ")}, "question is empty", "question"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and len(v) < 30 else "",
+)
+def test_bad_parameters_are_400_naming_the_parameter(oai, body, needle, param):
+    body = dict(body)
+    if "block_length" in body:
+        body.setdefault("extra_body", {})["block_length"] = body.pop("block_length")
+    kwargs = {"model": "tiny", "messages": chat_messages(), **body}
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(**kwargs)
+    assert err.value.status_code == 400 and needle in err.value.body["message"], err.value.body
+    assert err.value.body["type"] == "invalid_request_error" and err.value.body["param"] == param
+    assert oai.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4).choices
+
+
+def test_token_unknown_model_and_unknown_path(http, oai):
+    with openai.OpenAI(base_url=http.url + "/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as err:
+            bad.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="llada-8b-nope", messages=chat_messages(), max_tokens=4)
+    assert err.value.body["code"] == "model_not_found" and "unknown model" in err.value.body["message"]
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(urllib.request.Request(http.url + "/v1/embeddings", method="POST"), timeout=10)
+    assert raw.value.code == 404 and json.loads(raw.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_curl_style_request_with_broken_json_is_400(http):
+    req = urllib.request.Request(
+        http.url + "/v1/completions",
+        data=b'{"model": "tiny", "prompt": ',
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 400 and "not JSON" in json.loads(err.value.read())["error"]["message"]
+
+
+def test_busy_server_is_429_and_a_vanished_stream_stops_its_work(oai, backend, grpc_server):
+    """max_running=1, max_waiting=0: while a long stream runs, another request is refused; closing the stream's
+    connection stops the stream's request at the backend."""
+    before = dict(grpc_server.servicer.counters)
+    holder = oai.chat.completions.create(model="tiny", messages=chat_messages(context=CONTEXT * 8), max_tokens=1024,
+                                         extra_body={"block_length": 1024}, stream=True)  # fmt: skip
+    first = next(iter(holder))  # the request is admitted and generating
+    assert first.choices[0].delta.role == "assistant"
+    with pytest.raises(openai.RateLimitError) as err:
+        oai.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4)
+    assert err.value.status_code == 429 and err.value.body["code"] == "rate_limit_exceeded"
+    holder.close()
+    snapshot = grpc_server.servicer.admission.snapshot
+    waited = _wait_until(lambda: snapshot()["running"] == 0 and backend.health()["running"] == 0, 30)
+    assert waited, "the abandoned stream kept generating"
+    after = grpc_server.servicer.counters
+    assert after["cancelled"] == before["cancelled"] + 1 and after["failed"] == before["failed"] + 1
+    assert oai.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4).choices
+
+
+def _wait_until(check, timeout_s: float) -> bool:
+    import threading
+    import time
+
+    deadline, pause = time.monotonic() + timeout_s, threading.Event()
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.05)
+    return True
+
+
+def test_not_ready_until_a_servicer_is_attached(grpc_server):
+    with HttpApiServer(HttpApiConfig(port=0, auth_token=TOKEN)) as srv:
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key=TOKEN, max_retries=0) as c:
+            with pytest.raises(openai.InternalServerError) as err:
+                c.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4)
+            assert err.value.status_code == 503 and err.value.body["code"] == "not_ready"
+            with pytest.raises(urllib.error.HTTPError) as raw:
+                urllib.request.urlopen(srv.url + "/health", timeout=10)
+            assert raw.value.code == 503
+            srv.attach(grpc_server.servicer)
+            assert urllib.request.urlopen(srv.url + "/health", timeout=10).status == 200
+            assert c.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4).choices
+
+
+def test_unexpected_errors_are_500_without_internals():
+    err = http_error(KeyError("secret internals"))
+    assert err.status == 500 and err.kind == "server_error" and "secret" not in str(err)
+
+
+def test_parsing_maps_conversations_and_prompts():
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Doc A."}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "Q?"},
+    ]
+    req = parse_chat({"model": "m", "messages": turns, "max_tokens": 24}, {})
+    assert (req.context, req.question) == ("Be brief.\n\nDoc A.\n\nAnswer: ok", "Q?")
+    assert req.params == {"gen_length": 24, "block_length": 24, "steps": 24}  # 24 <= the default block of 32
+    req = parse_completion({"model": "m", "prompt": "line 1\nline 2\n\nthe question?\n", "max_tokens": 100}, {})
+    assert (req.context, req.question) == ("line 1\nline 2", "the question?")
+    assert req.params == {"gen_length": 100, "block_length": 25, "steps": 100}
+
+
+def test_stable_text_sends_only_finished_blocks():
+    text = StableText(block_length=4, stops=("XY",))
+    assert text.step({"unmasked_tokens": 3, "partial_text": "abc"}) == ""  # block 1 unfinished: may still change
+    assert text.step({"unmasked_tokens": 4, "partial_text": "abcd"}) == "abcd"
+    assert text.step({"unmasked_tokens": 8, "partial_text": "abcdefgX"}) == "efg"  # "X" may begin the stop
+    assert text.finish("abcdefgXYz") == "" and text.stopped and text.sent == "abcdefg"
