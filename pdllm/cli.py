@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pdllm import progress
+
+    progress.configure(quiet=bool(getattr(args, "quiet", False)))  # per command: nothing carries over between calls
     try:
         return int(args.func(args) or 0)
     except PdllmError as exc:

@@ -44,13 +44,14 @@ class Bar:
         first_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         tty: bool | None = None,
+        quiet: bool | None = None,
     ) -> None:
         self.desc, self.total, self.unit = desc, total, unit
         self.stream = stream or sys.stderr
         self.period_s, self.first_after_s, self.clock = period_s, first_after_s, clock
         self.n, self.postfix = 0, ""
         self._start, self._printed = clock(), -1
-        self.enabled = not _state["quiet"]
+        self.enabled = not (_state["quiet"] if quiet is None else quiet)
         self.tty = self.stream.isatty() if tty is None else tty
         self._tqdm = None
         self._last: float | None = None

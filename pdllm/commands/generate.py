@@ -200,10 +200,13 @@ def run(args: argparse.Namespace) -> int:
     if not (args.question or "").strip():
         raise InvalidRequest("--question is empty" if args.question is not None else "--question is required")
     mode = args.mode
+    check_request(args, context, mode, None)  # the API's limits; the paths below also bound by the model's length
     method = method_from_args(args)
-    method.validate()
+    try:
+        method.validate()
+    except InvalidRequest as exc:
+        raise InvalidRequest(flag_message(str(exc))) from None
     if args.server:
-        check_request(args, context, mode, None)  # the server bounds by its model
         out = _via_server(args, context, mode)
     elif mode != "sparse" and not args.in_process:
         raise InvalidRequest(f"--mode {mode} is a single-process baseline: add --in-process")
@@ -315,13 +318,16 @@ def _via_server(args, context: str, mode: str) -> dict:
     given = {**asdict(sampler_from_args(args)), **asdict(method_from_args(args)), "mode": mode, "seed": args.seed}
     params = {k: v for k, v in given.items() if k in PARAM_KEYS}
     token = args.auth_token or os.environ.get("PDLLM_AUTH_TOKEN")
-    shown = progress.RequestProgress()
+    shown, final = progress.RequestProgress(), None
     try:
         with Client(args.server, auth_token=token, tls_ca=args.tls_ca, timeout_s=600.0) as client:
-            for event in client.generate_stream(context, args.question, params):
+            for event in client.generate_stream(context, args.question, params):  # read to its end: completed
                 if event["type"] == "final":
-                    return {k: event[k] for k in ("answer", "stats", "request_id")}
-                shown(event)
+                    final = {k: event[k] for k in ("answer", "stats", "request_id")}
+                else:
+                    shown(event)
     finally:
         shown.close()
-    raise InvalidRequest("the server ended the stream without an answer")
+    if final is None:
+        raise InvalidRequest("the server ended the stream without an answer")
+    return final
