@@ -289,3 +289,24 @@ def test_stable_text_sends_only_finished_blocks():
     assert text.step({"unmasked_tokens": 4, "partial_text": "abcd"}) == "abcd"
     assert text.step({"unmasked_tokens": 8, "partial_text": "abcdefgX"}) == "efg"  # "X" may begin the stop
     assert text.finish("abcdefgXYz") == "" and text.stopped and text.sent == "abcdefg"
+
+
+def test_load_client_over_http_answers_as_grpc(backend):
+    """The load test's client (pdllm.load_client) over the HTTP API: 4 concurrent openai clients, 8 requests, no
+    error, every answer the in-process answer of the same request (and the gRPC answer)."""
+    from pdllm.load_client import LoadRequest, run_round
+
+    params = {"gen_length": 8, "block_length": 8, "steps": 8}
+    requests = [
+        LoadRequest(f"Doc {d}: the value is {d * 37}.", f"Value {q}?", params) for d in range(4) for q in (1, 2)
+    ]
+    expected = [backend.generate(r.context, r.question, params, f"ref-{i}")["answer"] for i, r in enumerate(requests)]
+    cfg = ApiServerConfig(port=0, auth_token=TOKEN, max_running=1, max_waiting=8, limits=LIMITS)
+    with ApiServer(backend, cfg) as grpc_srv, HttpApiServer(HttpApiConfig(port=0, auth_token=TOKEN)) as http_srv:
+        http_srv.attach(grpc_srv.servicer)
+        result = run_round(http_srv.url, requests, clients=4, auth_token=TOKEN, timeout_s=60, api="http")
+        grpc_result = run_round(grpc_srv.address, requests, clients=4, auth_token=TOKEN, timeout_s=60)
+        assert grpc_srv.servicer.counters["completed"] == 2 * len(requests)
+    assert result.errors == [] and len(result.latencies_s) == len(requests)
+    assert result.answers == expected
+    assert grpc_result.answers == expected and grpc_result.errors == []
