@@ -113,7 +113,8 @@ def test_quiet_verbose_and_the_metric_of_the_score(tiny_llada, capsys):
     assert json.loads(capsys.readouterr().out)["metric"] == "passkey_score"
 
 
-def test_help_shows_defaults_and_every_example_task(capsys):
+def test_help_shows_defaults_and_every_example_task(capsys, monkeypatch):
+    monkeypatch.setenv("PDLLM_AUTH_TOKEN", "secret-token-from-the-environment")
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -124,6 +125,10 @@ def test_help_shows_defaults_and_every_example_task(capsys):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 50051)" in text and "--http-port" in text
+    with pytest.raises(SystemExit):
+        main(["batch", "submit", "--help"])
+    text = capsys.readouterr().out
+    assert "--id-only" in text and "secret-token" not in text  # a default from the environment is not shown
 
 
 class FakeClock:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pdllm.commands.generate import model_dir
@@ -81,7 +82,9 @@ def cluster_backend(args: argparse.Namespace):
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
     limits = ClusterLimits(log_json=args.log_json, log_level=args.log_level)  # the actors log like the server
-    return ClusterBackend(start_cluster(config, limits))
+    started = time.monotonic()
+    stage = lambda text: print(f"  {text} ({time.monotonic() - started:.1f} s)", flush=True)  # noqa: E731
+    return ClusterBackend(start_cluster(config, limits, on_stage=stage))
 
 
 def local_backend(args: argparse.Namespace):
