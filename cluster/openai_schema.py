@@ -230,29 +230,19 @@ def now() -> int:
     return int(time.time())
 
 
+def _response(obj: str, rid: str, model: str, created: int, choice: dict, stats: dict) -> dict:
+    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    return {**body, "usage": usage(stats), "pdllm": stats}
+
+
 def chat_response(rid: str, model: str, created: int, text: str, reason: str, stats: dict) -> dict:
-    message = {"role": "assistant", "content": text}
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
-        "usage": usage(stats),
-        "pdllm": stats,
-    }
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+    return _response("chat.completion", rid, model, created, choice, stats)
 
 
 def completion_response(rid: str, model: str, created: int, text: str, reason: str, stats: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
-        "usage": usage(stats),
-        "pdllm": stats,
-    }
+    choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+    return _response("text_completion", rid, model, created, choice, stats)
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, reason: str | None = None) -> dict:
