@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -106,6 +106,36 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
+@dataclass
+class _Call:
+    """One checked generation request on its way through the servicer."""
+
+    servicer: PdllmServicer
+    kind: str  # "chat" or "completion"
+    req: oa.OpenAIRequest
+    context: str
+    question: str
+    params: dict
+    rid: str
+    created: int = 0
+    gone: threading.Event = field(default_factory=threading.Event)  # set: the client left
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.rid
+
+    def run(self, sink=None) -> dict:
+        timeout = self.servicer.cfg.default_timeout_s
+        alive = lambda: not self.gone.is_set()  # noqa: E731
+        return self.servicer.run_request(self.context, self.question, self.params, self.rid, timeout, alive, None, sink)
+
+    def chunk(self, text: str, reason: str | None = None) -> dict:
+        """A stream chunk carrying `text` in this API's shape."""
+        if self.kind == "chat":
+            return oa.chat_chunk(self.response_id, self.req.model, self.created, {"content": text}, reason)
+        return oa.completion_chunk(self.response_id, self.req.model, self.created, text, reason)
+
+
 class HttpApi:
     """The FastAPI app and what its handlers share: the servicer (once attached), the token, the worker pool."""
 
@@ -157,114 +187,101 @@ class HttpApi:
             req = parse(body, servicer.defaults)
             length_field = req.length_field
             rid = check_request_id(request.headers.get("x-request-id", ""), servicer.limits) or uuid.uuid4().hex
-            context, question, params, rid = servicer.check_request(
-                req.model, req.context, req.question, req.params, rid
-            )
+            checked = servicer.check_request(req.model, req.context, req.question, req.params, rid)
         except Exception as exc:
             servicer.count(outcome_key(exc))
             raise http_error(exc, length_field) from None
-        timeout = servicer.cfg.default_timeout_s
-        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        model, created, rid_out = req.model, oa.now(), prefix + rid
-        gone = threading.Event()
-        if not req.stream:
-            return await self._unary(
-                request, kind, req, (context, question, params, rid), timeout, gone, rid_out, created
-            )
-        box = EventBox(self.cfg.stream_events)
+        call = _Call(servicer, kind, req, *checked, created=oa.now())
+        return await (self._stream(call) if req.stream else self._unary(request, call))
+
+    async def _unary(self, request: Request, call: _Call) -> JSONResponse:
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self.pool, call.run)
+        watcher = asyncio.ensure_future(_wait_disconnect(request, call.gone))
+        try:
+            result = await work
+        except Exception as exc:
+            call.servicer.count(outcome_key(exc))
+            raise http_error(exc, call.req.length_field) from None
+        finally:
+            watcher.cancel()
+        call.servicer.count("completed")
+        text, stopped = oa.cut_at_stop(result["answer"], call.req.stop)
+        reason = oa.finish_reason(result["stats"], call.params["gen_length"], stopped)
+        build = oa.chat_response if call.kind == "chat" else oa.completion_response
+        reply = build(call.response_id, call.req.model, call.created, text, reason, result["stats"])
+        return JSONResponse(reply, headers={"X-Request-Id": call.rid})
+
+    async def _stream(self, call: _Call):
+        """The request runs in the pool and hands its events to a bounded box (old step events give way to new
+        ones, as in the gRPC stream); the event loop is woken for each, so no thread waits per stream."""
+        loop, box, ready = asyncio.get_running_loop(), EventBox(self.cfg.stream_events), asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(ready.set)
 
         def work() -> None:
             try:
-                box.put_final(
-                    servicer.run_request(
-                        context, question, params, rid, timeout, lambda: not gone.is_set(), None, box.put_step
-                    )
-                )
+                box.put_final(call.run(lambda event: (box.put_step(event), wake())))
             except BaseException as exc:
                 box.put_final(exc)
+            wake()
 
-        asyncio.get_running_loop().run_in_executor(self.pool, work)
-        first = await asyncio.to_thread(box.get)
+        async def next_item() -> object:
+            while True:
+                ready.clear()
+                if len(box):
+                    return box.get(0)
+                await ready.wait()
+
+        loop.run_in_executor(self.pool, work)
+        first = await next_item()
         if isinstance(first, BaseException):  # refused or failed before anything was generated: a status code
-            servicer.count(outcome_key(first))
-            raise http_error(first, length_field)
-        stable = StableText(params["block_length"], req.stop)
-        stream = self._events(
-            servicer, kind, req, params, first, box, stable, gone, rid_out, model, created, length_field
-        )
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": rid}
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+            call.servicer.count(outcome_key(first))
+            raise http_error(first, call.req.length_field)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": call.rid}
+        return StreamingResponse(self._events(call, first, next_item), media_type="text/event-stream", headers=headers)
 
-    async def _unary(
-        self, request: Request, kind: str, req: oa.OpenAIRequest, checked, timeout, gone, rid_out, created
-    ):
-        servicer = self.servicer
-        context, question, params, rid = checked
-        loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(
-            self.pool, lambda: servicer.run_request(context, question, params, rid, timeout, lambda: not gone.is_set())
-        )
-        watcher = asyncio.ensure_future(_wait_disconnect(request, gone))
-        try:
-            result = await call
-        except Exception as exc:
-            servicer.count(outcome_key(exc))
-            raise http_error(exc, req.length_field) from None
-        finally:
-            watcher.cancel()
-        servicer.count("completed")
-        text, stopped = oa.cut_at_stop(result["answer"], req.stop)
-        reason = oa.finish_reason(result["stats"], params["gen_length"], stopped)
-        build = oa.chat_response if kind == "chat" else oa.completion_response
-        return JSONResponse(
-            build(rid_out, req.model, created, text, reason, result["stats"]), headers={"X-Request-Id": rid}
-        )
-
-    async def _events(
-        self, servicer, kind, req, params, item, box, stable, gone, rid, model, created, length_field
-    ) -> AsyncIterator[bytes]:
-        chat = kind == "chat"
+    @staticmethod
+    async def _events(call: _Call, item: object, next_item) -> AsyncIterator[bytes]:
+        chat, stable = call.kind == "chat", StableText(call.params["block_length"], call.req.stop)
+        chunk = call.chunk
         ended = False
         try:
             if chat:
-                yield _sse(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+                yield _sse(
+                    oa.chat_chunk(call.response_id, call.req.model, call.created, {"role": "assistant", "content": ""})
+                )
             while True:
                 if isinstance(item, BaseException):
                     ended = True
-                    servicer.count(outcome_key(item))
-                    err = http_error(item, length_field)
+                    call.servicer.count(outcome_key(item))
+                    err = http_error(item, call.req.length_field)
                     yield _sse(oa.error_body(str(err), err.kind, err.code, err.param))
                     break
                 if isinstance(item, dict) and "answer" in item:  # the result
                     ended = True
                     delta = stable.finish(item["answer"])
-                    reason = oa.finish_reason(item["stats"], params["gen_length"], stable.stopped)
+                    reason = oa.finish_reason(item["stats"], call.params["gen_length"], stable.stopped)
+                    if delta or not chat:
+                        yield _sse(chunk(delta, None if chat else reason))
                     if chat:
-                        if delta:
-                            yield _sse(oa.chat_chunk(rid, model, created, {"content": delta}))
-                        yield _sse(oa.chat_chunk(rid, model, created, {}, reason))
-                    else:
-                        yield _sse(oa.completion_chunk(rid, model, created, delta, reason))
-                    if req.include_usage:
+                        yield _sse(oa.chat_chunk(call.response_id, call.req.model, call.created, {}, reason))
+                    if call.req.include_usage:
                         obj = "chat.completion.chunk" if chat else "text_completion"
-                        yield _sse(oa.usage_chunk(rid, model, created, obj, item["stats"]))
-                    servicer.count("completed")
+                        yield _sse(oa.usage_chunk(call.response_id, call.req.model, call.created, obj, item["stats"]))
+                    call.servicer.count("completed")
                     break
                 if item.get("type") == "step":
                     delta = stable.step(item)
                     if delta:
-                        chunk = (
-                            oa.chat_chunk(rid, model, created, {"content": delta})
-                            if chat
-                            else oa.completion_chunk(rid, model, created, delta)
-                        )
-                        yield _sse(chunk)
-                item = await asyncio.to_thread(box.get)
+                        yield _sse(chunk(delta))
+                item = await next_item()
             yield _sse("[DONE]")
         finally:
             if not ended:  # the client went away mid-stream: the backend stops at its next event
-                gone.set()
-                servicer.count("cancelled")
+                call.gone.set()
+                call.servicer.count("cancelled")
 
     # -- routes ------------------------------------------------------------------------------------------------
     def _build(self) -> FastAPI:

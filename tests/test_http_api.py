@@ -307,6 +307,23 @@ def test_load_client_over_http_answers_as_grpc(backend):
         result = run_round(http_srv.url, requests, clients=4, auth_token=TOKEN, timeout_s=60, api="http")
         grpc_result = run_round(grpc_srv.address, requests, clients=4, auth_token=TOKEN, timeout_s=60)
         assert grpc_srv.servicer.counters["completed"] == 2 * len(requests)
+        streamed = concurrent_streams(http_srv.url, requests)  # more open streams than the event loop has threads
+        assert grpc_srv.servicer.counters["completed"] == 3 * len(requests)
     assert result.errors == [] and len(result.latencies_s) == len(requests)
     assert result.answers == expected
     assert grpc_result.answers == expected and grpc_result.errors == []
+    assert streamed == expected
+
+
+def concurrent_streams(url: str, requests: list) -> list[str]:
+    """Every request as a streamed completion, all at once from their own threads; the streamed texts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(req) -> str:
+        with openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0, timeout=60) as c:
+            extra = {**{k: v for k, v in req.params.items() if k != "gen_length"}, "question": req.question}
+            stream = c.completions.create(model="tiny", prompt=req.context, max_tokens=8, extra_body=extra, stream=True)
+            return "".join(chunk.choices[0].text for chunk in stream)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
