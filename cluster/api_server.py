@@ -1,7 +1,9 @@
 """The pdllm.v1 gRPC server: validation at the edge, admission control, auth, TLS, reflection, standard health.
 
 It drives any `GenerationBackend` (in-process model or the Ray cluster's router) and, when given one, a
-`BatchStore` for batch jobs. Sync gRPC with a bounded thread pool: generation is CPU/GPU-bound, not I/O-bound.
+`BatchStore` for batch jobs. `check_request` and `run_request` are the API-neutral part (limits bounded by the
+model's maximum length, admission, request metrics): the HTTP API (cluster/http_api.py) serves through them too.
+Sync gRPC with a bounded thread pool: generation is CPU/GPU-bound, not I/O-bound.
 
 Requests arrive as raw bytes and are parsed here, so a message that is not a valid protobuf gets INVALID_ARGUMENT
 naming the expected type (gRPC itself would answer an opaque INTERNAL). A stream's events pass through a bounded

@@ -222,3 +222,18 @@ def test_wait_exits_nonzero_when_a_job_failed_and_id_only_prints_the_id(server, 
     jobs_in = lambda state: metrics.REGISTRY.get_sample_value("pdllm_batch_jobs", {"state": state})  # noqa: E731
     assert jobs_in("done") >= 1 and jobs_in("failed") >= 1 and jobs_in("pending") == 0
     assert store.state_counts()["failed"] == 1 and store.state_counts()["done"] == 1
+
+
+def test_batch_jobs_are_bounded_by_the_model_length(short_llada, store):
+    short = InProcessBackend.from_directory(str(short_llada), name="short")
+    try:
+        with ApiServer(short, ApiServerConfig(port=0, auth_token=TOKEN), store) as srv:
+            with Client(srv.address, auth_token=TOKEN, timeout_s=30, retries=0) as c:
+                job = {"id": "long", "context": "c", "question": "q?"}
+                with pytest.raises(ApiError) as err:
+                    c.submit_batch("b-long", [{**job, "params": {"gen_length": 512, "steps": 512}}])
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "job 'long': gen_length 512 is more than the model's maximum length of 256" in err.value.details
+                assert c.submit_batch("b-ok", [{**job, "params": SMALL}])["created"]
+    finally:
+        short.close()

@@ -21,14 +21,6 @@ SMALL = ["--gen-length", "8", "--block-length", "8", "--steps", "8"]
 CONTEXT = "The pass key is 71432. Remember it. " * 6
 
 
-@pytest.fixture(scope="module")
-def short_model(tmp_path_factory):
-    """A tiny LLaDA whose maximum length (256) is below the API's answer limit (1024)."""
-    from pdllm.models.tiny import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("short"), "llada", seed=3, max_position=256)
-
-
 def one_line_error(capsys, argv: list[str]) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip()
@@ -55,11 +47,11 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
     ],
 )
-def test_bad_parameters_are_one_line_in_process_and_embedded(short_model, capsys, flags, message):
+def test_bad_parameters_are_one_line_in_process_and_embedded(short_llada, capsys, flags, message):
     for where in (["--in-process"], []):  # the embedded path checks before starting anything
         if "--device" in flags and not where:
             continue
-        argv = ["generate", *where, "--model", str(short_model), "--context", CONTEXT, "--question", "Key?", *flags]
+        argv = ["generate", *where, "--model", str(short_llada), "--context", CONTEXT, "--question", "Key?", *flags]
         assert message in one_line_error(capsys, argv)
 
 

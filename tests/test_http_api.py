@@ -327,3 +327,32 @@ def concurrent_streams(url: str, requests: list) -> list[str]:
 
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(one, requests))
+
+
+def test_every_api_bounds_answers_by_the_model_length(short_llada):
+    """A model of length 256 behind both APIs: gen_length 512 is refused by gRPC and HTTP alike, naming the parameter
+    and the model's length (batch submission: tests/test_batch_api.py); a short answer is served."""
+    import grpc
+
+    from pdllm.client import ApiError
+
+    short = InProcessBackend.from_directory(str(short_llada), name="short")
+    try:
+        with (
+            ApiServer(short, ApiServerConfig(port=0, auth_token=TOKEN)) as grpc_srv,
+            HttpApiServer(HttpApiConfig(port=0, auth_token=TOKEN), grpc_srv.servicer) as http_srv,
+        ):
+            with Client(grpc_srv.address, auth_token=TOKEN, timeout_s=30, retries=0) as c:
+                with pytest.raises(ApiError) as err:
+                    c.generate(CONTEXT, QUESTION, gen_length=512, block_length=32, steps=512)
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "gen_length 512 is more than the model's maximum length of 256" in err.value.details
+            with openai.OpenAI(base_url=http_srv.url + "/v1", api_key=TOKEN, max_retries=0) as oai:
+                with pytest.raises(openai.BadRequestError) as bad:
+                    oai.completions.create(model="short", prompt=CONTEXT + "\n" + QUESTION, max_tokens=512)
+                assert bad.value.body["param"] == "max_tokens"
+                assert "max_tokens 512 is more than the model's maximum length of 256" in bad.value.body["message"]
+                ok = oai.completions.create(model="short", prompt=CONTEXT + "\n" + QUESTION, max_tokens=8)
+                assert ok.choices[0].finish_reason in ("stop", "length")
+    finally:
+        short.close()
