@@ -356,3 +356,36 @@ def test_every_api_bounds_answers_by_the_model_length(short_llada):
                 assert ok.choices[0].finish_reason in ("stop", "length")
     finally:
         short.close()
+
+
+WRONG_VALUES = (None, True, -1, 0, 2.5, float("inf"), "", "x", [], [1], {}, {"a": 1}, "\udcff")
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_every_field_with_a_wrong_value_is_a_clear_4xx(http, oai, endpoint):
+    """Each field of a valid body set to each value of the wrong kind (seeded order): never a 500, never a hang;
+    every error is OpenAI's error JSON with a message; the server still answers afterwards."""
+    import random
+
+    valid = {"model": "tiny", "max_tokens": 4, "temperature": 0, "block_length": 4, "top_k": 2}
+    valid |= {"messages": chat_messages()} if endpoint == "chat/completions" else {"prompt": CONTEXT + "\n" + QUESTION}
+    fields = [*valid, "stop", "seed", "steps", "threshold", "chunk_size", "keep_ratio", "mode", "stream_options", "n"]
+    cases = [(f, v) for f in fields for v in WRONG_VALUES]
+    random.Random(18).shuffle(cases)
+    statuses: dict[int, int] = {}
+    for field, value in cases[:60]:
+        body = json.dumps({**valid, field: value}, allow_nan=True).encode("utf-8", "surrogatepass")
+        req = urllib.request.Request(
+            f"{http.url}/v1/{endpoint}", data=body, headers={"Authorization": f"Bearer {TOKEN}"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as reply:
+                status, payload = reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, json.loads(exc.read())
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status in (200, 400, 404), (field, value, status, payload)
+        if status != 200:
+            assert payload["error"]["message"] and payload["error"]["type"] == "invalid_request_error"
+    assert statuses.get(400, 0) >= 30, statuses
+    assert oai.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4).choices
