@@ -389,3 +389,24 @@ def test_every_field_with_a_wrong_value_is_a_clear_4xx(http, oai, endpoint):
             assert payload["error"]["message"] and payload["error"]["type"] == "invalid_request_error"
     assert statuses.get(400, 0) >= 30, statuses
     assert oai.chat.completions.create(model="tiny", messages=chat_messages(), max_tokens=4).choices
+
+
+def test_deadline_is_504_before_a_stream_starts_and_an_error_event_inside_it(backend):
+    """A server whose requests may run 0.5 s: a long unary request is 504; a long stream, already started, ends in
+    an error event that the openai client raises; the work stops; counted as deadline_exceeded."""
+    cfg = ApiServerConfig(port=0, auth_token=TOKEN, max_running=1, max_waiting=2, limits=LIMITS, default_timeout_s=0.5)
+    long = {"messages": chat_messages(context=CONTEXT * 8), "max_tokens": 1024, "extra_body": {"block_length": 1024}}
+    with ApiServer(backend, cfg) as grpc_srv, HttpApiServer(HttpApiConfig(port=0, auth_token=TOKEN)) as http_srv:
+        http_srv.attach(grpc_srv.servicer)
+        with openai.OpenAI(base_url=http_srv.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60) as c:
+            with pytest.raises(openai.InternalServerError) as err:
+                c.chat.completions.create(model="tiny", **long)
+            assert err.value.status_code == 504 and err.value.body["code"] == "deadline_exceeded"
+            stream = c.chat.completions.create(model="tiny", **long, stream=True)
+            with pytest.raises(openai.APIError) as err:
+                for _ in stream:
+                    pass
+            assert "deadline" in str(err.value)
+            assert not isinstance(err.value, openai.APIStatusError)  # an event of the started stream, not a status
+        assert _wait_until(lambda: backend.health()["running"] == 0, 30)
+        assert grpc_srv.servicer.counters["deadline_exceeded"] == 2
