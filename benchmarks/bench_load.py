@@ -4,10 +4,12 @@ the bundled model), for several rounds. Per round: p50/p99/max latency, requests
 and any answer that differs from the answer the same request got before), and the server process's peak RSS in
 that round (VmHWM, reset before each round through /proc/PID/clear_refs), plus the actors' RSS after it. A server
 that leaks per request shows a peak that climbs from round to round; the last line compares the last round with
-the first.
+the first. `--api grpc,http` runs the rounds over the gRPC API and then over the OpenAI-compatible HTTP API of the
+same server (`--http-port`, the official `openai` client, completions with the `question` field); an HTTP answer
+that differs from the gRPC warm-up answer of the same request counts as an error too.
 
     python benchmarks/bench_load.py                  # 32 clients, 3 rounds x 96 requests; about 1 min on 2 cores
-    python benchmarks/bench_load.py --clients 8 --rounds 2 --requests 32 --out /tmp/load
+    python benchmarks/bench_load.py --api grpc,http --clients 8 --rounds 2 --requests 32 --out /tmp/load
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ def workload(requests: int) -> list[LoadRequest]:
     return [distinct[i % len(distinct)] for i in range(requests)]
 
 
-def start_server(port: int, log: Path, max_running: int, max_waiting: int, timeout_s: float) -> subprocess.Popen:
+def start_server(
+    port: int, http_port: int, log: Path, max_running: int, max_waiting: int, timeout_s: float
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pdllm.cli", "serve", "--port", str(port), "--auth-token", TOKEN, "--no-batch"]
+    cmd += ["--http-port", str(http_port)]
     cmd += ["--no-metrics", "--max-running", str(max_running), "--max-waiting", str(max_waiting)]
     out = log.open("w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -90,6 +95,7 @@ def main() -> None:
     parser.add_argument("--max-running", type=int, default=4, help="pdllm serve --max-running")
     parser.add_argument("--max-waiting", type=int, default=64, help="pdllm serve --max-waiting")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="deadline of every call")
+    parser.add_argument("--api", default="grpc", help="comma list of grpc, http: the APIs the rounds go through")
     parser.add_argument("--out", help="write <out>.json and <out>.txt (default benchmarks/results/load_<date>_cpuN)")
     args = parser.parse_args()
     date = datetime.now(timezone.utc)
@@ -103,11 +109,16 @@ def main() -> None:
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "processor": platform.processor() or platform.machine()}  # fmt: skip
     requests = workload(args.requests)
+    apis = [a.strip() for a in args.api.split(",") if a.strip()]
+    if not apis or set(apis) - {"grpc", "http"}:
+        parser.error("--api takes a comma list of grpc and http")
     rounds: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         t_start = time.perf_counter()
-        proc = start_server(free_port(), Path(tmp) / "serve.log", args.max_running, args.max_waiting, 300)
+        http_port = free_port()
+        proc = start_server(free_port(), http_port, Path(tmp) / "serve.log", args.max_running, args.max_waiting, 300)
         address = Path(tmp, "serve.log").read_text().split("pdllm serving on ")[1].split()[0]
+        targets = {"grpc": address, "http": f"http://127.0.0.1:{http_port}"}
         started_s = time.perf_counter() - t_start
         try:
             with Client(address, auth_token=TOKEN, timeout_s=60, retries=0) as client:
@@ -116,9 +127,10 @@ def main() -> None:
                 if warm.errors:
                     raise RuntimeError(f"the warm-up pass failed: {warm.errors[:3]}")
                 seen = {(r.context, r.question): a for r, a in zip(distinct, warm.answers, strict=True)}
-                for n in range(1, args.rounds + 1):
+                plan = [(api, n) for api in apis for n in range(1, args.rounds + 1)]
+                for n, (api, _) in enumerate(plan, 1):
                     resettable = reset_peak_rss(proc.pid)
-                    result = run_round(address, requests, args.clients, TOKEN, args.timeout_s)
+                    result = run_round(targets[api], requests, args.clients, TOKEN, args.timeout_s, api=api)
                     stats = process_stats(proc.pid)
                     health = client.health()
                     differ = sum(
@@ -129,6 +141,7 @@ def main() -> None:
                     rounds.append(
                         {
                             "round": n,
+                            "api": api,
                             "requests": len(requests),
                             "clients": args.clients,
                             "answered": len(result.latencies_s),
@@ -165,13 +178,13 @@ def main() -> None:
     }
     lines = [f"# {command}", f"# server: {result['server']}", f"# {result['date']}  {machine}", ""]
     lines.append(f"params {PARAMS}; server started in {started_s:.1f} s; one warm-up pass over the distinct requests")
-    header = "round  clients  requests  errors   p50 ms   p99 ms   max ms  req/s  server peak RSS MiB"
+    header = "round  api   clients  requests  errors   p50 ms   p99 ms   max ms  req/s  server peak RSS MiB"
     lines.append(header + "  actors RSS MiB")
     for r in rounds:
         actors = " ".join(f"{v:.0f}" for v in r["actor_rss_mib_after"].values())
         lines.append(
-            f"{r['round']:>5}  {r['clients']:>7}  {r['requests']:>8}  {r['errors']:>6}  {r['p50_ms']:>7.0f}  "
-            f"{r['p99_ms']:>7.0f}  {r['max_ms']:>7.0f}  {r['requests_per_s']:>5.1f}  "
+            f"{r['round']:>5}  {r['api']:<4}  {r['clients']:>7}  {r['requests']:>8}  {r['errors']:>6}  "
+            f"{r['p50_ms']:>7.0f}  {r['p99_ms']:>7.0f}  {r['max_ms']:>7.0f}  {r['requests_per_s']:>5.1f}  "
             f"{r['server_peak_rss_mib']:>19.1f}  {actors}"
         )
     verdict = "grew" if result["peak_rss_grew"] else "did not grow"

@@ -109,9 +109,9 @@ class InProcessBackend:
         on_event: EventSink | None = None,
         timeout_s: float | None = None,
     ) -> dict:
-        from pdllm.cluster.api_params import complete_params
+        from pdllm.cluster.api_params import ApiLimits, complete_params
 
-        params = complete_params(params, self.modes)
+        params = complete_params(params, self.modes, ApiLimits().for_model(self.lm.spec.max_position))
         stop = threading.Event()
         future = self._pool.submit(self._run, context, question, params, on_event, stop)
         try:
@@ -193,6 +193,7 @@ class InProcessBackend:
             "family": spec.family,
             "modes": list(self.modes),
             "max_context_tokens": self.max_context_tokens,
+            "max_length": spec.max_position,
             "vocab_size": spec.vocab_size,
             "num_layers": spec.num_layers,
             "hidden_size": spec.hidden_size,

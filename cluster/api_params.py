@@ -9,7 +9,7 @@ The same dict is what `GenerationBackend.generate` receives, so a cluster adapte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdllm.errors import InvalidRequest
 from pdllm.sampler import SamplerConfig
@@ -43,6 +43,11 @@ class ApiLimits:
     max_temperature: float = 2.0
     max_batch_jobs: int = 100_000
     max_request_id_chars: int = 128
+    max_model_length: int | None = None  # the model's maximum sequence length: no answer may be longer
+
+    def for_model(self, max_length: int | None) -> ApiLimits:
+        """These limits, with answers also bounded by a model's maximum length (None: unknown, no bound)."""
+        return self if not max_length else replace(self, max_model_length=int(max_length))
 
 
 def decode_text(field: str, data: bytes | str, max_bytes: int, allow_empty: bool = False) -> str:
@@ -94,6 +99,10 @@ def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimi
         raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(PARAM_KEYS)}")
     out = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
     _int(out, "gen_length", 1, limits.max_gen_length)
+    if limits.max_model_length is not None and out["gen_length"] > limits.max_model_length:
+        raise InvalidRequest(
+            f"gen_length {out['gen_length']} is more than the model's maximum length of {limits.max_model_length}"
+        )
     _int(out, "block_length", 1, limits.max_gen_length)
     _int(out, "steps", 1, limits.max_steps)
     _int(out, "top_k", 1, limits.max_top_k)

@@ -1,7 +1,9 @@
 """The pdllm.v1 gRPC server: validation at the edge, admission control, auth, TLS, reflection, standard health.
 
 It drives any `GenerationBackend` (in-process model or the Ray cluster's router) and, when given one, a
-`BatchStore` for batch jobs. Sync gRPC with a bounded thread pool: generation is CPU/GPU-bound, not I/O-bound.
+`BatchStore` for batch jobs. `check_request` and `run_request` are the API-neutral part (limits bounded by the
+model's maximum length, admission, request metrics): the HTTP API (cluster/http_api.py) serves through them too.
+Sync gRPC with a bounded thread pool: generation is CPU/GPU-bound, not I/O-bound.
 
 Requests arrive as raw bytes and are parsed here, so a message that is not a valid protobuf gets INVALID_ARGUMENT
 naming the expected type (gRPC itself would answer an opaque INTERNAL). A stream's events pass through a bounded
@@ -19,6 +21,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -78,6 +81,10 @@ def bounded(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
     return f"{head} [... {len(details) - len(head) - len(tail)} characters cut ...] {tail}"
 
 
+class UnknownModel(InvalidRequest):
+    """A request named a model this server does not serve (gRPC: INVALID_ARGUMENT; HTTP: 404)."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -112,13 +119,14 @@ class PdllmServicer:
         self.info = backend.model_info()
         self.modes = tuple(self.info.get("modes") or ("vanilla",))
         self.defaults = dict(self.info.get("defaults") or {})  # the backend's defaults, under each request's params
+        self.limits = cfg.limits.for_model(self.info.get("max_length"))
         self.counters = {"completed": 0, "failed": 0, "cancelled": 0, "deadline_exceeded": 0, "invalid": 0}
         self.streams = {"open": 0, "workers": 0, "stalled": 0, "dropped_events": 0}
         self._open: dict[int, _OpenStream] = {}
         self._lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def _count(self, key: str) -> None:
+    def count(self, key: str) -> None:
         with self._lock:
             self.counters[key] += 1
 
@@ -129,40 +137,56 @@ class PdllmServicer:
             grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
             grpc.StatusCode.CANCELLED: "cancelled",
         }.get(code, "failed")
-        self._count(key)
+        self.count(key)
         context.abort(code, bounded(message))
 
     def _parse(self, request: pb.GenerateRequest) -> tuple[str, str, dict, str]:
-        limits = self.cfg.limits
-        if request.model and request.model not in (self.info.get("name"), self.info.get("model_id")):
-            raise InvalidRequest(f"unknown model {request.model!r}; this server serves {self.info.get('name')!r}")
-        context = decode_text("context", request.context, limits.max_context_bytes)
-        question = decode_text("question", request.question, limits.max_question_bytes)
-        params = complete_params({**self.defaults, **conv.params_to_dict(request.params)}, self.modes, limits)
-        return context, question, params, check_request_id(request.request_id, limits) or uuid.uuid4().hex
+        params = conv.params_to_dict(request.params)
+        return self.check_request(request.model, request.context, request.question, params, request.request_id)
+
+    def check_request(
+        self, model: str, context: bytes | str, question: bytes | str, params: dict, request_id: str = ""
+    ) -> tuple[str, str, dict, str]:
+        """(context, question, complete params, request id) of a request from any API, checked against the same
+        limits (bounded by the model's maximum length); InvalidRequest names what is wrong. An unknown model is
+        `UnknownModel`, so an API can answer it with its own not-found code."""
+        limits = self.limits
+        if model and model not in (self.info.get("name"), self.info.get("model_id")):
+            raise UnknownModel(f"unknown model {model!r}; this server serves {self.info.get('name')!r}")
+        context = decode_text("context", context, limits.max_context_bytes)
+        question = decode_text("question", question, limits.max_question_bytes)
+        params = complete_params({**self.defaults, **params}, self.modes, limits)
+        return context, question, params, check_request_id(request_id, limits) or uuid.uuid4().hex
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         left = context.time_remaining()
         return self.cfg.default_timeout_s if left is None else min(left, self.cfg.default_timeout_s)
 
-    @staticmethod
-    def _watch(context: grpc.ServicerContext, sink=None):
-        """An on_event that stops the backend once the caller is gone, forwarding events to `sink`."""
-
-        def on_event(event: dict) -> None:
-            if not context.is_active():
-                raise RequestCancelled("caller cancelled or disconnected")
-            if sink is not None:
-                sink(event)
-
-        return on_event
-
     def _run(self, context, text, question, params, rid, on_queued=None, sink=None) -> pb.GenerateResponse:
         timeout = self._timeout(context)
+        result = self.run_request(text, question, params, rid, timeout, context.is_active, on_queued, sink)
+        return pb.GenerateResponse(request_id=rid, answer=result["answer"], stats=conv.stats_to_proto(result["stats"]))
+
+    def run_request(
+        self,
+        text: str,
+        question: str,
+        params: dict,
+        rid: str,
+        timeout_s: float,
+        alive: Callable[[], bool],
+        on_queued: Callable[[int], None] | None = None,
+        sink: Callable[[dict], None] | None = None,
+    ) -> dict:
+        """One checked request through admission control and the backend, recorded in the request metrics, for
+        any API: {"answer", "stats"} (stats with queue_seconds). `alive()` false means the caller left: the
+        backend stops at its next event."""
         start = time.monotonic()
         first_step: list[float] = []
 
         def forward(event: dict) -> None:
+            if not alive():
+                raise RequestCancelled("caller cancelled or disconnected")
             if event.get("type") == "step" and not first_step:
                 first_step.append(time.monotonic() - start)
             if sink is not None:
@@ -170,10 +194,10 @@ class PdllmServicer:
 
         outcome = "error"
         try:
-            with request_context(rid), self.admission.slot(timeout, on_queued, alive=context.is_active) as queued_s:
+            with request_context(rid), self.admission.slot(timeout_s, on_queued, alive=alive) as queued_s:
                 self._publish_admission()
-                left = timeout - (time.monotonic() - start)
-                result = self.backend.generate(text, question, params, rid, self._watch(context, forward), left)
+                left = timeout_s - (time.monotonic() - start)
+                result = self.backend.generate(text, question, params, rid, forward, left)
             outcome = "ok"
         except (RequestCancelled, DeadlineExceeded):
             outcome = "cancelled"
@@ -181,8 +205,7 @@ class PdllmServicer:
         finally:
             self._publish_admission()
             metrics.observe_request(time.monotonic() - start, first_step[0] if first_step else None, outcome)
-        stats = {**result.get("stats", {}), "queue_seconds": round(queued_s, 4)}
-        return pb.GenerateResponse(request_id=rid, answer=result["answer"], stats=conv.stats_to_proto(stats))
+        return {"answer": result["answer"], "stats": {**result.get("stats", {}), "queue_seconds": round(queued_s, 4)}}
 
     def _publish_admission(self) -> None:
         snap = self.admission.snapshot()
@@ -194,7 +217,7 @@ class PdllmServicer:
         try:
             text, question, params, rid = self._parse(request)
             reply = self._run(context, text, question, params, rid)
-            self._count("completed")
+            self.count("completed")
             return reply
         except Exception as exc:
             self._abort(context, exc)
@@ -244,7 +267,7 @@ class PdllmServicer:
                 entry.writing_since = None
                 if isinstance(item, pb.GenerateResponse):
                     ended = True
-                    self._count("completed")
+                    self.count("completed")
                     return
         finally:
             with self._lock:
@@ -284,7 +307,7 @@ class PdllmServicer:
             for key, value in self.defaults.items():  # the backend's defaults, under the batch's own
                 if not request.default_params.HasField(key):
                     setattr(request.default_params, key, value)
-            batch_id, jobs, documents = jobs_from_request(request, self.modes, self.cfg.limits)
+            batch_id, jobs, documents = jobs_from_request(request, self.modes, self.limits)
             status, created = store.submit(batch_id, jobs, documents)
             return pb.SubmitBatchResponse(batch=conv.batch_status_to_proto(status), created=created)
         except Exception as exc:
@@ -366,11 +389,11 @@ def service_handler(servicer: PdllmServicer) -> grpc.GenericRpcHandler:
             try:
                 request = cls.FromString(raw)
             except DecodeError as exc:
-                servicer._count("invalid")
+                servicer.count("invalid")
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {name}: {exc}")
             wrong = wrong_wire_types(request)
             if wrong:
-                servicer._count("invalid")
+                servicer.count("invalid")
                 fields = bounded(", ".join(wrong), 256)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} has fields of the wrong type: {fields}")
             return request

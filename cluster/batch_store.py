@@ -309,6 +309,17 @@ class BatchStore:
     def job(self, batch_id: str, job_id: str) -> dict:
         return {_text(k): _text(v) for k, v in self.r.hgetall(self._jk(batch_id, job_id)).items()}
 
+    def state_counts(self, batches: int = 1000) -> dict[str, int]:
+        """Jobs per state (pdllm_batch_jobs): pending and leased from the work queue itself, done, failed and
+        cancelled summed over the newest `batches` batches (older ones are history, not load)."""
+        counts = {"pending": int(self.r.llen(f"{self.p}pending")), "leased": int(self.r.zcard(f"{self.p}leases"))}
+        for key in ("done", "failed", "cancelled"):
+            counts[key] = 0
+        for status in self.list(batches):
+            for key in ("done", "failed", "cancelled"):
+                counts[key] += status[key]
+        return counts
+
     def health(self) -> dict:
         return {
             "redis": bool(self.r.ping()),

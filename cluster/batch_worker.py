@@ -4,6 +4,8 @@ On start it requeues every lease held under its own `owner` name (the work its p
 when it died) and any expired lease; while running it renews its leases and requeues expired ones, so a worker
 that disappears without a restart is covered by the others within one lease period.
 Bad input (InvalidRequest) fails a job at once; other errors are retried up to the store's `max_attempts`.
+Each job attempt counts in the request metrics like an API call (pdllm_request_seconds by outcome), and the store's
+jobs per state are published as pdllm_batch_jobs at every upkeep and after each job.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pdllm.cluster.api_backend import GenerationBackend
 from pdllm.cluster.batch_store import BatchStore
 
 from pdllm.errors import InvalidRequest
+from pdllm.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class BatchWorker:
                         held = list(self._active)
                     self.store.renew(self.owner, held, self.lease_s)
                     self.store.requeue()
+                    self.publish()
                     last_upkeep = now
                 if not self._claim_one():
                     self._stop.wait(self.poll_s)
@@ -86,13 +90,22 @@ class BatchWorker:
             self._active[m] = self._pool.submit(self._run, m, spec, attempt)
         return True
 
+    def publish(self) -> None:
+        """The store's jobs per state into pdllm_batch_jobs (a Redis hiccup leaves the last values)."""
+        try:
+            metrics.set_batch_jobs(self.store.state_counts())
+        except Exception as exc:
+            log.warning("batch worker %s: cannot read job counts: %s", self.owner, exc)
+
     def _run(self, m: str, spec: dict, attempt: int) -> None:
+        start, outcome = time.monotonic(), "error"
         try:
             context = spec["context"] if "context" in spec else self.store.document(spec["document_ref"])
             request_id = f"batch:{m}:{attempt}"
             result = self.backend.generate(
                 context, spec["question"], spec["params"], request_id, None, self.job_timeout_s
             )
+            outcome = "ok"
             if not self.store.complete(m, {"answer": result["answer"], "stats": result.get("stats", {})}):
                 log.warning("batch job %s already had a result or was cancelled: this answer is dropped", m)
             self.finished += 1
@@ -102,8 +115,10 @@ class BatchWorker:
             log.warning("batch job %s attempt %d failed: %s", m, attempt, exc)
             self.store.fail(m, self.owner, f"{type(exc).__name__}: {exc}", retry=True)
         finally:
+            metrics.observe_request(time.monotonic() - start, None, outcome)
             with self._lock:
                 self._active.pop(m, None)
+            self.publish()
 
     def snapshot(self) -> dict:
         with self._lock:

@@ -22,7 +22,7 @@ from pdllm.cluster.api_backend import (
     EventSink,
     method_kwargs,
 )
-from pdllm.cluster.api_params import complete_params, sampler_from_params
+from pdllm.cluster.api_params import ApiLimits, complete_params, sampler_from_params
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import ClusterBusy, ClusterTimeout, ClusterUnavailable, RequestExpired
@@ -61,7 +61,8 @@ class ClusterBackend:
         on_event: EventSink | None = None,
         timeout_s: float | None = None,
     ) -> dict:
-        params = complete_params({**self.defaults, **(params or {})}, MODES)
+        limits = ApiLimits().for_model(self.router.max_position)
+        params = complete_params({**self.defaults, **(params or {})}, MODES, limits)
         method = method_kwargs(self.router.generate, params)["method"]
         sampler = sampler_from_params(params)
         try:
@@ -91,6 +92,7 @@ class ClusterBackend:
             "family": model.get("family", ""),
             "modes": list(MODES),
             "max_context_tokens": self.router.max_context_tokens,
+            "max_length": self.router.max_position,
             "vocab_size": model.get("vocab_size"),
             "num_layers": model.get("num_layers"),
             "hidden_size": model.get("hidden_size"),

@@ -4,7 +4,9 @@ and decode actors placed by custom resources, and the router. `start_cluster(con
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,16 +69,22 @@ class ClusterHandle:
         self.shutdown()
 
 
-def start_cluster(config: ClusterConfig, limits: ClusterLimits | None = None) -> ClusterHandle:
-    """Bring the cluster up and return a handle whose `router` answers requests; call `shutdown()` when done."""
+def start_cluster(
+    config: ClusterConfig, limits: ClusterLimits | None = None, on_stage: Callable[[str], None] | None = None
+) -> ClusterHandle:
+    """Bring the cluster up and return a handle whose `router` answers requests; call `shutdown()` when done.
+    `on_stage(text)` hears each stage as it completes (Redis, Ray, each actor ready): progress for a waiting user."""
     config.validate()
     limits = limits or ClusterLimits()
     limits.validate()
+    stage = on_stage or (lambda text: None)
     redis_url, embedded = connect_redis(config, limits.redis_data_dir)
+    stage("Redis ready (embedded Valkey)" if embedded is not None else "Redis connected")
     owns_ray = False
     try:
         owns_ray = connect_ray(config)
-        return _start_actors(config, limits, redis_url, embedded, owns_ray)
+        stage("Ray ready")
+        return _start_actors(config, limits, redis_url, embedded, owns_ray, stage)
     except BaseException:
         if owns_ray:
             ray.shutdown()
@@ -85,8 +93,27 @@ def start_cluster(config: ClusterConfig, limits: ClusterLimits | None = None) ->
         raise
 
 
+def _wait_ready(actors: list, timeout_s: float, stage: Callable[[str], None]) -> list[dict]:
+    """Every actor's info, in order, once each has loaded its model; `stage` hears "actors ready k/n" as they do."""
+    refs = [a.info.remote() for a in actors]
+    pending, deadline = list(refs), time.monotonic() + timeout_s
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ray.exceptions.GetTimeoutError(f"{len(pending)} of {len(refs)} actors not ready")
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if done:
+            stage(f"actors ready {len(refs) - len(pending)}/{len(refs)} (model loaded)")
+    return ray.get(refs, timeout=max(1.0, deadline - time.monotonic()))
+
+
 def _start_actors(
-    config: ClusterConfig, limits: ClusterLimits, redis_url: str, embedded: EmbeddedRedis | None, owns_ray: bool
+    config: ClusterConfig,
+    limits: ClusterLimits,
+    redis_url: str,
+    embedded: EmbeddedRedis | None,
+    owns_ray: bool,
+    stage: Callable[[str], None],
 ) -> ClusterHandle:
     token = new_token()  # the chunk transfer services' shared secret, for this cluster's lifetime
     run = uuid.uuid4().hex[:8]
@@ -137,7 +164,7 @@ def _start_actors(
             )
         )
     try:
-        infos = ray.get([a.info.remote() for a in prefill + decode], timeout=limits.start_timeout_s)
+        infos = _wait_ready(prefill + decode, limits.start_timeout_s, stage)
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
         for actor in prefill + decode:
             ray.kill(actor, no_restart=True)

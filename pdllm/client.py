@@ -4,9 +4,12 @@ Every call has a deadline (the client's `timeout_s` unless the call gives one); 
 (server starting, restarting, connection dropped) is retried with exponential backoff and jitter inside that
 deadline; every other status is final and raised as `ApiError` (a PdllmError, so the CLI prints one line).
 
+    import os
     from pdllm.client import Client
-    with Client("127.0.0.1:50051", auth_token=TOKEN) as c:
-        print(c.generate(context, "What is the pass key?", gen_length=16, steps=16)["answer"])
+
+    context = "The pass key is 71432. Remember it. " * 20
+    with Client(os.environ.get("PDLLM_SERVER", "127.0.0.1:50051"), auth_token=os.environ["PDLLM_AUTH_TOKEN"]) as c:
+        print(c.generate(context, "What is the pass key?", gen_length=32, steps=32)["answer"])
 """
 
 from __future__ import annotations

@@ -24,6 +24,14 @@ def tiny_dream(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def short_llada(tmp_path_factory):
+    """A tiny LLaDA whose maximum length (256) is below the API's answer limit (1024)."""
+    from pdllm.models.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("short_llada"), "llada", seed=3, max_position=256)
+
+
+@pytest.fixture(scope="session")
 def lm(tiny_llada):
     """The tiny LLaDA loaded once, for in-process reference answers (read only: no test may change it)."""
     from pdllm.models.loader import load_model

@@ -188,3 +188,52 @@ def test_bad_job_fails_without_retry_and_others_finish(server, store, backend):
         results = {r["id"]: r for r in c.batch_results("b-bad")}
     assert (status["done"], status["failed"]) == (1, 1)
     assert results["too-long"]["attempts"] == 1 and "more than the configured maximum" in results["too-long"]["error"]
+
+
+def test_wait_exits_nonzero_when_a_job_failed_and_id_only_prints_the_id(server, store, backend, tmp_path, capsys):
+    """`batch submit --wait` and `batch status --wait` exit 1 when a job failed; the worker publishes the jobs per
+    state (pdllm_batch_jobs) and counts each job in pdllm_request_seconds by outcome."""
+    from pdllm.observability import metrics
+
+    def requests(outcome: str) -> float:
+        return metrics.REGISTRY.get_sample_value("pdllm_request_seconds_count", {"outcome": outcome}) or 0.0
+
+    small_backend = InProcessBackend(backend.lm, name="tiny", max_context_tokens=64)
+    lines = [
+        {"id": "ok", "context": "short", "question": "q?", "params": SMALL},
+        {"id": "too-long", "context": "x" * 200, "question": "q?", "params": SMALL},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    common = ("--server", server.address, "--auth-token", TOKEN)
+    ok_before, error_before = requests("ok"), requests("error")
+    code, out = cli(capsys, "batch", "submit", str(jobs), "--batch-id", "b-exit", "--id-only", *common)
+    assert (code, out) == (0, "b-exit\n")
+    worker = BatchWorker(store, small_backend, "router-2", poll_s=0.05).start()
+    try:
+        code, out = cli(capsys, "batch", "status", "b-exit", "--wait", *common)
+        assert code == 1 and "failed=1" in out and "done=1" in out
+        code, _ = cli(capsys, "batch", "submit", str(jobs), "--batch-id", "b-exit", "--wait", "--quiet", *common)
+        assert code == 1  # already submitted; waiting on it reports the failure again
+    finally:
+        worker.stop()
+        small_backend.close()
+    assert requests("ok") == ok_before + 1 and requests("error") == error_before + 1
+    jobs_in = lambda state: metrics.REGISTRY.get_sample_value("pdllm_batch_jobs", {"state": state})  # noqa: E731
+    assert jobs_in("done") >= 1 and jobs_in("failed") >= 1 and jobs_in("pending") == 0
+    assert store.state_counts()["failed"] == 1 and store.state_counts()["done"] == 1
+
+
+def test_batch_jobs_are_bounded_by_the_model_length(short_llada, store):
+    short = InProcessBackend.from_directory(str(short_llada), name="short")
+    try:
+        with ApiServer(short, ApiServerConfig(port=0, auth_token=TOKEN), store) as srv:
+            with Client(srv.address, auth_token=TOKEN, timeout_s=30, retries=0) as c:
+                job = {"id": "long", "context": "c", "question": "q?"}
+                with pytest.raises(ApiError) as err:
+                    c.submit_batch("b-long", [{**job, "params": {"gen_length": 512, "steps": 512}}])
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert "job 'long': gen_length 512 is more than the model's maximum length of 256" in err.value.details
+                assert c.submit_batch("b-ok", [{**job, "params": SMALL}])["created"]
+    finally:
+        short.close()

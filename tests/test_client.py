@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import grpc
+import openai
 import pytest
 from pdllm.cluster.api_backend import InProcessBackend
 from pdllm.cluster.api_server import ApiServer, ApiServerConfig
@@ -132,17 +133,38 @@ def test_pdllm_serve_process(tiny_llada, tmp_path):
 @pytest.mark.timeout(240)
 def test_pdllm_serve_embedded_cluster_process(tiny_llada, tmp_path):
     """The default mode: an embedded cluster behind the API; one scrape shows the actors' prefill and fetch metrics."""
-    port = free_port()
+    port, http_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "pdllm.cli", "serve", "--model", str(tiny_llada), "--port", str(port), "--no-batch"]
     cmd += ["--data-dir", str(tmp_path), "--metrics-port", "0", "--auth-token", "t0k", "--log-json"]
+    cmd += ["--http-port", str(http_port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         text = read_until_serving(proc, 180)
         assert "embedded: local Ray, embedded Valkey" in text, text
+        assert "actors ready 2/2" in text and f"HTTP API on http://127.0.0.1:{http_port}/v1" in text, text
         with Client(f"127.0.0.1:{port}", auth_token="t0k", timeout_s=120) as c:
             out = c.generate("The pass key is 71432. " * 8, "Key?", {**SMALL, "chunk_size": 32, "top_k": 2})
             assert out["stats"]["decode_actor"].startswith("pdllm-decode-") and out["stats"]["prefill_chunks"] >= 2
+        # the HTTP API on the cluster: a document asked twice through chat is prefilled once
+        document = " ".join(f"Record {i}: the code of item {i} is {(i * 7919) % 10000}." for i in range(12))
+        knobs = {"chunk_size": 32, "top_k": 2, "block_length": 8}
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="t0k", max_retries=0) as oai:
+            model = oai.models.list().data[0].id
+            asked = [
+                oai.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": document}, {"role": "user", "content": question}],
+                    max_tokens=8,
+                    extra_body=knobs,
+                ).model_extra["pdllm"]
+                for question in ("What is the code of item 3?", "What is the code of item 9?")
+            ]
+        assert asked[0]["decode_actor"].startswith("pdllm-decode-") and asked[0]["chunks"] >= 4
+        assert asked[0]["prefill_chunks"] == asked[0]["chunks"] and asked[1]["prefill_chunks"] == 0
+        assert asked[1]["reused_chunks"] == asked[1]["chunks"]
         page = scrape(text)
+        ok = re.search(r'^pdllm_request_seconds_count\{[^}]*outcome="ok"[^}]*\} (\S+)$', page, re.M)
+        assert ok and float(ok.group(1)) == 3, page[:2000]  # one gRPC and two HTTP requests
         chunks = re.search(r"^pdllm_prefill_chunks_total(?:\{[^}]*\})? (\S+)$", page, re.M)
         assert chunks and float(chunks.group(1)) >= 2, page[:2000]
         proc.send_signal(signal.SIGTERM)

@@ -22,6 +22,9 @@ def test_default_path_is_the_embedded_cluster(tiny_llada, capsys):
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert "embedded: local Ray, embedded Valkey" in captured.err
+    for stage in ("Redis ready (embedded Valkey)", "Ray ready", "actors ready 2/2"):  # cluster start progress
+        assert stage in captured.err, captured.err
+    assert "steps=" not in captured.err  # the statistics line only with --verbose
     stats = out["stats"]
     # the answer came from a decode actor, over chunks a prefill actor encoded for this request
     assert stats["decode_actor"].startswith("pdllm-decode-")

@@ -82,13 +82,13 @@ def test_missing_tensor(ckpt):
 
 def test_cli_exit_code_2(ckpt, capsys):
     (ckpt / "config.json").unlink()
-    assert main(["generate", "--in-process", "--model", str(ckpt), "--question", "q"]) == 2
+    assert main(["generate", "--in-process", "--model", str(ckpt), "--context", "x", "--question", "q"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pdllm: error:") and "config.json" in err and len(err.splitlines()) == 1
 
 
 def test_cli_empty_question_and_long_context(tiny_llada, capsys):
-    assert main(["generate", "--in-process", "--model", str(tiny_llada), "--question", "  "]) == 2
+    assert main(["generate", "--in-process", "--model", str(tiny_llada), "--context", "x", "--question", "  "]) == 2
     assert "question is empty" in capsys.readouterr().err
     args = ["generate", "--in-process", "--model", str(tiny_llada), "--question", "q", "--context", "x" * 50]
     assert main([*args, "--max-context-tokens", "10"]) == 2

@@ -217,4 +217,4 @@ def test_generate_cli_bad_method_flag_exits_2(tiny_llada, capsys):
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("pdllm: error: chunk_size must be >= 16") and "\n" not in err
+    assert err.startswith("pdllm: error: --chunk-size must be >= 16") and "\n" not in err

@@ -3,7 +3,9 @@
 A jobs file is JSONL, one job a line: {"id", "question", "params"?, and one of "context" (text), "context_file"
 (a path, relative to the jobs file; each distinct file is sent once and shared) or "document_ref" (the sha256 of a
 document the server already holds)}. The batch id defaults to a hash of the file, so submitting the same file
-twice is a no-op. `--wait` shows a progress bar (stderr) until the batch finishes.
+twice is a no-op. `--wait` shows progress on stderr (a bar on a terminal, periodic lines otherwise; `--quiet`
+silences it) until the batch finishes, and exits with code 1 when any job failed or was cancelled. `--id-only`
+prints the batch id alone, for scripts: `ID=$(pdllm batch submit jobs.jsonl --id-only)`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import os
 import sys
-import time
+import threading
 from pathlib import Path
 
 from pdllm.errors import InvalidRequest
@@ -23,42 +25,51 @@ FINISHED = ("done", "cancelled")
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=os.environ.get("PDLLM_SERVER", "127.0.0.1:50051"), help="host:port")
-    p.add_argument("--auth-token", default=os.environ.get("PDLLM_AUTH_TOKEN"), help="shared secret of the server")
+    p.add_argument("--auth-token", default=None, help="shared secret of the server (default: $PDLLM_AUTH_TOKEN)")
     p.add_argument("--tls-ca", default=None, help="PEM CA file: connect with TLS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("batch", help="submit and follow batch jobs on a server")
     bsub = p.add_subparsers(dest="batch_command", required=True)
     s = bsub.add_parser("submit", help="submit a JSONL file of jobs")
-    s.add_argument("jobs_file")
+    s.add_argument("jobs_file", help="JSONL, one job a line")
     s.add_argument("--batch-id", default=None, help="default: a hash of the file (resubmitting is a no-op)")
-    s.add_argument("--wait", action="store_true", help="follow progress until the batch finishes")
+    s.add_argument(
+        "--wait", action="store_true", help="follow progress until the batch finishes; exit 1 if a job failed"
+    )
+    s.add_argument("--id-only", action="store_true", help="print only the batch id (for scripts)")
     s.set_defaults(func=submit)
     st = bsub.add_parser("status", help="a batch's counters")
-    st.add_argument("batch_id")
-    st.add_argument("--wait", action="store_true")
+    st.add_argument("batch_id", help="the id `batch submit` printed")
+    st.add_argument(
+        "--wait", action="store_true", help="follow progress until the batch finishes; exit 1 if a job failed"
+    )
     st.set_defaults(func=status)
     r = bsub.add_parser("results", help="results as JSONL, in submission order")
-    r.add_argument("batch_id")
+    r.add_argument("batch_id", help="the id `batch submit` printed")
     r.add_argument("-o", "--output", default=None, help="file to write (default: stdout)")
     r.set_defaults(func=results)
     c = bsub.add_parser("cancel", help="cancel the pending jobs of a batch")
-    c.add_argument("batch_id")
+    c.add_argument("batch_id", help="the id `batch submit` printed")
     c.set_defaults(func=cancel)
     ls = bsub.add_parser("list", help="recent batches")
-    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--limit", type=int, default=20, help="batches listed, newest first")
     ls.set_defaults(func=list_batches)
     for sp in (s, st, r, c, ls):
         add_server_args(sp)
 
 
 def client_from_args(args: argparse.Namespace):
+    from pdllm import progress
     from pdllm.client import Client
 
-    return Client(args.server, auth_token=args.auth_token, tls_ca=args.tls_ca, timeout_s=args.timeout)
+    progress.configure(quiet=args.quiet)
+    token = args.auth_token or os.environ.get("PDLLM_AUTH_TOKEN")
+    return Client(args.server, auth_token=token, tls_ca=args.tls_ca, timeout_s=args.timeout)
 
 
 def read_jobs(path: Path) -> tuple[list[dict], dict[str, str]]:
@@ -106,19 +117,24 @@ def describe(s: dict) -> str:
 
 
 def follow(client, batch_id: str, poll_s: float = 0.5) -> dict:
-    """Poll until the batch finishes, with a progress bar on stderr."""
-    from tqdm import tqdm
+    """Poll until the batch finishes, with its progress on stderr."""
+    from pdllm.progress import Bar
 
     s = client.get_batch(batch_id)
-    with tqdm(total=s["total"], desc=batch_id, unit="job", file=sys.stderr, disable=None) as bar:
+    pause = threading.Event()
+    with Bar(f"batch {batch_id}", s["total"], "jobs") as bar:
         while True:
             finished = s["done"] + s["failed"] + s["cancelled"]
-            bar.update(finished - bar.n)
-            bar.set_postfix(failed=s["failed"], running=s["running"])
+            bar.update_to(finished, s["total"], f"failed {s['failed']}, running {s['running']}")
             if s["state"] in FINISHED and not (s["state"] == "cancelled" and s["running"]):
                 return s
-            time.sleep(poll_s)
+            pause.wait(poll_s)
             s = client.get_batch(batch_id)
+
+
+def outcome(s: dict) -> int:
+    """Exit code after waiting: 0 when every job is done, 1 when any failed or was cancelled."""
+    return 0 if s["done"] == s["total"] else 1
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -129,17 +145,22 @@ def submit(args: argparse.Namespace) -> int:
         out = client.submit_batch(batch_id, jobs, documents)
         verb = "submitted" if out["created"] else "already submitted"
         if args.wait:
-            print(f"{verb} {batch_id} ({len(jobs)} jobs)", file=sys.stderr)
+            from pdllm import progress
+
+            progress.note(f"{verb} {batch_id} ({len(jobs)} jobs)")
             out["batch"] = follow(client, batch_id)
-    emit(args, out, f"{verb}: {describe(out['batch'])}")
-    return 0
+    if args.id_only:
+        print(batch_id)
+    else:
+        emit(args, out, f"{verb}: {describe(out['batch'])}")
+    return outcome(out["batch"]) if args.wait else 0
 
 
 def status(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         s = follow(client, args.batch_id) if args.wait else client.get_batch(args.batch_id)
     emit(args, s, describe(s))
-    return 0
+    return outcome(s) if args.wait else 0
 
 
 def results(args: argparse.Namespace) -> int:

@@ -27,22 +27,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default="2048", help="prompt lengths in tokens, comma-separated (4096,16k)")
     p.add_argument("--modes", default="vanilla", help="comma list of vanilla, prefix, sparse")
     p.add_argument("--samples", type=int, default=10, help="samples per task and length (per depth with a sweep)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the generated samples")
     p.add_argument("--threshold", type=float, default=0.9, help="parallel-decoding threshold; 0: one token per step")
     p.add_argument("--depth-sweep", metavar="PNG", help="fix needle depths 0,10,..,100%% and plot accuracy to PNG")
     p.add_argument("--depths", type=int, default=11, help="number of depths in a sweep")
     p.add_argument("--no-bos", action="store_true", help="ablation: encode chunks without their BOS anchor")
     p.add_argument("--method", default="{}", help="MethodConfig fields as JSON, e.g. '{\"top_k\": 4}'")
     p.add_argument("--cell-seconds", type=float, default=None, help="time budget per task and length (all modes)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="save records and summary as JSON (- stdout)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pdllm.commands.generate import _cuda
+    from pdllm import progress
+    from pdllm.commands.generate import _cuda, check_device
     from pdllm.evaluation.report import plot_depth, summarize, table
     from pdllm.evaluation.runner import EvalConfig, run_eval
     from pdllm.models.loader import load_model
@@ -77,12 +77,15 @@ def run(args: argparse.Namespace) -> int:
         from pdllm.assets import default_model_dir
 
         args.model = str(default_model_dir())
-    lm = load_model(args.model, device=args.device or ("cuda" if _cuda() else "cpu"))
+    progress.configure(quiet=args.quiet)
+    device = check_device(args.device or ("cuda" if _cuda() else "cpu"))
+    progress.note(f"loading the model ({args.model}) on {device}")
+    lm = load_model(args.model, device=device)
     t0 = time.time()
     n_depths = len(depths) if depths else 1
     total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples * n_depths * len(cfg.modes)
-    with tqdm(total=total, desc="eval", file=sys.stderr, unit="gen") as bar:
-        records = run_eval(lm, cfg, bar.update)
+    with progress.Bar("eval", total, "generations") as bar:
+        records = run_eval(lm, cfg, lambda n=1: bar.update_to(bar.n + n))
     rows = summarize(records)
     text = table(rows)
     print(text, file=sys.stderr if args.json == "-" else sys.stdout)

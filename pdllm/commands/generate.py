@@ -11,9 +11,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from pdllm.errors import InvalidRequest
+from pdllm.tasks import TASKS
 
 # Flags left unset take these values; with --example, the task's own (example_defaults).
 PLAIN_DEFAULTS = {"gen_length": 64, "block_length": 32, "steps": 64, "threshold": None, "chunk_size": 512, "top_k": 8}
@@ -63,15 +65,87 @@ def sampler_from_args(args: argparse.Namespace):
 
 
 def read_context(args: argparse.Namespace) -> str:
+    """The context text of --context or --context-file; a missing, unreadable or empty one is a one-line error."""
     if args.context_file is None:
-        return args.context or ""
+        if args.context is None:
+            raise InvalidRequest("give the context: --context TEXT, --context-file FILE or --example TASK")
+        if not args.context.strip():
+            raise InvalidRequest("--context is empty")
+        return args.context
     path = Path(args.context_file)
+    if path.is_dir():
+        raise InvalidRequest(f"--context-file {path} is a directory, not a file")
     if not path.is_file():
-        raise InvalidRequest(f"context file {path} does not exist")
+        raise InvalidRequest(f"--context-file {path} does not exist")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InvalidRequest(f"context file {path} is not valid UTF-8") from None
+        raise InvalidRequest(f"--context-file {path} is not valid UTF-8") from None
+    except OSError as exc:
+        raise InvalidRequest(f"--context-file {path} cannot be read: {exc.strerror}") from None
+    if not text.strip():
+        raise InvalidRequest(f"--context-file {path} is empty")
+    return text
+
+
+def flag_message(message: str) -> str:
+    """An API parameter named at the start of `message` written as its command-line flag (gen_length: --gen-length)."""
+    from pdllm.cluster.api_params import PARAM_KEYS
+
+    for key in sorted(PARAM_KEYS, key=len, reverse=True):
+        if message.startswith(key) and message[len(key) : len(key) + 1] in (" ", ""):
+            return "--" + key.replace("_", "-") + message[len(key) :]
+    return message
+
+
+def check_request(args: argparse.Namespace, context: str, mode: str, max_length: int | None) -> dict:
+    """The request checked with the server's own limits (cluster/api_params.py), answers bounded by the model's
+    maximum length: the same rules for the CLI, the gRPC and HTTP APIs and batch jobs. Returns the params."""
+    from pdllm.cluster.api_params import ApiLimits, complete_params, decode_text
+    from pdllm.engine import MODES
+
+    limits = ApiLimits().for_model(max_length)
+    given = {
+        "gen_length": args.gen_length,
+        "block_length": args.block_length,
+        "steps": args.steps,
+        "temperature": args.temperature,
+        "remasking": args.remasking,
+        "threshold": args.threshold,
+        "mode": mode,
+        "chunk_size": args.chunk_size,
+        "top_k": args.top_k,
+        "keep_ratio": args.keep_ratio,
+        "seed": args.seed,
+    }
+    try:
+        decode_text("context", context, limits.max_context_bytes)
+        decode_text("question", args.question, limits.max_question_bytes)
+        return complete_params(given, MODES, limits)
+    except InvalidRequest as exc:
+        raise InvalidRequest(flag_message(str(exc))) from None
+
+
+def check_device(device: str) -> str:
+    """cpu, or cuda[:N] where this torch has CUDA (else a one-line error instead of torch's traceback)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise InvalidRequest(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidRequest(f"--device {device}: this torch build sees no CUDA GPU (use --device cpu)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise InvalidRequest(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def model_max_length(path: str) -> int:
+    """The model's maximum sequence length, from its config.json (no weights loaded)."""
+    from pdllm.models.loader import read_config, spec_from_dir_config
+
+    return spec_from_dir_config(read_config(Path(path).expanduser()), Path(path)).max_position
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,22 +160,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--context-file")
     src.add_argument("--context")
-    src.add_argument("--example", metavar="TASK", help="a generated task sample (passkey, niah_single, ...) as input")
+    src.add_argument("--example", choices=list(TASKS), help="a generated sample of this task as input")
     p.add_argument("--example-length", type=int, default=2048, help="--example: prompt length in tokens")
     p.add_argument("--question", help="required unless --example gives one")
     p.add_argument(
         "--mode",
         choices=["vanilla", "prefix", "sparse"],
-        default=None,
-        help="sparse (default) is predictive prefilling; vanilla and prefix are the baselines (--in-process only)",
+        default="sparse",
+        help="sparse is predictive prefilling; vanilla and prefix are the baselines (--in-process only)",
     )
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--max-context-tokens", type=int, default=131072)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print answer and stats as JSON")
+    add_output_args(p)
     add_sampler_args(p)
     add_method_args(p)
     p.set_defaults(func=run)
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    g.add_argument("-v", "--verbose", action="store_true", help="also print the statistics line on stderr")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
@@ -135,37 +216,46 @@ def _cuda() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pdllm import progress
+
+    progress.configure(quiet=args.quiet)
     example = _example(args)
     fill_defaults(args, example.task if example else None)
     context = example.context if example else read_context(args)
     if not (args.question or "").strip():
-        raise InvalidRequest("question is empty" if args.question is not None else "--question is required")
-    sampler = sampler_from_args(args)
-    sampler.validate()
+        raise InvalidRequest("--question is empty" if args.question is not None else "--question is required")
+    mode = args.mode
+    check_request(args, context, mode, None)  # the API's limits; the paths below also bound by the model's length
     method = method_from_args(args)
-    method.validate()
-    mode = args.mode or "sparse"
+    try:
+        method.validate()
+    except InvalidRequest as exc:
+        raise InvalidRequest(flag_message(str(exc))) from None
     if args.server:
-        out = _via_server(args, context, sampler, method, mode)
+        out = _via_server(args, context, mode)
     elif mode != "sparse" and not args.in_process:
         raise InvalidRequest(f"--mode {mode} is a single-process baseline: add --in-process")
     elif args.in_process:
-        out = _in_process(args, context, sampler, method, mode)
+        check_device(args.device)
+        params = check_request(args, context, mode, model_max_length(model_dir(args)))
+        out = _in_process(args, context, params, method, mode)
     else:
-        out = _on_cluster(args, context, sampler, method)
+        out = _on_cluster(args, context, method)
     if example:
-        from pdllm.tasks import score
+        from pdllm.tasks import metric_name, score
 
         out["expected"] = list(example.answers)
         out["score"] = score(example.task, out["answer"], example.answers)
+        out["metric"] = metric_name(example.task)
     if args.json:
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
     else:
         print(out["answer"])
         if example:
-            print(f"expected: {' | '.join(out['expected'])}  score: {out['score']:g}")
-        print(" ".join(f"{k}={v}" for k, v in out["stats"].items()), file=sys.stderr)
+            print(f"expected: {' | '.join(out['expected'])}  {out['metric']}: {out['score']:g}")
+        if args.verbose:
+            print(" ".join(f"{k}={v}" for k, v in out["stats"].items()), file=sys.stderr)
     return 0
 
 
@@ -189,17 +279,31 @@ def model_dir(args: argparse.Namespace) -> str:
     return str(default_model_dir())
 
 
-def _in_process(args, context: str, sampler, method, mode: str) -> dict:
+def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
+    from pdllm import progress
+    from pdllm.cluster.api_params import sampler_from_params
     from pdllm.engine import generate
     from pdllm.models.loader import load_model
 
+    progress.note(f"loading the model ({model_dir(args)}) on {args.device}")
     lm = load_model(model_dir(args), device=args.device)
-    out = generate(lm, context, args.question, sampler, mode, args.max_context_tokens, args.seed, method=method)
+    sampler = sampler_from_params(params)
+    shown = progress.RequestProgress()
+    total = sampler.steps if sampler.threshold is None else sampler.gen_length
+    try:
+        out = generate(
+            lm, context, args.question, sampler, mode, args.max_context_tokens, args.seed, shown.on_step(total),
+            method=method,
+        )  # fmt: skip
+    finally:
+        shown.close()
     return {"answer": out.answer, "stats": out.stats}
 
 
-def _on_cluster(args, context: str, sampler, method) -> dict:
+def _on_cluster(args, context: str, method) -> dict:
     """Start the cluster (embedded by default), answer once through its router, stop what was started."""
+    from pdllm import progress
+    from pdllm.cluster.api_params import sampler_from_params
     from pdllm.cluster.config import ClusterConfig
     from pdllm.cluster.limits import ClusterLimits
     from pdllm.cluster.runtime import start_cluster
@@ -207,25 +311,48 @@ def _on_cluster(args, context: str, sampler, method) -> dict:
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     if args.model or not config.model_dir:
         config = config.with_overrides(model_dir=model_dir(args))
+    params = check_request(args, context, "sparse", model_max_length(config.model_dir))  # before anything starts
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
-    print(f"pdllm: starting the cluster ({where}; model {config.model_dir})", file=sys.stderr, flush=True)
-    with start_cluster(config, ClusterLimits(log_level="WARNING")) as handle:  # the answer, not per-job lines
-        out = handle.router.generate(context, args.question, method, sampler, seed=args.seed)
+    progress.note(f"starting the cluster ({where}; model {config.model_dir})")
+    started = time.monotonic()
+    stage = lambda text: progress.note(f"  {text} ({time.monotonic() - started:.1f} s)")  # noqa: E731
+    with start_cluster(config, ClusterLimits(log_level="WARNING"), on_stage=stage) as handle:
+        shown = progress.RequestProgress()
+        try:
+            out = handle.router.generate(
+                context, args.question, method, sampler_from_params(params), seed=args.seed, on_event=shown
+            )
+        finally:
+            shown.close()
     return {"answer": out["answer"], "stats": out["stats"]}
 
 
-def _via_server(args, context: str, sampler, method, mode: str) -> dict:
-    """The request through the gRPC API; the method flags the API has no key for must be left at their defaults."""
+def _via_server(args, context: str, mode: str) -> dict:
+    """The request through the gRPC API (streamed, for progress); the method flags the API has no key for must be
+    left at their defaults."""
     from dataclasses import asdict
 
-    from pdllm.client import generate_via_server
+    from pdllm import progress
+    from pdllm.client import Client
     from pdllm.cluster.api_params import PARAM_KEYS
 
     if args.model:
         raise InvalidRequest("--model does not apply with --server: the server chose its model")
     if args.no_bos or args.keep_question_kv:
         raise InvalidRequest("--no-bos and --keep-question-kv are not request parameters of the server API")
-    given = {**asdict(sampler), **asdict(method), "mode": mode, "seed": args.seed}
+    given = {**asdict(sampler_from_args(args)), **asdict(method_from_args(args)), "mode": mode, "seed": args.seed}
     params = {k: v for k, v in given.items() if k in PARAM_KEYS}
     token = args.auth_token or os.environ.get("PDLLM_AUTH_TOKEN")
-    return generate_via_server(args.server, context, args.question, params, auth_token=token, tls_ca=args.tls_ca)
+    shown, final = progress.RequestProgress(), None
+    try:
+        with Client(args.server, auth_token=token, tls_ca=args.tls_ca, timeout_s=600.0) as client:
+            for event in client.generate_stream(context, args.question, params):  # read to its end: completed
+                if event["type"] == "final":
+                    final = {k: event[k] for k in ("answer", "stats", "request_id")}
+                else:
+                    shown(event)
+    finally:
+        shown.close()
+    if final is None:
+        raise InvalidRequest("the server ended the stream without an answer")
+    return final

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pdllm.commands.generate import model_dir
@@ -33,7 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="local model directory (default: the bundled model, or the config's model_dir)")
     p.add_argument("--device", default=None, help="cpu or cuda (--in-process)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument(
+        "--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this port (0: any)"
+    )
     p.add_argument("--auth-token", default=None, help=f"shared secret (default: ${TOKEN_ENV} or a new one)")
     p.add_argument("--no-auth", action="store_true", help="accept calls without a token (loopback development)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
@@ -78,7 +82,9 @@ def cluster_backend(args: argparse.Namespace):
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
     limits = ClusterLimits(log_json=args.log_json, log_level=args.log_level)  # the actors log like the server
-    return ClusterBackend(start_cluster(config, limits))
+    started = time.monotonic()
+    stage = lambda text: print(f"  {text} ({time.monotonic() - started:.1f} s)", flush=True)  # noqa: E731
+    return ClusterBackend(start_cluster(config, limits, on_stage=stage))
 
 
 def local_backend(args: argparse.Namespace):
@@ -92,6 +98,19 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def start_http(args: argparse.Namespace, token: str | None):
+    """The OpenAI-compatible HTTP API (--http-port), started before the backend so it can say "not ready"."""
+    if args.http_port is None:
+        return None
+    from pdllm.cluster.http_api import HttpApiConfig, HttpApiServer
+
+    if args.tls_cert:
+        raise PdllmError("--http-port serves plain HTTP: put a TLS proxy in front of it instead of --tls-cert")
+    http = HttpApiServer(HttpApiConfig(host=args.host, port=args.http_port, auth_token=token)).start()
+    print(f"OpenAI-compatible HTTP API on {http.url}/v1", flush=True)
+    return http
 
 
 def batch_store(args: argparse.Namespace, closers: list):
@@ -119,8 +138,16 @@ def run(args: argparse.Namespace) -> int:
         raise PdllmError("--tls-cert and --tls-key go together")
     configure_logging(json=args.log_json, level=args.log_level)
     token = resolve_token(args)
-    backend = local_backend(args) if args.in_process else cluster_backend(args)
+    http = start_http(args, token)  # answers 503 "not ready" until the backend is up
+    try:
+        backend = local_backend(args) if args.in_process else cluster_backend(args)
+    except BaseException:
+        if http is not None:
+            http.stop()
+        raise
     closers: list = [backend.close] if hasattr(backend, "close") else []
+    if http is not None:
+        closers.append(http.stop)  # closed first: no HTTP call reaches a stopped backend
     server = worker = None
     try:  # whatever fails from here on, what was started is stopped (a cluster, a Valkey, a metrics port)
         if not args.no_metrics:
@@ -138,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
             max_waiting=args.max_waiting,
         )
         server = ApiServer(backend, cfg, store).start()
+        if http is not None:
+            http.attach(server.servicer)
         if store is not None:
             worker = BatchWorker(store, backend, args.worker_name, concurrency=args.batch_concurrency).start()
         print(f"pdllm serving on {server.address} ({'TLS' if args.tls_cert else 'plaintext'})", flush=True)

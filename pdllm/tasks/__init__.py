@@ -56,6 +56,11 @@ def score(task: str, prediction: str, answers: tuple[str, ...]) -> float:
     return task_def(task).score(prediction, answers)
 
 
+def metric_name(task: str) -> str:
+    """The name of the task's official metric, printed beside its score (passkey_score, string_match_all, ...)."""
+    return task_def(task).score.__name__
+
+
 __all__ = [
     "HELDOUT_TASKS",
     "TASKS",
@@ -63,6 +68,7 @@ __all__ = [
     "TaskDef",
     "byte_counter",
     "make_sample",
+    "metric_name",
     "score",
     "task_def",
     "tokenizer_counter",
