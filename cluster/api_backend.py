@@ -82,14 +82,18 @@ class _Stop(Exception):
 class InProcessBackend:
     """`engine.generate` on one loaded model, in a pool of `concurrency` threads (requests beyond wait in it)."""
 
-    def __init__(self, lm, name: str | None = None, concurrency: int = 1, max_context_tokens: int = 131072) -> None:
-        from pdllm.engine import MODES
+    def __init__(
+        self, lm, name: str | None = None, concurrency: int = 1, max_context_tokens: int = 131072, engine=None
+    ) -> None:
+        """`engine`: the decode engine's EngineConfig (applies if this process has no engine for `lm` yet)."""
+        from pdllm.engine import MODES, engine_for
 
         self.lm = lm
         self.name = name or lm.path.name
         self.modes = tuple(MODES)
         self.max_context_tokens = max_context_tokens
         self.concurrency = concurrency
+        self.engine = engine_for(lm, engine)  # every thread's job is batched into its steps
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="pdllm-generate")
         self._lock = threading.Lock()
         self._running = 0
@@ -175,6 +179,7 @@ class InProcessBackend:
                 self.max_context_tokens,
                 params["seed"],
                 on_step,
+                engine=self.engine,
                 **extra,
             )
         except ValueError as exc:  # engine's own argument checks

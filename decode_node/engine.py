@@ -227,7 +227,7 @@ class DecodeEngine:
             on_submit(handle)
         result = handle.wait()
         stats = {
-            "selected_chunks": len(set(cids)),
+            "selected_chunks": len(cids),  # a chunk selected twice (repeated text) counts, and is read, twice
             "selected_tokens": n_sel,
             "question_start_position": start,
             "kv_tokens_per_step": n_sel + len(job.question_ids) + job.sampler.gen_length,

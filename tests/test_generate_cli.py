@@ -92,3 +92,34 @@ def test_unset_flags_take_the_tasks_settings_only_for_examples():
     assert vars(plain) == PLAIN_DEFAULTS
     assert (example.gen_length, example.block_length, example.threshold, example.top_k) == (48, 48, 0.9, 4)
     assert chosen.gen_length == 8 and chosen.threshold is None and chosen.steps == 16  # given flags win; 0 is off
+
+
+def test_engine_flag_defaults_in_help_are_the_engines():
+    from pdllm.decode_node.engine import EngineConfig
+
+    from pdllm.commands import engine_args
+
+    cfg = EngineConfig()
+    assert engine_args.MAX_BATCH == cfg.max_batch
+    assert engine_args.GRAPH_BUCKETS == ",".join(map(str, cfg.graph_buckets))
+
+
+def test_engine_flags_reach_the_in_process_engine_and_bad_ones_are_named(tmp_path):
+    import argparse
+
+    from pdllm.commands.engine_args import add_engine_args, cluster_overrides, engine_config
+    from pdllm.errors import InvalidRequest
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = p.parse_args(["--max-batch", "4", "--pool-bytes", "65536", "--graph-buckets", "4,1,2"])
+    cfg = engine_config(args)
+    assert (cfg.max_batch, cfg.pool_bytes, cfg.graph_buckets) == (4, 65536, (1, 2, 4))
+    assert cluster_overrides(args) == {
+        "decode_max_batch": 4,
+        "decode_pool_bytes": 65536,
+        "decode_graph_buckets": "4,1,2",
+    }
+    for bad, flag in ((["--max-batch", "0"], "--max-batch"), (["--graph-buckets", "a,b"], "--graph-buckets")):
+        with pytest.raises(InvalidRequest, match=flag):
+            engine_config(p.parse_args(bad))

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from pdllm.commands.engine_args import add_engine_args, cluster_overrides, engine_config
 from pdllm.errors import InvalidRequest
 from pdllm.tasks import TASKS
 
@@ -175,6 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print answer and stats as JSON")
     add_output_args(p)
     add_sampler_args(p)
+    add_engine_args(p)
     add_method_args(p)
     p.set_defaults(func=run)
 
@@ -282,9 +284,10 @@ def model_dir(args: argparse.Namespace) -> str:
 def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
     from pdllm import progress
     from pdllm.cluster.api_params import sampler_from_params
-    from pdllm.engine import generate
+    from pdllm.engine import engine_for, generate
     from pdllm.models.loader import load_model
 
+    engine = engine_config(args)
     progress.note(f"loading the model ({model_dir(args)}) on {args.device}")
     lm = load_model(model_dir(args), device=args.device)
     sampler = sampler_from_params(params)
@@ -293,7 +296,7 @@ def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
     try:
         out = generate(
             lm, context, args.question, sampler, mode, args.max_context_tokens, args.seed, shown.on_step(total),
-            method=method,
+            method=method, engine=engine_for(lm, engine),
         )  # fmt: skip
     finally:
         shown.close()
@@ -311,6 +314,8 @@ def _on_cluster(args, context: str, method) -> dict:
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     if args.model or not config.model_dir:
         config = config.with_overrides(model_dir=model_dir(args))
+    config = config.with_overrides(**cluster_overrides(args))
+    config.validate()
     params = check_request(args, context, "sparse", model_max_length(config.model_dir))  # before anything starts
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     progress.note(f"starting the cluster ({where}; model {config.model_dir})")

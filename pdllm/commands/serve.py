@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from pdllm.commands.engine_args import add_engine_args, cluster_overrides, engine_config
 from pdllm.commands.generate import model_dir
 from pdllm.errors import PdllmError
 from pdllm.observability import metrics
@@ -45,8 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--redis-url", default=None, help="Redis for batch jobs (default: an embedded Valkey)")
     p.add_argument("--data-dir", default=str(Path.home() / ".cache" / "pdllm"), help="embedded Valkey data, models")
     p.add_argument("--no-batch", action="store_true", help="serve without batch jobs (no Redis)")
-    p.add_argument("--max-running", type=int, default=1, help="generation calls running at once")
-    p.add_argument("--max-waiting", type=int, default=16, help="calls queued beyond those; more are refused")
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        help="generation calls running at once (default: as many as the decode engines batch)",
+    )
+    p.add_argument("--max-waiting", type=int, default=None, help="calls queued beyond those (default: max-running)")
+    add_engine_args(p)
     p.add_argument("--batch-concurrency", type=int, default=1, help="batch jobs running at once")
     p.add_argument("--worker-name", default="router-0", help="batch worker identity (stable across restarts)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port on --host (0: any free)")
@@ -79,6 +86,10 @@ def cluster_backend(args: argparse.Namespace):
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()
     if args.model or not config.model_dir:
         config = config.with_overrides(model_dir=model_dir(args))
+    config = config.with_overrides(**cluster_overrides(args))
+    config.validate()
+    if args.max_running is None:  # every decode actor's batch can be filled
+        args.max_running = config.decode_max_batch * config.num_decode_actors
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
     limits = ClusterLimits(log_json=args.log_json, log_level=args.log_level)  # the actors log like the server
@@ -91,7 +102,10 @@ def local_backend(args: argparse.Namespace):
     from pdllm.cluster.api_backend import InProcessBackend
 
     device = args.device or ("cuda" if _cuda() else "cpu")
-    return InProcessBackend.from_directory(model_dir(args), device=device, concurrency=args.max_running)
+    engine = engine_config(args)
+    if args.max_running is None:  # the engine's batch can be filled
+        args.max_running = engine.max_batch
+    return InProcessBackend.from_directory(model_dir(args), device=device, concurrency=args.max_running, engine=engine)
 
 
 def _cuda() -> bool:
@@ -162,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             tls_cert=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
             tls_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
             max_running=args.max_running,
-            max_waiting=args.max_waiting,
+            max_waiting=args.max_running if args.max_waiting is None else args.max_waiting,
         )
         server = ApiServer(backend, cfg, store).start()
         if http is not None:

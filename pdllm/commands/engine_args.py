@@ -1,0 +1,51 @@
+"""Decode-engine flags shared by `pdllm generate` and `pdllm serve`: they set the cluster's decode actors (the
+YAML's decode_* options) or, with --in-process, the engine in this process."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdllm.errors import InvalidRequest
+
+# EngineConfig's defaults, written out so `--help` does not import torch (tests/test_generate_cli.py keeps them equal)
+MAX_BATCH, GRAPH_BUCKETS = 32, "1,2,4,8,16,32,64"
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decode engine (default: the config's decode_* options, else these)")
+    g.add_argument("--max-batch", type=int, default=None, help=f"jobs batched per step (default {MAX_BATCH})")
+    g.add_argument(
+        "--pool-bytes", type=int, default=None, help="resident chunk-KV pool bytes (default 0: from free memory)"
+    )
+    g.add_argument(
+        "--graph-buckets",
+        default=None,
+        help=f"batch sizes a CUDA graph is captured for (default {GRAPH_BUCKETS})",
+    )
+
+
+def cluster_overrides(args: argparse.Namespace) -> dict:
+    """The ClusterConfig options the flags set (unset flags keep the config's values)."""
+    return {
+        "decode_max_batch": getattr(args, "max_batch", None),
+        "decode_pool_bytes": getattr(args, "pool_bytes", None),
+        "decode_graph_buckets": getattr(args, "graph_buckets", None),
+    }
+
+
+def engine_config(args: argparse.Namespace):
+    """The in-process engine's settings (an EngineConfig) from the flags; bad values raise InvalidRequest naming
+    the flag."""
+    from pdllm.decode_node.engine import EngineConfig, parse_buckets
+
+    max_batch = MAX_BATCH if args.max_batch is None else args.max_batch
+    pool = 0 if args.pool_bytes is None else args.pool_bytes
+    if max_batch < 1:
+        raise InvalidRequest(f"--max-batch must be >= 1, got {max_batch}")
+    if pool < 0:
+        raise InvalidRequest(f"--pool-bytes must be >= 0, got {pool}")
+    try:
+        buckets = parse_buckets(GRAPH_BUCKETS if args.graph_buckets is None else args.graph_buckets)
+    except ValueError as e:
+        raise InvalidRequest(f"--graph-buckets: {e}") from None
+    return EngineConfig(max_batch=max_batch, pool_bytes=pool, graph_buckets=buckets)
