@@ -49,10 +49,14 @@ def still_serving(client: Client) -> None:
     assert out["stats"]["steps"] == 8
 
 
-def test_generate_returns_answer_and_stats(client):
+def test_generate_returns_answer_and_stats(client, backend):
+    from pdllm.engine import generate
+    from pdllm.sampler import SamplerConfig
+
     out = client.generate(CONTEXT, "What is the pass key?", **SMALL)
     stats = out["stats"]
-    assert isinstance(out["answer"], str) and out["request_id"]
+    want = generate(backend.lm, CONTEXT, "What is the pass key?", SamplerConfig(**SMALL), "vanilla")
+    assert out["answer"] == want.answer and out["request_id"]  # the engine's answer, carried intact
     for key in ("prefill_chunks", "reused_chunks", "selected_chunks", "steps", "queue_seconds"):
         assert key in stats
     assert stats["steps"] == 8 and stats["generated_tokens"] <= 8 and stats["mode"] == "vanilla"
