@@ -6,7 +6,9 @@ router. Concurrent requests spread over the three decode actors; every answer eq
 fetched chunk came over gloo from rank 0 (each decode rank received bytes: all three pairs carried KV). Then one
 decode actor is killed while it runs jobs: the router runs them again on the others, every request is answered
 exactly once, and the two survivors keep fetching over the group, which stays usable (only the dead peer is taken
-off, where a transfer with it was under way). About 40 s on 2 cores.
+off, where a transfer with it was under way). A group of more than two ranks posts single sends and receives and
+connects every holder-receiver pair at join (`pair_ops`): this test runs that path. 60-80 s on 2 shared cores, most
+of it starting Ray, the four actors and the in-process references.
 """
 
 from __future__ import annotations
