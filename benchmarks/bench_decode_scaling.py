@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,7 @@ from pdllm.method import MethodConfig  # noqa: E402
 from pdllm.sampler import SamplerConfig  # noqa: E402
 
 CONFIGS = [(1, 1), (1, 2), (1, 3), (2, 2)]  # (prefill actors, decode actors), one GPU each
+CONFIG = re.compile(r"(\d+)p(\d+)d")
 
 
 def kind_label(smoke: bool) -> str:
@@ -329,7 +331,11 @@ def main() -> None:
     for key, (small, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if smoke else full)
-    configs = [(int(c[0]), int(c[2])) for c in args.configs.split(",")]
+    configs = [tuple(map(int, m.groups())) for m in map(CONFIG.fullmatch, args.configs.split(",")) if m]
+    if len(configs) != len(args.configs.split(",")) or not all(p and d for p, d in configs):
+        raise SystemExit(
+            f"--configs: a comma-separated list like 1p1d,1p3d,2p2d (prefill p, decode d), got {args.configs!r}"
+        )
     need = max(p + d for p, d in configs)
     if not smoke and torch.cuda.device_count() < need:
         raise SystemExit(f"needs {need} GPUs, found {torch.cuda.device_count()}; --smoke runs it on CPU (gloo)")
