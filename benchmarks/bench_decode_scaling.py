@@ -9,8 +9,8 @@ Per configuration, on its own Ray instance and cluster (start_cluster, router, e
             actor's fetch_ms per request), KV paths taken
 Then, in the 1 + 3 configuration, two waves of the timed batch again with one decode actor killed while it runs jobs:
 every request answered exactly once, the failovers, the paths the survivors fetched over, the group's state after.
-Job i is the same (document, question) in every configuration, so answers are compared job by job across all of
-them (the 1 + 1 configuration's are the reference). Scaling: tok/s of n decode actors / (n x tok/s of 1 + 1), from
+Job i is the same (document, question) in every configuration, so answers are compared job by job, each with the
+first answer an earlier run gave to it. Scaling: tok/s of n decode actors / (n x tok/s of 1 + 1), from
 this run. Prefill against decode: documents/s the prefill GPU encodes against questions/s the decode GPUs answer.
 
 The decode actors keep no fetched KV (--reuse-fetched off): every request moves its top-K chunks over the group.
@@ -60,7 +60,7 @@ from pdllm.assets import default_model_dir  # noqa: E402
 from pdllm.method import MethodConfig  # noqa: E402
 from pdllm.sampler import SamplerConfig  # noqa: E402
 
-CONFIGS = [(1, 1), (1, 2), (1, 3), (2, 2)]  # (prefill actors, decode actors), one GPU each
+CONFIGS = [(1, 1), (1, 2), (2, 2), (1, 3)]  # (prefill actors, decode actors), one GPU each; the fault run last
 CONFIG = re.compile(r"(\d+)p(\d+)d")
 
 
@@ -208,7 +208,7 @@ def configuration(n_prefill: int, n_decode: int, model: str, docs: list[str], ar
         decode_max_batch=args.concurrency, kv_transport="gloo" if args.smoke else "auto",
     )  # fmt: skip
     limits = ClusterLimits(
-        decode_reuse_fetched=args.reuse_fetched, call_timeout_s=900, start_timeout_s=900, collective_timeout_s=120,
+        decode_reuse_fetched=args.reuse_fetched, call_timeout_s=900, start_timeout_s=900, collective_timeout_s=60,
         fetch_timeout_s=300, max_queued_per_decode_actor=2 * args.concurrency,
     )  # fmt: skip
     row: dict = {"config": name, "prefill_actors": n_prefill, "decode_actors": n_decode}
