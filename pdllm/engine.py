@@ -16,11 +16,14 @@ import torch
 from torch import Tensor
 
 from pdllm.errors import InvalidRequest
-from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, rank_chunks, split_chunks
+from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, split_chunks
+from pdllm.method.instruction import instruction_kv
+from pdllm.method.joint import decode_joint
 from pdllm.method.prefix import PrefixDenoiser, encode_prefix
+from pdllm.method.ranking import rank
 from pdllm.models.loader import LoadedModel
 from pdllm.models.transformer import DllmModel
-from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, EncodedRequest, encode_request
+from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, QUESTION_TEMPLATE, EncodedRequest, encode_request
 from pdllm.sampler import SamplerConfig, denoise, strip_after_eos
 
 MODES = ("vanilla", "prefix", "sparse")
@@ -53,7 +56,7 @@ class GenerationOutput:
 
 def prompt_tensor(lm: LoadedModel, req: EncodedRequest) -> Tensor:
     bos = [lm.spec.bos_token_id] if lm.spec.bos_token_id is not None else []
-    return torch.tensor([bos + req.context_ids + req.question_ids], device=lm.model.device)
+    return torch.tensor([bos + req.instruction_ids + req.context_ids + req.question_ids], device=lm.model.device)
 
 
 def generate(
@@ -67,9 +70,12 @@ def generate(
     on_step: Callable[[int, Tensor], None] | None = None,
     method: MethodConfig | None = None,
     cache: ChunkCache | None = None,
+    instruction: str = "",
+    question_template: str = QUESTION_TEMPLATE,
 ) -> GenerationOutput:
     """`on_step(step, gen)` sees the generated tokens after every denoising step (streaming); raising stops it.
-    `method` configures prefix/sparse (chunking, top-K, keep ratio, BOS anchor); `cache` defaults to the process's."""
+    `method` configures prefix/sparse (chunking, top-K, keep ratio, BOS anchor, scoring, selected KV); `cache`
+    defaults to the process's. `instruction` is kept whole before the context in every mode (prompt.py)."""
     sampler = sampler or SamplerConfig()
     sampler.validate()
     if mode not in MODES:
@@ -77,9 +83,10 @@ def generate(
     method = method or MethodConfig()
     if mode != "vanilla":
         method.validate(lm.spec.max_position)
-    req = encode_request(lm.tokenizer, context, question, max_context_tokens)
+    req = encode_request(lm.tokenizer, context, question, max_context_tokens, instruction, question_template)
     t0 = time.perf_counter()
     stats: dict = {"mode": mode, "context_tokens": len(req.context_ids), "question_tokens": len(req.question_ids)}
+    stats["instruction_tokens"] = len(req.instruction_ids)
     if mode == "sparse":
         raw, more = sparse_tokens(lm, req, sampler, method, seed, on_step, cache or DEFAULT_CHUNK_CACHE)
         stats.update(more)
@@ -89,9 +96,10 @@ def generate(
         else:
             bos = [lm.spec.bos_token_id] if method.use_bos and lm.spec.bos_token_id is not None else []
             t_prefill = time.perf_counter()
-            kv = encode_prefix(lm.model, bos + req.context_ids)
+            prefix = bos + req.instruction_ids + req.context_ids
+            kv = encode_prefix(lm.model, prefix)
             stats["prefill_seconds"] = round(time.perf_counter() - t_prefill, 4)
-            stats["kv_tokens_per_step"] = len(bos) + len(req.context_ids) + len(req.question_ids) + sampler.gen_length
+            stats["kv_tokens_per_step"] = len(prefix) + len(req.question_ids) + sampler.gen_length
             denoiser = PrefixDenoiser(lm.model, kv, torch.tensor([req.question_ids], device=lm.model.device))
         gen = torch.Generator(device=lm.model.device).manual_seed(seed)
         result = denoise(
@@ -122,12 +130,19 @@ def sparse_tokens(
     t0 = time.perf_counter()
     chunks = split_chunks(req.context_ids, method.chunk_size)
     found = cache.get_or_encode(lm, chunks, method, lm.model_id)
+    instruction = instruction_kv(lm, req.instruction_ids, cache, lm.model_id)
     t1 = time.perf_counter()
-    picked = rank_chunks(lm, req.question_ids, [c.summary for c in found.chunks], method.top_k) if chunks else []
+    picked, rank_stats = rank(lm, req.question_ids, found.chunks, method, instruction)
     t2 = time.perf_counter()
-    result = decode_with_chunks(
-        lm, req.question_ids, [found.chunks[i] for i in picked], method, sampler, seed=seed, on_step=on_step
-    )
+    if method.selected_kv == "joint":
+        result = decode_joint(
+            lm, req.question_ids, [chunks[i] for i in picked], method, sampler, req.instruction_ids, seed, on_step
+        )
+    else:
+        selected = [found.chunks[i] for i in picked]
+        result = decode_with_chunks(
+            lm, req.question_ids, selected, method, sampler, seed=seed, on_step=on_step, instruction=instruction
+        )
     stats = {
         "chunks": len(chunks),
         "prefill_chunks": found.encoded,
@@ -141,6 +156,8 @@ def sparse_tokens(
         "chunk_size": method.chunk_size,
         "keep_ratio": method.keep_ratio,
         "use_bos": method.use_bos,
+        "selected_kv": method.selected_kv,
+        **rank_stats,
         **result.stats,
     }
     return result.tokens, stats

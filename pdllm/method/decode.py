@@ -81,9 +81,11 @@ def decode_with_chunks(
     sampler: SamplerConfig,
     seed: int = 0,
     on_step: Callable[[int, Tensor], None] | None = None,
+    instruction: ChunkKV | None = None,
 ) -> DecodeResult:
     """Denoise the answer to `question_ids` over the selected `chunks` (document order), keeping cfg.keep_ratio of
-    each chunk's tokens per layer and KV head."""
+    each chunk's tokens per layer and KV head. `instruction` (pdllm.method.instruction) is kept whole in front, at
+    its positions 0..P-1 inside the shared window."""
     cfg.validate(lm.spec.max_position)
     sampler.validate()
     if not question_ids:
@@ -93,12 +95,16 @@ def decode_with_chunks(
         if c.k.shape[0] != spec.num_layers or c.k.shape[1] != spec.num_kv_heads or c.k.shape[3] != spec.head_dim:
             raise InvalidRequest(f"chunk {c.chunk_id[:12]} has KV of shape {tuple(c.k.shape)}: not from this model")
     t0 = time.perf_counter()
+    picked = len(chunks)
+    chunks = ([instruction] if instruction is not None else []) + list(chunks)
     start = max((c.length for c in chunks), default=0)
     extra = (len(question_ids) - (1 if spec.shift_logits else 0)) if cfg.keep_question_kv else 0
     pool = ChunkPool(chunks, spec.num_layers, spec.num_kv_heads, spec.head_dim, model.device, model.dtype, extra)
     lengths, has_bos = [c.length for c in chunks], [c.has_bos for c in chunks]
     q_layers = question_queries(lm, question_ids, start).q if cfg.keep_ratio < 1.0 and chunks else []
-    sel = select_tokens(q_layers, [pool.k[i] for i in range(spec.num_layers)], lengths, has_bos, cfg.keep_ratio)
+    whole = [instruction is not None and i == 0 for i in range(len(chunks))]
+    k_layers = [pool.k[i] for i in range(spec.num_layers)]
+    sel = select_tokens(q_layers, k_layers, lengths, has_bos, cfg.keep_ratio, keep_whole=whole)
     context = SparseChunkAttention(pool, sel)
     selection_s = time.perf_counter() - t0
     question = torch.tensor([question_ids], device=model.device)
@@ -107,9 +113,10 @@ def decode_with_chunks(
     result = denoise(denoiser, 1, sampler, spec.mask_token_id, spec.eos_token_ids, model.device, gen, on_step=on_step)
     steps = result.steps
     stats = {
-        "selected_chunks": len(chunks),
+        "selected_chunks": picked,
+        "instruction_tokens": len(instruction.tokens) if instruction is not None else 0,
         "selected_tokens": context.selected_rows,
-        "context_tokens_selected": sum(len(c.tokens) for c in chunks),
+        "context_tokens_selected": sum(len(c.tokens) for c in chunks[len(chunks) - picked :]),
         "question_start_position": start,
         "keep_question_kv": cfg.keep_question_kv,
         "kv_tokens_per_step": context.selected_rows + len(question_ids) + sampler.gen_length,

@@ -96,8 +96,10 @@ class DllmModel(nn.Module):
         context: AttentionContext | None = None,
         return_kv: bool = False,
         logits_from: int | None = 0,
+        logits_index: Tensor | None = None,
     ) -> ForwardOutput:
-        """Run a span. `logits_from`: first position whose logits are returned (None: no logits at all)."""
+        """Run a span. `logits_from`: first position whose logits are returned (None: no logits at all);
+        `logits_index` [B, R] (long) instead returns the logits of R chosen positions per row, [B, R, V]."""
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -110,7 +112,10 @@ class DllmModel(nn.Module):
             if kv is not None:
                 kv.append((k, v))
         logits = None
-        if logits_from is not None:
+        if logits_index is not None:
+            rows = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+            logits = self.lm_head(self.norm(rows)).float()
+        elif logits_from is not None:
             logits = self.lm_head(self.norm(x[:, logits_from:])).float()
         return ForwardOutput(logits=logits, kv=kv)
 

@@ -1,0 +1,206 @@
+"""Draft-likelihood chunk ranking (the paper's predictive scoring), over the cached chunk KV.
+
+1. Draft: a few answer tokens are denoised from [instruction, question] alone (no context): the first masked slot
+   is taken from one forward, then each partial round confirms the most confident remaining slot.
+2. Score: for every chunk, the mean log-probability of the question tokens and the confirmed draft tokens given
+   [instruction, BOS + chunk]. A chunk that makes the question and its likely answer probable holds the evidence.
+
+Layout of one chunk's scoring pass, at continuous positions: the instruction's cached KV at 0..P-1, the chunk's
+cached KV re-rotated to P..P+S-1 (RoPE is a rotation by position, so moving a cached key by P is one more rotation:
+no re-encoding, and the chunk's KV stays shareable across requests), and the span (question + draft) at P+S...
+Only the span runs through the model; its queries attend to [instruction rows, the chunk's rows] of a pool and to
+the span itself. Chunks are batched: one request per chunk (per chunk and scored token for LLaDA) over one pool.
+
+* Shifted-logit models (Dream): the span is causal and position i-1 predicts token i, so every scored token is
+  read from one pass; the span's first token is predicted from the chunk's last row, which the span does not
+  recompute, so it is not scored.
+* Unshifted models (LLaDA): a token is predicted at its own position from a masked input, so each scored token gets
+  its own copy of the span with that token masked (leave-one-out), bidirectional; the copies share the pool rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from pdllm.errors import InvalidRequest
+from pdllm.kernels import attention
+from pdllm.method.chunk_kv import ChunkKV
+from pdllm.models.attention import DenseCachedAttention, SelfAttention
+from pdllm.models.layers import apply_rotary
+
+MAX_REQUESTS = 256  # span copies per batched pass (chunks x leave-one-out copies)
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: list[int]  # draft slots: confirmed tokens, mask ids where unconfirmed
+    confirmed: list[bool]
+
+
+def rotate_keys(k: Tensor, offset: int, rotary) -> Tensor:
+    """Cached keys [..., S, D] rotated at positions p, returned rotated at p + offset (float32 math)."""
+    if offset == 0:
+        return k
+    pos = torch.tensor([[offset]], device=k.device)
+    cos, sin = rotary.cos_sin(pos, torch.float32)
+    return apply_rotary(k.float(), cos[0, 0], sin[0, 0]).to(k.dtype)
+
+
+def _prefix_context(instruction: ChunkKV | None):
+    if instruction is None:
+        return SelfAttention()
+    layers = range(instruction.k.shape[0])
+    return DenseCachedAttention([(instruction.k[i][None], instruction.v[i][None]) for i in layers])
+
+
+@torch.no_grad()
+def draft_answer(lm, question_ids: list[int], instruction: ChunkKV | None, tokens: int, rounds: int) -> Draft:
+    """Draft `tokens` answer slots from [instruction, question] without context (greedy); 1 + `rounds` of them are
+    confirmed. Without an instruction the span starts with BOS so the question is read as a sequence start."""
+    if tokens <= 0:
+        return Draft([], [])
+    model, spec = lm.model, lm.spec
+    lead = [spec.bos_token_id] if instruction is None and spec.bos_token_id is not None else []
+    prompt = lead + list(question_ids)
+    start = instruction.length if instruction is not None else 0
+    draft = [spec.mask_token_id] * tokens
+    confirmed = [False] * tokens
+    context = _prefix_context(instruction)
+    for r in range(1 + max(0, rounds)):
+        open_slots = [i for i, c in enumerate(confirmed) if not c]
+        if not open_slots:
+            break
+        x = torch.tensor([prompt + draft], device=model.device)
+        pos = torch.arange(start, start + x.shape[1], device=model.device)[None]
+        p = len(prompt)
+        first = p - 1 if spec.shift_logits else p
+        out = model(x, position_ids=pos, context=context, logits_from=first)
+        logits = model.token_logits(out.logits, p - first, tokens)[0]  # [tokens, V]
+        probs = torch.softmax(logits.float(), dim=-1)
+        conf, best = probs.max(dim=-1)
+        slot = 0 if r == 0 else max(open_slots, key=lambda i: float(conf[i]))
+        draft[slot], confirmed[slot] = int(best[slot]), True
+    return Draft(draft, confirmed)
+
+
+def scored_positions(span_len: int, scored: list[bool], shift: bool) -> list[int]:
+    """Span positions whose tokens count in the score (shifted models cannot score position 0)."""
+    return [i for i in range(span_len) if scored[i] and not (shift and i == 0)]
+
+
+class PoolRowsAttention:
+    """Each request's span attends to its own rows of a per-layer pool ([slots, Hkv, S, D], slot 0 the
+    instruction) and to itself: bidirectionally through `pdllm.kernels.attention`, or causally (shifted models)
+    over the gathered rows."""
+
+    def __init__(self, k_pool: Tensor, v_pool: Tensor, sel_idx: Tensor, sel_len: Tensor, causal: bool) -> None:
+        self.k_pool, self.v_pool, self.sel_idx, self.sel_len, self.causal = k_pool, v_pool, sel_idx, sel_len, causal
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        kp, vp = self.k_pool[layer], self.v_pool[layer]
+        b, t = q.shape[0], q.shape[2]
+        if not self.causal:
+            self_len = torch.full((b,), t, dtype=torch.int32, device=q.device)
+            return attention(q, k, v, self_len, kp, vp, self.sel_idx, self.sel_len)
+        s = kp.shape[2]
+        idx = self.sel_idx[:, 0].long()  # [B, N] (the same rows for every head)
+        slot, row = idx // s, idx % s
+        pk = kp[slot, :, row].transpose(1, 2)  # [B, Hkv, N, D]
+        pv = vp[slot, :, row].transpose(1, 2)
+        n = idx.shape[1]
+        prefix_ok = (torch.arange(n, device=q.device)[None] < self.sel_len[:, None])[:, None, None, :]
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+        mask = torch.cat([prefix_ok.expand(b, 1, t, n), causal.expand(b, 1, t, t)], dim=-1)
+        keys, vals = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@torch.no_grad()
+def draft_chunk_scores(
+    lm,
+    chunks: list[ChunkKV],
+    span_ids: list[int],
+    scored: list[bool],
+    instruction: ChunkKV | None = None,
+    max_requests: int = MAX_REQUESTS,
+) -> Tensor:
+    """Mean log-probability [N] float32 of the span's scored tokens given [instruction, chunk], per chunk."""
+    if len(scored) != len(span_ids):
+        raise InvalidRequest(f"scored has {len(scored)} flags for a span of {len(span_ids)} tokens")
+    shift = lm.spec.shift_logits
+    targets = scored_positions(len(span_ids), scored, shift)
+    if not chunks:
+        return torch.empty(0)
+    if not targets:
+        raise InvalidRequest("no span token to score")
+    copies = 1 if shift else len(targets)
+    per_pass = max(1, max_requests // copies)
+    out = []
+    for lo in range(0, len(chunks), per_pass):
+        out.append(_score_group(lm, chunks[lo : lo + per_pass], span_ids, targets, instruction, shift))
+    return torch.cat(out)
+
+
+def _score_group(lm, chunks, span_ids, targets, instruction, shift) -> Tensor:
+    model, spec = lm.model, lm.spec
+    dev, dtype = model.device, model.dtype
+    p = instruction.length if instruction is not None else 0
+    n, t = len(chunks), len(span_ids)
+    rows = max([c.length for c in chunks] + ([p] if p else []))
+    first_slot = 1 if p else 0
+    shape = (spec.num_layers, first_slot + n, spec.num_kv_heads, rows, spec.head_dim)
+    k_pool = torch.zeros(shape, device=dev, dtype=dtype)
+    v_pool = torch.zeros(shape, device=dev, dtype=dtype)
+    if p:
+        k_pool[:, 0, :, :p] = instruction.k.to(dev, dtype)
+        v_pool[:, 0, :, :p] = instruction.v.to(dev, dtype)
+    for i, c in enumerate(chunks):
+        k_pool[:, first_slot + i, :, : c.length] = rotate_keys(c.k.to(dev, dtype), p, model.rotary)
+        v_pool[:, first_slot + i, :, : c.length] = c.v.to(dev, dtype)
+    lengths = torch.tensor([c.length for c in chunks], device=dev)
+    width = p + int(lengths.max())
+    col = torch.arange(width, device=dev)[None]
+    chunk_rows = (first_slot + torch.arange(n, device=dev))[:, None] * rows + (col - p)
+    sel = torch.where(col < p, col, chunk_rows).to(torch.int32)  # [n, width]: instruction rows, then the chunk's
+    sel_len = (p + lengths).to(torch.int32)
+    span = torch.tensor(span_ids, device=dev)
+    target_t = torch.tensor(targets, device=dev)
+    if shift:
+        ids = span.expand(n, t)
+        pos = (p + lengths)[:, None] + torch.arange(t, device=dev)[None]
+        logits_index = (target_t - 1).expand(n, -1)
+        reqs_sel, reqs_len = sel, sel_len
+    else:  # one copy per (chunk, scored token) with that token masked
+        m = len(targets)
+        ids = span.repeat(n * m, 1)
+        ids[torch.arange(n * m, device=dev), target_t.repeat(n)] = spec.mask_token_id
+        pos = ((p + lengths)[:, None] + torch.arange(t, device=dev)[None]).repeat_interleave(m, dim=0)
+        logits_index = target_t.repeat(n)[:, None]
+        reqs_sel, reqs_len = sel.repeat_interleave(m, dim=0), sel_len.repeat_interleave(m)
+    sel_idx = reqs_sel[:, None].expand(-1, spec.num_kv_heads, -1)
+    context = PoolRowsAttention(k_pool, v_pool, sel_idx, reqs_len, causal=shift)
+    logits = model(ids, position_ids=pos, context=context, logits_index=logits_index).logits  # [B, R, V]
+    labels = span[target_t]
+    logp = F.log_softmax(logits.float(), dim=-1)
+    if shift:
+        token_logp = logp.gather(-1, labels.expand(n, -1)[..., None])[..., 0]  # [n, m]
+    else:
+        token_logp = logp[:, 0].gather(-1, labels.repeat(n)[:, None])[:, 0].reshape(n, -1)
+    return token_logp.mean(dim=1).float().cpu()
+
+
+def rank_by_draft(
+    lm, question_ids: list[int], chunks: list[ChunkKV], top_k: int, instruction: ChunkKV | None, cfg
+) -> tuple[list[int], dict]:
+    """Top-K chunk indices (document order) by draft likelihood, and what the ranking saw."""
+    draft = draft_answer(lm, question_ids, instruction, cfg.draft_tokens, cfg.draft_rounds)
+    span = list(question_ids) + draft.tokens
+    scored = [True] * len(question_ids) + draft.confirmed
+    scores = draft_chunk_scores(lm, chunks, span, scored, instruction)
+    k = min(top_k, len(chunks))
+    picked = sorted(torch.topk(scores, k).indices.tolist()) if chunks else []
+    return picked, {"draft_tokens": [t for t, c in zip(draft.tokens, draft.confirmed, strict=True) if c]}
