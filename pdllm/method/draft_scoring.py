@@ -33,6 +33,7 @@ from pdllm.models.attention import DenseCachedAttention, SelfAttention
 from pdllm.models.layers import apply_rotary
 
 MAX_REQUESTS = 256  # span copies per batched pass (chunks x leave-one-out copies)
+MAX_LOGIT_ROWS = 2048  # vocabulary-wide logit rows per pass (Dream's 152K vocabulary: 1.2 GB in float32)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def draft_chunk_scores(
     if not targets:
         raise InvalidRequest("no span token to score")
     copies = 1 if shift else len(targets)
-    per_pass = max(1, max_requests // copies)
+    per_pass = max(1, min(max_requests // copies, MAX_LOGIT_ROWS // len(targets)))
     out = []
     for lo in range(0, len(chunks), per_pass):
         out.append(_score_group(lm, chunks[lo : lo + per_pass], span_ids, targets, instruction, shift))
@@ -185,12 +186,9 @@ def _score_group(lm, chunks, span_ids, targets, instruction, shift) -> Tensor:
     context = PoolRowsAttention(k_pool, v_pool, sel_idx, reqs_len, causal=shift)
     logits = model(ids, position_ids=pos, context=context, logits_index=logits_index).logits  # [B, R, V]
     labels = span[target_t]
-    logp = F.log_softmax(logits.float(), dim=-1)
-    if shift:
-        token_logp = logp.gather(-1, labels.expand(n, -1)[..., None])[..., 0]  # [n, m]
-    else:
-        token_logp = logp[:, 0].gather(-1, labels.repeat(n)[:, None])[:, 0].reshape(n, -1)
-    return token_logp.mean(dim=1).float().cpu()
+    labels = labels.expand(n, -1)[..., None] if shift else labels.repeat(n)[:, None, None]  # [B, R, 1]
+    token_logp = logits.gather(-1, labels)[..., 0] - torch.logsumexp(logits, dim=-1)  # no second vocab-wide tensor
+    return token_logp.reshape(n, -1).mean(dim=1).float().cpu()
 
 
 def rank_by_draft(
