@@ -32,6 +32,9 @@ from pdllm.prefill_node.actor import pick_device
 from pdllm.errors import PdllmError
 from pdllm.method import ChunkCache, MethodConfig, decode_with_chunks, rank_chunks
 from pdllm.method.chunk_kv import ChunkKV
+from pdllm.method.instruction import instruction_kv
+from pdllm.method.joint import decode_joint
+from pdllm.method.ranking import rank
 from pdllm.models.loader import load_model
 from pdllm.observability import metrics
 from pdllm.observability.logs import configure_logging, request_context
@@ -181,9 +184,10 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         gone = sorted({c for c in ids if c not in entries})
         if gone:
             return {"missing": gone, "holders": {}}
+        draft = cfg.scoring == "draft"  # ranks over every chunk's KV, not the index's summaries
         picked = rank_chunks(self.lm, question_ids, [entries[c].summary for c in ids], cfg.top_k) if ids else []
         t1 = time.perf_counter()
-        need = list(dict.fromkeys(ids[i] for i in picked))
+        need = list(dict.fromkeys(ids if draft else [ids[i] for i in picked]))
         got, where = self._gather(need, entries)
         gone = [c for c in need if c not in got]
         if gone:
@@ -196,9 +200,19 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self.index.touch(need)
         t2 = time.perf_counter()
         device = self.lm.model.device
+        instruction_ids = job.get("instruction_ids") or []
+        with self._cache_lock:
+            instruction = instruction_kv(self.lm, instruction_ids, self.cache, self.lm.model_id)
+        if draft and ids:
+            picked, _ = rank(self.lm, question_ids, [_on(got[c], device) for c in ids], cfg, instruction)
         chunks = [_on(got[ids[i]], device) for i in picked]
         on_step = self._on_step(job, events)
-        result = decode_with_chunks(self.lm, question_ids, chunks, cfg, sampler, job.get("seed", 0), on_step)
+        seed = job.get("seed", 0)
+        if cfg.selected_kv == "joint":  # from the fetched chunks' tokens
+            tokens = [c.tokens for c in chunks]
+            result = decode_joint(self.lm, question_ids, tokens, cfg, sampler, instruction_ids, seed, on_step)
+        else:
+            result = decode_with_chunks(self.lm, question_ids, chunks, cfg, sampler, seed, on_step, instruction)
         spec = self.lm.spec
         tokens = strip_after_eos(result.tokens, spec.eos_token_ids, spec.mask_token_id)
         stats = {

@@ -15,14 +15,38 @@ from pathlib import Path
 
 from pdllm.errors import InvalidRequest
 
+# flags a preset may set; their built-in values when neither the flag nor a preset gives one
+PRESET_DEFAULTS = {
+    "gen_length": 64,
+    "block_length": 32,
+    "steps": 64,
+    "threshold": None,
+    "chunk_size": 512,
+    "top_k": 8,
+    "keep_ratio": 1.0,
+    "scoring": "summary",
+    "selected_kv": "reuse",
+    "mode": None,
+}
+
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-length", type=int, default=64)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--gen-length", type=int, default=None, help="default 64")
+    p.add_argument("--block-length", type=int, default=None, help="default 32")
+    p.add_argument("--steps", type=int, default=None, help="default 64")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM parallel decoding confidence threshold")
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the flags left unset from --preset, then from the built-in defaults (an explicit flag always wins)."""
+    from pdllm.method.presets import preset_params
+
+    preset = preset_params(args.preset) if getattr(args, "preset", None) else {}
+    for key, default in PRESET_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset.get(key, default))
 
 
 def sampler_from_args(args: argparse.Namespace):
@@ -66,6 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--example-length", type=int, default=2048, help="--example: prompt length in tokens")
     p.add_argument("--question", help="required unless --example gives one")
     p.add_argument(
+        "--instruction",
+        default="",
+        help="task instruction kept whole before the context (never chunked or dropped by selection)",
+    )
+    p.add_argument(
         "--mode",
         choices=["vanilla", "prefix", "sparse"],
         default=None,
@@ -81,10 +110,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
+    from pdllm.method.presets import PRESETS, describe
+
     g = p.add_argument_group("predictive prefilling (--mode prefix/sparse)")
-    g.add_argument("--chunk-size", type=int, default=512, help="context tokens per chunk (sparse)")
-    g.add_argument("--top-k", type=int, default=8, help="chunks kept per question (sparse)")
-    g.add_argument("--keep-ratio", type=float, default=1.0, help="fraction of a kept chunk's tokens kept (sparse)")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="; ".join(f"{name}: {describe(name)}" for name in sorted(PRESETS)) + " (explicit flags override it)",
+    )
+    g.add_argument("--chunk-size", type=int, default=None, help="context tokens per chunk (sparse; default 512)")
+    g.add_argument("--top-k", type=int, default=None, help="chunks kept per question (sparse; default 8)")
+    g.add_argument("--keep-ratio", type=float, default=None, help="fraction of a kept chunk's tokens kept (sparse)")
+    g.add_argument(
+        "--scoring",
+        choices=["summary", "draft"],
+        default=None,
+        help="chunk ranking: summary (default: question vs mean chunk keys) or draft (likelihood of question + "
+        "drafted answer given each chunk)",
+    )
+    g.add_argument(
+        "--selected-kv",
+        choices=["reuse", "joint"],
+        default=None,
+        help="reuse (default: cached chunk KV) or joint (selected chunks re-encoded with instruction + question)",
+    )
     g.add_argument("--no-bos", action="store_true", help="ablation: no BOS anchor in front of chunks / the prefix")
     g.add_argument("--keep-question-kv", action="store_true", help="sparse: reuse the question's KV after step 1")
 
@@ -98,6 +148,8 @@ def method_from_args(args: argparse.Namespace):
         keep_ratio=args.keep_ratio,
         use_bos=not args.no_bos,
         keep_question_kv=args.keep_question_kv,
+        scoring=args.scoring,
+        selected_kv=args.selected_kv,
     )
 
 
@@ -111,8 +163,11 @@ def _cuda() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_preset(args)
     example = _example(args)
     context = example.context if example else read_context(args)
+    if example and not args.instruction:
+        args.instruction = example.instruction
     if not (args.question or "").strip():
         raise InvalidRequest("question is empty" if args.question is not None else "--question is required")
     sampler = sampler_from_args(args)
@@ -169,7 +224,17 @@ def _in_process(args, context: str, sampler, method, mode: str) -> dict:
     from pdllm.models.loader import load_model
 
     lm = load_model(model_dir(args), device=args.device)
-    out = generate(lm, context, args.question, sampler, mode, args.max_context_tokens, args.seed, method=method)
+    out = generate(
+        lm,
+        context,
+        args.question,
+        sampler,
+        mode,
+        args.max_context_tokens,
+        args.seed,
+        method=method,
+        instruction=args.instruction,
+    )
     return {"answer": out.answer, "stats": out.stats}
 
 
@@ -185,7 +250,9 @@ def _on_cluster(args, context: str, sampler, method) -> dict:
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"pdllm: starting the cluster ({where}; model {config.model_dir})", file=sys.stderr, flush=True)
     with start_cluster(config, ClusterLimits(log_level="WARNING")) as handle:  # the answer, not per-job lines
-        out = handle.router.generate(context, args.question, method, sampler, seed=args.seed)
+        out = handle.router.generate(
+            context, args.question, method, sampler, seed=args.seed, instruction=args.instruction
+        )
     return {"answer": out["answer"], "stats": out["stats"]}
 
 
@@ -200,7 +267,7 @@ def _via_server(args, context: str, sampler, method, mode: str) -> dict:
         raise InvalidRequest("--model does not apply with --server: the server chose its model")
     if args.no_bos or args.keep_question_kv:
         raise InvalidRequest("--no-bos and --keep-question-kv are not request parameters of the server API")
-    given = {**asdict(sampler), **asdict(method), "mode": mode, "seed": args.seed}
+    given = {**asdict(sampler), **asdict(method), "mode": mode, "seed": args.seed, "instruction": args.instruction}
     params = {k: v for k, v in given.items() if k in PARAM_KEYS}
     token = args.auth_token or os.environ.get("PDLLM_AUTH_TOKEN")
     return generate_via_server(args.server, context, args.question, params, auth_token=token, tls_ca=args.tls_ca)
