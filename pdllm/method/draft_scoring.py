@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from pdllm.errors import InvalidRequest
 from pdllm.kernels import attention
@@ -94,30 +93,49 @@ def scored_positions(span_len: int, scored: list[bool], shift: bool) -> list[int
 
 
 class PoolRowsAttention:
-    """Each request's span attends to its own rows of a per-layer pool ([slots, Hkv, S, D], slot 0 the
-    instruction) and to itself: bidirectionally through `pdllm.kernels.attention`, or causally (shifted models)
-    over the gathered rows."""
+    """Each request's span attends to its chunk's rows of a per-layer pool ([slots, Hkv, S, D], slot 0 the
+    instruction) and to itself. Requests come chunk-major, `copies` per chunk (leave-one-out), and share their
+    chunk's rows: `sel` [n, W] / `sel_len` [n] name them once per chunk.
 
-    def __init__(self, k_pool: Tensor, v_pool: Tensor, sel_idx: Tensor, sel_len: Tensor, causal: bool) -> None:
-        self.k_pool, self.v_pool, self.sel_idx, self.sel_len, self.causal = k_pool, v_pool, sel_idx, sel_len, causal
+    Bidirectional spans on CUDA go through `pdllm.kernels.attention` (rows read in place, the copies referencing
+    the same rows); elsewhere the rows are gathered once per chunk and every copy's queries are scored against them
+    in one matmul (causal spans always take this path)."""
+
+    def __init__(self, k_pool: Tensor, v_pool: Tensor, sel: Tensor, sel_len: Tensor, copies: int, causal: bool):
+        self.k_pool, self.v_pool, self.sel, self.sel_len = k_pool, v_pool, sel, sel_len
+        self.copies, self.causal = copies, causal
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kp, vp = self.k_pool[layer], self.v_pool[layer]
-        b, t = q.shape[0], q.shape[2]
-        if not self.causal:
+        if q.is_cuda and not self.causal:
+            b, t = q.shape[0], q.shape[2]
             self_len = torch.full((b,), t, dtype=torch.int32, device=q.device)
-            return attention(q, k, v, self_len, kp, vp, self.sel_idx, self.sel_len)
+            sel = self.sel.repeat_interleave(self.copies, dim=0)[:, None].expand(-1, k.shape[1], -1)
+            return attention(q, k, v, self_len, kp, vp, sel, self.sel_len.repeat_interleave(self.copies))
+        return self._shared_rows(q, k, v, kp, vp)
+
+    def _shared_rows(self, q, k, v, kp, vp) -> Tensor:
+        n, w = self.sel.shape
+        m = self.copies
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
         s = kp.shape[2]
-        idx = self.sel_idx[:, 0].long()  # [B, N] (the same rows for every head)
-        slot, row = idx // s, idx % s
-        pk = kp[slot, :, row].transpose(1, 2)  # [B, Hkv, N, D]
-        pv = vp[slot, :, row].transpose(1, 2)
-        n = idx.shape[1]
-        prefix_ok = (torch.arange(n, device=q.device)[None] < self.sel_len[:, None])[:, None, None, :]
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
-        mask = torch.cat([prefix_ok.expand(b, 1, t, n), causal.expand(b, 1, t, t)], dim=-1)
-        keys, vals = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        idx = self.sel.long()
+        pk = kp[idx // s, :, idx % s].transpose(1, 2).float()  # [n, Hkv, W, D]: once per chunk
+        pv = vp[idx // s, :, idx % s].transpose(1, 2).float()
+        qf = q.float().reshape(n, m, hkv, g * t, d)
+        s_pre = torch.einsum("nmhqd,nhwd->nmhqw", qf, pk)  # every copy's queries against its chunk's rows
+        s_own = torch.einsum("nmhqd,nmhkd->nmhqk", qf, k.float().reshape(n, m, hkv, t, d))
+        ok = torch.arange(w, device=q.device)[None] < self.sel_len[:, None]  # [n, W]
+        s_pre = s_pre.masked_fill(~ok[:, None, None, None, :], float("-inf"))
+        if self.causal:
+            later = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1).repeat(g, 1)  # [G*T, T]
+            s_own = s_own.masked_fill(later, float("-inf"))
+        probs = torch.softmax(torch.cat([s_pre, s_own], dim=-1) / d**0.5, dim=-1)
+        out = torch.einsum("nmhqw,nhwd->nmhqd", probs[..., :w], pv)
+        out = out + torch.einsum("nmhqk,nmhkd->nmhqd", probs[..., w:], v.float().reshape(n, m, hkv, t, d))
+        return out.reshape(b, hq, t, d).to(q.dtype)
 
 
 @torch.no_grad()
@@ -174,16 +192,13 @@ def _score_group(lm, chunks, span_ids, targets, instruction, shift) -> Tensor:
         ids = span.expand(n, t)
         pos = (p + lengths)[:, None] + torch.arange(t, device=dev)[None]
         logits_index = (target_t - 1).expand(n, -1)
-        reqs_sel, reqs_len = sel, sel_len
     else:  # one copy per (chunk, scored token) with that token masked
         m = len(targets)
         ids = span.repeat(n * m, 1)
         ids[torch.arange(n * m, device=dev), target_t.repeat(n)] = spec.mask_token_id
         pos = ((p + lengths)[:, None] + torch.arange(t, device=dev)[None]).repeat_interleave(m, dim=0)
         logits_index = target_t.repeat(n)[:, None]
-        reqs_sel, reqs_len = sel.repeat_interleave(m, dim=0), sel_len.repeat_interleave(m)
-    sel_idx = reqs_sel[:, None].expand(-1, spec.num_kv_heads, -1)
-    context = PoolRowsAttention(k_pool, v_pool, sel_idx, reqs_len, causal=shift)
+    context = PoolRowsAttention(k_pool, v_pool, sel, sel_len, 1 if shift else len(targets), causal=shift)
     logits = model(ids, position_ids=pos, context=context, logits_index=logits_index).logits  # [B, R, V]
     labels = span[target_t]
     labels = labels.expand(n, -1)[..., None] if shift else labels.repeat(n)[:, None, None]  # [B, R, 1]
