@@ -11,7 +11,7 @@ import sys
 
 from pdllm.errors import PdllmError
 
-COMMANDS = ("generate", "make_tiny", "eval", "serve", "batch", "status")
+COMMANDS = ("generate", "make_tiny", "eval", "longbench", "serve", "batch", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from pdllm.errors import InvalidRequest
 from pdllm.kernels import attention
@@ -112,7 +113,22 @@ class PoolRowsAttention:
             self_len = torch.full((b,), t, dtype=torch.int32, device=q.device)
             sel = self.sel.repeat_interleave(self.copies, dim=0)[:, None].expand(-1, k.shape[1], -1)
             return attention(q, k, v, self_len, kp, vp, sel, self.sel_len.repeat_interleave(self.copies))
+        if q.is_cuda and self.copies == 1:
+            return self._causal_sdpa(q, k, v, kp, vp)
         return self._shared_rows(q, k, v, kp, vp)
+
+    def _causal_sdpa(self, q, k, v, kp, vp) -> Tensor:
+        """One request per chunk: its rows gathered, then SDPA with a [rows | causal span] mask."""
+        b, t, s = q.shape[0], q.shape[2], kp.shape[2]
+        idx = self.sel.long()
+        pk = kp[idx // s, :, idx % s].transpose(1, 2)  # [B, Hkv, W, D]
+        pv = vp[idx // s, :, idx % s].transpose(1, 2)
+        n = idx.shape[1]
+        prefix_ok = (torch.arange(n, device=q.device)[None] < self.sel_len[:, None])[:, None, None, :]
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+        mask = torch.cat([prefix_ok.expand(b, 1, t, n), causal.expand(b, 1, t, t)], dim=-1)
+        keys, vals = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
     def _shared_rows(self, q, k, v, kp, vp) -> Tensor:
         n, w = self.sel.shape
