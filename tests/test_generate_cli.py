@@ -65,3 +65,23 @@ def test_example_input_reports_expected_answer_and_score(tiny_llada, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["expected"]) == 1 and out["expected"][0].isdigit()  # the sample's pass key
     assert out["score"] in (0.0, 1.0) and out["stats"]["mode"] == "sparse"
+
+
+def test_presets_are_shown_in_help_and_explicit_flags_win(capsys):
+    import argparse
+
+    from pdllm.commands.generate import apply_preset, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--preset {fast,paper}" in text and "scoring=draft" in text and "selected_kv=joint" in text
+    args = parser.parse_args(["generate", "--preset", "paper", "--top-k", "2", "--question", "q"])
+    apply_preset(args)
+    assert (args.chunk_size, args.top_k, args.scoring, args.selected_kv) == (1024, 2, "draft", "joint")
+    assert (args.gen_length, args.block_length, args.steps, args.threshold) == (32, 32, 32, 0.9)
+    args = parser.parse_args(["generate", "--question", "q"])
+    apply_preset(args)  # no preset: the built-in defaults, as before presets existed
+    assert (args.chunk_size, args.top_k, args.scoring, args.gen_length, args.threshold) == (512, 8, "summary", 64, None)

@@ -98,9 +98,9 @@ class PoolRowsAttention:
     instruction) and to itself. Requests come chunk-major, `copies` per chunk (leave-one-out), and share their
     chunk's rows: `sel` [n, W] / `sel_len` [n] name them once per chunk.
 
-    Bidirectional spans on CUDA go through `pdllm.kernels.attention` (rows read in place, the copies referencing
-    the same rows); elsewhere the rows are gathered once per chunk and every copy's queries are scored against them
-    in one matmul (causal spans always take this path)."""
+    On CUDA, bidirectional spans go through `pdllm.kernels.attention` (rows read in place, the copies referencing
+    the same rows) and causal ones through SDPA over the gathered rows; elsewhere the rows are gathered once per
+    chunk and every copy's queries are scored against them in one matmul."""
 
     def __init__(self, k_pool: Tensor, v_pool: Tensor, sel: Tensor, sel_len: Tensor, copies: int, causal: bool):
         self.k_pool, self.v_pool, self.sel, self.sel_len = k_pool, v_pool, sel, sel_len
