@@ -185,7 +185,8 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         if gone:
             return {"missing": gone, "holders": {}}
         draft = cfg.scoring == "draft"  # ranks over every chunk's KV, not the index's summaries
-        picked = rank_chunks(self.lm, question_ids, [entries[c].summary for c in ids], cfg.top_k) if ids else []
+        summaries = [entries[c].summary for c in ids]
+        picked = rank_chunks(self.lm, question_ids, summaries, cfg.top_k) if ids and not draft else []
         t1 = time.perf_counter()
         need = list(dict.fromkeys(ids if draft else [ids[i] for i in picked]))
         got, where = self._gather(need, entries)
