@@ -221,3 +221,23 @@ def test_batch_calls_without_a_store_say_so(client):
     with pytest.raises(ApiError) as err:
         client.get_batch("b1")
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not enabled" in err.value.details
+
+
+def test_instruction_scoring_and_presets_are_request_parameters(client):
+    base = {**SMALL, "mode": "sparse", "chunk_size": 32, "top_k": 1}
+    instruction = "Answer with the pass key only.\n"
+    out = client.generate(
+        CONTEXT * 4, "What is the pass key?", {**base, "instruction": instruction, "scoring": "draft"}
+    )
+    stats = out["stats"]
+    assert stats["instruction_tokens"] == len(instruction) and stats["scoring"] == "draft"
+    assert stats["selected_kv"] == "reuse" and len(stats["draft_tokens"]) == 2
+    # a preset fills what the request leaves unset; what it sets wins
+    paper = client.generate(CONTEXT * 4, "What is the pass key?", {"preset": "paper", "chunk_size": 64})["stats"]
+    assert paper["scoring"] == "draft" and paper["selected_kv"] == "joint" and paper["chunk_size"] == 64
+    assert paper["top_k"] == 4 and paper["mode"] == "sparse"
+    for bad, needle in (({"preset": "slow"}, "unknown preset"), ({"scoring": "bm25"}, "scoring must be")):
+        with pytest.raises(ApiError) as err:
+            client.generate(CONTEXT, "What is the pass key?", {**SMALL, **bad})
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details
+    still_serving(client)

@@ -142,7 +142,7 @@ def build_example(
             break
         except InvalidRequest:
             length += 32
-    ctx = byte_ids(sample.context)
+    ctx = byte_ids(sample.prompt_text)  # the instruction stays at the start, where the engine keeps it
     span = byte_ids(QUESTION_TEMPLATE.format(question=sample.question))
     answer = byte_ids(sample.target)[: gen - 1]
     core = len(answer) + 1
