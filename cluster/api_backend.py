@@ -76,6 +76,7 @@ def method_kwargs(generate: Callable, params: dict) -> dict:
         keep_ratio=params["keep_ratio"],
         scoring=params.get("scoring", "summary"),
         selected_kv=params.get("selected_kv", "reuse"),
+        keep_question_kv=bool(params.get("keep_question_kv", False)),
     )
     return {"method": method}
 

@@ -4,7 +4,7 @@ Keys (all optional in a request; `complete_params` fills the defaults):
   gen_length, block_length, steps (ints), temperature (>= 0), threshold (None or (0, 1]; set: parallel decoding),
   mode (a backend mode), chunk_size, top_k (ints), keep_ratio ((0, 1]), remasking, seed, scoring (summary | draft),
   selected_kv (reuse | joint), instruction (text kept whole before the context), and preset (paper | fast: its
-  values fill every key the request leaves unset, see pdllm.method.presets).
+  values fill every key the request leaves unset, see pdllm.method.presets), keep_question_kv (bool).
 The same dict is what `GenerationBackend.generate` receives, so a cluster adapter maps it without translation.
 """
 
@@ -32,6 +32,7 @@ DEFAULT_PARAMS: dict = {
     "selected_kv": "reuse",
     "instruction": "",
     "preset": None,
+    "keep_question_kv": False,
 }
 PARAM_KEYS = tuple(DEFAULT_PARAMS)
 
@@ -131,6 +132,8 @@ def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimi
     for key, choices in (("scoring", ("summary", "draft")), ("selected_kv", ("reuse", "joint"))):
         if out[key] not in choices:
             raise InvalidRequest(f"{key} must be one of {', '.join(choices)}, got {out[key]!r}")
+    if not isinstance(out["keep_question_kv"], bool):
+        raise InvalidRequest(f"keep_question_kv must be true or false, got {out['keep_question_kv']!r}")
     out["instruction"] = decode_text("instruction", out["instruction"], limits.max_instruction_bytes, True)
     if out["mode"] not in modes:
         raise InvalidRequest(f"unknown mode {out['mode']!r}; this server supports {', '.join(modes)}")

@@ -241,3 +241,17 @@ def test_instruction_scoring_and_presets_are_request_parameters(client):
             client.generate(CONTEXT, "What is the pass key?", {**SMALL, **bad})
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details
     still_serving(client)
+
+
+def test_keep_question_kv_is_a_request_parameter_that_reaches_the_engine(client):
+    params = {**SMALL, "mode": "sparse", "chunk_size": 32, "top_k": 2}
+    kept = client.generate(CONTEXT, "What is the pass key?", {**params, "keep_question_kv": True})
+    plain = client.generate(CONTEXT, "What is the pass key?", params)
+    assert kept["stats"]["keep_question_kv"] is True and plain["stats"]["keep_question_kv"] is False
+    assert kept["stats"]["steps"] == plain["stats"]["steps"] == 8
+    from pdllm.cluster.api_params import complete_params
+
+    from pdllm.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="keep_question_kv must be true or false"):  # JSON batch lines, HTTP
+        complete_params({**params, "keep_question_kv": "yes"}, MODES)

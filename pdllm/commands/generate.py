@@ -400,8 +400,8 @@ def _via_server(args, context: str, mode: str) -> dict:
 
     if args.model:
         raise InvalidRequest("--model does not apply with --server: the server chose its model")
-    if args.no_bos or args.keep_question_kv:
-        raise InvalidRequest("--no-bos and --keep-question-kv are not request parameters of the server API")
+    if args.no_bos:
+        raise InvalidRequest("--no-bos is not a request parameter of the server API")
     given = {
         **asdict(sampler_from_args(args)),
         **asdict(method_from_args(args)),
