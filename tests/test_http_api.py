@@ -277,8 +277,8 @@ def test_parsing_maps_conversations_and_prompts():
         {"role": "user", "content": "Q?"},
     ]
     req = parse_chat({"model": "m", "messages": turns, "max_tokens": 24}, {})
-    assert (req.context, req.question) == ("Be brief.\n\nDoc A.\n\nAnswer: ok", "Q?")
-    assert req.params == {"gen_length": 24, "block_length": 24, "steps": 24}  # 24 <= the default block of 32
+    assert (req.context, req.question, req.params["instruction"]) == ("Doc A.\n\nAnswer: ok", "Q?", "Be brief.")
+    assert req.params == {"gen_length": 24, "block_length": 24, "steps": 24, "instruction": "Be brief."}  # 24 <= 32
     req = parse_completion({"model": "m", "prompt": "line 1\nline 2\n\nthe question?\n", "max_tokens": 100}, {})
     assert (req.context, req.question) == ("line 1\nline 2", "the question?")
     assert req.params == {"gen_length": 100, "block_length": 25, "steps": 100}
