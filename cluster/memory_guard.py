@@ -39,5 +39,11 @@ class MemoryGuard:
                 "MiB, actor_memory_budget_bytes); retry later"
             )
 
+    def set_budget(self, budget_bytes: int) -> None:
+        """A new budget (drills and tests: an actor made to refuse work without filling the machine's memory)."""
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+
     def status(self) -> dict:
         return {"memory_budget_bytes": self.budget_bytes, "memory_refused": self.refused}

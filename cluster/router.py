@@ -225,9 +225,8 @@ class Router:
             ray.cancel(ref)
             raise self._timed_out(what, deadline) from e
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, PdllmError):
-                raise cause from None
+            if isinstance(e.cause, PdllmError):  # the actor's own error, without Ray's traceback around it
+                raise e.cause from None
             raise
 
     # ---- faults ----------------------------------------------------------------------------------------------
@@ -258,7 +257,7 @@ class Router:
             return message
         if dead:
             metrics.record_actor_death(kind, cause)
-            log.error("%s (%s)", message.replace(f"{kind} actor", f"{kind} actor {slot.name}", 1), slot.name)
+            log.error("%s", message.replace(f"{kind} actor", f"{kind} actor {slot.name}", 1))
             if isinstance(why, BaseException):
                 log.info("actor %s: Ray's report of the death: %s", slot.name, why)
         else:
@@ -439,9 +438,8 @@ class Router:
                     raise self._timed_out(what, deadline) from e
                 except ray.exceptions.RayTaskError as e:
                     finished = True
-                    cause = e.as_instanceof_cause()
-                    if isinstance(cause, PdllmError):
-                        raise cause from None
+                    if isinstance(e.cause, PdllmError):  # the actor's own error, without Ray's traceback around it
+                        raise e.cause from None
                     raise
                 kind = event.get("type")
                 if kind == "step":

@@ -298,6 +298,10 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             return fetched
         return None
 
+    def set_memory_budget(self, budget_bytes: int) -> None:
+        """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
+        self.memory.set_budget(budget_bytes)
+
     def status(self) -> dict:
         engine = self.engine.status()
         pool = engine["pool"]

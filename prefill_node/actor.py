@@ -188,6 +188,10 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
             **self.store.usage(),
         }
 
+    def set_memory_budget(self, budget_bytes: int) -> None:
+        """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
+        self.memory.set_budget(budget_bytes)
+
     def inject_transfer_fault(self, kind: str, count: int = 1, after_pieces: int = 1, stall_s: float = 5.0) -> None:
         """Break this holder's next `count` KV fetches on the real gRPC stream (drills, reliability tests):
         truncate | abort | corrupt | stall (see cluster/transfer_server.py)."""
