@@ -98,10 +98,11 @@ def main() -> None:
                 lines.append(line)
                 print(line, flush=True)
     if len(samples) >= 2:
-        base, last = samples[1 if len(samples) > 2 else 0], samples[-1]
+        k = 1 if len(samples) > 2 else 0  # the first round fills the store and the pool
+        base, last = samples[k], samples[-1]
+        grow = {role: (last[f"{role}_rss"] - base[f"{role}_rss"]) / MIB for role in ("prefill", "decode")}
         lines.append(
-            f"last round vs round {2 if len(samples) > 2 else 1}: prefill {(last['prefill_rss'] - base['prefill_rss']) / MIB:+.0f} "
-            f"MiB, decode {(last['decode_rss'] - base['decode_rss']) / MIB:+.0f} MiB; "
+            f"last round vs round {k + 1}: prefill {grow['prefill']:+.0f} MiB, decode {grow['decode']:+.0f} MiB; "
             f"total {time.perf_counter() - t_start:.0f} s"
         )
         print(lines[-1])
