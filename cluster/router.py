@@ -317,11 +317,16 @@ class Router:
         since = time.time() - slot.fault["at"] if slot.fault else float("nan")
         log.info("%s actor %s is back as a new incarnation (pid %s, restart %d, %.1f s after its death): placed "
                  "again", kind, slot.name, pid, slot.restarts, since)  # fmt: skip
-        if self.on_readmit is not None:
-            try:
-                self.on_readmit(kind, slot)
-            except Exception:
-                log.exception("re-admitting %s actor %s", kind, slot.name)
+        if self.on_readmit is not None:  # off this thread: a status poll must not wait for a group to form
+            threading.Thread(
+                target=self._readmitted, args=(kind, slot), name=f"rejoin-{slot.name}", daemon=True
+            ).start()
+
+    def _readmitted(self, kind: str, slot: ActorSlot) -> None:
+        try:
+            self.on_readmit(kind, slot)
+        except Exception:
+            log.exception("re-admitting %s actor %s", kind, slot.name)
 
     def _probe(self, slot: ActorSlot) -> bool:
         """Is the actor alive? Answers come from its control group, so a busy actor still says yes."""

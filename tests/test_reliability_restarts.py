@@ -162,6 +162,8 @@ def test_decode_then_prefill_sigkilled_mid_batch_every_job_answered_once_and_ser
         back = [m for m in lines if f"actor {slot.name} is back as a new incarnation" in m]
         assert len(died) == 1 and "restarting" in died[0] and "\n" not in died[0], died
         assert len(back) == 1, back
+        print(f"{died[0]}\n{back[0]}")
+    print(f"router faults: {health['faults']}")
 
 
 @pytest.mark.timeout(180)
