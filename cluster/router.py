@@ -43,6 +43,7 @@ WAIT_POLL_S = 0.02
 CONTROL = "control"  # the actors' concurrency group for status/cancel: answered even when every job thread is busy
 UP, DOWN, DEAD = "up", "down", "dead"  # DOWN: did not answer a probe (may come back); DEAD: Ray says it died
 RESTARTING = "restarting"  # died, and Ray restarts it (max_restarts): placed again once its new incarnation answers
+RESTARTED_UNSEEN = "restarted while idle"  # the cause when only a new pid tells of a death
 READMIT_POLL_S = 0.2  # between the watcher's looks at a restarting actor
 # what a call to a dead actor raises: its process died (killed, crashed, node lost), or Ray's memory monitor killed it
 ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
@@ -303,9 +304,13 @@ class Router:
         with self._lock:
             new = slot.pid is not None and pid is not None and pid != slot.pid
             was, slot.pid = slot.state, pid if pid is not None else slot.pid
+            unseen = new and was == UP  # it died and came back between two calls: no call saw the death
             if new:
                 slot.restarts += 1
                 self.faults["actor_restarts"] += 1
+            if unseen:
+                self.faults["actors_lost"] += 1
+                slot.fault = {"cause": RESTARTED_UNSEEN, "message": RESTARTED_UNSEEN, "at": time.time()}
             slot.state = UP
             self._placeable.notify_all()
         metrics.set_actor_health(slot.name, True)
@@ -313,6 +318,9 @@ class Router:
             if was != UP:
                 log.info("%s actor %s answers again: placed again", kind, slot.name)
             return
+        if unseen:
+            metrics.record_actor_death(kind, RESTARTED_UNSEEN)
+            log.error("%s actor %s died while idle (its pid changed from one status to the next)", kind, slot.name)
         metrics.record_actor_restart(kind)
         since = time.time() - slot.fault["at"] if slot.fault else float("nan")
         log.info("%s actor %s is back as a new incarnation (pid %s, restart %d, %.1f s after its death): placed "

@@ -13,7 +13,7 @@ import pytest
 import ray
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.limits import ClusterLimits
-from pdllm.cluster.router import UP, control
+from pdllm.cluster.router import RESTARTED_UNSEEN, UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until
 
@@ -40,6 +40,7 @@ def test_a_restarted_decode_actor_rejoins_the_gloo_group_and_gets_kv_over_it(tmp
         # nothing is in flight: the router learns of the restart from status (a new pid), as `pdllm status` asks
         wait_until(lambda: router.status(timeout_s=2) and decode.pid != pid, 240, "the new incarnation admitted")
         assert decode.state == UP and decode.restarts == 1
+        assert decode.fault["cause"] == RESTARTED_UNSEEN and router.faults["actors_lost"] == 1  # the death counted
         wait_until(lambda: handle.collective is not first, 120, "the group formed again")
         assert handle.collective.spec is not None, handle.collective.reason
         group = ray.get(control(decode.handle.collective_status).remote(), timeout=10)
