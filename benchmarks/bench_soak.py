@@ -43,9 +43,17 @@ def sample(router) -> dict:
     return {
         "prefill_rss": p["process"]["rss_bytes"],
         "decode_rss": d["process"]["rss_bytes"],
+        "prefill_shm": p["process"].get("rss_shmem_bytes") or 0,
+        "decode_shm": d["process"].get("rss_shmem_bytes") or 0,
         "store": p.get("used_bytes", 0),
         "pool": d.get("cache_bytes", 0),
     }
+
+
+def row(name: str, reqs: int, errors: int, seconds: float, s: dict) -> str:
+    return (f"{name:>5} {reqs:>5} {errors:>6} {seconds:>7.1f} {s['prefill_rss'] / MIB:>16.0f} "
+            f"{s['prefill_shm'] / MIB:>8.0f} {s['decode_rss'] / MIB:>15.0f} {s['decode_shm'] / MIB:>8.0f} "
+            f"{s['store'] / MIB:>10.1f} {s['pool'] / MIB:>9.1f}")  # fmt: skip
 
 
 def main() -> None:
@@ -65,8 +73,8 @@ def main() -> None:
         f"bench_soak {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, CPU, python "
         f"{platform.python_version()}; {args.rounds} rounds x {args.docs} documents of {args.chars} chars, "
         f"concurrency {args.concurrency}, gen {args.gen_length}/{args.steps} steps; default ClusterConfig",
-        f"{'round':>5} {'reqs':>5} {'errors':>6} {'s':>7} {'prefill RSS MiB':>16} {'decode RSS MiB':>15} "
-        f"{'store MiB':>10} {'pool MiB':>9}",
+        f"{'round':>5} {'reqs':>5} {'errors':>6} {'s':>7} {'prefill RSS MiB':>16} {'(shmem)':>8} "
+        f"{'decode RSS MiB':>15} {'(shmem)':>8} {'store MiB':>10} {'pool MiB':>9}",
     ]
     print(lines[0], flush=True)
     t_start = time.perf_counter()
@@ -74,8 +82,7 @@ def main() -> None:
         router, method = handle.router, MethodConfig(**vars(config.method()))
         start = sample(router)
         print(f"after start: prefill {start['prefill_rss'] / MIB:.0f} MiB, decode {start['decode_rss'] / MIB:.0f} MiB")
-        lines.append(f"{'start':>5} {0:>5} {0:>6} {0:>7.1f} {start['prefill_rss'] / MIB:>16.0f} "
-                     f"{start['decode_rss'] / MIB:>15.0f} {0:>10.1f} {0:>9.1f}")  # fmt: skip
+        lines.append(row("start", 0, 0, 0.0, start))
         samples = []
 
         def ask(k: int, r: int) -> bool:
@@ -92,9 +99,7 @@ def main() -> None:
                 ok = list(pool.map(lambda k, r=r: ask(k, r), range(args.docs)))
                 s = sample(router)
                 samples.append(s)
-                line = (f"{r + 1:>5} {len(ok):>5} {ok.count(False):>6} {time.perf_counter() - t0:>7.1f} "
-                        f"{s['prefill_rss'] / MIB:>16.0f} {s['decode_rss'] / MIB:>15.0f} {s['store'] / MIB:>10.1f} "
-                        f"{s['pool'] / MIB:>9.1f}")  # fmt: skip
+                line = row(str(r + 1), len(ok), ok.count(False), time.perf_counter() - t0, s)
                 lines.append(line)
                 print(line, flush=True)
     if len(samples) >= 2:
