@@ -70,9 +70,15 @@ def method_kwargs(generate: Callable, params: dict) -> dict:
         return {}
     from pdllm.method import MethodConfig
 
-    return {
-        "method": MethodConfig(chunk_size=params["chunk_size"], top_k=params["top_k"], keep_ratio=params["keep_ratio"])
-    }
+    method = MethodConfig(
+        chunk_size=params["chunk_size"],
+        top_k=params["top_k"],
+        keep_ratio=params["keep_ratio"],
+        scoring=params.get("scoring", "summary"),
+        selected_kv=params.get("selected_kv", "reuse"),
+        keep_question_kv=bool(params.get("keep_question_kv", False)),
+    )
+    return {"method": method}
 
 
 class _Stop(Exception):
@@ -139,7 +145,8 @@ class InProcessBackend:
         with self._lock:
             self._running += 1
         try:
-            encoded = encode_request(lm.tokenizer, context, question, self.max_context_tokens)
+            instruction = params.get("instruction", "")
+            encoded = encode_request(lm.tokenizer, context, question, self.max_context_tokens, instruction)
             if on_event is not None:
                 on_event(
                     {
@@ -170,6 +177,8 @@ class InProcessBackend:
 
             sampler = sampler_from_params(params)
             extra = method_kwargs(generate, params)
+            if instruction:
+                extra["instruction"] = instruction
             out = generate(
                 lm,
                 context,

@@ -2,7 +2,9 @@
 
 Keys (all optional in a request; `complete_params` fills the defaults):
   gen_length, block_length, steps (ints), temperature (>= 0), threshold (None or (0, 1]; set: parallel decoding),
-  mode (a backend mode), chunk_size, top_k (ints), keep_ratio ((0, 1]), remasking, seed.
+  mode (a backend mode), chunk_size, top_k (ints), keep_ratio ((0, 1]), remasking, seed, scoring (summary | draft),
+  selected_kv (reuse | joint), instruction (text kept whole before the context), and preset (paper | fast: its
+  values fill every key the request leaves unset, see pdllm.method.presets), keep_question_kv (bool).
 The same dict is what `GenerationBackend.generate` receives, so a cluster adapter maps it without translation.
 """
 
@@ -26,6 +28,11 @@ DEFAULT_PARAMS: dict = {
     "keep_ratio": 1.0,
     "remasking": "low_confidence",
     "seed": 0,
+    "scoring": "summary",
+    "selected_kv": "reuse",
+    "instruction": "",
+    "preset": None,
+    "keep_question_kv": False,
 }
 PARAM_KEYS = tuple(DEFAULT_PARAMS)
 
@@ -44,6 +51,7 @@ class ApiLimits:
     max_batch_jobs: int = 100_000
     max_request_id_chars: int = 128
     max_model_length: int | None = None  # the model's maximum sequence length: no answer may be longer
+    max_instruction_bytes: int = 64 << 10
 
     def for_model(self, max_length: int | None) -> ApiLimits:
         """These limits, with answers also bounded by a model's maximum length (None: unknown, no bound)."""
@@ -97,7 +105,16 @@ def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimi
     unknown = sorted(set(params) - set(PARAM_KEYS))
     if unknown:
         raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}; known: {', '.join(PARAM_KEYS)}")
-    out = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+    given = {k: v for k, v in params.items() if v is not None}
+    preset = {}
+    if given.get("preset") is not None:
+        from pdllm.method.presets import preset_params
+
+        if not isinstance(given["preset"], str):
+            raise InvalidRequest(f"preset must be a name, got {given['preset']!r}")
+        preset = preset_params(given["preset"])
+        preset = {k: v for k, v in preset.items() if not (k == "mode" and v not in modes)}
+    out = {**DEFAULT_PARAMS, **preset, **given}
     _int(out, "gen_length", 1, limits.max_gen_length)
     if limits.max_model_length is not None and out["gen_length"] > limits.max_model_length:
         raise InvalidRequest(
@@ -112,6 +129,12 @@ def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimi
     out["keep_ratio"] = _float(out, "keep_ratio", 0.0, 1.0, open_lo=True)
     if out["threshold"] is not None:
         out["threshold"] = _float(out, "threshold", 0.0, 1.0, open_lo=True)
+    for key, choices in (("scoring", ("summary", "draft")), ("selected_kv", ("reuse", "joint"))):
+        if out[key] not in choices:
+            raise InvalidRequest(f"{key} must be one of {', '.join(choices)}, got {out[key]!r}")
+    if not isinstance(out["keep_question_kv"], bool):
+        raise InvalidRequest(f"keep_question_kv must be true or false, got {out['keep_question_kv']!r}")
+    out["instruction"] = decode_text("instruction", out["instruction"], limits.max_instruction_bytes, True)
     if out["mode"] not in modes:
         raise InvalidRequest(f"unknown mode {out['mode']!r}; this server supports {', '.join(modes)}")
     sampler_from_params(out).validate()  # divisibility of gen_length / block_length / steps, remasking

@@ -75,6 +75,7 @@ class ClusterBackend:
                 params["seed"],
                 on_event=on_event,
                 timeout_s=timeout_s,
+                instruction=params.get("instruction", ""),
             )
         except ClusterBusy as exc:
             raise BackendBusy(str(exc)) from None

@@ -153,6 +153,45 @@ def _group_count(value: int | None = None) -> int | None:
     return world.group_count
 
 
+def pair_ops(spec: GroupSpec | None) -> bool:
+    """Whether send/recv go out one by one (groups of more than two ranks) instead of as one batch.
+
+    torch runs a batch (batch_isend_irecv) on the NCCL communicator of the whole group, whose operations queue on
+    one stream per process, and a single isend/irecv on a communicator of just the two ranks, with its own stream.
+    On the group's communicator a holder's send to a slow or dead receiver holds up its sends to every other
+    one, and with two holders and two receivers the waits can close a cycle (holder 1 sends to A, A receives from
+    holder 2, holder 2 sends to B, B receives from holder 1): a deadlock until the timeout. Pairs are independent."""
+    return spec is not None and len(spec.members) > 2
+
+
+def holder_pairs(spec: GroupSpec) -> list[tuple[int, int]]:
+    """(lower rank, higher rank) of every pair that can carry KV (a prefill and a decode member), in one order."""
+    ranks = range(len(spec.members))
+    return [(a, b) for a in ranks for b in ranks if a < b and spec.members[a].role != spec.members[b].role]
+
+
+def _connect_pairs(spec: GroupSpec, rank: int, deadline: float) -> None:
+    """Make every holder-receiver pair's communicator now (NCCL creates one on a pair's first send/recv, both ends
+    at once), with one small exchange per pair, in one order on every rank: the first pair not yet done always
+    has both its ranks waiting on it, so this cannot deadlock, and no transfer later builds a communicator while
+    another rank waits on it."""
+    device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
+    for low, high in holder_pairs(spec):
+        if rank not in (low, high):
+            continue
+        want = low * len(spec.members) + high
+        token = torch.full((1,), want if rank == low else -1, dtype=torch.int64, device=device)
+        work = dist.isend(token, high) if rank == low else dist.irecv(token, low)
+        work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+        while spec.backend == "nccl" and not work.is_completed():  # wait() only ordered the stream after it
+            if time.monotonic() > deadline:
+                raise CollectiveError(f"rank {rank}: the first exchange with rank {high if rank == low else low} "
+                                      "did not complete in time")  # fmt: skip
+            time.sleep(0.001)
+        if rank == high and int(token.item()) != want:
+            raise CollectiveError(f"rank {rank}: the first exchange with rank {low} carried {int(token.item())}")
+
+
 class CollectiveGroup:
     """This process's membership (torch.distributed's default group: one per process, so one per actor)."""
 
@@ -217,6 +256,8 @@ class CollectiveGroup:
                 dist.init_process_group(
                     spec.backend, store=store, rank=rank, world_size=len(spec.members), timeout=timeout, **kwargs
                 )
+                if pair_ops(spec):
+                    _connect_pairs(spec, rank, time.monotonic() + spec.timeout_s)
 
             count = _group_count()
             done, error = _within(init, spec.timeout_s + 5)
@@ -277,9 +318,13 @@ class CollectiveGroup:
             self._master = None
 
     def post(self, ops: list[tuple[str, torch.Tensor, int]]) -> list:
-        """Post ("send"|"recv", tensor, peer rank) operations, in order, as one batch; returns their works."""
+        """Post ("send"|"recv", tensor, peer rank) operations, in order; returns their works. Two ranks: as one
+        batch. More: each on its own, so that with NCCL every pair of ranks has its own communicator and stream
+        (`pair_ops`)."""
         fns = {"send": dist.isend, "recv": dist.irecv}
         with self._post_lock:
+            if pair_ops(self.spec):
+                return [fns[kind](t, peer) for kind, t, peer in ops]
             return dist.batch_isend_irecv([dist.P2POp(fns[kind], t, peer) for kind, t, peer in ops])
 
     def wait(self, works: list, deadline: float, what: str, abort=None) -> None:

@@ -8,12 +8,13 @@ Mapping (the same for every client of the HTTP API):
 - completions: `prompt` is context plus question: the `question` field (extra_body) splits them explicitly, else the
   prompt's last non-empty line is the question.
 Responses carry pdllm's generation statistics (chunks prefilled and reused, steps, timings) under the extra key
-"pdllm" (unary, and the usage chunk of a stream). The backend has no separate instruction field, so the
-instruction is put in front of the context.
+"pdllm" (unary, and the usage chunk of a stream). The instruction travels as the `instruction` parameter: kept
+whole before the context, never chunked or dropped by selection.
 `max_tokens` (`max_completion_tokens`) is the answer length; when it is given without `block_length` and `steps`,
 the block is the largest divisor of it not above the default block and one token is unmasked per step (the default
-schedule, scaled). The dLLM knobs (steps, block_length, threshold, top_k, chunk_size, keep_ratio, mode, remasking)
-are accepted as extra fields. Every other field is either one of OpenAI's with a neutral value, or a 400 naming it.
+schedule, scaled). The dLLM knobs (steps, block_length, threshold, top_k, chunk_size, keep_ratio, mode, remasking,
+scoring, selected_kv, preset, keep_question_kv) are accepted as extra fields. Every other field is either one of
+OpenAI's with a neutral value, or a 400 naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from pdllm.cluster.api_params import DEFAULT_PARAMS
 
 from pdllm.errors import InvalidRequest
 
-DLLM_FIELDS = ("steps", "block_length", "threshold", "top_k", "chunk_size", "keep_ratio", "mode", "remasking")
+DLLM_FIELDS = (
+    "steps", "block_length", "threshold", "top_k", "chunk_size", "keep_ratio", "mode", "remasking", "scoring",
+    "selected_kv", "preset", "keep_question_kv",
+)  # fmt: skip
 # OpenAI fields accepted only with the value that asks for nothing this server would not do.
 NEUTRAL = {
     "n": (None, 1),
@@ -91,10 +95,6 @@ def split_last_line(text: str, field: str) -> tuple[str, str]:
             "in the `question` field)"
         )
     return context, question
-
-
-def with_instruction(instruction: str, context: str) -> str:
-    return f"{instruction}\n\n{context}" if instruction else context
 
 
 def _check_fields(body: dict, allowed: set[str]) -> None:
@@ -185,7 +185,8 @@ def parse_chat(body: dict, defaults: dict) -> OpenAIRequest:
         rendered = [text if role == "user" else ASSISTANT_PREFIX + text for role, text in turns[:-1]]
         context, question = "\n\n".join(rendered), turns[-1][1]
     params, length_field = _params(body, ("max_tokens", "max_completion_tokens"), defaults)
-    context = with_instruction("\n\n".join(instruction), context)
+    if instruction:  # kept whole before the context, never chunked or dropped by selection
+        params["instruction"] = "\n\n".join(instruction)
     return OpenAIRequest(model, context, question, params, stream, usage, stop, length_field)
 
 

@@ -485,8 +485,10 @@ class Router:
         *,
         on_event: Callable[[dict], None] | None = None,
         timeout_s: float | None = None,
+        instruction: str = "",
     ) -> dict:
-        """Answer `question` about `context` on the cluster: {"answer": str, "stats": {...}}.
+        """Answer `question` about `context` on the cluster: {"answer": str, "stats": {...}}; `instruction` is kept
+        whole before the context.
 
         `on_event` receives {"type": "prefill", ...} and {"type": "step", ...} dicts (pdllm.cluster.api_backend
         documents them); whatever it raises stops the request and is re-raised. `timeout_s` bounds the whole
@@ -498,7 +500,9 @@ class Router:
                 self.active += 1
             t0 = time.perf_counter()
             try:
-                out = self._generate(context, question, method, sampler, request_id, seed, on_event, deadline)
+                out = self._generate(
+                    context, question, method, sampler, request_id, seed, on_event, deadline, instruction
+                )
             except BaseException as e:
                 with self._lock:
                     self.failed += 1
@@ -516,19 +520,22 @@ class Router:
             )  # fmt: skip
             return out
 
-    def _generate(self, context, question, method, sampler, request_id, seed, on_event, deadline) -> dict:
+    def _generate(
+        self, context, question, method, sampler, request_id, seed, on_event, deadline, instruction=""
+    ) -> dict:
         t0 = time.perf_counter()
         check_request_params(method, sampler)
         method = method or self.default_method
         sampler = sampler or SamplerConfig()
         method.validate(self.max_position)
         sampler.validate()
-        req = encode_request(self.tokenizer, context, question, self.max_context_tokens)
+        req = encode_request(self.tokenizer, context, question, self.max_context_tokens, instruction)
         chunks = split_chunks(req.context_ids, method.chunk_size)
         ids = [chunk_id(self.model_id, c, method.chunk_size, method.use_bos) for c in chunks]
         job = {
             "request_id": request_id,
             "question_ids": req.question_ids,
+            "instruction_ids": req.instruction_ids,
             "chunk_ids": ids,
             "method": asdict(method),
             "sampler": asdict(sampler),

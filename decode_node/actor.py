@@ -36,8 +36,11 @@ from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks
 from pdllm.decode_node.job import JobCancelled, JobHandle
 from pdllm.prefill_node.actor import pick_device
 
-from pdllm.method import MethodConfig, rank_chunks
+from pdllm.method import ChunkCache, MethodConfig, rank_chunks
 from pdllm.method.chunk_kv import ChunkKV
+from pdllm.method.instruction import instruction_kv
+from pdllm.method.joint import decode_joint
+from pdllm.method.ranking import rank
 from pdllm.models.loader import load_model
 from pdllm.observability import metrics
 from pdllm.observability.logs import configure_logging, request_context
@@ -75,6 +78,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         )
         self.engine = DecodeEngine(self.lm, engine)  # resident KV pool + batched steps, for every job
         self._handles: dict[str, JobHandle] = {}  # job id -> its engine job, while it runs
+        self.instructions = ChunkCache(max_bytes=64 << 20)  # instruction KV by content (computed here, kept whole)
         self._count_lock = threading.Lock()
         self.running = 0
         self.done = 0
@@ -194,47 +198,77 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         gone = sorted({c for c in ids if c not in entries})
         if gone:
             return {"missing": gone, "holders": {}}
-        with self.engine.scheduler.gpu_lock:
-            picked = rank_chunks(self.lm, question_ids, [entries[c].summary for c in ids], cfg.top_k) if ids else []
+        where, device, gpu = _where(), self.lm.model.device, self.engine.scheduler.gpu_lock
+        instruction_ids = job.get("instruction_ids") or []
+        with self._count_lock:
+            instruction = instruction_kv(self.lm, instruction_ids, self.instructions, self.lm.model_id)
+        held: dict[str, ChunkKV] = {}  # KV fetched outside the pool (draft ranking reads every chunk's)
+        if cfg.scoring == "draft" and ids:  # ranks over every chunk's KV, not the index's summaries
+            held = self._gather(list(dict.fromkeys(ids)), entries, where)
+            if missing := [c for c in dict.fromkeys(ids) if c not in held]:
+                return self._missing(missing, entries, where)
+            with gpu:
+                picked, _ = rank(self.lm, question_ids, [_on(held[c], device) for c in ids], cfg, instruction)
+        else:
+            with gpu:
+                picked = rank_chunks(self.lm, question_ids, [entries[c].summary for c in ids], cfg.top_k) if ids else []
         t1 = time.perf_counter()
         need = list(dict.fromkeys(ids[i] for i in picked))
-        where = _where()
-        fetch = lambda missing: self._gather(missing, entries, where)  # noqa: E731
-        jid = job.get("job_id") or uuid.uuid4().hex
-        try:
-            djob = self.engine.prepare(
-                question_ids, need, fetch, cfg, sampler, job.get("seed", 0), self._on_step(job, events),
-                timeout_s=self.limits.call_timeout_s, job_id=jid,
-            )  # fmt: skip
-        except MissingChunks as e:
-            holders = {}
-            for cid in e.cids:  # the holder no longer has it, or cannot send it: drop the entry so it is re-prefilled
-                holder = entries[cid].holder
-                self.index.remove(cid, holder)
-                holders[holder] = where["failed"].get(holder, "missing")
-            return {"missing": e.cids, "holders": holders}
-        self.index.touch(need)
-        t2 = time.perf_counter()
-        n_sel = int(djob.sel_rows.shape[-1])
-        with self._count_lock:
-            handle = self.engine.submit(djob)
-            self._handles[jid] = handle
-        if self._is_cancelled(jid):
-            handle.cancel()
-        try:
-            result = handle.wait()
-        finally:
+
+        def fetch(missing: list[str]) -> dict[str, ChunkKV]:
+            got = {c: held[c] for c in missing if c in held}
+            if instruction is not None and instruction.chunk_id in missing:
+                got[instruction.chunk_id] = instruction
+            return {**got, **self._gather([c for c in missing if c not in got], entries, where)}
+
+        seed, on_step = job.get("seed", 0), self._on_step(job, events)
+        if cfg.selected_kv == "joint":  # re-encoded from the fetched chunks' tokens, one request at a time
+            got = fetch(need)
+            if missing := [c for c in need if c not in got]:
+                return self._missing(missing, entries, where)
+            self.index.touch(need)
+            t2 = time.perf_counter()
+            with gpu:
+                tokens = [got[ids[i]].tokens for i in picked]
+                result = decode_joint(self.lm, question_ids, tokens, cfg, sampler, instruction_ids, seed, on_step)
+            n_sel, start = result.stats.get("selected_tokens", 0), 0
+        else:
+            cids, whole = need, frozenset()
+            if instruction is not None:  # kept whole, first, in the chunks' shared position window
+                cids, whole = [instruction.chunk_id, *need], frozenset([instruction.chunk_id])
+            jid = job.get("job_id") or uuid.uuid4().hex
+            try:
+                djob = self.engine.prepare(
+                    question_ids, cids, fetch, cfg, sampler, seed, on_step, timeout_s=self.limits.call_timeout_s,
+                    job_id=jid, whole=whole,
+                )  # fmt: skip
+            except MissingChunks as e:
+                return self._missing(e.cids, entries, where)
+            self.index.touch(need)
+            t2 = time.perf_counter()
+            n_sel, start = int(djob.sel_rows.shape[-1]), djob.start
             with self._count_lock:
-                self._handles.pop(jid, None)
+                handle = self.engine.submit(djob)
+                self._handles[jid] = handle
+            if self._is_cancelled(jid):
+                handle.cancel()
+            try:
+                result = handle.wait()
+            finally:
+                with self._count_lock:
+                    self._handles.pop(jid, None)
         spec = self.lm.spec
         tokens = strip_after_eos(result.tokens, spec.eos_token_ids, spec.mask_token_id)
         stats = {
             **result.stats,
-            "selected_chunks": len(need),
+            "selected_chunks": len(picked),
             "selected_tokens": n_sel,
-            "question_start_position": djob.start,
+            "instruction_tokens": len(instruction_ids),
+            "question_start_position": start,
             "kv_tokens_per_step": n_sel + len(question_ids) + sampler.gen_length,
             "selected_chunk_indices": picked,
+            "scoring": cfg.scoring,
+            "selected_kv": cfg.selected_kv,
             "fetched_local_cache": len(need) - where["node"] - where["remote"],
             "fetched_same_node": where["node"],
             "fetched_remote": where["remote"],
@@ -247,10 +281,22 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         }
         log.info(
             "decoded %d tokens in %d steps (mean batch %.1f) over %d of %d chunks (rank %.1f ms, fetch %.1f ms, "
-            "total %.1f ms)", len(tokens), result.steps, result.stats["mean_batch"], len(picked), len(ids),
+            "total %.1f ms)", len(tokens), result.steps, result.stats.get("mean_batch", 1.0), len(picked), len(ids),
             stats["rank_ms"], stats["fetch_ms"], 1000 * (time.perf_counter() - t0),
         )  # fmt: skip
         return {"tokens": tokens, "answer": self.lm.tokenizer.decode(tokens), "stats": stats}
+
+    def _missing(self, cids: list[str], entries: dict[str, IndexEntry], where: dict) -> dict:
+        """The job's answer when chunks could not be had: their index entries are dropped (the holder no longer
+        has them, or cannot send them) so the router prefills them again."""
+        holders = {}
+        for cid in cids:
+            if cid not in entries:  # not an indexed chunk (the instruction is the actor's own)
+                continue
+            holder = entries[cid].holder
+            self.index.remove(cid, holder)
+            holders[holder] = where["failed"].get(holder, "missing")
+        return {"missing": cids, "holders": holders}
 
     def _gather(self, need: list[str], entries: dict[str, IndexEntry], where: dict) -> dict[str, ChunkKV]:
         """KV of `need` (chunks not resident in the pool), from each holder over the path cluster/kv_paths.py
@@ -339,3 +385,11 @@ def _failure_kind(reason: str) -> str:
 def _where() -> dict:
     """Where a job's chunks came from (filled by _gather)."""
     return {"node": 0, "remote": 0, "bytes": 0, "paths": {}, "failed": {}, "errors": []}
+
+
+def _on(chunk: ChunkKV, device: torch.device) -> ChunkKV:
+    """The chunk's KV on `device` (draft ranking reads fetched KV outside the pool)."""
+    if chunk.k.device == device:
+        return chunk
+    k, v, s = chunk.k.to(device), chunk.v.to(device), chunk.summary.to(device)
+    return ChunkKV(chunk.chunk_id, chunk.tokens, k, v, s, chunk.has_bos)

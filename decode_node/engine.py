@@ -135,9 +135,12 @@ class DecodeEngine:
         self.pool.unpin(cids)
 
     @torch.no_grad()
-    def selected_rows(self, question_ids: list[int], cids: list[str], keep_ratio: float) -> tuple[Tensor, int]:
+    def selected_rows(
+        self, question_ids: list[int], cids: list[str], keep_ratio: float, whole: frozenset[str] = frozenset()
+    ) -> tuple[Tensor, int]:
         """Pool rows the job reads, [L, Hkv, N] int32, and the question's first position (after the longest chunk).
-        `cids` must be pinned. keep_ratio < 1 keeps that share of each chunk's tokens per layer and KV head."""
+        `cids` must be pinned. keep_ratio < 1 keeps that share of each chunk's tokens per layer and KV head, except
+        in the entries of `whole` (the instruction), which are read in full."""
         spec, pool = self.lm.spec, self.pool
         entries = [pool.entry(c) for c in cids]
         start = max((e.length for e in entries), default=0)
@@ -160,7 +163,8 @@ class DecodeEngine:
                 keys = torch.zeros(len(entries), hkv, s, spec.head_dim, dtype=pool.k.dtype, device=dev)
                 for i, c in enumerate(cids):
                     keys[i, :, : lengths[i]] = pool.chunk_keys(c, layer)
-                local = select_tokens([q[layer]], [keys], lengths, has_bos, keep_ratio)[0]  # i * s + row
+                keep_whole = [c in whole for c in cids]
+                local = select_tokens([q[layer]], [keys], lengths, has_bos, keep_ratio, keep_whole)[0]  # i*s + row
                 out.append(table.view(-1)[local.long()].to(torch.int32))
         return torch.stack(out), start
 
@@ -180,6 +184,7 @@ class DecodeEngine:
         timeout_s: float = 300.0,
         job_id: str | None = None,
         deadline: float | None = None,
+        whole: frozenset[str] = frozenset(),
     ) -> DecodeJob:
         """A job ready to submit: its chunks pinned (fetching what is missing; MissingChunks if `fetch` could not
         bring them all) and its rows selected. The job unpins its chunks when it leaves the engine."""
@@ -188,7 +193,7 @@ class DecodeEngine:
             self.release([c for c in cids if c not in absent])
             raise MissingChunks(absent)
         try:
-            rows, start = self.selected_rows(question_ids, cids, method.keep_ratio)
+            rows, start = self.selected_rows(question_ids, cids, method.keep_ratio, whole)
             job = DecodeJob(
                 job_id=job_id or uuid.uuid4().hex,
                 question_ids=list(question_ids),

@@ -226,7 +226,7 @@ class Scheduler:
         if last is not state:  # the last job takes the freed row: rows stay dense
             self.running[row] = last
             last.row = row
-            self._copy_row(row_to=row, row_from=len(self.running))
+            self._copy_row(row_to=row, row_from=len(self.running), selected=self._selected(last))
         self._clear_row(len(self.running))
         if state.private_pages:
             self.pool.free_pages(state.private_pages)
@@ -274,7 +274,6 @@ class Scheduler:
             kept = state.kept_rows.to(rows.device)[None, None].expand(rows.shape[0], rows.shape[1], -1)
             rows = torch.cat([rows, kept], dim=-1)
         buf.sel[:, b, :, : rows.shape[-1]] = rows.to(self.device)
-        buf.sel[:, b, :, rows.shape[-1] :] = 0
         buf.sel_len[b] = rows.shape[-1]
         self._write_block_rows(state)
 
@@ -321,11 +320,11 @@ class Scheduler:
         buf.write_b[w:writes] = 0
         buf.write_t[w:writes] = 0
 
-    def _copy_row(self, row_to: int, row_from: int) -> None:
+    def _copy_row(self, row_to: int, row_from: int, selected: int) -> None:
         buf = self.buf
         for t in (buf.ids, buf.pos, buf.self_len, buf.sel_len, buf.logit_rows, buf.tok_rows):
             t[row_to] = t[row_from]
-        buf.sel[:, row_to] = buf.sel[:, row_from]
+        buf.sel[:, row_to, :, :selected] = buf.sel[:, row_from, :, :selected]
 
     def _clear_row(self, row: int) -> None:
         buf = self.buf

@@ -12,7 +12,7 @@ import sys
 
 from pdllm.errors import PdllmError
 
-COMMANDS = ("generate", "make_tiny", "eval", "serve", "batch", "status")
+COMMANDS = ("generate", "make_tiny", "eval", "longbench", "serve", "batch", "status")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -21,12 +21,15 @@ from torch import Tensor
 
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig
 from pdllm.errors import InvalidRequest
-from pdllm.method import ChunkCache, MethodConfig, chunk_id, rank_chunks, split_chunks
+from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
 from pdllm.method.chunk_kv import ChunkKV
+from pdllm.method.instruction import instruction_kv
+from pdllm.method.joint import decode_joint
 from pdllm.method.prefix import encode_prefix
+from pdllm.method.ranking import rank
 from pdllm.models.loader import LoadedModel
 from pdllm.models.transformer import DllmModel
-from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, EncodedRequest, encode_request
+from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, QUESTION_TEMPLATE, EncodedRequest, encode_request
 from pdllm.sampler import SamplerConfig, denoise, strip_after_eos
 
 MODES = ("vanilla", "prefix", "sparse")
@@ -71,7 +74,7 @@ class GenerationOutput:
 
 def prompt_tensor(lm: LoadedModel, req: EncodedRequest) -> Tensor:
     bos = [lm.spec.bos_token_id] if lm.spec.bos_token_id is not None else []
-    return torch.tensor([bos + req.context_ids + req.question_ids], device=lm.model.device)
+    return torch.tensor([bos + req.instruction_ids + req.context_ids + req.question_ids], device=lm.model.device)
 
 
 def generate(
@@ -86,10 +89,13 @@ def generate(
     method: MethodConfig | None = None,
     cache: ChunkCache | None = None,
     engine: DecodeEngine | None = None,
+    instruction: str = "",
+    question_template: str = QUESTION_TEMPLATE,
 ) -> GenerationOutput:
     """`on_step(step, gen)` sees the generated tokens after every denoising step (streaming); raising stops it.
-    `method` configures prefix/sparse (chunking, top-K, keep ratio, BOS anchor); `cache` (prefill's chunk cache)
-    defaults to the process's; `engine` (the decode engine) to the process's engine for `lm`."""
+    `method` configures prefix/sparse (chunking, top-K, keep ratio, BOS anchor, scoring, selected KV); `cache`
+    (prefill's chunk cache) defaults to the process's; `engine` (the decode engine) to the process's engine for
+    `lm`. `instruction` is kept whole before the context in every mode (prompt.py)."""
     sampler = sampler or SamplerConfig()
     sampler.validate()
     if mode not in MODES:
@@ -97,9 +103,10 @@ def generate(
     method = method or MethodConfig()
     if mode != "vanilla":
         method.validate(lm.spec.max_position)
-    req = encode_request(lm.tokenizer, context, question, max_context_tokens)
+    req = encode_request(lm.tokenizer, context, question, max_context_tokens, instruction, question_template)
     t0 = time.perf_counter()
     stats: dict = {"mode": mode, "context_tokens": len(req.context_ids), "question_tokens": len(req.question_ids)}
+    stats["instruction_tokens"] = len(req.instruction_ids)
     cache = cache if cache is not None else DEFAULT_CHUNK_CACHE
     if mode == "vanilla":
         denoiser = VanillaDenoiser(lm.model, prompt_tensor(lm, req))
@@ -125,16 +132,17 @@ def generate(
 
 
 def prefix_kv(lm: LoadedModel, req: EncodedRequest, method: MethodConfig, cache: ChunkCache) -> tuple[ChunkKV, bool]:
-    """[BOS] + context as one cache entry (encoded once per document); True if it was encoded now."""
+    """[BOS] + instruction + context as one cache entry (encoded once per document); True if it was encoded now."""
     bos = [lm.spec.bos_token_id] if method.use_bos and lm.spec.bos_token_id is not None else []
-    cid = chunk_id(lm.model_id, req.context_ids, 0, bool(bos))  # chunk size 0: the whole-context entry
+    tokens = req.instruction_ids + req.context_ids
+    cid = chunk_id(lm.model_id, tokens, 0, bool(bos))  # chunk size 0: the whole-prompt entry
     entry = cache.get(cid)
     if entry is not None:
         return entry, False
-    kv = encode_prefix(lm.model, bos + req.context_ids)
+    kv = encode_prefix(lm.model, bos + tokens)
     k = torch.stack([k[0] for k, _ in kv])
     v = torch.stack([v[0] for _, v in kv])
-    entry = ChunkKV(cid, list(req.context_ids), k, v, torch.zeros(0), bool(bos))
+    entry = ChunkKV(cid, tokens, k, v, torch.zeros(0), bool(bos))
     cache.put(entry)
     return entry, True
 
@@ -180,17 +188,30 @@ def sparse_tokens(
     t0 = time.perf_counter()
     chunks = split_chunks(req.context_ids, method.chunk_size)
     found = cache.get_or_encode(lm, chunks, method, lm.model_id)
+    instruction = instruction_kv(lm, req.instruction_ids, cache, lm.model_id)
     t1 = time.perf_counter()
-    picked = []
-    if chunks:
-        with engine.scheduler.gpu_lock:
-            picked = rank_chunks(lm, req.question_ids, [c.summary for c in found.chunks], method.top_k)
+    with engine.scheduler.gpu_lock:
+        picked, rank_stats = rank(lm, req.question_ids, found.chunks, method, instruction)
     t2 = time.perf_counter()
-    selected = {found.chunks[i].chunk_id: found.chunks[i] for i in picked}
-    cids = [found.chunks[i].chunk_id for i in picked]
-    result, sel = engine.run(
-        req.question_ids, cids, lambda need: {c: selected[c] for c in need}, method, sampler, seed, on_step
-    )
+    if method.selected_kv == "joint":  # one request at a time, beside the engine (not batched yet)
+        with engine.scheduler.gpu_lock:
+            result = decode_joint(
+                lm, req.question_ids, [chunks[i] for i in picked], method, sampler, req.instruction_ids, seed, on_step
+            )
+        result_stats, sel = result.stats, {}
+    else:
+        selected = {found.chunks[i].chunk_id: found.chunks[i] for i in picked}
+        cids = [found.chunks[i].chunk_id for i in picked]
+        whole = frozenset()
+        if instruction is not None:  # kept whole, first, in the chunks' shared position window
+            selected[instruction.chunk_id] = instruction
+            cids, whole = [instruction.chunk_id, *cids], frozenset([instruction.chunk_id])
+        result, sel = engine.run(
+            req.question_ids, cids, lambda need: {c: selected[c] for c in need}, method, sampler, seed, on_step,
+            whole=whole,
+        )  # fmt: skip
+        sel["selected_chunks"] = len(picked)
+        result_stats = result.stats
     stats = {
         "chunks": len(chunks),
         "prefill_chunks": found.encoded,
@@ -205,7 +226,9 @@ def sparse_tokens(
         "keep_ratio": method.keep_ratio,
         "use_bos": method.use_bos,
         "context_tokens_selected": sum(len(found.chunks[i].tokens) for i in picked),
+        "selected_kv": method.selected_kv,
+        **rank_stats,
         **sel,
-        **result.stats,
+        **result_stats,
     }
     return result.tokens, stats

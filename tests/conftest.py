@@ -37,3 +37,12 @@ def lm(tiny_llada):
     from pdllm.models.loader import load_model
 
     return load_model(tiny_llada)
+
+
+@pytest.fixture(scope="session")
+def bundled_lm():
+    """The bundled trained model, loaded once (read only)."""
+    from pdllm.assets import default_model_dir
+    from pdllm.models.loader import load_model
+
+    return load_model(default_model_dir())

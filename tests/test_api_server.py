@@ -49,10 +49,14 @@ def still_serving(client: Client) -> None:
     assert out["stats"]["steps"] == 8
 
 
-def test_generate_returns_answer_and_stats(client):
+def test_generate_returns_answer_and_stats(client, backend):
+    from pdllm.engine import generate
+    from pdllm.sampler import SamplerConfig
+
     out = client.generate(CONTEXT, "What is the pass key?", **SMALL)
     stats = out["stats"]
-    assert isinstance(out["answer"], str) and out["request_id"]
+    want = generate(backend.lm, CONTEXT, "What is the pass key?", SamplerConfig(**SMALL), "vanilla")
+    assert out["answer"] == want.answer and out["request_id"]  # the engine's answer, carried intact
     for key in ("prefill_chunks", "reused_chunks", "selected_chunks", "steps", "queue_seconds"):
         assert key in stats
     assert stats["steps"] == 8 and stats["generated_tokens"] <= 8 and stats["mode"] == "vanilla"
@@ -217,3 +221,37 @@ def test_batch_calls_without_a_store_say_so(client):
     with pytest.raises(ApiError) as err:
         client.get_batch("b1")
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not enabled" in err.value.details
+
+
+def test_instruction_scoring_and_presets_are_request_parameters(client):
+    base = {**SMALL, "mode": "sparse", "chunk_size": 32, "top_k": 1}
+    instruction = "Answer with the pass key only.\n"
+    out = client.generate(
+        CONTEXT * 4, "What is the pass key?", {**base, "instruction": instruction, "scoring": "draft"}
+    )
+    stats = out["stats"]
+    assert stats["instruction_tokens"] == len(instruction) and stats["scoring"] == "draft"
+    assert stats["selected_kv"] == "reuse" and len(stats["draft_tokens"]) == 2
+    # a preset fills what the request leaves unset; what it sets wins
+    paper = client.generate(CONTEXT * 4, "What is the pass key?", {"preset": "paper", "chunk_size": 64})["stats"]
+    assert paper["scoring"] == "draft" and paper["selected_kv"] == "joint" and paper["chunk_size"] == 64
+    assert paper["top_k"] == 4 and paper["mode"] == "sparse"
+    for bad, needle in (({"preset": "slow"}, "unknown preset"), ({"scoring": "bm25"}, "scoring must be")):
+        with pytest.raises(ApiError) as err:
+            client.generate(CONTEXT, "What is the pass key?", {**SMALL, **bad})
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details
+    still_serving(client)
+
+
+def test_keep_question_kv_is_a_request_parameter_that_reaches_the_engine(client):
+    params = {**SMALL, "mode": "sparse", "chunk_size": 32, "top_k": 2}
+    kept = client.generate(CONTEXT, "What is the pass key?", {**params, "keep_question_kv": True})
+    plain = client.generate(CONTEXT, "What is the pass key?", params)
+    assert kept["stats"]["keep_question_kv"] is True and plain["stats"]["keep_question_kv"] is False
+    assert kept["stats"]["steps"] == plain["stats"]["steps"] == 8
+    from pdllm.cluster.api_params import complete_params
+
+    from pdllm.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="keep_question_kv must be true or false"):  # JSON batch lines, HTTP
+        complete_params({**params, "keep_question_kv": "yes"}, MODES)

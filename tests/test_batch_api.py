@@ -68,7 +68,13 @@ def test_cli_submit_wait_results_and_resubmit(server, store, backend, tmp_path, 
     lines = [
         {"id": "inline", "context": "The sky is green here.", "question": "What colour is the sky?", "params": SMALL},
         {"id": "shared-1", "context_file": "report.txt", "question": "What is the pass key?", "params": SMALL},
-        {"id": "shared-2", "context_file": "report.txt", "question": "Repeat the key.", "params": SMALL},
+        {
+            "id": "shared-2",
+            "context_file": "report.txt",
+            "question": "Repeat the key.",
+            "params": SMALL,
+            "instruction": "Answer with the key only.\n",
+        },  # fmt: skip
     ]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -87,6 +93,8 @@ def test_cli_submit_wait_results_and_resubmit(server, store, backend, tmp_path, 
         assert [r["id"] for r in rows] == ["inline", "shared-1", "shared-2"]
         assert all(r["state"] == "done" and r["attempts"] == 1 and r["stats"]["steps"] == 8 for r in rows)
         assert rows[1]["stats"]["context_tokens"] == len(doc.read_bytes())
+        assert rows[1]["stats"]["instruction_tokens"] == 0
+        assert rows[2]["stats"]["instruction_tokens"] == len("Answer with the key only.\n")
         export = tmp_path / "out.jsonl"
         assert cli(capsys, "batch", "results", "b-cli", "-o", str(export), *common)[0] == 0
         assert [json.loads(line) for line in export.read_text().splitlines()] == rows

@@ -42,7 +42,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["--temperature", "-1"], "--temperature must be in [0.0, 2.0]"),
         (["--top-k", "0"], "--top-k must be an integer"),
         (["--keep-ratio", "1.5"], "--keep-ratio must be in (0.0, 1.0]"),
-        (["--threshold", "0"], "--threshold must be in (0.0, 1.0]"),
+        (["--threshold", "1.5"], "--threshold must be in (0.0, 1.0]"),  # 0 means off
         (["--gen-length", "512", "--block-length", "32", "--steps", "512"], "the model's maximum length of 256"),
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
     ],
@@ -111,7 +111,7 @@ def test_help_shows_defaults_and_every_example_task(capsys, monkeypatch):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(task in text for task in TASKS)
-    for default in ("--gen-length GEN_LENGTH (default: 64)", "--steps STEPS (default: 64)", "(default: 512)"):
+    for default in ("--gen-length GEN_LENGTH answer tokens (default 64", "--steps STEPS default 64", "(default 512"):
         assert default in text, default
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

@@ -132,3 +132,23 @@ def test_status_reports_actors_stores_index_and_queues(cluster):
     assert 0 < status["store"]["used_bytes"] <= status["store"]["capacity_bytes"] == 2 * (64 << 20)
     assert status["queues"]["prefill"] == status["queues"]["decode"] == 0
     assert status["completed"] >= 3
+
+
+def test_instruction_draft_scoring_and_joint_run_on_the_decode_actor(cluster, lm):
+    """The instruction travels with the job; draft ranking reads every chunk's fetched KV and joint re-encodes the
+    fetched chunks' tokens on the decode actor: the same answer and selection as in process."""
+    question, instruction = "What is the code of box 6?", "Answer with the code only.\n"
+    draft = MethodConfig(chunk_size=32, top_k=2, scoring="draft")
+    for method in (draft, MethodConfig(chunk_size=32, top_k=2, scoring="draft", selected_kv="joint")):
+        got = cluster.router.generate(DOC, question, method, SAMPLER, instruction=instruction)
+        want = generate(
+            lm, DOC, question, SAMPLER, "sparse", method=method, cache=ChunkCache(), instruction=instruction
+        )
+        assert got["answer"] == want.answer
+        assert got["stats"]["selected_chunk_indices"] == want.stats["selected_chunk_indices"]
+        assert got["stats"]["steps"] == want.stats["steps"]
+    assert got["stats"]["selected_kv"] == "joint" and got["stats"]["joint_prompt_tokens"] > len(instruction)
+    reuse = cluster.router.generate(
+        DOC, question, MethodConfig(chunk_size=32, top_k=2), SAMPLER, instruction=instruction
+    )
+    assert reuse["stats"]["instruction_tokens"] == len(instruction)

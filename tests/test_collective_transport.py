@@ -9,6 +9,7 @@ killed for real. About 50 s on 2 cores (Ray start ~8 s, the end-to-end cluster ~
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import threading
@@ -31,6 +32,8 @@ from pdllm.cluster.collective_group import (
     Member,
     choose_path,
     form_group,
+    holder_pairs,
+    pair_ops,
     plan_group,
     with_actor_env,
 )
@@ -82,6 +85,27 @@ def test_path_is_collective_only_inside_the_group_and_for_nccl_only_between_gpus
     assert choose_path(GroupSpec("nccl", (p0, on_cpu), "h", 1, 5.0), on_cpu, p0) == "grpc"
     assert choose_path(GroupSpec("gloo", (p0, on_cpu), "h", 1, 5.0), on_cpu, p0) == "gloo"
     assert nccl.holder_at("h:1") == p0 and nccl.holder_at("h:9") is None and nccl.holder_at("") is None
+
+
+def test_groups_of_more_than_two_ranks_use_pair_communicators_connected_in_an_order_that_cannot_deadlock():
+    p0, p1 = Member("p0", PREFILL, "cuda", "GPU-a", "h:1"), Member("p1", PREFILL, "cuda", "GPU-b", "h:2")
+    d = [Member(f"d{i}", DECODE, "cuda", f"GPU-{i}") for i in range(3)]
+    assert not pair_ops(GroupSpec("nccl", (p0, d[0]), "h", 1, 5.0)) and not pair_ops(None)
+    one_three = GroupSpec("nccl", (p0, *d), "h", 1, 5.0)
+    assert pair_ops(one_three) and holder_pairs(one_three) == [(0, 1), (0, 2), (0, 3)]  # no decode-decode pair
+    two_two = GroupSpec("nccl", (d[0], p0, d[1], p1), "h", 1, 5.0)
+    assert holder_pairs(two_two) == [(0, 1), (0, 3), (1, 2), (2, 3)]
+    # every rank walks its own pairs in that order, one exchange at a time, blocking until its partner is there
+    rng = random.Random(0)
+    for _ in range(200):
+        members = tuple(Member(f"m{i}", rng.choice((PREFILL, DECODE)), "cpu") for i in range(rng.randint(2, 8)))
+        pairs = holder_pairs(GroupSpec("gloo", members, "h", 1, 5.0))
+        todo = {r: [p for p in pairs if r in p] for r in range(len(members))}
+        while any(todo.values()):
+            ready = [p for p in pairs if all(todo[r] and todo[r][0] == p for r in p)]
+            assert ready, f"deadlock: {todo}"
+            for low, high in ready:
+                todo[low].pop(0), todo[high].pop(0)
 
 
 def test_checksum_sees_a_flipped_bit_and_moved_blocks():

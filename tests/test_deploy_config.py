@@ -31,8 +31,7 @@ def config_class():
 def test_example_loads_and_validates_through_the_config_class():
     cls = config_class()
     cfg = cls.from_yaml(str(EXAMPLE))
-    if hasattr(cfg, "validate"):
-        cfg.validate()
+    cfg.validate()
     data = yaml.safe_load(EXAMPLE.read_text())
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(data) <= fields, f"the example sets options the class does not know: {sorted(set(data) - fields)}"

@@ -114,14 +114,15 @@ def test_completion_splits_prompt_at_its_last_line_or_at_question(oai, backend):
     assert chunks[-1].choices[0].finish_reason == by_line.choices[0].finish_reason
 
 
-def test_system_message_is_the_instruction_in_front_of_the_context(oai, backend):
+def test_system_message_is_the_instruction_kept_before_the_context(oai, backend):
     messages = [{"role": "system", "content": "Answer briefly."}, *chat_messages()]
     out = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=8, extra_body={"block_length": 8})
-    ref = backend.generate(
-        "Answer briefly.\n\n" + CONTEXT, QUESTION, {"gen_length": 8, "block_length": 8, "steps": 8}, "r"
-    )
+    params = {"gen_length": 8, "block_length": 8, "steps": 8, "instruction": "Answer briefly."}
+    ref = backend.generate(CONTEXT, QUESTION, params, "r")
     assert out.choices[0].message.content == ref["answer"]
-    assert out.model_extra["pdllm"]["context_tokens"] == ref["stats"]["context_tokens"]
+    stats = out.model_extra["pdllm"]
+    assert stats["context_tokens"] == ref["stats"]["context_tokens"] == len(CONTEXT.encode())
+    assert stats["instruction_tokens"] == len(b"Answer briefly.")
 
 
 def test_dllm_knobs_are_extra_fields(oai):

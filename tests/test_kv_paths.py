@@ -105,7 +105,7 @@ def test_a_cpu_holder_refuses_to_export_and_a_cpu_reader_does_not_try():
 @pytest.fixture(scope="module")
 def holder(tmp_path_factory, tiny_llada):
     loopback_only()
-    ray.init(num_cpus=2, resources={PREFILL_RESOURCE: 2, DECODE_RESOURCE: 2}, namespace=NAMESPACE,
+    ray.init(address="local", num_cpus=2, resources={PREFILL_RESOURCE: 2, DECODE_RESOURCE: 2}, namespace=NAMESPACE,
              include_dashboard=False, logging_level="warning", _node_ip_address="127.0.0.1")  # fmt: skip
     redis = EmbeddedRedis(str(tmp_path_factory.mktemp("valkey"))).start()
     run = uuid.uuid4().hex[:6]

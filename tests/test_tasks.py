@@ -11,7 +11,7 @@ from pdllm.tasks.prose import load_sentences
 
 
 def prompt_tokens(sample, count=byte_counter) -> int:
-    return 1 + count(sample.context) + count(QUESTION_TEMPLATE.format(question=sample.question))
+    return 1 + count(sample.prompt_text) + count(QUESTION_TEMPLATE.format(question=sample.question))
 
 
 @pytest.mark.parametrize("task", list(TASKS))

@@ -1,6 +1,7 @@
 """`pdllm batch submit|status|results|cancel|list`: batch jobs on a running server.
 
-A jobs file is JSONL, one job a line: {"id", "question", "params"?, and one of "context" (text), "context_file"
+A jobs file is JSONL, one job a line: {"id", "question", "params"?, "instruction"? (kept before the context; the
+same as params.instruction), and one of "context" (text), "context_file"
 (a path, relative to the jobs file; each distinct file is sent once and shared) or "document_ref" (the sha256 of a
 document the server already holds)}. The batch id defaults to a hash of the file, so submitting the same file
 twice is a no-op. `--wait` shows progress on stderr (a bar on a terminal, periodic lines otherwise; `--quiet`
@@ -89,6 +90,8 @@ def read_jobs(path: Path) -> tuple[list[dict], dict[str, str]]:
         if not isinstance(job, dict) or "question" not in job:
             raise InvalidRequest(f"{path}:{n}: a job is an object with at least a question")
         job.setdefault("id", f"line-{n}")
+        if "instruction" in job:
+            job["params"] = {**(job.get("params") or {}), "instruction": job.pop("instruction")}
         if "context_file" in job:
             file = (path.parent / job.pop("context_file")).resolve()
             if file not in by_file:

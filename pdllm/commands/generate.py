@@ -22,6 +22,20 @@ from pdllm.tasks import TASKS
 PLAIN_DEFAULTS = {"gen_length": 64, "block_length": 32, "steps": 64, "threshold": None, "chunk_size": 512, "top_k": 8}
 EVAL_METHOD = {"chunk_size": 256, "top_k": 4}  # what benchmarks/train_and_eval.sh evaluates the bundled model with
 
+# flags a preset may set; their built-in values when neither the flag nor a preset gives one
+PRESET_DEFAULTS = {
+    "gen_length": 64,
+    "block_length": 32,
+    "steps": 64,
+    "threshold": None,
+    "chunk_size": 512,
+    "top_k": 8,
+    "keep_ratio": 1.0,
+    "scoring": "summary",
+    "selected_kv": "reuse",
+    "mode": None,
+}
+
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-length", type=int, default=None, help="answer tokens (default 64; --example: the task's)")
@@ -46,10 +60,21 @@ def example_defaults(task: str | None) -> dict:
 
 
 def fill_defaults(args: argparse.Namespace, task: str | None) -> None:
-    for name, value in example_defaults(task).items():
+    """Flags still unset (after --preset): the example's settings or the plain defaults, then the built-in ones."""
+    for name, value in {**PRESET_DEFAULTS, **example_defaults(task)}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.threshold = args.threshold or None
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the flags left unset from --preset (an explicit flag always wins); fill_defaults does the rest."""
+    from pdllm.method.presets import preset_params
+
+    preset = preset_params(args.preset) if getattr(args, "preset", None) else {}
+    for key in PRESET_DEFAULTS:
+        if getattr(args, key, None) is None and key in preset:
+            setattr(args, key, preset[key])
 
 
 def sampler_from_args(args: argparse.Namespace):
@@ -165,6 +190,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--example-length", type=int, default=2048, help="--example: prompt length in tokens")
     p.add_argument("--question", help="required unless --example gives one")
     p.add_argument(
+        "--instruction",
+        default="",
+        help="task instruction kept whole before the context (never chunked or dropped by selection)",
+    )
+    p.add_argument(
         "--mode",
         choices=["vanilla", "prefix", "sparse"],
         default="sparse",
@@ -188,10 +218,31 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
+    from pdllm.method.presets import PRESETS, describe
+
     g = p.add_argument_group("predictive prefilling (--mode prefix/sparse)")
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="; ".join(f"{name}: {describe(name)}" for name in sorted(PRESETS)) + " (explicit flags override it)",
+    )
     g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default 512; --example: 256)")
     g.add_argument("--top-k", type=int, default=None, help="chunks kept per question (default 8; --example: 4)")
-    g.add_argument("--keep-ratio", type=float, default=1.0, help="fraction of a kept chunk's tokens kept (sparse)")
+    g.add_argument("--keep-ratio", type=float, default=None, help="fraction of a kept chunk's tokens kept (sparse)")
+    g.add_argument(
+        "--scoring",
+        choices=["summary", "draft"],
+        default=None,
+        help="chunk ranking: summary (default: question vs mean chunk keys) or draft (likelihood of question + "
+        "drafted answer given each chunk)",
+    )
+    g.add_argument(
+        "--selected-kv",
+        choices=["reuse", "joint"],
+        default=None,
+        help="reuse (default: cached chunk KV) or joint (selected chunks re-encoded with instruction + question)",
+    )
     g.add_argument("--no-bos", action="store_true", help="ablation: no BOS anchor in front of chunks / the prefix")
     g.add_argument("--keep-question-kv", action="store_true", help="sparse: reuse the question's KV after step 1")
 
@@ -205,6 +256,8 @@ def method_from_args(args: argparse.Namespace):
         keep_ratio=args.keep_ratio,
         use_bos=not args.no_bos,
         keep_question_kv=args.keep_question_kv,
+        scoring=args.scoring,
+        selected_kv=args.selected_kv,
     )
 
 
@@ -221,9 +274,12 @@ def run(args: argparse.Namespace) -> int:
     from pdllm import progress
 
     progress.configure(quiet=args.quiet)
+    apply_preset(args)
     example = _example(args)
     fill_defaults(args, example.task if example else None)
     context = example.context if example else read_context(args)
+    if example and not args.instruction:
+        args.instruction = example.instruction
     if not (args.question or "").strip():
         raise InvalidRequest("--question is empty" if args.question is not None else "--question is required")
     mode = args.mode
@@ -296,7 +352,7 @@ def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
     try:
         out = generate(
             lm, context, args.question, sampler, mode, args.max_context_tokens, args.seed, shown.on_step(total),
-            method=method, engine=engine_for(lm, engine),
+            method=method, engine=engine_for(lm, engine), instruction=args.instruction,
         )  # fmt: skip
     finally:
         shown.close()
@@ -325,8 +381,9 @@ def _on_cluster(args, context: str, method) -> dict:
         shown = progress.RequestProgress()
         try:
             out = handle.router.generate(
-                context, args.question, method, sampler_from_params(params), seed=args.seed, on_event=shown
-            )
+                context, args.question, method, sampler_from_params(params), seed=args.seed, on_event=shown,
+                instruction=args.instruction,
+            )  # fmt: skip
         finally:
             shown.close()
     return {"answer": out["answer"], "stats": out["stats"]}
@@ -343,9 +400,15 @@ def _via_server(args, context: str, mode: str) -> dict:
 
     if args.model:
         raise InvalidRequest("--model does not apply with --server: the server chose its model")
-    if args.no_bos or args.keep_question_kv:
-        raise InvalidRequest("--no-bos and --keep-question-kv are not request parameters of the server API")
-    given = {**asdict(sampler_from_args(args)), **asdict(method_from_args(args)), "mode": mode, "seed": args.seed}
+    if args.no_bos:
+        raise InvalidRequest("--no-bos is not a request parameter of the server API")
+    given = {
+        **asdict(sampler_from_args(args)),
+        **asdict(method_from_args(args)),
+        "mode": mode,
+        "seed": args.seed,
+        "instruction": args.instruction,
+    }
     params = {k: v for k, v in given.items() if k in PARAM_KEYS}
     token = args.auth_token or os.environ.get("PDLLM_AUTH_TOKEN")
     shown, final = progress.RequestProgress(), None

@@ -75,8 +75,14 @@ def run_one(lm: LoadedModel, sample: Sample, mode: str, cfg: EvalConfig, method)
     if method is not None and "method" in inspect.signature(engine.generate).parameters:
         kwargs["method"] = method
     sampler = sampler_for(sample.task, cfg.threshold)
-    out = engine.generate(lm, sample.context, sample.question, sampler, mode, max_context_tokens=1 << 20, **kwargs)
-    prompt_tokens = 1 + out.stats["context_tokens"] + out.stats["question_tokens"]
+    if "instruction" in inspect.signature(engine.generate).parameters:
+        kwargs["instruction"] = sample.instruction
+        context = sample.context
+    else:  # an engine without an instruction slot reads it as the context's start
+        context = sample.prompt_text
+    out = engine.generate(lm, context, sample.question, sampler, mode, max_context_tokens=1 << 20, **kwargs)
+    prompt_tokens = 1 + out.stats.get("instruction_tokens", 0) + out.stats["context_tokens"]
+    prompt_tokens += out.stats["question_tokens"]
     kv = out.stats.get("kv_tokens_per_step")
     if kv is None and mode == "vanilla":
         kv = prompt_tokens + sampler.gen_length  # vanilla re-encodes and attends over the whole sequence

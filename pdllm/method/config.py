@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pdllm.errors import InvalidRequest
 
 MIN_CHUNK_SIZE = 16
+SCORINGS = ("summary", "draft")  # how chunks are ranked (selection.py: key summaries; draft_scoring.py: likelihood)
+SELECTED_KVS = ("reuse", "joint")  # how the selected chunks are attended (decode.py: cached KV; joint.py: re-encoded)
+MAX_DRAFT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,10 @@ class MethodConfig:
     keep_ratio: float = 1.0  # fraction of each kept chunk's tokens kept per layer and KV head (BOS always kept)
     use_bos: bool = True  # the BOS anchor per chunk; off only for the ablation
     keep_question_kv: bool = False  # cache the question's KV after the first step (recompute only the block)
+    scoring: str = "summary"  # "draft": rank by the likelihood of question + drafted answer tokens given each chunk
+    draft_tokens: int = 4  # answer tokens drafted without context for draft scoring
+    draft_rounds: int = 1  # partial rounds after the first draft token: each confirms one more token
+    selected_kv: str = "reuse"  # "joint": re-encode instruction + selected chunks + question together once
 
     def validate(self, max_position: int | None = None) -> None:
         """Raise InvalidRequest naming the first bad field; `max_position` is the model's trained length."""
@@ -29,3 +36,11 @@ class MethodConfig:
             raise InvalidRequest(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if not isinstance(self.keep_ratio, (int, float)) or not 0.0 < self.keep_ratio <= 1.0:
             raise InvalidRequest(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.scoring not in SCORINGS:
+            raise InvalidRequest(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.selected_kv not in SELECTED_KVS:
+            raise InvalidRequest(f"selected_kv must be one of {', '.join(SELECTED_KVS)}, got {self.selected_kv!r}")
+        for name in ("draft_tokens", "draft_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DRAFT_TOKENS:
+                raise InvalidRequest(f"{name} must be an integer in [0, {MAX_DRAFT_TOKENS}], got {value!r}")

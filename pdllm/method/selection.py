@@ -116,11 +116,18 @@ def keep_count(num_tokens: int, keep_ratio: float) -> int:
 
 
 def select_tokens(
-    q_layers: list[Tensor], k_pools: list[Tensor], lengths: list[int], has_bos: list[bool], keep_ratio: float
+    q_layers: list[Tensor],
+    k_pools: list[Tensor],
+    lengths: list[int],
+    has_bos: list[bool],
+    keep_ratio: float,
+    keep_whole: list[bool] | None = None,
 ) -> list[Tensor]:
     """Rows of the pool each layer's KV heads keep: per layer [Hkv, N] int32 flat indices slot*S + row, chunk by
-    chunk in document order (N is the same for every layer and head). Slot i holds chunk i with lengths[i] rows."""
+    chunk in document order (N is the same for every layer and head). Slot i holds chunk i with lengths[i] rows;
+    slots flagged in `keep_whole` (the instruction) keep every row."""
     n = len(lengths)
+    keep_whole = keep_whole or [False] * n
     out = []
     for layer, k_pool in enumerate(k_pools):
         hkv, s = k_pool.shape[1], k_pool.shape[2]
@@ -134,6 +141,9 @@ def select_tokens(
         tok = torch.arange(s, device=dev)
         parts = []
         for i in range(n):
+            if keep_whole[i]:
+                parts.append(torch.arange(lengths[i], device=dev, dtype=torch.long).expand(hkv, -1) + i * s)
+                continue
             lo = 1 if has_bos[i] else 0
             sc = scores[i].masked_fill((tok < lo) | (tok >= lengths[i]), float("-inf"))
             sc = F.max_pool1d(sc[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)[:, 0]

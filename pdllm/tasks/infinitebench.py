@@ -48,8 +48,9 @@ def _digit_task(
     needle = needle_fmt.format(value=value)
     budget = length - _fixed_cost(count, question, RETRIEVE_PREFIX + "\n\n", needle + " ")
     units = fill(_haystack(rng, haystack, split), budget, count)
-    context = RETRIEVE_PREFIX + "\n\n" + " ".join(insert_needles(units, [(depth, needle)]))
-    return Sample(task, context, question, (value,), " " + value, depth, length, {"haystack": haystack})
+    context = " ".join(insert_needles(units, [(depth, needle)]))
+    meta = {"haystack": haystack}
+    return Sample(task, context, question, (value,), " " + value, depth, length, meta, RETRIEVE_PREFIX + "\n\n")
 
 
 def passkey(
@@ -104,6 +105,6 @@ def kv_retrieval(
     while count(text) > budget + 2 and len(data) > 1:  # a tokenizer that merges differently: drop from the end
         data.pop(next(k for k in reversed(data) if k != probe_key))
         text = json.dumps(data, ensure_ascii=False)
-    context = KV_PREFIX + "\n\nJSON data:\n" + text
     value = data[probe_key]
-    return Sample("kv_retrieval", context, question, (value,), " " + value, depth, length, {"pairs": len(data)})
+    meta, instruction = {"pairs": len(data)}, KV_PREFIX + "\n\nJSON data:\n"
+    return Sample("kv_retrieval", text, question, (value,), " " + value, depth, length, meta, instruction)

@@ -79,8 +79,9 @@ def niah(
         + sum(count(n + " ") for n in needles)
     )
     units = fill(prose_sentences(rng, split), length - fixed, count)
-    context = PREFIX + "\n" + " ".join(insert_needles(units, list(zip(depths, needles, strict=True))))
-    return Sample(task, context, question, (values[0],), " " + values[0], depth, length, {"keys": num_keys})
+    context = " ".join(insert_needles(units, list(zip(depths, needles, strict=True))))
+    meta = {"keys": num_keys}
+    return Sample(task, context, question, (values[0],), " " + values[0], depth, length, meta, PREFIX + "\n")
 
 
 def niah_single(length: int, seed: int, count: TokenCounter, depth: float | None = None, split: str = "heldout"):

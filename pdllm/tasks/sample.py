@@ -21,10 +21,16 @@ def tokenizer_counter(tokenizer) -> TokenCounter:
 @dataclass(frozen=True)
 class Sample:
     task: str
-    context: str  # the document (the engine prepends BOS and chunks it)
+    context: str  # the document (the engine chunks it; each chunk gets a BOS anchor)
     question: str  # goes into prompt.QUESTION_TEMPLATE
     answers: tuple[str, ...]  # gold references in the official format of the task
     target: str  # what a trained model should emit after "Answer:" (training label)
     depth: float  # needle depth in [0, 1] (position of the queried needle in the haystack)
     length: int  # the requested prompt length in tokens
     meta: dict = field(default_factory=dict)
+    instruction: str = ""  # the task's instruction, kept whole before the context (prompt.py)
+
+    @property
+    def prompt_text(self) -> str:
+        """Instruction and context as one text: what a model without an instruction slot reads."""
+        return self.instruction + self.context

@@ -101,16 +101,19 @@ def byte_ids(text: str) -> list[int]:
 
 
 def answer_offset(sample) -> int:
-    """Byte offset of the queried value in the context: inside its needle sentence when the task records it (a
-    word value may also occur in the prose), else its first occurrence; -1 if absent."""
+    """Byte offset of the queried value in the prompt text (instruction + context): inside its needle sentence when
+    the task records it (a word value may also occur in the prose), else its first occurrence in the context; -1 if
+    absent."""
     value = sample.answers[0].encode()
-    ctx = sample.context.encode()
+    text, ctx = sample.prompt_text.encode(), sample.context.encode()
+    base = text.find(ctx)  # the instruction, when the task has one, comes first
     needles = sample.meta.get("needles")
     if needles:
         at = ctx.find(needles[0].encode())
         if at >= 0:
-            return at + needles[0].encode().find(value)
-    return ctx.find(value)
+            return base + at + needles[0].encode().find(value)
+    at = ctx.find(value)
+    return base + at if at >= 0 else -1
 
 
 def build_example(
@@ -142,7 +145,7 @@ def build_example(
             break
         except InvalidRequest:
             length += 32
-    ctx = byte_ids(sample.context)
+    ctx = byte_ids(sample.prompt_text)  # the instruction stays at the start, where the engine keeps it
     span = byte_ids(QUESTION_TEMPLATE.format(question=sample.question))
     answer = byte_ids(sample.target)[: gen - 1]
     core = len(answer) + 1
