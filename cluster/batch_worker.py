@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from pdllm.cluster.actor_faults import one_line
 from pdllm.cluster.api_backend import GenerationBackend
 from pdllm.cluster.batch_store import BatchStore
 
@@ -111,9 +112,9 @@ class BatchWorker:
             self.finished += 1
         except InvalidRequest as exc:
             self.store.fail(m, self.owner, str(exc), retry=False)
-        except Exception as exc:
+        except Exception as exc:  # the job's error is one line; the whole report goes to the log
             log.warning("batch job %s attempt %d failed: %s", m, attempt, exc)
-            self.store.fail(m, self.owner, f"{type(exc).__name__}: {exc}", retry=True)
+            self.store.fail(m, self.owner, one_line(exc), retry=True)
         finally:
             metrics.observe_request(time.monotonic() - start, None, outcome)
             with self._lock:

@@ -130,6 +130,16 @@ class ChunkIndex:
     def release(self, cid: str, owner: str) -> None:
         self._release_if_owner(keys=[f"{self.prefix}:claim:{cid}"], args=[owner])
 
+    def release_claims_of(self, holder: str) -> int:
+        """Drop every prefill claim taken by `holder` (owners are "holder:nonce"): its process died, so the chunks
+        it was encoding are free to claim at once instead of after the claims' TTL; returns how many."""
+        released, mine = 0, f"{holder}:".encode()
+        for key in self.r.scan_iter(match=f"{self.prefix}:claim:*", count=500):
+            owner = self.r.get(key)
+            if owner is not None and owner.startswith(mine):
+                released += self._release_if_owner(keys=[key], args=[owner.decode()]) or 0
+        return int(released)
+
     def claimed(self, cids: list[str]) -> dict[str, bool]:
         if not cids:
             return {}

@@ -30,6 +30,9 @@ class ClusterLimits:
     fetch_retries: int = 1  # further tries of a failed fetch from the same holder before the chunks are re-prefilled
     stream_events: int = 8  # progress events buffered per streamed job (older step events give way to newer ones)
     probe_timeout_s: float = 3.0  # an actor asked "are you alive?" after a failure; no answer counts as down
+    actor_max_restarts: int = 8  # Ray restarts a dead prefill/decode actor this many times (0: a death is final)
+    restart_timeout_s: float = 180.0  # a request with no live actor of a kind waits this long for a restarted one
+    actor_memory_budget_bytes: int = 0  # an actor whose RSS is above this refuses new work (ClusterBusy); 0: off
     log_json: bool = False  # actors log JSON lines (each with its request id) instead of text
     log_level: str = "INFO"  # actors' log level; their lines reach the driver's stderr and Ray's worker logs
 
@@ -41,6 +44,8 @@ class ClusterLimits:
             raise ValueError(f"ipc_lease_s must be > 0, got {self.ipc_lease_s}")
         if self.fetch_timeout_s <= 0 or self.probe_timeout_s <= 0 or self.fetch_retries < 0 or self.stream_events < 1:
             raise ValueError("fetch_timeout_s and probe_timeout_s must be > 0, fetch_retries >= 0, stream_events >= 1")
+        if self.actor_max_restarts < 0 or self.restart_timeout_s <= 0 or self.actor_memory_budget_bytes < 0:
+            raise ValueError("actor_max_restarts and actor_memory_budget_bytes must be >= 0, restart_timeout_s > 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.transfer_piece_bytes < 1024 or self.transfer_piece_bytes > (4 << 20) - 4096:

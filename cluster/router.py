@@ -7,6 +7,10 @@ another decode actor: decoding is a pure function of the job, so a second run ca
 A prefill actor that dies is marked lost, its index entries are deleted (they point at KV that is gone), and its
 work goes to another prefill actor. A holder that a decode actor could not read from is asked whether it is alive
 (`probe_timeout_s`); if not, the same happens to it; if it is, the chunks are prefilled again elsewhere.
+Actors started with Ray `max_restarts` come back: a dead one is RESTARTING, a watcher thread asks the handle for
+`info()` until the new incarnation (a new pid) answers and then admits it again (`on_readmit` redoes cluster-level
+start-up such as the collective group); a request that finds no live actor of a kind waits for one up to
+`restart_timeout_s` (its deadline first), so work in flight on the dead actor runs once more on the new incarnation.
 The decode job streams its progress back (`decode_stream`); the request's deadline bounds every wait, and a caller
 that goes away (its `on_event` raises) cancels the decode job at its next step.
 """
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
+from pdllm.cluster.actor_faults import death_cause, death_message
 from pdllm.cluster.chunk_index import ChunkIndex
 from pdllm.cluster.limits import ClusterLimits
 
@@ -37,6 +42,11 @@ AFFINITY_MEMORY = 4096  # chunk ids remembered per decode actor (what it has fet
 WAIT_POLL_S = 0.02
 CONTROL = "control"  # the actors' concurrency group for status/cancel: answered even when every job thread is busy
 UP, DOWN, DEAD = "up", "down", "dead"  # DOWN: did not answer a probe (may come back); DEAD: Ray says it died
+RESTARTING = "restarting"  # died, and Ray restarts it (max_restarts): placed again once its new incarnation answers
+RESTARTED_UNSEEN = "restarted while idle"  # the cause when only a new pid tells of a death
+READMIT_POLL_S = 0.2  # between the watcher's looks at a restarting actor
+# what a call to a dead actor raises: its process died (killed, crashed, node lost), or Ray's memory monitor killed it
+ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
 
 
 class ClusterBusy(PdllmError):
@@ -69,6 +79,11 @@ class ActorSlot:
     inflight: int = 0
     recent: OrderedDict = field(default_factory=OrderedDict)  # chunk ids this decode actor fetched
     state: str = UP
+    pid: int | None = None  # the process of the incarnation last seen answering
+    restartable: bool = False  # Ray restarts it after a death (started with max_restarts > 0)
+    restarts: int = 0  # new incarnations admitted
+    fault: dict | None = None  # the last death or silence: {"cause", "at" (time.time())}
+    watching: bool = False  # a watcher thread waits for it to answer again
 
     @property
     def alive(self) -> bool:
@@ -105,6 +120,9 @@ class Router:
         self.default_method, self.limits = default_method, limits
         self.max_position, self.max_context_tokens = max_position, max_context_tokens
         self._lock = threading.Lock()
+        self._placeable = threading.Condition(self._lock)  # notified when an actor is admitted again or given up
+        self._closing = threading.Event()
+        self.on_readmit: Callable[[str, ActorSlot], None] | None = None  # (kind, slot) after a new incarnation
         self.completed = 0
         self.rejected = 0
         self.failed = 0
@@ -116,7 +134,14 @@ class Router:
             "refetch_retries": 0,  # decode jobs run again after selected chunks were missing or unreadable
             "stale_entries_removed": 0,  # index entries deleted because their holder was lost
             "cancelled_jobs": 0,  # decode jobs cancelled (caller gone, deadline)
+            "actor_restarts": 0,  # new incarnations admitted again after a death
         }
+
+    def close(self) -> None:
+        """Stop the watchers of restarting actors (cluster shutdown)."""
+        self._closing.set()
+        with self._lock:
+            self._placeable.notify_all()
 
     # ---- placement -------------------------------------------------------------------------------------------
     def _acquire(self, slot: ActorSlot) -> None:
@@ -132,28 +157,44 @@ class Router:
         metrics.set_queue_depth("prefill", sum(s.inflight for s in self.prefill))
         metrics.set_queue_depth("decode", sum(s.inflight for s in self.decode))
 
-    def _open(self, slots: list[ActorSlot], kind: str, avoid: set[str]) -> list[ActorSlot]:
+    def _open(
+        self, slots: list[ActorSlot], kind: str, avoid: set[str], deadline: float | None = None
+    ) -> list[ActorSlot]:
+        """Open slots (the lock held); with none up but some coming back, wait for one (restart_timeout_s, or the
+        request's deadline first)."""
+        if not any(s.alive for s in slots) and any(s.watching for s in slots):
+            wait = self.limits.restart_timeout_s
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.monotonic()))
+            self._placeable.wait_for(
+                lambda: self._closing.is_set() or any(s.alive for s in slots) or not any(s.watching for s in slots),
+                wait,
+            )
         live = [s for s in slots if s.alive]
         if not live:
-            raise ClusterUnavailable(f"no live {kind} actor is left (of {len(slots)}); see `pdllm status`")
+            faults = [s.fault["message"] for s in slots if s.fault]
+            why = f": {faults[-1]}" if faults else ""
+            raise ClusterUnavailable(f"no live {kind} actor is left (of {len(slots)}){why}; see `pdllm status`")
         open_slots = [s for s in live if s.inflight < s.max_queued]
         if not open_slots:
             self.rejected += 1
             raise ClusterBusy(f"all {len(live)} {kind} actors have full queues; retry later")
         return [s for s in open_slots if s.name not in avoid] or open_slots
 
-    def pick_prefill(self, avoid: set[str] = frozenset()) -> ActorSlot:
+    def pick_prefill(self, avoid: set[str] = frozenset(), deadline: float | None = None) -> ActorSlot:
         with self._lock:
-            slot = min(self._open(self.prefill, "prefill", avoid), key=lambda s: s.inflight)
+            slot = min(self._open(self.prefill, "prefill", avoid, deadline), key=lambda s: s.inflight)
             self._acquire(slot)
             return slot
 
-    def pick_decode(self, cids: list[str], holders: dict[str, str], avoid: set[str] = frozenset()) -> ActorSlot:
+    def pick_decode(
+        self, cids: list[str], holders: dict[str, str], avoid: set[str] = frozenset(), deadline: float | None = None
+    ) -> ActorSlot:
         """An actor with a free batch row first (waiting behind a whole job costs more than any fetch saves), then
         score = share of the request's chunks the actor holds (cached, or on its node) - its queue fill."""
         unique = set(cids)
         with self._lock:
-            open_slots = self._open(self.decode, "decode", avoid)
+            open_slots = self._open(self.decode, "decode", avoid, deadline)
 
             def score(s: ActorSlot) -> float:
                 held = sum(1 for c in unique if c in s.recent or holders.get(c) == s.node)
@@ -185,28 +226,115 @@ class Router:
             ray.cancel(ref)
             raise self._timed_out(what, deadline) from e
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            if isinstance(cause, PdllmError):
-                raise cause from None
+            if isinstance(e.cause, PdllmError):  # the actor's own error, without Ray's traceback around it
+                raise e.cause from None
             raise
 
     # ---- faults ----------------------------------------------------------------------------------------------
-    def _lost(self, slot: ActorSlot, why: object, dead: bool = True) -> None:
-        """Take `slot` out of placement; a prefill actor's index entries go too (its KV is unreachable)."""
+    def _kind(self, slot: ActorSlot) -> str:
+        return "prefill" if slot in self.prefill else "decode"
+
+    def _lost(self, slot: ActorSlot, why: object, dead: bool = True) -> str:
+        """Take `slot` out of placement; a prefill actor's index entries and claims go too (its KV is unreachable).
+        `why`: the Ray error (its dump is logged here, once) or a reason. A restartable actor is watched until its
+        new incarnation answers. Returns the one-line message for the caller (`decode actor died: ...`)."""
+        kind = self._kind(slot)
+        cause = death_cause(why) if isinstance(why, BaseException) else str(why)
+        restarting = slot.restartable
+        message = death_message(kind, cause, restarting) if dead else f"{kind} actor {slot.name} not answering: {cause}"
         with self._lock:
             was = slot.state
-            slot.state = DEAD if dead else DOWN
+            if was == UP or (dead and was == DOWN):
+                slot.state = RESTARTING if dead and restarting else DEAD if dead else DOWN
+                slot.fault = {"cause": cause, "message": message, "at": time.time()}
             if was == UP:
                 self.faults["actors_lost"] += 1
+            watch = slot.restartable and not slot.watching and slot.state in (RESTARTING, DOWN)
+            slot.watching = slot.watching or watch
         metrics.set_actor_health(slot.name, False)
+        if watch:
+            threading.Thread(target=self._watch, args=(slot,), name=f"readmit-{slot.name}", daemon=True).start()
         if was != UP:
-            return
-        log.warning("actor %s lost (%s): no longer placed", slot.name, why)
+            return message
+        if dead:
+            metrics.record_actor_death(kind, cause)
+            log.error("%s", message.replace(f"{kind} actor", f"{kind} actor {slot.name}", 1))
+            if isinstance(why, BaseException):
+                log.info("actor %s: Ray's report of the death: %s", slot.name, why)
+        else:
+            log.warning("actor %s lost (%s): no longer placed", slot.name, cause)
         if slot in self.prefill:
             removed = self.index.remove_holder(slot.name)
+            released = self.index.release_claims_of(slot.name)
             with self._lock:
                 self.faults["stale_entries_removed"] += removed
-            log.warning("removed %d index entries of lost holder %s", removed, slot.name)
+            log.warning("removed %d index entries and %d claims of lost holder %s", removed, released, slot.name)
+        return message
+
+    def _watch(self, slot: ActorSlot) -> None:
+        """Wait for `slot` to answer `info()` again (Ray restarting it), then admit it; give up after
+        restart_timeout_s (DEAD) or when Ray says it is gone for good (its restarts used up)."""
+        ref, until = control(slot.handle.info).remote(), time.monotonic() + self.limits.restart_timeout_s
+        info = None
+        while not self._closing.is_set() and time.monotonic() < until:
+            ready, _ = ray.wait([ref], timeout=READMIT_POLL_S)
+            if not ready:
+                continue
+            try:
+                info = ray.get(ref, timeout=0)
+                break
+            except ray.exceptions.ActorDiedError:
+                break  # no incarnation is coming
+            except ray.exceptions.RayError:  # unavailable for now (restarting): ask the next incarnation
+                self._closing.wait(READMIT_POLL_S)
+                ref = control(slot.handle.info).remote()
+        with self._lock:
+            slot.watching = False
+            if info is None:
+                slot.state = DEAD
+            self._placeable.notify_all()
+        if info is None:
+            log.error("%s actor %s did not come back: no longer placed", self._kind(slot), slot.name)
+            return
+        self._admit(slot, info.get("pid"))
+
+    def _admit(self, slot: ActorSlot, pid: int | None) -> None:
+        """`slot` answered (as the incarnation `pid`): placed again; a new pid counts as a restart."""
+        kind = self._kind(slot)
+        with self._lock:
+            new = slot.pid is not None and pid is not None and pid != slot.pid
+            was, slot.pid = slot.state, pid if pid is not None else slot.pid
+            unseen = new and was == UP  # it died and came back between two calls: no call saw the death
+            if new:
+                slot.restarts += 1
+                self.faults["actor_restarts"] += 1
+            if unseen:
+                self.faults["actors_lost"] += 1
+                slot.fault = {"cause": RESTARTED_UNSEEN, "message": RESTARTED_UNSEEN, "at": time.time()}
+            slot.state = UP
+            self._placeable.notify_all()
+        metrics.set_actor_health(slot.name, True)
+        if not new:
+            if was != UP:
+                log.info("%s actor %s answers again: placed again", kind, slot.name)
+            return
+        if unseen:
+            metrics.record_actor_death(kind, RESTARTED_UNSEEN)
+            log.error("%s actor %s died while idle (its pid changed from one status to the next)", kind, slot.name)
+        metrics.record_actor_restart(kind)
+        since = time.time() - slot.fault["at"] if slot.fault else float("nan")
+        log.info("%s actor %s is back as a new incarnation (pid %s, restart %d, %.1f s after its death): placed "
+                 "again", kind, slot.name, pid, slot.restarts, since)  # fmt: skip
+        if self.on_readmit is not None:  # off this thread: a status poll must not wait for a group to form
+            threading.Thread(
+                target=self._readmitted, args=(kind, slot), name=f"rejoin-{slot.name}", daemon=True
+            ).start()
+
+    def _readmitted(self, kind: str, slot: ActorSlot) -> None:
+        try:
+            self.on_readmit(kind, slot)
+        except Exception:
+            log.exception("re-admitting %s actor %s", kind, slot.name)
 
     def _probe(self, slot: ActorSlot) -> bool:
         """Is the actor alive? Answers come from its control group, so a busy actor still says yes."""
@@ -214,7 +342,7 @@ class Router:
             ray.get(control(slot.handle.status).remote(), timeout=self.limits.probe_timeout_s)
             return True
         except ray.exceptions.RayActorError as e:
-            self._lost(slot, type(e).__name__, dead=True)
+            self._lost(slot, e, dead=True)
         except ray.exceptions.GetTimeoutError:
             self._lost(slot, f"no answer within {self.limits.probe_timeout_s}s", dead=False)
         return False
@@ -258,18 +386,21 @@ class Router:
         todo = {cid: c for cid, c in unique.items() if cid not in present}
         metrics.record_cache(hit=True, n=len(present))
         metrics.record_cache(hit=False, n=len(todo))
-        encoded = 0
+        encoded, failovers = 0, 0
         wait_until = time.monotonic() + self._timeout(deadline)
         while todo:
-            slot = self.pick_prefill(avoid)
+            slot = self.pick_prefill(avoid, deadline)
             try:
                 ref = slot.handle.prefill.remote(list(todo.values()), asdict(method), current_request_id())
                 out = self._get(ref, f"prefill actor {slot.name}", deadline)
-            except ray.exceptions.RayActorError as e:
-                self._lost(slot, type(e).__name__)
+            except ACTOR_GONE as e:
+                message = self._lost(slot, e)
+                failovers += 1
                 with self._lock:
                     self.faults["prefill_failovers"] += 1
-                continue  # the same chunks go to another prefill actor (ClusterUnavailable when none is left)
+                if failovers > len(self.prefill):
+                    raise ClusterUnavailable(f"prefill actors kept dying under this request: {message}") from None
+                continue  # the same chunks go to another (or the restarted) prefill actor
             finally:
                 self._release(slot)
             encoded += len(out["encoded"])
@@ -313,17 +444,15 @@ class Router:
                 except StopIteration:
                     finished = True
                     raise ClusterTimeout(f"{what} ended the job without a result") from None
-                except ray.exceptions.RayActorError as e:
+                except ACTOR_GONE as e:
                     finished = True  # nothing left to cancel
-                    self._lost(slot, type(e).__name__)
-                    raise _ActorLost(f"{what} died during the job: {type(e).__name__}") from e
+                    raise _ActorLost(self._lost(slot, e)) from None
                 except ray.exceptions.GetTimeoutError as e:
                     raise self._timed_out(what, deadline) from e
                 except ray.exceptions.RayTaskError as e:
                     finished = True
-                    cause = e.as_instanceof_cause()
-                    if isinstance(cause, PdllmError):
-                        raise cause from None
+                    if isinstance(e.cause, PdllmError):  # the actor's own error, without Ray's traceback around it
+                        raise e.cause from None
                     raise
                 kind = event.get("type")
                 if kind == "step":
@@ -437,7 +566,7 @@ class Router:
             encoded += counts["prefill_chunks"]
             prefill_event(len(ids), max(0, len(ids) - encoded))
             entries = self.index.lookup(sorted(set(ids)))
-            slot = self.pick_decode(ids, {c: e.node for c, e in entries.items()})
+            slot = self.pick_decode(ids, {c: e.node for c, e in entries.items()}, deadline=deadline)
             job["job_id"] = uuid.uuid4().hex
             try:
                 out = self._decode(slot, job, on_event, deadline)
@@ -446,8 +575,8 @@ class Router:
                 with self._lock:
                     self.faults["decode_failovers"] += 1
                 if failovers > len(self.decode):
-                    raise ClusterUnavailable(f"decode actors kept dying under this request: {e}") from e
-                log.warning("request %s: %s; running it again on another decode actor", request_id, e)
+                    raise ClusterUnavailable(f"decode actors kept dying under this request: {e}") from None
+                log.warning("request %s: %s; running it once more", request_id, e)
                 continue
             finally:
                 self._release(slot)
@@ -488,7 +617,7 @@ class Router:
         that answers is up again; one that Ray reports dead is taken out of placement."""
 
         def ask(slots: list[ActorSlot], kind: str) -> list[dict]:
-            refs = [None if s.state == DEAD else control(s.handle.status).remote() for s in slots]
+            refs = [None if s.state in (DEAD, RESTARTING) else control(s.handle.status).remote() for s in slots]
             live = [r for r in refs if r is not None]
             ready, _ = ray.wait(live, num_returns=len(live), timeout=timeout_s) if live else ([], [])
             out = []
@@ -497,22 +626,22 @@ class Router:
                 row.update(queue=s.inflight, queued=s.inflight, max_queued=s.max_queued)
                 try:
                     if ref is None:
-                        row["error"] = "dead"
+                        row["error"] = s.state
                     elif ref in ready:
                         row.update(ray.get(ref, timeout=0))
-                        if s.state == DOWN:
-                            with self._lock:
-                                s.state = UP
-                            log.info("actor %s answers again: placed again", s.name)
+                        if s.state == DOWN or row.get("pid") != s.pid:  # back, or restarted between requests
+                            self._admit(s, row.get("pid"))
                     else:
                         row["error"] = "no answer"
-                except ray.exceptions.RayActorError as e:
+                except ACTOR_GONE as e:
                     row["error"] = type(e).__name__
-                    self._lost(s, type(e).__name__)
+                    self._lost(s, e)
                 except ray.exceptions.RayError as e:
                     row["error"] = type(e).__name__
                 row["alive"] = s.alive and "error" not in row
-                row["state"] = s.state
+                row.update(state=s.state, restarts=s.restarts)
+                if s.fault:
+                    row["fault"] = {"cause": s.fault["cause"], "since_s": round(time.time() - s.fault["at"], 1)}
                 metrics.set_actor_health(s.name, row["alive"])
                 out.append(row)
             return out

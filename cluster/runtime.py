@@ -49,6 +49,7 @@ class ClusterHandle:
 
     def shutdown(self) -> None:
         """Stop the actors (their chunks leave the index), then Ray and the embedded Redis if we started them."""
+        self.router.close()
         stops = [a.stop.remote() for a in self.prefill_actors]
         try:
             ray.wait(stops, num_returns=len(stops), timeout=10)
@@ -61,6 +62,19 @@ class ClusterHandle:
             ray.shutdown()
         if self.embedded_redis is not None:
             self.embedded_redis.stop()
+
+    def reform_group(self, kind: str, slot: ActorSlot) -> None:
+        """A restarted actor is outside the collective group (its process is new, the group's ranks are fixed):
+        every live member leaves and the group forms again with it, so its KV moves device to device again."""
+        if self.collective is None or self.collective.spec is None:
+            return
+        members = [(PREFILL, s.name, s.handle) for s in self.router.prefill if s.alive]
+        members += [(DECODE, s.name, s.handle) for s in self.router.decode if s.alive]
+        leaves = [h.collective_leave.remote() for _, _, h in members]
+        ray.wait(leaves, num_returns=len(leaves), timeout=self.limits.collective_timeout_s)
+        self.collective = form_group(members, self.config.kv_transport, self.limits.collective_timeout_s)
+        log.info("collective group formed again after %s actor %s restarted: %s", kind, slot.name,
+                 "ok" if self.collective.spec is not None else self.collective.reason)  # fmt: skip
 
     def __enter__(self) -> ClusterHandle:
         return self
@@ -130,6 +144,8 @@ def _start_actors(
                 num_gpus=config.prefill_gpus_per_actor,
                 resources=role_resources(PREFILL_RESOURCE, config.prefill_gpus_per_actor),
                 max_concurrency=4,  # status and same-node reads answer while a prefill runs
+                max_restarts=limits.actor_max_restarts,  # __init__ again: weights, store, transfer server
+                max_task_retries=0,  # the router retries a lost call itself, once, where it cannot run twice
                 runtime_env=with_actor_env(),  # NVLink multicast off (and NCCL errors raise) before NCCL loads
             ).remote(
                 name,
@@ -151,6 +167,8 @@ def _start_actors(
                 num_gpus=config.decode_gpus_per_actor,
                 resources=role_resources(DECODE_RESOURCE, config.decode_gpus_per_actor),
                 max_concurrency=limits.max_queued_per_decode_actor + 1,  # a thread per queued job (they wait
+                max_restarts=limits.actor_max_restarts,
+                max_task_retries=0,
                 runtime_env=with_actor_env(),  # on the actor's engine, which batches them), + 1 for status
             ).remote(
                 name,
@@ -181,10 +199,14 @@ def _start_actors(
     collective = form_group(members, config.kv_transport, limits.collective_timeout_s)
     index = ChunkIndex.from_url(redis_url, limits.index_prefix, limits.redis_timeout_s)
     pq, dq = limits.max_queued_per_prefill_actor, limits.max_queued_per_decode_actor
+    again = limits.actor_max_restarts > 0
     router = Router(
-        prefill=[ActorSlot(i["name"], i["node"], a, pq) for i, a in zip(p_info, prefill, strict=True)],
+        prefill=[
+            ActorSlot(i["name"], i["node"], a, pq, pid=i["pid"], restartable=again)
+            for i, a in zip(p_info, prefill, strict=True)
+        ],
         decode=[
-            ActorSlot(i["name"], i["node"], a, dq, batch=config.decode_max_batch)
+            ActorSlot(i["name"], i["node"], a, dq, batch=config.decode_max_batch, pid=i["pid"], restartable=again)
             for i, a in zip(d_info, decode, strict=True)
         ],
         index=index,
@@ -197,4 +219,8 @@ def _start_actors(
     stale = router.sweep()  # entries that outlived their holders (Redis persists across runs)
     if stale:
         log.info("removed %d index entries left by holders of an earlier run", stale)
-    return ClusterHandle(router, config, limits, redis_url, prefill, decode, embedded, owns_ray, collective, p_info[0])
+    handle = ClusterHandle(
+        router, config, limits, redis_url, prefill, decode, embedded, owns_ray, collective, p_info[0]
+    )
+    router.on_readmit = handle.reform_group
+    return handle

@@ -29,6 +29,7 @@ from pdllm.cluster.collective_transport import CollectiveTransport
 from pdllm.cluster.event_box import EventBox
 from pdllm.cluster.kv_paths import NODE, HolderFetch, KVPaths
 from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.memory_guard import MemoryGuard
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks
@@ -85,6 +86,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self._cancel_at: dict[str, float] = {}  # job id -> when its cancel arrived
         self.fetch_failures: Counter = Counter()  # failed fetch attempts by reason
         self.fetch_recovered = 0  # fetches that failed and then succeeded on a retry
+        self.memory = MemoryGuard(limits.actor_memory_budget_bytes)  # refuse jobs before a memory killer acts
 
     def info(self) -> dict:
         return {
@@ -189,6 +191,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         t0 = time.perf_counter()
         if self._is_cancelled(job.get("job_id")):
             raise JobCancelled(f"job {job.get('job_id')} cancelled before it started")
+        self.memory.admit(f"decode actor {self.name}")
         cfg, sampler = MethodConfig(**job["method"]), SamplerConfig(**job["sampler"])
         question_ids, ids = job["question_ids"], job["chunk_ids"]
         entries = self.index.lookup(sorted(set(ids)))
@@ -341,6 +344,10 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             return fetched
         return None
 
+    def set_memory_budget(self, budget_bytes: int) -> None:
+        """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
+        self.memory.set_budget(budget_bytes)
+
     def status(self) -> dict:
         engine = self.engine.status()
         pool = engine["pool"]
@@ -362,6 +369,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "engine": engine,
             "kv_paths": self.kv_paths.status(),
             "process": process_stats(),
+            **self.memory.status(),
             "metrics": metrics.snapshot(),
         }
 

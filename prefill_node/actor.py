@@ -22,6 +22,7 @@ from pdllm.cluster.collective_group import CollectiveGroup
 from pdllm.cluster.collective_transport import CollectiveHolder, CollectiveSender
 from pdllm.cluster.ipc_transport import IpcExporter, IpcHolder
 from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.memory_guard import MemoryGuard
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transfer_server import TransferFault, serve
 
@@ -66,6 +67,11 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         self.device = pick_device(gpus)
         self.lm = load_model(model_dir, self.device)
         self.index = ChunkIndex.from_url(redis_url, limits.index_prefix, limits.redis_timeout_s)
+        # a restarted incarnation: the entries and claims of the one that died point at a store that is gone
+        stale, claims = self.index.remove_holder(name), self.index.release_claims_of(name)
+        if stale or claims:
+            log.warning("%s restarted: removed %d index entries and %d claims of its previous incarnation", name,
+                        stale, claims)  # fmt: skip
         self.node = ray.get_runtime_context().get_node_id()
         host = ray.util.get_node_ip_address()
         capacity = capacity_bytes or derived_capacity(self.device)
@@ -78,6 +84,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         self._encode_lock = threading.Lock()
         self.encoded_total = 0
         self.inflight = 0
+        self.memory = MemoryGuard(limits.actor_memory_budget_bytes)  # refuse prefills before a memory killer acts
 
     def info(self) -> dict:
         spec = self.lm.spec
@@ -99,6 +106,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         """Make every chunk's KV available: returns chunk ids `encoded` here, `present` (already in this store, or
         in the index under a holder), and `waiting` (another prefill actor holds the claim and is encoding it).
         `request_id` (the request that asked) goes on this call's log lines."""
+        self.memory.admit(f"prefill actor {self.name}")
         self.inflight += 1
         t0 = time.perf_counter()
         try:
@@ -175,9 +183,14 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
             "faults_fired": service.faults_fired,
             **self.kv_exporter.status(),  # CUDA IPC leases held for readers on this GPU
             "process": process_stats(),
+            **self.memory.status(),
             "metrics": metrics.snapshot(),
             **self.store.usage(),
         }
+
+    def set_memory_budget(self, budget_bytes: int) -> None:
+        """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
+        self.memory.set_budget(budget_bytes)
 
     def inject_transfer_fault(self, kind: str, count: int = 1, after_pieces: int = 1, stall_s: float = 5.0) -> None:
         """Break this holder's next `count` KV fetches on the real gRPC stream (drills, reliability tests):

@@ -101,6 +101,15 @@ def test_claim_is_exclusive_and_expires(index):
     assert index.claim("c1", "c", ttl_s=5)
 
 
+def test_claims_of_a_dead_holder_are_released_at_once_and_only_its_own(index):
+    assert index.claim("c1", "prefill-0:aa11", ttl_s=60) and index.claim("c2", "prefill-0:bb22", ttl_s=60)
+    assert index.claim("c3", "prefill-01:cc33", ttl_s=60)  # a holder whose name starts alike keeps its claim
+    assert index.claim("c4", "prefill-1:dd44", ttl_s=60)
+    assert index.release_claims_of("prefill-0") == 2
+    assert index.claimed(["c1", "c2", "c3", "c4"]) == {"c1": False, "c2": False, "c3": True, "c4": True}
+    assert index.claim("c1", "prefill-0:ee55", ttl_s=60)  # the new incarnation can claim without waiting the TTL
+
+
 def test_store_evicts_lru_and_deletes_from_index(index):
     chunks = [make_chunk(10 + i) for i in range(4)]
     size = chunks[0].nbytes()

@@ -123,6 +123,15 @@ def test_help_shows_defaults_and_every_example_task(capsys, monkeypatch):
     assert "--id-only" in text and "secret-token" not in text  # a default from the environment is not shown
 
 
+@pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
+def test_serve_refuses_a_bad_actor_memory_budget_in_one_line_naming_the_flag(value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--actor-memory-budget-mib", value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pdllm serve: error: argument --actor-memory-budget-mib: must be")
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0

@@ -24,7 +24,17 @@ CLUSTER = {
             "chunks": 24.0,
             "queue": 2.0,
         },
-        {"name": "decode-0", "role": "decode", "node": "10.0.0.3", "gpu_ids": [1], "alive": False, "running": 1},
+        {
+            "name": "decode-0",
+            "role": "decode",
+            "node": "10.0.0.3",
+            "gpu_ids": [1],
+            "alive": False,
+            "running": 1,
+            "state": "restarting",
+            "restarts": 1.0,
+            "fault": {"cause": "out of memory", "since_s": 41.2},
+        },
     ],
     "index": {"chunks": 24, "bytes": 3 << 30},
     "queues": {"prefill": 2, "decode": 0},
@@ -46,11 +56,14 @@ def test_render_status_shows_actors_stores_index_and_queues():
     lines = text.splitlines()
     assert lines[0].startswith("h:1: serving  model llada-8b (llada)  backend ray-cluster")
     header = next(line for line in lines if line.startswith("ACTOR"))
-    assert header.split() == ["ACTOR", "ROLE", "NODE", "GPU", "STATE", "CHUNK", "STORE", "CHUNKS", "QUEUE", "RUNNING"]
+    assert header.split() == [
+        "ACTOR", "ROLE", "NODE", "GPU", "STATE", "CHUNK", "STORE", "CHUNKS", "QUEUE", "RUNNING", "FAULTS"
+    ]  # fmt: skip
     decode = next(line for line in lines if line.startswith("decode-0"))
     prefill = next(line for line in lines if line.startswith("prefill-0"))
     assert lines.index(decode) < lines.index(prefill)  # sorted by role
-    assert "DOWN" in decode and " 1" in decode
+    assert "RESTARTING" in decode and " 1" in decode
+    assert decode.endswith("1 restart; out of memory, 41 s ago")  # the cause and the time since the death
     assert "3.0 GiB / 12.0 GiB (25%)" in prefill and "up" in prefill.split()
     assert prefill.split()[3] == "0" and "24" in prefill.split()  # Struct doubles print as integers
     assert "1/2 actors up" in lines
@@ -99,7 +112,8 @@ def server():
 def test_status_command_against_a_live_server(server, capsys):
     assert main(["status", "--server", server.address, "--auth-token", "s3cret", "--timeout", "5"]) == 0
     out = capsys.readouterr().out
-    assert "serving  model tiny (llada)" in out and "prefill-0" in out and "DOWN" in out
+    assert "serving  model tiny (llada)" in out and "prefill-0" in out and "RESTARTING" in out
+    assert "1 restart; out of memory, 41 s ago" in out  # the fault crosses the wire (Struct doubles)
     assert "api_waiting" in out and "1/2 actors up" in out
 
     assert main(["status", "--server", server.address, "--auth-token", "s3cret", "--json"]) == 0

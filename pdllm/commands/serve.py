@@ -54,6 +54,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-waiting", type=int, default=None, help="calls queued beyond those (default: max-running)")
     add_engine_args(p)
+    p.add_argument(
+        "--actor-max-restarts", type=_count, default=8, help="Ray restarts a dead prefill/decode actor this often"
+    )
+    p.add_argument(
+        "--actor-memory-budget-mib",
+        type=_count,
+        default=0,
+        help="an actor whose RSS is above this many MiB refuses new work (RESOURCE_EXHAUSTED); 0: off",
+    )
     p.add_argument("--batch-concurrency", type=int, default=1, help="batch jobs running at once")
     p.add_argument("--worker-name", default="router-0", help="batch worker identity (stable across restarts)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port on --host (0: any free)")
@@ -61,6 +70,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-json", action="store_true", help="log JSON lines (with request ids) instead of text")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse type: a bad value is one line naming the flag, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def resolve_token(args: argparse.Namespace) -> str | None:
@@ -92,7 +112,12 @@ def cluster_backend(args: argparse.Namespace):
         args.max_running = config.decode_max_batch * config.num_decode_actors
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
-    limits = ClusterLimits(log_json=args.log_json, log_level=args.log_level)  # the actors log like the server
+    limits = ClusterLimits(  # the actors log like the server
+        log_json=args.log_json,
+        log_level=args.log_level,
+        actor_max_restarts=args.actor_max_restarts,
+        actor_memory_budget_bytes=args.actor_memory_budget_mib << 20,
+    )
     started = time.monotonic()
     stage = lambda text: print(f"  {text} ({time.monotonic() - started:.1f} s)", flush=True)  # noqa: E731
     return ClusterBackend(start_cluster(config, limits, on_stage=stage))

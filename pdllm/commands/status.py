@@ -101,7 +101,22 @@ def _state(a: Mapping) -> str:
     ok = _first(a, "healthy", "alive", "ok")
     if ok is None:
         return str(_first(a, "state", default="?"))
-    return "up" if ok else "DOWN"
+    if ok:
+        return "up"
+    state = a.get("state")
+    return state.upper() if isinstance(state, str) and state not in ("", "up") else "DOWN"
+
+
+def _fault(a: Mapping) -> str:
+    """The actor's restarts and its last death or silence with the time since (`2 restarts; out of memory, 41 s
+    ago`)."""
+    restarts = a.get("restarts")
+    parts = [f"{_num(restarts)} restart{'' if restarts == 1 else 's'}"] if restarts else []
+    fault = a.get("fault")
+    if isinstance(fault, Mapping) and fault.get("cause"):
+        since = fault.get("since_s")
+        parts.append(f"{fault['cause']}, {since:.0f} s ago" if isinstance(since, (int, float)) else str(fault["cause"]))
+    return "; ".join(parts) or "-"
 
 
 def _gpus(a: Mapping) -> str:
@@ -144,10 +159,11 @@ def render_status(status: Mapping) -> str:
                 _num(_first(a, "chunks", "num_chunks", default="-")),
                 _num(_first(a, "queue", "queue_depth", "pending", default="-")),
                 _num(_first(a, "running", "active", default="-")),
+                _fault(a),
             ]
             for a in sorted(actors, key=lambda a: (str(_first(a, "role", "kind", default="")), str(a.get("name"))))
         ]
-        headers = ["ACTOR", "ROLE", "NODE", "GPU", "STATE", "CHUNK STORE", "CHUNKS", "QUEUE", "RUNNING"]
+        headers = ["ACTOR", "ROLE", "NODE", "GPU", "STATE", "CHUNK STORE", "CHUNKS", "QUEUE", "RUNNING", "FAULTS"]
         out += ["", table(headers, rows)]
         up = sum(1 for a in actors if _state(a) == "up")
         out.append(f"{up}/{len(actors)} actors up")

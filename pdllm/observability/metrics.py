@@ -78,6 +78,14 @@ BATCH_JOBS = Gauge("pdllm_batch_jobs", "Batch jobs by state (from the batch stor
 ACTOR_UP = Gauge(
     "pdllm_actor_up", "1 if the actor answered its last health check, else 0.", ["actor"], registry=REGISTRY
 )
+ACTOR_DEATHS = Counter(
+    "pdllm_actor_deaths", "Actor processes seen dead by the router, by role and cause.", ["role", "cause"],
+    registry=REGISTRY,
+)  # fmt: skip
+ACTOR_RESTARTS = Counter(
+    "pdllm_actor_restarts", "Actors back in placement as a new incarnation after a death, by role.", ["role"],
+    registry=REGISTRY,
+)  # fmt: skip
 
 _sources: list[Callable[[], Iterable[Iterable[list]]]] = []
 _sources_lock = threading.Lock()
@@ -136,6 +144,14 @@ def set_batch_jobs(state_counts: Mapping[str, int]) -> None:
 def set_actor_health(actor: str, ok: bool) -> None:
     """Health of one actor (its stable name, e.g. prefill-0), as seen by whoever polled it."""
     ACTOR_UP.labels(actor=actor).set(1 if ok else 0)
+
+
+def record_actor_death(role: str, cause: str) -> None:
+    ACTOR_DEATHS.labels(role=role, cause=cause).inc()
+
+
+def record_actor_restart(role: str) -> None:
+    ACTOR_RESTARTS.labels(role=role).inc()
 
 
 def forget_actor(actor: str) -> None:
