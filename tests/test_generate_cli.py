@@ -54,7 +54,7 @@ def test_server_path_prints_the_servers_answer(tiny_llada, capsys):
     [
         (["--mode", "vanilla"], "--mode vanilla is a single-process baseline: add --in-process"),
         (["--server", "127.0.0.1:1", "--model", "x"], "--model does not apply with --server"),
-        (["--server", "127.0.0.1:1", "--no-bos"], "not request parameters of the server API"),
+        (["--server", "127.0.0.1:1", "--no-bos"], "--no-bos is not a request parameter of the server API"),
     ],
 )
 def test_flag_combinations_that_cannot_work_exit_2(extra, message, capsys):
