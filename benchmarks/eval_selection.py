@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 
 import torch
+from pdllm.decode_node.engine import instruction_first
 
 from pdllm.assets import default_model_dir
 from pdllm.engine import engine_for
@@ -51,10 +52,9 @@ def answer(lm, req, chunks, picked, method, sampler, instruction) -> str:
         out = decode_joint(lm, req.question_ids, tokens, method, sampler, req.instruction_ids)
     else:
         selected = {c.chunk_id: c for c in (chunks[i] for i in picked)}
-        cids, whole = [chunks[i].chunk_id for i in picked], frozenset()
-        if instruction is not None:  # kept whole, first
+        if instruction is not None:
             selected[instruction.chunk_id] = instruction
-            cids, whole = [instruction.chunk_id, *cids], frozenset([instruction.chunk_id])
+        cids, whole = instruction_first([chunks[i].chunk_id for i in picked], instruction)
         fetch = lambda need: {c: selected[c] for c in need}  # noqa: E731
         out, _ = engine_for(lm).run(req.question_ids, cids, fetch, method, sampler, whole=whole)
     spec = lm.spec

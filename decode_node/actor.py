@@ -32,7 +32,7 @@ from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryGuard
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transport import FetchResult, GrpcTransport, KVTransport, TransferError
-from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks
+from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
 from pdllm.decode_node.job import JobCancelled, JobHandle
 from pdllm.prefill_node.actor import pick_device
 
@@ -233,9 +233,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
                 result = decode_joint(self.lm, question_ids, tokens, cfg, sampler, instruction_ids, seed, on_step)
             n_sel, start = result.stats.get("selected_tokens", 0), 0
         else:
-            cids, whole = need, frozenset()
-            if instruction is not None:  # kept whole, first, in the chunks' shared position window
-                cids, whole = [instruction.chunk_id, *need], frozenset([instruction.chunk_id])
+            cids, whole = instruction_first(need, instruction)
             jid = job.get("job_id") or uuid.uuid4().hex
             try:
                 djob = self.engine.prepare(

@@ -254,6 +254,14 @@ class DecodeEngine:
         }
 
 
+def instruction_first(cids: list[str], instruction) -> tuple[list[str], frozenset[str]]:
+    """A job's pool entries with its instruction (a ChunkKV, or None) first, read whole in the chunks' shared
+    position window, and the set of entries read whole (`prepare`'s `whole`)."""
+    if instruction is None:
+        return list(cids), frozenset()
+    return [instruction.chunk_id, *cids], frozenset([instruction.chunk_id])
+
+
 class MissingChunks(PdllmError):
     """Chunks a job needs could not be brought into the pool (their KV is gone from every holder)."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from pdllm.decode_node.engine import DecodeEngine, EngineConfig
+from pdllm.decode_node.engine import DecodeEngine, EngineConfig, instruction_first
 from pdllm.errors import InvalidRequest
 from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
 from pdllm.method.chunk_kv import ChunkKV
@@ -201,11 +201,9 @@ def sparse_tokens(
         result_stats, sel = result.stats, {}
     else:
         selected = {found.chunks[i].chunk_id: found.chunks[i] for i in picked}
-        cids = [found.chunks[i].chunk_id for i in picked]
-        whole = frozenset()
-        if instruction is not None:  # kept whole, first, in the chunks' shared position window
+        if instruction is not None:
             selected[instruction.chunk_id] = instruction
-            cids, whole = [instruction.chunk_id, *cids], frozenset([instruction.chunk_id])
+        cids, whole = instruction_first([found.chunks[i].chunk_id for i in picked], instruction)
         result, sel = engine.run(
             req.question_ids, cids, lambda need: {c: selected[c] for c in need}, method, sampler, seed, on_step,
             whole=whole,
