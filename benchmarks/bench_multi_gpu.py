@@ -36,15 +36,16 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pdllm.cluster.collective_group import actor_env
+from pdllm.cluster.kv.collective_group import actor_env
 
 os.environ.update(actor_env())  # before anything in this process can initialise NCCL
 
 import ray  # noqa: E402
 import torch  # noqa: E402
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only  # noqa: E402
-from pdllm.cluster.chunk_store import ChunkStore  # noqa: E402
-from pdllm.cluster.collective_group import (  # noqa: E402
+from pdllm.cluster.config import ClusterConfig  # noqa: E402
+from pdllm.cluster.kv.chunk_store import ChunkStore  # noqa: E402
+from pdllm.cluster.kv.collective_group import (  # noqa: E402
     DECODE,
     PREFILL,
     CollectiveGroup,
@@ -52,17 +53,16 @@ from pdllm.cluster.collective_group import (  # noqa: E402
     form_group,
     with_actor_env,
 )
-from pdllm.cluster.collective_transport import (  # noqa: E402
+from pdllm.cluster.kv.collective_transport import (  # noqa: E402
     CollectiveHolder,
     CollectiveSender,
     CollectiveTransport,
     checksum,
 )
-from pdllm.cluster.config import ClusterConfig  # noqa: E402
+from pdllm.cluster.kv.transfer_server import serve  # noqa: E402
+from pdllm.cluster.kv.transport import FetchItem, GrpcTransport  # noqa: E402
 from pdllm.cluster.limits import ClusterLimits  # noqa: E402
 from pdllm.cluster.runtime import start_cluster  # noqa: E402
-from pdllm.cluster.transfer_server import serve  # noqa: E402
-from pdllm.cluster.transport import FetchItem, GrpcTransport  # noqa: E402
 
 from pdllm.method import MethodConfig  # noqa: E402
 from pdllm.method.chunk_kv import ChunkKV  # noqa: E402

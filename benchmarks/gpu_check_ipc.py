@@ -40,12 +40,12 @@ from pathlib import Path
 import ray
 import torch
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only
-from pdllm.cluster.chunk_store import ChunkStore
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.ipc_transport import IpcExporter, IpcHolder, IpcTransport, IpcUnavailable
+from pdllm.cluster.kv.chunk_store import ChunkStore
+from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcHolder, IpcTransport, IpcUnavailable
+from pdllm.cluster.kv.transport import FetchItem
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.runtime import start_cluster
-from pdllm.cluster.transport import FetchItem
 
 from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig

@@ -20,7 +20,7 @@ Life of a job: submit (pending) -> claim (Lua: pop + lease) -> complete (Lua: HS
 restarted under the same owner name, is requeued by `requeue`; a job whose state is not `pending` when popped
 is skipped, so a duplicate queue entry never runs a finished job again.
 Scripts build key names from the prefix, which suits a single Redis/Valkey server (not Redis Cluster).
-`from_url` clients retry through a server restart (cluster/redis_client.py); every script above is safe to run twice.
+`from_url` clients retry through a server restart (cluster/kv/redis_client.py); every script above is safe to run twice.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import uuid
 
 import redis
 from pdllm.cluster.batch_spec import fingerprint
-from pdllm.cluster.redis_client import connect
+from pdllm.cluster.kv.redis_client import connect
 
 from pdllm.errors import InvalidRequest
 

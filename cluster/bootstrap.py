@@ -13,7 +13,7 @@ import os
 
 import ray
 from pdllm.cluster.config import RAY_LOCAL, ClusterConfig
-from pdllm.cluster.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
 from pdllm.errors import PdllmError
 

@@ -53,7 +53,7 @@ class ClusterConfig:
     store_capacity_bytes: int = 0
     # How chunk KV moves from prefill to decode actors: "auto" (NCCL between actors on different GPUs, gRPC or
     # same-node reads otherwise), "grpc" (never NCCL), "gloo" (a gloo group among all actors: CPU clusters, tests).
-    # Whatever it says, actors sharing one GPU hand KV over by CUDA IPC (cluster/kv_paths.py chooses per holder).
+    # Whatever it says, actors sharing one GPU hand KV over by CUDA IPC (cluster/kv/kv_paths.py chooses per holder).
     kv_transport: str = "auto"
     # Jobs one decode actor batches into each denoising step (continuous batching; more wait in its queue).
     decode_max_batch: int = 32

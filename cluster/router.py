@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import ray
 from pdllm.cluster.actor_faults import death_cause, death_message
-from pdllm.cluster.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_index import ChunkIndex
 from pdllm.cluster.limits import ClusterLimits
 
 from pdllm.errors import InvalidRequest, PdllmError

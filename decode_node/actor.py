@@ -23,15 +23,15 @@ from collections import Counter
 
 import ray
 import torch
-from pdllm.cluster.chunk_index import ChunkIndex, IndexEntry
-from pdllm.cluster.collective_group import CollectiveGroup, CollectiveMember
-from pdllm.cluster.collective_transport import CollectiveTransport
 from pdllm.cluster.event_box import EventBox
-from pdllm.cluster.kv_paths import NODE, HolderFetch, KVPaths
+from pdllm.cluster.kv.chunk_index import ChunkIndex, IndexEntry
+from pdllm.cluster.kv.collective_group import CollectiveGroup, CollectiveMember
+from pdllm.cluster.kv.collective_transport import CollectiveTransport
+from pdllm.cluster.kv.kv_paths import NODE, HolderFetch, KVPaths
+from pdllm.cluster.kv.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryGuard
 from pdllm.cluster.proc_stats import process_stats
-from pdllm.cluster.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
 from pdllm.decode_node.job import JobCancelled, JobHandle
 from pdllm.prefill_node.actor import pick_device
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 CANCEL_MEMORY_S = 600.0  # how long a cancelled request id is remembered (a cancel may arrive before its job)
 
 
-class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV group (cluster/collective_group.py)
+class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV group (cluster/kv/collective_group.py)
     def __init__(
         self,
         name: str,
@@ -297,7 +297,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         return {"missing": cids, "holders": holders}
 
     def _gather(self, need: list[str], entries: dict[str, IndexEntry], where: dict) -> dict[str, ChunkKV]:
-        """KV of `need` (chunks not resident in the pool), from each holder over the path cluster/kv_paths.py
+        """KV of `need` (chunks not resident in the pool), from each holder over the path cluster/kv/kv_paths.py
         chooses for it (one failing holder costs only its own chunks). where["failed"]: holder -> why its chunks
         could not be had."""
         got = {}

@@ -16,15 +16,15 @@ import uuid
 
 import ray
 import torch
-from pdllm.cluster.chunk_index import ChunkIndex
-from pdllm.cluster.chunk_store import ChunkStore
-from pdllm.cluster.collective_group import CollectiveGroup
-from pdllm.cluster.collective_transport import CollectiveHolder, CollectiveSender
-from pdllm.cluster.ipc_transport import IpcExporter, IpcHolder
+from pdllm.cluster.kv.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_store import ChunkStore
+from pdllm.cluster.kv.collective_group import CollectiveGroup
+from pdllm.cluster.kv.collective_transport import CollectiveHolder, CollectiveSender
+from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcHolder
+from pdllm.cluster.kv.transfer_server import TransferFault, serve
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryGuard
 from pdllm.cluster.proc_stats import process_stats
-from pdllm.cluster.transfer_server import TransferFault, serve
 
 from pdllm.method import MethodConfig, chunk_id, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV
@@ -194,7 +194,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
 
     def inject_transfer_fault(self, kind: str, count: int = 1, after_pieces: int = 1, stall_s: float = 5.0) -> None:
         """Break this holder's next `count` KV fetches on the real gRPC stream (drills, reliability tests):
-        truncate | abort | corrupt | stall (see cluster/transfer_server.py)."""
+        truncate | abort | corrupt | stall (see cluster/kv/transfer_server.py)."""
         self.server.service.inject(TransferFault(kind, count, after_pieces, stall_s))
 
     def stop(self) -> None:

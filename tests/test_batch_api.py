@@ -13,7 +13,7 @@ from pdllm.cluster.api_backend import InProcessBackend
 from pdllm.cluster.api_server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
-from pdllm.cluster.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
 from pdllm.cli import main
 from pdllm.client import ApiError, Client, document_ref

@@ -9,7 +9,7 @@ import time
 import pytest
 from pdllm.cluster.api_params import DEFAULT_PARAMS
 from pdllm.cluster.batch_store import BatchConflict, BatchNotFound, BatchStore, member
-from pdllm.cluster.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
 from pdllm.errors import InvalidRequest
 

@@ -11,12 +11,12 @@ import msgpack
 import pytest
 import torch
 from pdllm.cluster.auth import new_token
-from pdllm.cluster.chunk_index import ChunkIndex
-from pdllm.cluster.chunk_store import ChunkStore, StoreFull
-from pdllm.cluster.kv_codec import chunk_from_parts, chunk_parts, pack_tensor, unpack_tensor
-from pdllm.cluster.redis_server import EmbeddedRedis
-from pdllm.cluster.transfer_server import serve
-from pdllm.cluster.transport import FetchItem, FetchResult, GrpcTransport, TransferError
+from pdllm.cluster.kv.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_store import ChunkStore, StoreFull
+from pdllm.cluster.kv.kv_codec import chunk_from_parts, chunk_parts, pack_tensor, unpack_tensor
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.transfer_server import serve
+from pdllm.cluster.kv.transport import FetchItem, FetchResult, GrpcTransport, TransferError
 from pdllm.proto import chunk_transfer_pb2 as pb
 from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 

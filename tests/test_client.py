@@ -18,7 +18,7 @@ import openai
 import pytest
 from pdllm.cluster.api_backend import InProcessBackend
 from pdllm.cluster.api_server import ApiServer, ApiServerConfig
-from pdllm.cluster.redis_server import free_port
+from pdllm.cluster.kv.redis_server import free_port
 
 from pdllm.client import ApiError, Client, generate_via_server
 

@@ -21,7 +21,8 @@ import pytest
 import ray
 import torch
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only
-from pdllm.cluster.collective_group import (
+from pdllm.cluster.config import ClusterConfig, ConfigError
+from pdllm.cluster.kv.collective_group import (
     DECODE,
     NVLS_OFF_ENV,
     PREFILL,
@@ -37,12 +38,11 @@ from pdllm.cluster.collective_group import (
     plan_group,
     with_actor_env,
 )
-from pdllm.cluster.collective_transport import CollectiveTransport, checksum
-from pdllm.cluster.config import ClusterConfig, ConfigError
+from pdllm.cluster.kv.collective_transport import CollectiveTransport, checksum
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
 from pdllm.cluster.limits import ClusterLimits
-from pdllm.cluster.redis_server import EmbeddedRedis
 from pdllm.cluster.runtime import start_cluster
-from pdllm.cluster.transport import FetchItem, GrpcTransport
 from pdllm.prefill_node.actor import PrefillWorker
 
 from pdllm.engine import generate

@@ -130,7 +130,7 @@ def test_status_command_errors_are_one_line(server, capsys):
 
 
 def test_status_command_with_nothing_listening(capsys):
-    from pdllm.cluster.redis_server import free_port
+    from pdllm.cluster.kv.redis_server import free_port
 
     address = f"127.0.0.1:{free_port()}"
     assert main(["status", "--server", address, "--timeout", "2"]) == 2

@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from pdllm.cluster.redis_server import free_port
+from pdllm.cluster.kv.redis_server import free_port
 
 import pdllm.client
 

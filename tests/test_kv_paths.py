@@ -1,4 +1,4 @@
-"""The per-holder choice of KV path (cluster/kv_paths.py) and the CUDA IPC path's CPU-side parts.
+"""The per-holder choice of KV path (cluster/kv/kv_paths.py) and the CUDA IPC path's CPU-side parts.
 
 CUDA IPC itself needs a GPU (benchmarks/gpu_check_ipc.py runs it); here: the chooser's decisions over site
 descriptors of every layout the config allows, that a CPU process never chooses IPC, the lease table's expiry with a
@@ -15,15 +15,15 @@ import pytest
 import ray
 import torch
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only
-from pdllm.cluster.chunk_index import ChunkIndex
-from pdllm.cluster.chunk_store import ChunkStore
-from pdllm.cluster.collective_group import CollectiveGroup
-from pdllm.cluster.collective_transport import CollectiveTransport
-from pdllm.cluster.ipc_transport import IpcExporter, IpcTransport, IpcUnavailable, Lease, LeaseTable, ipc_supported
-from pdllm.cluster.kv_paths import GRPC, IPC, LOCAL, NODE, KVPaths, Site, choose_path
+from pdllm.cluster.kv.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_store import ChunkStore
+from pdllm.cluster.kv.collective_group import CollectiveGroup
+from pdllm.cluster.kv.collective_transport import CollectiveTransport
+from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcTransport, IpcUnavailable, Lease, LeaseTable, ipc_supported
+from pdllm.cluster.kv.kv_paths import GRPC, IPC, LOCAL, NODE, KVPaths, Site, choose_path
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
 from pdllm.cluster.limits import ClusterLimits
-from pdllm.cluster.redis_server import EmbeddedRedis
-from pdllm.cluster.transport import FetchItem, GrpcTransport
 from pdllm.prefill_node.actor import PrefillWorker
 
 from pdllm.method import MethodConfig

@@ -7,7 +7,7 @@ import os
 import random
 
 import pytest
-from pdllm.cluster.piece_codec import PieceDecodeError, decode_piece, encode_piece
+from pdllm.cluster.kv.piece_codec import PieceDecodeError, decode_piece, encode_piece
 from pdllm.proto import chunk_transfer_pb2 as pb
 
 

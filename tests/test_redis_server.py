@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis
-from pdllm.cluster.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
 
 def test_password_persistence_and_restart(tmp_path):

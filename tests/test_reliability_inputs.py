@@ -18,7 +18,7 @@ from pdllm.cluster.api_backend import InProcessBackend
 from pdllm.cluster.api_params import ApiLimits
 from pdllm.cluster.api_server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch_store import BatchStore
-from pdllm.cluster.redis_server import EmbeddedRedis
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from reliability_inputs import CATEGORIES, SERVICE, STREAMING, BadInput, bad_inputs
 
 from pdllm.client import Client

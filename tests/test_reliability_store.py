@@ -3,7 +3,7 @@
 Five Ray nodes on one machine (ray.cluster_utils.Cluster): a head for the router, three prefill nodes (one chunk
 store each), one decode node, so every chunk crosses nodes over the real ChunkTransfer gRPC stream on loopback. The
 chunk index and the batch live in a real embedded Valkey (persistent), which the test restarts. Faults are real:
-`ray.kill`, a removed node, fault injection inside the transfer service (cluster/transfer_server.py: truncate,
+`ray.kill`, a removed node, fault injection inside the transfer service (cluster/kv/transfer_server.py: truncate,
 abort, corrupt under the original CRC, stall past the reader's deadline), and stopping/starting the Redis server.
 Every answer is compared with the in-process answer. About 70 s on 2 cores."""
 
@@ -18,8 +18,8 @@ import ray
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
+from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from pdllm.cluster.limits import ClusterLimits
-from pdllm.cluster.redis_server import EmbeddedRedis
 from pdllm.cluster.router import control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import one_actor_per_node, role_nodes

@@ -154,7 +154,7 @@ def start_http(args: argparse.Namespace, token: str | None):
 
 def batch_store(args: argparse.Namespace, closers: list):
     from pdllm.cluster.batch_store import BatchStore
-    from pdllm.cluster.redis_server import EmbeddedRedis
+    from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
     if args.redis_url:
         return BatchStore.from_url(args.redis_url)

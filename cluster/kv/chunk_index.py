@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 
 import redis
-from pdllm.cluster.kv_codec import LAYOUT, dtype_name, pack_tensor, unpack_tensor
-from pdllm.cluster.redis_client import connect
+from pdllm.cluster.kv.kv_codec import LAYOUT, dtype_name, pack_tensor, unpack_tensor
+from pdllm.cluster.kv.redis_client import connect
 from torch import Tensor
 
 from pdllm.method.chunk_kv import ChunkKV
@@ -61,7 +61,7 @@ class ChunkIndex:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "pdllm:kv", timeout_s: float = 5.0) -> ChunkIndex:
-        """A client that keeps working through a Redis restart (commands retried, see cluster/redis_client.py)."""
+        """A client that keeps working through a Redis restart (commands retried, see cluster/kv/redis_client.py)."""
         return cls(connect(url, timeout_s), prefix)
 
     def _key(self, cid: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from pdllm.cluster.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_index import ChunkIndex
 
 from pdllm.method.chunk_kv import ChunkKV
 

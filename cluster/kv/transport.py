@@ -14,9 +14,9 @@ from typing import Protocol
 import grpc
 import msgpack
 from pdllm.cluster.auth import token_metadata
-from pdllm.cluster.grpc_bulk import channel_options
-from pdllm.cluster.kv_codec import chunk_from_parts
-from pdllm.cluster.piece_codec import PieceDecodeError, decode_piece
+from pdllm.cluster.kv.grpc_bulk import channel_options
+from pdllm.cluster.kv.kv_codec import chunk_from_parts
+from pdllm.cluster.kv.piece_codec import PieceDecodeError, decode_piece
 from pdllm.proto import chunk_transfer_pb2 as pb
 
 from pdllm.method.chunk_kv import ChunkKV

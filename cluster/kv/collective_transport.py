@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import ray
 import torch
-from pdllm.cluster.chunk_store import ChunkStore
-from pdllm.cluster.collective_group import CollectiveError, CollectiveGroup, CollectiveMember, Member, choose_path
-from pdllm.cluster.kv_codec import DTYPES, LAYOUT, dtype_name
-from pdllm.cluster.transport import FetchItem, FetchResult, KVTransport, TransferError
+from pdllm.cluster.kv.chunk_store import ChunkStore
+from pdllm.cluster.kv.collective_group import CollectiveError, CollectiveGroup, CollectiveMember, Member, choose_path
+from pdllm.cluster.kv.kv_codec import DTYPES, LAYOUT, dtype_name
+from pdllm.cluster.kv.transport import FetchItem, FetchResult, KVTransport, TransferError
 from torch import Tensor
 
 from pdllm.method.chunk_kv import ChunkKV

@@ -15,7 +15,7 @@ torch's own IPC reference counter still keeps the memory from being reused while
 `ttl_s`; if the reader's actor is dead by then, the holder also gives back the reader's reference counts, so the
 memory of a reader that died with a chunk mapped is freed too (a live but slow reader keeps it mapped safely).
 
-CUDA IPC needs both processes on the same physical GPU: `cluster/kv_paths.py` chooses this path only then.
+CUDA IPC needs both processes on the same physical GPU: `cluster/kv/kv_paths.py` chooses this path only then.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
-from pdllm.cluster.chunk_store import ChunkStore
-from pdllm.cluster.collective_transport import announce, buffers_for, checksum, chunk_tensors
-from pdllm.cluster.transport import FetchItem, FetchResult, TransferError
+from pdllm.cluster.kv.chunk_store import ChunkStore
+from pdllm.cluster.kv.collective_transport import announce, buffers_for, checksum, chunk_tensors
+from pdllm.cluster.kv.transport import FetchItem, FetchResult, TransferError
 from torch import Tensor
 
 from pdllm.method.chunk_kv import ChunkKV

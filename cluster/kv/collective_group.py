@@ -25,7 +25,7 @@ import ray
 import torch
 import torch.distributed as dist
 from pdllm.cluster.config import KV_TRANSPORTS
-from pdllm.cluster.transport import TransferError
+from pdllm.cluster.kv.transport import TransferError
 
 log = logging.getLogger(__name__)
 

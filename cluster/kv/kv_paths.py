@@ -2,7 +2,7 @@
 
 Paths, best first (`choose_path`):
   local  the holder is this very process (its store is read directly)
-  ipc    same node, both on CUDA, the same physical GPU: CUDA IPC, device to device (cluster/ipc_transport.py)
+  ipc    same node, both on CUDA, the same physical GPU: CUDA IPC, device to device (cluster/kv/ipc_transport.py)
   nccl   the collective group joins the two (different GPUs): NCCL (gloo between CPU processes, tests)
   node   same node otherwise: the holder's `read_chunks` through Ray's shared-memory object store (host memory)
   grpc   another node: the ChunkTransfer stream
@@ -17,10 +17,10 @@ import threading
 from dataclasses import dataclass, field
 
 import ray
-from pdllm.cluster.chunk_index import IndexEntry
-from pdllm.cluster.collective_group import gpu_identity
-from pdllm.cluster.ipc_transport import Alloc, IpcTransport, IpcUnavailable, ipc_supported
-from pdllm.cluster.transport import FetchItem, FetchResult, KVTransport
+from pdllm.cluster.kv.chunk_index import IndexEntry
+from pdllm.cluster.kv.collective_group import gpu_identity
+from pdllm.cluster.kv.ipc_transport import Alloc, IpcTransport, IpcUnavailable, ipc_supported
+from pdllm.cluster.kv.transport import FetchItem, FetchResult, KVTransport
 
 log = logging.getLogger(__name__)
 

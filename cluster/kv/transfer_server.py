@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import grpc
 import msgpack
 from pdllm.cluster.auth import TokenAuthInterceptor
-from pdllm.cluster.chunk_store import ChunkStore
-from pdllm.cluster.grpc_bulk import MAX_MESSAGE_BYTES, server_options
-from pdllm.cluster.kv_codec import chunk_parts
-from pdllm.cluster.piece_codec import encode_piece
+from pdllm.cluster.kv.chunk_store import ChunkStore
+from pdllm.cluster.kv.grpc_bulk import MAX_MESSAGE_BYTES, server_options
+from pdllm.cluster.kv.kv_codec import chunk_parts
+from pdllm.cluster.kv.piece_codec import encode_piece
 from pdllm.proto import chunk_transfer_pb2 as pb
 from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 
