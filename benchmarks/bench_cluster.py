@@ -31,12 +31,12 @@ from pathlib import Path
 
 import grpc
 import torch
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.grpc_bulk import channel_options, server_options
 from pdllm.cluster.kv.transfer_server import serve
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import Router
 from pdllm.cluster.runtime import start_cluster
 

@@ -50,9 +50,9 @@ import torch  # noqa: E402
 from bench_multi_gpu import documents  # noqa: E402
 from bench_one_gpu import LLADA_8B, make_checkpoint  # noqa: E402
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only  # noqa: E402
+from pdllm.cluster.common.limits import ClusterLimits  # noqa: E402
 from pdllm.cluster.config import ClusterConfig  # noqa: E402
 from pdllm.cluster.kv.collective_group import with_actor_env  # noqa: E402
-from pdllm.cluster.limits import ClusterLimits  # noqa: E402
 from pdllm.cluster.router import control  # noqa: E402
 from pdllm.cluster.runtime import start_cluster  # noqa: E402
 

@@ -26,8 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.kv.redis_server import free_port
-from pdllm.cluster.proc_stats import process_stats
 
 from pdllm.client import Client
 from pdllm.load_client import LoadRequest, run_round

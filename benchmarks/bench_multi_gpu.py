@@ -43,6 +43,7 @@ os.environ.update(actor_env())  # before anything in this process can initialise
 import ray  # noqa: E402
 import torch  # noqa: E402
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only  # noqa: E402
+from pdllm.cluster.common.limits import ClusterLimits  # noqa: E402
 from pdllm.cluster.config import ClusterConfig  # noqa: E402
 from pdllm.cluster.kv.chunk_store import ChunkStore  # noqa: E402
 from pdllm.cluster.kv.collective_group import (  # noqa: E402
@@ -61,7 +62,6 @@ from pdllm.cluster.kv.collective_transport import (  # noqa: E402
 )
 from pdllm.cluster.kv.transfer_server import serve  # noqa: E402
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport  # noqa: E402
-from pdllm.cluster.limits import ClusterLimits  # noqa: E402
 from pdllm.cluster.runtime import start_cluster  # noqa: E402
 
 from pdllm.method import MethodConfig  # noqa: E402

@@ -40,11 +40,11 @@ from pathlib import Path
 import ray
 import torch
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcHolder, IpcTransport, IpcUnavailable
 from pdllm.cluster.kv.transport import FetchItem
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.runtime import start_cluster
 
 from pdllm.engine import generate

@@ -39,10 +39,10 @@ from pdllm.cluster.api_backend import (
     RequestCancelled,
 )
 from pdllm.cluster.api_params import ApiLimits, check_request_id, complete_params, decode_text
-from pdllm.cluster.auth import TokenAuthInterceptor, server_credentials
 from pdllm.cluster.batch_store import BatchConflict, BatchNotFound
-from pdllm.cluster.event_box import EventBox
-from pdllm.cluster.proc_stats import process_stats
+from pdllm.cluster.common.auth import TokenAuthInterceptor, server_credentials
+from pdllm.cluster.common.event_box import EventBox
+from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.proto_check import wrong_wire_types
 from pdllm.proto import pdllm_api_pb2 as pb
 

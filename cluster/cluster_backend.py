@@ -23,8 +23,8 @@ from pdllm.cluster.api_backend import (
     method_kwargs,
 )
 from pdllm.cluster.api_params import ApiLimits, complete_params, sampler_from_params
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import ClusterBusy, ClusterTimeout, ClusterUnavailable, RequestExpired
 from pdllm.cluster.runtime import ClusterHandle, start_cluster
 

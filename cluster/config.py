@@ -1,7 +1,7 @@
 """The cluster's configuration: one flat dataclass, loaded from YAML and overridden by CLI flags.
 
 Every option is documented here and, line by line, in deploy/config.example.yaml (a test keeps the two equal).
-Knobs that only tune the runtime (queue bounds, timeouts, piece sizes) live in `cluster/limits.py` instead.
+Knobs that only tune the runtime (queue bounds, timeouts, piece sizes) live in `cluster/common/limits.py` instead.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from pdllm.cluster import openai_schema as oa
 from pdllm.cluster.api_backend import BackendBusy, BackendUnavailable, DeadlineExceeded, RequestCancelled
 from pdllm.cluster.api_params import PARAM_KEYS, check_request_id
 from pdllm.cluster.api_server import PdllmServicer, UnknownModel
-from pdllm.cluster.auth import token_matches
-from pdllm.cluster.event_box import EventBox
+from pdllm.cluster.common.auth import token_matches
+from pdllm.cluster.common.event_box import EventBox
 from pdllm.cluster.openai_stream import StableText
 from starlette.exceptions import HTTPException
 

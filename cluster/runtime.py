@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from pdllm.cluster.auth import new_token
 from pdllm.cluster.bootstrap import (
     DECODE_RESOURCE,
     PREFILL_RESOURCE,
@@ -20,11 +19,12 @@ from pdllm.cluster.bootstrap import (
     connect_redis,
     role_resources,
 )
+from pdllm.cluster.common.auth import new_token
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.kv.chunk_index import ChunkIndex
 from pdllm.cluster.kv.collective_group import DECODE, PREFILL, Formation, form_group, with_actor_env
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import CONTROL, ActorSlot, Router
 from pdllm.decode_node.actor import DecodeWorker
 from pdllm.prefill_node.actor import PrefillWorker

@@ -23,15 +23,15 @@ from collections import Counter
 
 import ray
 import torch
-from pdllm.cluster.event_box import EventBox
+from pdllm.cluster.common.event_box import EventBox
+from pdllm.cluster.common.limits import ClusterLimits
+from pdllm.cluster.common.memory_guard import MemoryGuard
+from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.kv.chunk_index import ChunkIndex, IndexEntry
 from pdllm.cluster.kv.collective_group import CollectiveGroup, CollectiveMember
 from pdllm.cluster.kv.collective_transport import CollectiveTransport
 from pdllm.cluster.kv.kv_paths import NODE, HolderFetch, KVPaths
 from pdllm.cluster.kv.transport import FetchResult, GrpcTransport, KVTransport, TransferError
-from pdllm.cluster.limits import ClusterLimits
-from pdllm.cluster.memory_guard import MemoryGuard
-from pdllm.cluster.proc_stats import process_stats
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
 from pdllm.decode_node.job import JobCancelled, JobHandle
 from pdllm.prefill_node.actor import pick_device

@@ -16,15 +16,15 @@ import uuid
 
 import ray
 import torch
+from pdllm.cluster.common.limits import ClusterLimits
+from pdllm.cluster.common.memory_guard import MemoryGuard
+from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.kv.chunk_index import ChunkIndex
 from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.collective_group import CollectiveGroup
 from pdllm.cluster.kv.collective_transport import CollectiveHolder, CollectiveSender
 from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcHolder
 from pdllm.cluster.kv.transfer_server import TransferFault, serve
-from pdllm.cluster.limits import ClusterLimits
-from pdllm.cluster.memory_guard import MemoryGuard
-from pdllm.cluster.proc_stats import process_stats
 
 from pdllm.method import MethodConfig, chunk_id, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from pdllm.cluster.api_backend import InProcessBackend
 from pdllm.cluster.api_server import ApiServer, ApiServerConfig
-from pdllm.cluster.auth import TokenAuthInterceptor, make_channel, new_token, token_matches
+from pdllm.cluster.common.auth import TokenAuthInterceptor, make_channel, new_token, token_matches
 
 from pdllm.client import ApiError, AsyncClient, Client, generate_via_server
 
@@ -177,7 +177,7 @@ def test_async_client_plain_and_tls(plain_server, tls_server, token, cert_and_ke
 def test_aio_interceptor_guards_an_asyncio_service():
     """What the chunk-transfer service (grpc.aio) uses: the same token rule on an asyncio server."""
     from grpc_health.v1._async import HealthServicer
-    from pdllm.cluster.auth import AioTokenAuthInterceptor, token_metadata
+    from pdllm.cluster.common.auth import AioTokenAuthInterceptor, token_metadata
 
     async def run() -> tuple[str, str]:
         server = grpc.aio.server(interceptors=[AioTokenAuthInterceptor("s3cret")])

@@ -10,7 +10,7 @@ import grpc
 import msgpack
 import pytest
 import torch
-from pdllm.cluster.auth import new_token
+from pdllm.cluster.common.auth import new_token
 from pdllm.cluster.kv.chunk_index import ChunkIndex
 from pdllm.cluster.kv.chunk_store import ChunkStore, StoreFull
 from pdllm.cluster.kv.kv_codec import chunk_from_parts, chunk_parts, pack_tensor, unpack_tensor

@@ -9,8 +9,8 @@ from dataclasses import asdict
 
 import pytest
 import ray
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import ClusterBusy
 from pdllm.cluster.runtime import start_cluster
 

@@ -21,7 +21,7 @@ from pdllm.cluster.api_server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
-from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.common.limits import ClusterLimits
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdllm.client import ApiError, Client, document_ref

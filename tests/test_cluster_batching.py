@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import ray
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import control
 from pdllm.cluster.runtime import start_cluster
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import ray
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, PREFILL_RESOURCE, loopback_only
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.runtime import start_cluster
 from ray.cluster_utils import Cluster
 

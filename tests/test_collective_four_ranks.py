@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until

@@ -21,6 +21,7 @@ import pytest
 import ray
 import torch
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig, ConfigError
 from pdllm.cluster.kv.collective_group import (
     DECODE,
@@ -41,7 +42,6 @@ from pdllm.cluster.kv.collective_group import (
 from pdllm.cluster.kv.collective_transport import CollectiveTransport, checksum
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.runtime import start_cluster
 from pdllm.prefill_node.actor import PrefillWorker
 

@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE, loopback_only
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.kv.chunk_index import ChunkIndex
 from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.collective_group import CollectiveGroup
@@ -23,7 +24,6 @@ from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcTransport, IpcUnavail
 from pdllm.cluster.kv.kv_paths import GRPC, IPC, LOCAL, NODE, KVPaths, Site, choose_path
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.prefill_node.actor import PrefillWorker
 
 from pdllm.method import MethodConfig

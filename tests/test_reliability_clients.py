@@ -18,7 +18,7 @@ import reliability_wire as wire
 import yaml
 from pdllm.cluster.api_server import ApiServer, ApiServerConfig
 from pdllm.cluster.cluster_backend import ClusterBackend
-from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.common.limits import ClusterLimits
 
 from pdllm.client import Client, generate_request
 from pdllm.engine import generate

@@ -12,8 +12,8 @@ import signal
 import pytest
 import ray
 from pdllm.cluster.actor_faults import PROCESS_LOST
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import RESTARTED_UNSEEN, UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until

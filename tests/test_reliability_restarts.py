@@ -20,8 +20,8 @@ from pdllm.cluster.api_backend import BackendBusy
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until

@@ -18,8 +18,8 @@ import ray
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
-from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.router import control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import one_actor_per_node, role_nodes

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 import msgpack
-from pdllm.cluster.auth import TokenAuthInterceptor
+from pdllm.cluster.common.auth import TokenAuthInterceptor
 from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.grpc_bulk import MAX_MESSAGE_BYTES, server_options
 from pdllm.cluster.kv.kv_codec import chunk_parts

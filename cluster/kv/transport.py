@@ -13,7 +13,7 @@ from typing import Protocol
 
 import grpc
 import msgpack
-from pdllm.cluster.auth import token_metadata
+from pdllm.cluster.common.auth import token_metadata
 from pdllm.cluster.kv.grpc_bulk import channel_options
 from pdllm.cluster.kv.kv_codec import chunk_from_parts
 from pdllm.cluster.kv.piece_codec import PieceDecodeError, decode_piece

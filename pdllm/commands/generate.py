@@ -363,8 +363,8 @@ def _on_cluster(args, context: str, method) -> dict:
     """Start the cluster (embedded by default), answer once through its router, stop what was started."""
     from pdllm import progress
     from pdllm.cluster.api_params import sampler_from_params
+    from pdllm.cluster.common.limits import ClusterLimits
     from pdllm.cluster.config import ClusterConfig
-    from pdllm.cluster.limits import ClusterLimits
     from pdllm.cluster.runtime import start_cluster
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()

@@ -84,7 +84,7 @@ def _count(text: str) -> int:
 
 
 def resolve_token(args: argparse.Namespace) -> str | None:
-    from pdllm.cluster.auth import new_token
+    from pdllm.cluster.common.auth import new_token
 
     if args.no_auth:
         return None
@@ -99,8 +99,8 @@ def resolve_token(args: argparse.Namespace) -> str | None:
 def cluster_backend(args: argparse.Namespace):
     """The Ray cluster behind the API: the one --config describes, else an embedded one on this machine."""
     from pdllm.cluster.cluster_backend import ClusterBackend
+    from pdllm.cluster.common.limits import ClusterLimits
     from pdllm.cluster.config import ClusterConfig
-    from pdllm.cluster.limits import ClusterLimits
     from pdllm.cluster.runtime import start_cluster
 
     config = ClusterConfig.from_yaml(args.config) if args.config else ClusterConfig()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pdllm.cluster.proc_stats import process_stats
+from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.router import ClusterBusy
 
 
