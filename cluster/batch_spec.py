@@ -10,8 +10,8 @@ import hashlib
 import json
 import re
 
-from pdllm.cluster import api_convert as conv
-from pdllm.cluster.api_params import ApiLimits, complete_params, decode_text
+from pdllm.cluster.api import convert as conv
+from pdllm.cluster.api.params import ApiLimits, complete_params, decode_text
 
 from pdllm.errors import InvalidRequest
 

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pdllm.cluster.actor_faults import one_line
-from pdllm.cluster.api_backend import GenerationBackend
+from pdllm.cluster.api.backend import GenerationBackend
 from pdllm.cluster.batch_store import BatchStore
 
 from pdllm.errors import InvalidRequest

@@ -4,7 +4,7 @@
 Ray) as the file says; `close()` stops what it started. A request runs in the caller's thread (the API server's
 admission control bounds how many run at once); the router streams prefill and per-step events back through
 `on_event`, stops at the request's deadline, and cancels the decode job when `on_event` raises (caller gone).
-Parameters arrive as the API's plain dict (`cluster/api_params.py`); the cluster's own chunking and selection
+Parameters arrive as the API's plain dict (`cluster/api/params.py`); the cluster's own chunking and selection
 settings are the defaults, so a request that sets none is served the way the config says.
 """
 
@@ -15,14 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-from pdllm.cluster.api_backend import (
+from pdllm.cluster.api.backend import (
     BackendBusy,
     BackendUnavailable,
     DeadlineExceeded,
     EventSink,
     method_kwargs,
 )
-from pdllm.cluster.api_params import ApiLimits, complete_params, sampler_from_params
+from pdllm.cluster.api.params import ApiLimits, complete_params, sampler_from_params
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.router import ClusterBusy, ClusterTimeout, ClusterUnavailable, RequestExpired

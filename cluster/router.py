@@ -490,7 +490,7 @@ class Router:
         """Answer `question` about `context` on the cluster: {"answer": str, "stats": {...}}; `instruction` is kept
         whole before the context.
 
-        `on_event` receives {"type": "prefill", ...} and {"type": "step", ...} dicts (pdllm.cluster.api_backend
+        `on_event` receives {"type": "prefill", ...} and {"type": "step", ...} dicts (pdllm.cluster.api.backend
         documents them); whatever it raises stops the request and is re-raised. `timeout_s` bounds the whole
         request (RequestExpired); without it each wait is bounded by `limits.call_timeout_s`."""
         request_id = request_id or uuid.uuid4().hex

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from pdllm.cluster import api_convert as conv
+from pdllm.cluster.api import convert as conv
 from pdllm.cluster.common.auth import make_channel, secure_channel_credentials, token_metadata
 from pdllm.errors import PdllmError
 from pdllm.proto import pdllm_api_pb2 as pb

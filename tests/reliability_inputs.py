@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 
 import reliability_wire as wire
-from pdllm.cluster.api_params import ApiLimits
+from pdllm.cluster.api.params import ApiLimits
 from pdllm.proto import pdllm_api_pb2 as pb
 
 from pdllm.client import batch_request, generate_request

@@ -11,9 +11,9 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from pdllm.cluster.api_backend import InProcessBackend
-from pdllm.cluster.api_params import ApiLimits
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.params import ApiLimits
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.proto import pdllm_api_pb2 as pb
 
 from pdllm.client import ApiError, Client
@@ -249,7 +249,7 @@ def test_keep_question_kv_is_a_request_parameter_that_reaches_the_engine(client)
     plain = client.generate(CONTEXT, "What is the pass key?", params)
     assert kept["stats"]["keep_question_kv"] is True and plain["stats"]["keep_question_kv"] is False
     assert kept["stats"]["steps"] == plain["stats"]["steps"] == 8
-    from pdllm.cluster.api_params import complete_params
+    from pdllm.cluster.api.params import complete_params
 
     from pdllm.errors import InvalidRequest
 

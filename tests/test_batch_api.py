@@ -9,8 +9,8 @@ import time
 
 import grpc
 import pytest
-from pdllm.cluster.api_backend import InProcessBackend
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
 from pdllm.cluster.kv.redis_server import EmbeddedRedis

@@ -7,7 +7,7 @@ import socket
 import time
 
 import pytest
-from pdllm.cluster.api_params import DEFAULT_PARAMS
+from pdllm.cluster.api.params import DEFAULT_PARAMS
 from pdllm.cluster.batch_store import BatchConflict, BatchNotFound, BatchStore, member
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 

@@ -16,8 +16,8 @@ import urllib.request
 import grpc
 import openai
 import pytest
-from pdllm.cluster.api_backend import InProcessBackend
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.kv.redis_server import free_port
 
 from pdllm.client import ApiError, Client, generate_via_server

@@ -16,8 +16,8 @@ import grpc
 import pytest
 import ray
 import yaml
-from pdllm.cluster.api_backend import DeadlineExceeded, RequestCancelled
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.backend import DeadlineExceeded, RequestCancelled
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend

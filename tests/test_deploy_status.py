@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 
 from pdllm.cli import main
 from pdllm.commands.status import human_bytes, render_status

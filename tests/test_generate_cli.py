@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from pdllm.cluster.api_backend import InProcessBackend
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 
 from pdllm.cli import main
 

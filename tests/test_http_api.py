@@ -11,12 +11,12 @@ import urllib.request
 
 import openai
 import pytest
-from pdllm.cluster.api_backend import InProcessBackend
-from pdllm.cluster.api_params import ApiLimits
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
-from pdllm.cluster.http_api import HttpApiConfig, HttpApiServer, http_error
-from pdllm.cluster.openai_schema import parse_chat, parse_completion
-from pdllm.cluster.openai_stream import StableText
+from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.http_api import HttpApiConfig, HttpApiServer, http_error
+from pdllm.cluster.api.openai_schema import parse_chat, parse_completion
+from pdllm.cluster.api.openai_stream import StableText
+from pdllm.cluster.api.params import ApiLimits
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 
 from pdllm.client import Client
 

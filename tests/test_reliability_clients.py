@@ -16,7 +16,7 @@ import time
 import pytest
 import reliability_wire as wire
 import yaml
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 

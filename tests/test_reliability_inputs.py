@@ -14,9 +14,9 @@ from collections import Counter
 import grpc
 import pytest
 import reliability_wire as wire
-from pdllm.cluster.api_backend import InProcessBackend
-from pdllm.cluster.api_params import ApiLimits
-from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.params import ApiLimits
+from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from reliability_inputs import CATEGORIES, SERVICE, STREAMING, BadInput, bad_inputs

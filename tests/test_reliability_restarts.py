@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import ray
 from pdllm.cluster.actor_faults import OUT_OF_MEMORY, PROCESS_LOST, death_cause, death_message, one_line
-from pdllm.cluster.api_backend import BackendBusy
+from pdllm.cluster.api.backend import BackendBusy
 from pdllm.cluster.batch_store import BatchStore
 from pdllm.cluster.batch_worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend

@@ -116,7 +116,7 @@ def read_context(args: argparse.Namespace) -> str:
 
 def flag_message(message: str) -> str:
     """An API parameter named at the start of `message` written as its command-line flag (gen_length: --gen-length)."""
-    from pdllm.cluster.api_params import PARAM_KEYS
+    from pdllm.cluster.api.params import PARAM_KEYS
 
     for key in sorted(PARAM_KEYS, key=len, reverse=True):
         if message.startswith(key) and message[len(key) : len(key) + 1] in (" ", ""):
@@ -125,9 +125,9 @@ def flag_message(message: str) -> str:
 
 
 def check_request(args: argparse.Namespace, context: str, mode: str, max_length: int | None) -> dict:
-    """The request checked with the server's own limits (cluster/api_params.py), answers bounded by the model's
+    """The request checked with the server's own limits (cluster/api/params.py), answers bounded by the model's
     maximum length: the same rules for the CLI, the gRPC and HTTP APIs and batch jobs. Returns the params."""
-    from pdllm.cluster.api_params import ApiLimits, complete_params, decode_text
+    from pdllm.cluster.api.params import ApiLimits, complete_params, decode_text
     from pdllm.engine import MODES
 
     limits = ApiLimits().for_model(max_length)
@@ -339,7 +339,7 @@ def model_dir(args: argparse.Namespace) -> str:
 
 def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
     from pdllm import progress
-    from pdllm.cluster.api_params import sampler_from_params
+    from pdllm.cluster.api.params import sampler_from_params
     from pdllm.engine import engine_for, generate
     from pdllm.models.loader import load_model
 
@@ -362,7 +362,7 @@ def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
 def _on_cluster(args, context: str, method) -> dict:
     """Start the cluster (embedded by default), answer once through its router, stop what was started."""
     from pdllm import progress
-    from pdllm.cluster.api_params import sampler_from_params
+    from pdllm.cluster.api.params import sampler_from_params
     from pdllm.cluster.common.limits import ClusterLimits
     from pdllm.cluster.config import ClusterConfig
     from pdllm.cluster.runtime import start_cluster
@@ -396,7 +396,7 @@ def _via_server(args, context: str, mode: str) -> dict:
 
     from pdllm import progress
     from pdllm.client import Client
-    from pdllm.cluster.api_params import PARAM_KEYS
+    from pdllm.cluster.api.params import PARAM_KEYS
 
     if args.model:
         raise InvalidRequest("--model does not apply with --server: the server chose its model")

@@ -124,7 +124,7 @@ def cluster_backend(args: argparse.Namespace):
 
 
 def local_backend(args: argparse.Namespace):
-    from pdllm.cluster.api_backend import InProcessBackend
+    from pdllm.cluster.api.backend import InProcessBackend
 
     device = args.device or ("cuda" if _cuda() else "cpu")
     engine = engine_config(args)
@@ -143,7 +143,7 @@ def start_http(args: argparse.Namespace, token: str | None):
     """The OpenAI-compatible HTTP API (--http-port), started before the backend so it can say "not ready"."""
     if args.http_port is None:
         return None
-    from pdllm.cluster.http_api import HttpApiConfig, HttpApiServer
+    from pdllm.cluster.api.http_api import HttpApiConfig, HttpApiServer
 
     if args.tls_cert:
         raise PdllmError("--http-port serves plain HTTP: put a TLS proxy in front of it instead of --tls-cert")
@@ -170,7 +170,7 @@ def batch_store(args: argparse.Namespace, closers: list):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdllm.cluster.api_server import ApiServer, ApiServerConfig
+    from pdllm.cluster.api.server import ApiServer, ApiServerConfig
     from pdllm.cluster.batch_worker import BatchWorker
 
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pdllm.cluster.api_params import DEFAULT_PARAMS
+from pdllm.cluster.api.params import DEFAULT_PARAMS
 
 from pdllm.errors import InvalidRequest
 
@@ -61,7 +61,7 @@ class OpenAIRequest:
     model: str
     context: str
     question: str
-    params: dict  # pdllm API params (cluster/api_params.py keys) the client set or implied
+    params: dict  # pdllm API params (cluster/api/params.py keys) the client set or implied
     stream: bool
     include_usage: bool
     stop: tuple[str, ...]

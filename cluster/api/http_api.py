@@ -8,7 +8,7 @@ backend's next event. Errors are OpenAI's error JSON: 400 bad parameters, 401 to
 413 body too large, 429 overloaded, 503 not ready or backend lost, 504 deadline, 500 anything else.
 
     GET  /v1/models                 the served model
-    POST /v1/chat/completions       chat (messages -> instruction, context, question; cluster/openai_schema.py)
+    POST /v1/chat/completions       chat (messages -> instruction, context, question; cluster/api/openai_schema.py)
     POST /v1/completions            completions (prompt -> context + question)
     GET  /health                    200 when ready, else 503
 """
@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pdllm.cluster import openai_schema as oa
-from pdllm.cluster.api_backend import BackendBusy, BackendUnavailable, DeadlineExceeded, RequestCancelled
-from pdllm.cluster.api_params import PARAM_KEYS, check_request_id
-from pdllm.cluster.api_server import PdllmServicer, UnknownModel
+from pdllm.cluster.api import openai_schema as oa
+from pdllm.cluster.api.backend import BackendBusy, BackendUnavailable, DeadlineExceeded, RequestCancelled
+from pdllm.cluster.api.openai_stream import StableText
+from pdllm.cluster.api.params import PARAM_KEYS, check_request_id
+from pdllm.cluster.api.server import PdllmServicer, UnknownModel
 from pdllm.cluster.common.auth import token_matches
 from pdllm.cluster.common.event_box import EventBox
-from pdllm.cluster.openai_stream import StableText
 from starlette.exceptions import HTTPException
 
 from pdllm.errors import InvalidRequest, PdllmError

@@ -10,7 +10,7 @@ that could still begin one. The streamed text therefore always equals the unary 
 
 from __future__ import annotations
 
-from pdllm.cluster.openai_schema import cut_at_stop
+from pdllm.cluster.api.openai_schema import cut_at_stop
 
 
 class StableText:

@@ -119,7 +119,7 @@ class InProcessBackend:
         on_event: EventSink | None = None,
         timeout_s: float | None = None,
     ) -> dict:
-        from pdllm.cluster.api_params import ApiLimits, complete_params
+        from pdllm.cluster.api.params import ApiLimits, complete_params
 
         params = complete_params(params, self.modes, ApiLimits().for_model(self.lm.spec.max_position))
         stop = threading.Event()
@@ -133,7 +133,7 @@ class InProcessBackend:
             raise DeadlineExceeded(f"request {request_id} ran past its deadline") from None
 
     def _run(self, context: str, question: str, params: dict, on_event: EventSink | None, stop: threading.Event):
-        from pdllm.cluster.api_params import sampler_from_params
+        from pdllm.cluster.api.params import sampler_from_params
 
         from pdllm.engine import generate
         from pdllm.prompt import encode_request

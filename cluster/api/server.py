@@ -2,7 +2,7 @@
 
 It drives any `GenerationBackend` (in-process model or the Ray cluster's router) and, when given one, a
 `BatchStore` for batch jobs. `check_request` and `run_request` are the API-neutral part (limits bounded by the
-model's maximum length, admission, request metrics): the HTTP API (cluster/http_api.py) serves through them too.
+model's maximum length, admission, request metrics): the HTTP API (cluster/api/http_api.py) serves through them too.
 Sync gRPC with a bounded thread pool: generation is CPU/GPU-bound, not I/O-bound.
 
 Requests arrive as raw bytes and are parsed here, so a message that is not a valid protobuf gets INVALID_ARGUMENT
@@ -29,21 +29,21 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pdllm.cluster import api_convert as conv
-from pdllm.cluster.api_admission import Admission
-from pdllm.cluster.api_backend import (
+from pdllm.cluster.api import convert as conv
+from pdllm.cluster.api.admission import Admission
+from pdllm.cluster.api.backend import (
     BackendBusy,
     BackendUnavailable,
     DeadlineExceeded,
     GenerationBackend,
     RequestCancelled,
 )
-from pdllm.cluster.api_params import ApiLimits, check_request_id, complete_params, decode_text
+from pdllm.cluster.api.params import ApiLimits, check_request_id, complete_params, decode_text
+from pdllm.cluster.api.proto_check import wrong_wire_types
 from pdllm.cluster.batch_store import BatchConflict, BatchNotFound
 from pdllm.cluster.common.auth import TokenAuthInterceptor, server_credentials
 from pdllm.cluster.common.event_box import EventBox
 from pdllm.cluster.common.proc_stats import process_stats
-from pdllm.cluster.proto_check import wrong_wire_types
 from pdllm.proto import pdllm_api_pb2 as pb
 
 from pdllm.errors import InvalidRequest

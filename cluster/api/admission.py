@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from pdllm.cluster.api_backend import BackendBusy, DeadlineExceeded, RequestCancelled
+from pdllm.cluster.api.backend import BackendBusy, DeadlineExceeded, RequestCancelled
 
 
 class Admission:
