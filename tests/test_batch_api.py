@@ -11,8 +11,8 @@ import grpc
 import pytest
 from pdllm.cluster.api.backend import InProcessBackend
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
-from pdllm.cluster.batch_store import BatchStore
-from pdllm.cluster.batch_worker import BatchWorker
+from pdllm.cluster.batch.store import BatchStore
+from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
 from pdllm.cli import main

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from pdllm.cluster.api.params import DEFAULT_PARAMS
-from pdllm.cluster.batch_store import BatchConflict, BatchNotFound, BatchStore, member
+from pdllm.cluster.batch.store import BatchConflict, BatchNotFound, BatchStore, member
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
 from pdllm.errors import InvalidRequest

@@ -18,8 +18,8 @@ import ray
 import yaml
 from pdllm.cluster.api.backend import DeadlineExceeded, RequestCancelled
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
-from pdllm.cluster.batch_store import BatchStore
-from pdllm.cluster.batch_worker import BatchWorker
+from pdllm.cluster.batch.store import BatchStore
+from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 from prometheus_client.parser import text_string_to_metric_families

@@ -17,7 +17,7 @@ import reliability_wire as wire
 from pdllm.cluster.api.backend import InProcessBackend
 from pdllm.cluster.api.params import ApiLimits
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
-from pdllm.cluster.batch_store import BatchStore
+from pdllm.cluster.batch.store import BatchStore
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from reliability_inputs import CATEGORIES, SERVICE, STREAMING, BadInput, bad_inputs
 

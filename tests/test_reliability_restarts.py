@@ -17,8 +17,8 @@ import pytest
 import ray
 from pdllm.cluster.actor_faults import OUT_OF_MEMORY, PROCESS_LOST, death_cause, death_message, one_line
 from pdllm.cluster.api.backend import BackendBusy
-from pdllm.cluster.batch_store import BatchStore
-from pdllm.cluster.batch_worker import BatchWorker
+from pdllm.cluster.batch.store import BatchStore
+from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig

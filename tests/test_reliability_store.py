@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 import ray
-from pdllm.cluster.batch_store import BatchStore
-from pdllm.cluster.batch_worker import BatchWorker
+from pdllm.cluster.batch.store import BatchStore
+from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.kv.redis_server import EmbeddedRedis

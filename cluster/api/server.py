@@ -40,7 +40,7 @@ from pdllm.cluster.api.backend import (
 )
 from pdllm.cluster.api.params import ApiLimits, check_request_id, complete_params, decode_text
 from pdllm.cluster.api.proto_check import wrong_wire_types
-from pdllm.cluster.batch_store import BatchConflict, BatchNotFound
+from pdllm.cluster.batch.store import BatchConflict, BatchNotFound
 from pdllm.cluster.common.auth import TokenAuthInterceptor, server_credentials
 from pdllm.cluster.common.event_box import EventBox
 from pdllm.cluster.common.proc_stats import process_stats
@@ -300,7 +300,7 @@ class PdllmServicer:
         return self.batches
 
     def SubmitBatch(self, request, context):
-        from pdllm.cluster.batch_spec import jobs_from_request
+        from pdllm.cluster.batch.spec import jobs_from_request
 
         try:
             store = self._store()

@@ -153,7 +153,7 @@ def start_http(args: argparse.Namespace, token: str | None):
 
 
 def batch_store(args: argparse.Namespace, closers: list):
-    from pdllm.cluster.batch_store import BatchStore
+    from pdllm.cluster.batch.store import BatchStore
     from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
     if args.redis_url:
@@ -171,7 +171,7 @@ def batch_store(args: argparse.Namespace, closers: list):
 
 def run(args: argparse.Namespace) -> int:
     from pdllm.cluster.api.server import ApiServer, ApiServerConfig
-    from pdllm.cluster.batch_worker import BatchWorker
+    from pdllm.cluster.batch.worker import BatchWorker
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise PdllmError("--tls-cert and --tls-key go together")

@@ -30,7 +30,7 @@ import time
 import uuid
 
 import redis
-from pdllm.cluster.batch_spec import fingerprint
+from pdllm.cluster.batch.spec import fingerprint
 from pdllm.cluster.kv.redis_client import connect
 
 from pdllm.errors import InvalidRequest

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from pdllm.cluster.actor_faults import one_line
 from pdllm.cluster.api.backend import GenerationBackend
-from pdllm.cluster.batch_store import BatchStore
+from pdllm.cluster.batch.store import BatchStore
 
 from pdllm.errors import InvalidRequest
 from pdllm.observability import metrics
