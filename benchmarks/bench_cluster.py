@@ -37,7 +37,7 @@ from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.grpc_bulk import channel_options, server_options
 from pdllm.cluster.kv.transfer_server import serve
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
-from pdllm.cluster.router import Router
+from pdllm.cluster.router.router import Router
 from pdllm.cluster.runtime import start_cluster
 
 from pdllm.method import MethodConfig

@@ -25,7 +25,7 @@ from pdllm.cluster.api.backend import (
 from pdllm.cluster.api.params import ApiLimits, complete_params, sampler_from_params
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.router import ClusterBusy, ClusterTimeout, ClusterUnavailable, RequestExpired
+from pdllm.cluster.router.router import ClusterBusy, ClusterTimeout, ClusterUnavailable, RequestExpired
 from pdllm.cluster.runtime import ClusterHandle, start_cluster
 
 from pdllm.observability import metrics

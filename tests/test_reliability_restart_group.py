@@ -11,10 +11,10 @@ import signal
 
 import pytest
 import ray
-from pdllm.cluster.actor_faults import PROCESS_LOST
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.router import RESTARTED_UNSEEN, UP, control
+from pdllm.cluster.router.faults import PROCESS_LOST
+from pdllm.cluster.router.router import RESTARTED_UNSEEN, UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until
 

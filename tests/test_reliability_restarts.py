@@ -15,14 +15,14 @@ from collections import Counter
 
 import pytest
 import ray
-from pdllm.cluster.actor_faults import OUT_OF_MEMORY, PROCESS_LOST, death_cause, death_message, one_line
 from pdllm.cluster.api.backend import BackendBusy
 from pdllm.cluster.batch.store import BatchStore
 from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.router import UP, control
+from pdllm.cluster.router.faults import OUT_OF_MEMORY, PROCESS_LOST, death_cause, death_message, one_line
+from pdllm.cluster.router.router import UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until
 
@@ -108,7 +108,7 @@ def admitted_again(slot, pid: int) -> bool:
 
 @pytest.mark.timeout(600)
 def test_decode_then_prefill_sigkilled_mid_batch_every_job_answered_once_and_served_after(backend, bundled, caplog):
-    caplog.set_level(logging.INFO, logger="pdllm.cluster.router")
+    caplog.set_level(logging.INFO, logger="pdllm.cluster.router.router")
     router = backend.router
     decode, prefill = router.decode[0], router.prefill[0]
     store = BatchStore.from_url(backend.handle.redis_url, prefix="restarts:")

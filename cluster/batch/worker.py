@@ -15,9 +15,9 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from pdllm.cluster.actor_faults import one_line
 from pdllm.cluster.api.backend import GenerationBackend
 from pdllm.cluster.batch.store import BatchStore
+from pdllm.cluster.router.faults import one_line
 
 from pdllm.errors import InvalidRequest
 from pdllm.observability import metrics

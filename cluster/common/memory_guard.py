@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pdllm.cluster.common.proc_stats import process_stats
-from pdllm.cluster.router import ClusterBusy
+from pdllm.cluster.router.router import ClusterBusy
 
 
 class MemoryBudgetExceeded(ClusterBusy):

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
-from pdllm.cluster.actor_faults import death_cause, death_message
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.kv.chunk_index import ChunkIndex
+from pdllm.cluster.router.faults import death_cause, death_message
 
 from pdllm.errors import InvalidRequest, PdllmError
 from pdllm.method import MethodConfig, chunk_id, split_chunks
