@@ -15,17 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-from pdllm.cluster.api.backend import (
-    BackendBusy,
-    BackendUnavailable,
-    DeadlineExceeded,
-    EventSink,
-    method_kwargs,
-)
+from pdllm.cluster.api.backend import EventSink, method_kwargs
 from pdllm.cluster.api.params import ApiLimits, complete_params, sampler_from_params
+from pdllm.cluster.common.errors import RequestExpired
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.router.router import ClusterBusy, ClusterTimeout, ClusterUnavailable, RequestExpired
 from pdllm.cluster.runtime import ClusterHandle, start_cluster
 
 from pdllm.observability import metrics
@@ -77,12 +71,8 @@ class ClusterBackend:
                 timeout_s=timeout_s,
                 instruction=params.get("instruction", ""),
             )
-        except ClusterBusy as exc:
-            raise BackendBusy(str(exc)) from None
-        except RequestExpired as exc:
-            raise DeadlineExceeded(f"request {request_id} ran past its deadline ({timeout_s}s): {exc}") from None
-        except (ClusterTimeout, ClusterUnavailable) as exc:
-            raise BackendUnavailable(str(exc)) from None
+        except RequestExpired as exc:  # the taxonomy's DeadlineExceeded already: say which request and deadline
+            raise RequestExpired(f"request {request_id} ran past its deadline ({timeout_s}s): {exc}") from None
         return {"answer": out["answer"], "stats": {"mode": params["mode"], **out["stats"]}}
 
     def model_info(self) -> dict:

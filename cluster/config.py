@@ -12,13 +12,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
+from pdllm.cluster.kv.collective_group import KV_TRANSPORTS
 from pdllm.decode_node.engine import EngineConfig, parse_buckets
 
 from pdllm.errors import PdllmError
 from pdllm.method.config import MIN_CHUNK_SIZE, MethodConfig
 
 RAY_LOCAL = "local"
-KV_TRANSPORTS = ("auto", "grpc", "gloo")
 
 
 class ConfigError(PdllmError):

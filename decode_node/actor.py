@@ -23,6 +23,7 @@ from collections import Counter
 
 import ray
 import torch
+from pdllm.cluster.common.device import pick_device
 from pdllm.cluster.common.event_box import EventBox
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.common.memory_guard import MemoryGuard
@@ -34,7 +35,6 @@ from pdllm.cluster.kv.kv_paths import NODE, HolderFetch, KVPaths
 from pdllm.cluster.kv.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
 from pdllm.decode_node.job import JobCancelled, JobHandle
-from pdllm.prefill_node.actor import pick_device
 
 from pdllm.method import ChunkCache, MethodConfig, rank_chunks
 from pdllm.method.chunk_kv import ChunkKV

@@ -16,6 +16,7 @@ import uuid
 
 import ray
 import torch
+from pdllm.cluster.common.device import pick_device
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.common.memory_guard import MemoryGuard
 from pdllm.cluster.common.proc_stats import process_stats
@@ -35,10 +36,6 @@ from pdllm.observability.logs import configure_logging, request_context
 log = logging.getLogger(__name__)
 
 CPU_STORE_BYTES = 2 << 30
-
-
-def pick_device(gpus: float) -> str:
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def derived_capacity(device: str) -> int:

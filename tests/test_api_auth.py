@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.common.auth import TokenAuthInterceptor, make_channel, new_token, token_matches
 

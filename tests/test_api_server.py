@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.params import ApiLimits
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.proto import pdllm_api_pb2 as pb

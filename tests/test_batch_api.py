@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch.store import BatchStore
 from pdllm.cluster.batch.worker import BatchWorker

@@ -16,7 +16,7 @@ import urllib.request
 import grpc
 import openai
 import pytest
-from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.kv.redis_server import free_port
 

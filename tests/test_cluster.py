@@ -9,9 +9,9 @@ from dataclasses import asdict
 
 import pytest
 import ray
+from pdllm.cluster.common.errors import ClusterBusy
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.router.router import ClusterBusy
 from pdllm.cluster.runtime import start_cluster
 
 from pdllm.engine import generate

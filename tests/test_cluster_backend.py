@@ -16,7 +16,6 @@ import grpc
 import pytest
 import ray
 import yaml
-from pdllm.cluster.api.backend import DeadlineExceeded, RequestCancelled
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch.store import BatchStore
 from pdllm.cluster.batch.worker import BatchWorker
@@ -27,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pdllm.client import ApiError, Client, document_ref
 from pdllm.commands.status import render_status
 from pdllm.engine import generate
+from pdllm.errors import Cancelled, DeadlineExceeded
 from pdllm.method import ChunkCache, MethodConfig
 from pdllm.observability import metrics
 from pdllm.sampler import SamplerConfig
@@ -216,9 +216,9 @@ def test_deadline_and_cancellation_stop_the_job_on_the_decode_actor(backend, cli
     def leave(event: dict) -> None:
         seen.append(event)
         if event["type"] == "step" and event["step"] >= 2:
-            raise RequestCancelled("caller left")
+            raise Cancelled("caller left")
 
-    with pytest.raises(RequestCancelled):
+    with pytest.raises(Cancelled):
         backend.generate(DOC, "What is the code of box 4?", LONG, "cb-cancel", leave, timeout_s=60)
     assert [e["step"] for e in seen if e["type"] == "step"][:2] == [1, 2]
     deadline = time.monotonic() + 20

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 
 from pdllm.cli import main

@@ -11,8 +11,8 @@ import urllib.request
 
 import openai
 import pytest
-from pdllm.cluster.api.backend import InProcessBackend
 from pdllm.cluster.api.http_api import HttpApiConfig, HttpApiServer, http_error
+from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.openai_schema import parse_chat, parse_completion
 from pdllm.cluster.api.openai_stream import StableText
 from pdllm.cluster.api.params import ApiLimits

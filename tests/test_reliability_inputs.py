@@ -14,7 +14,7 @@ from collections import Counter
 import grpc
 import pytest
 import reliability_wire as wire
-from pdllm.cluster.api.backend import InProcessBackend
+from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.params import ApiLimits
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch.store import BatchStore

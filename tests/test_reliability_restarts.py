@@ -15,7 +15,6 @@ from collections import Counter
 
 import pytest
 import ray
-from pdllm.cluster.api.backend import BackendBusy
 from pdllm.cluster.batch.store import BatchStore
 from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
@@ -28,6 +27,7 @@ from reliability_cluster import wait_until
 
 from pdllm.assets import default_model_dir
 from pdllm.engine import generate
+from pdllm.errors import Busy
 from pdllm.method import ChunkCache
 from pdllm.models.loader import load_model
 from pdllm.observability import metrics
@@ -171,7 +171,7 @@ def test_an_actor_over_its_memory_budget_refuses_work_in_one_line_and_serves_aga
     decode = backend.router.decode[0]
     ray.get(decode.handle.set_memory_budget.remote(1 << 20), timeout=10)  # 1 MiB: far below any real RSS
     try:
-        with pytest.raises(BackendBusy) as refused:
+        with pytest.raises(Busy) as refused:
             backend.generate(document("delta", 20), "What is the code of entry 2?", PARAMS, "over-budget")
     finally:
         ray.get(decode.handle.set_memory_budget.remote(0), timeout=10)

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from pdllm.cluster.api.backend import BackendBusy, DeadlineExceeded, RequestCancelled
+from pdllm.errors import Busy, Cancelled, DeadlineExceeded
 
 
 class Admission:
@@ -42,7 +42,7 @@ class Admission:
             if self._running >= self.max_running or self._waiting:
                 if len(self._waiting) >= self.max_waiting:
                     self.refused += 1
-                    raise BackendBusy(
+                    raise Busy(
                         f"server busy: {self._running} running and {len(self._waiting)} queued (limit "
                         f"{self.max_waiting}); retry later"
                     )
@@ -56,7 +56,7 @@ class Admission:
                         if left is not None and left <= 0:
                             raise DeadlineExceeded(f"deadline passed after {timeout_s:.3f}s in the queue")
                         if alive is not None and not alive():
-                            raise RequestCancelled("caller left while queued")
+                            raise Cancelled("caller left while queued")
                         self._cond.wait(0.1 if left is None else min(left, 0.1))
                 finally:
                     self._waiting.remove(ticket)

@@ -1,42 +1,24 @@
-"""What the API server and the batch worker need from whatever generates answers, and the in-process version of it.
+"""What the API server and the batch worker need from whatever generates answers.
 
 The server never imports Ray: the cluster router is adapted to `GenerationBackend` (a thin `ClusterBackend`), and
-`InProcessBackend` runs `pdllm.engine.generate` on a loaded model in this process (single-machine mode and tests).
+`pdllm.cluster.api.in_process.InProcessBackend` runs `pdllm.engine.generate` on a loaded model in this process
+(single-machine mode and tests).
 
 Events passed to `on_event` (plain dicts, the `type` key says which):
   {"type": "prefill", "done_chunks", "total_chunks", "reused_chunks", "context_tokens"}
   {"type": "step", "step", "total_steps", "partial_text", "unmasked_tokens"}
-`on_event` may raise (e.g. `RequestCancelled` when the caller went away): the backend stops and re-raises it.
+`on_event` may raise (e.g. `pdllm.errors.Cancelled` when the caller went away): the backend stops and re-raises it.
 """
 
 from __future__ import annotations
 
-import threading
+import inspect
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
 
-from pdllm.errors import InvalidRequest, PdllmError
+from pdllm.method import MethodConfig
 
 EventSink = Callable[[dict], None]
-
-
-class BackendBusy(PdllmError):
-    """Every slot and queue place is taken: the caller should back off (RESOURCE_EXHAUSTED)."""
-
-
-class RequestCancelled(PdllmError):
-    """The caller cancelled or disconnected; work on the request stopped."""
-
-
-class DeadlineExceeded(PdllmError):
-    """The request's deadline passed before its answer was ready; work on it stopped."""
-
-
-class BackendUnavailable(PdllmError):
-    """The backend cannot run the request now (actors lost or not answering): UNAVAILABLE, safe to retry, since
-    generation has no side effects."""
 
 
 class GenerationBackend(Protocol):
@@ -64,12 +46,8 @@ class GenerationBackend(Protocol):
 
 def method_kwargs(generate: Callable, params: dict) -> dict:
     """Chunking and selection parameters for an engine whose `generate` takes a `method` (prefix/sparse modes)."""
-    import inspect
-
     if "method" not in inspect.signature(generate).parameters:
         return {}
-    from pdllm.method import MethodConfig
-
     method = MethodConfig(
         chunk_size=params["chunk_size"],
         top_k=params["top_k"],
@@ -79,143 +57,3 @@ def method_kwargs(generate: Callable, params: dict) -> dict:
         keep_question_kv=bool(params.get("keep_question_kv", False)),
     )
     return {"method": method}
-
-
-class _Stop(Exception):
-    """Raised inside the denoising loop to abandon a request whose caller gave up."""
-
-
-class InProcessBackend:
-    """`engine.generate` on one loaded model, in a pool of `concurrency` threads (requests beyond wait in it)."""
-
-    def __init__(
-        self, lm, name: str | None = None, concurrency: int = 1, max_context_tokens: int = 131072, engine=None
-    ) -> None:
-        """`engine`: the decode engine's EngineConfig (applies if this process has no engine for `lm` yet)."""
-        from pdllm.engine import MODES, engine_for
-
-        self.lm = lm
-        self.name = name or lm.path.name
-        self.modes = tuple(MODES)
-        self.max_context_tokens = max_context_tokens
-        self.concurrency = concurrency
-        self.engine = engine_for(lm, engine)  # every thread's job is batched into its steps
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="pdllm-generate")
-        self._lock = threading.Lock()
-        self._running = 0
-
-    @classmethod
-    def from_directory(cls, model_dir: str, device: str = "cpu", **kwargs) -> InProcessBackend:
-        from pdllm.models.loader import load_model
-
-        return cls(load_model(model_dir, device=device), **kwargs)
-
-    def generate(
-        self,
-        context: str,
-        question: str,
-        params: dict,
-        request_id: str,
-        on_event: EventSink | None = None,
-        timeout_s: float | None = None,
-    ) -> dict:
-        from pdllm.cluster.api.params import ApiLimits, complete_params
-
-        params = complete_params(params, self.modes, ApiLimits().for_model(self.lm.spec.max_position))
-        stop = threading.Event()
-        future = self._pool.submit(self._run, context, question, params, on_event, stop)
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout:
-            stop.set()
-            raise DeadlineExceeded(f"request {request_id} ran past its deadline of {timeout_s:.3f}s") from None
-        except _Stop:
-            raise DeadlineExceeded(f"request {request_id} ran past its deadline") from None
-
-    def _run(self, context: str, question: str, params: dict, on_event: EventSink | None, stop: threading.Event):
-        from pdllm.cluster.api.params import sampler_from_params
-
-        from pdllm.engine import generate
-        from pdllm.prompt import encode_request
-        from pdllm.sampler import strip_after_eos
-
-        if stop.is_set():
-            raise _Stop()
-        lm, spec = self.lm, self.lm.spec
-        with self._lock:
-            self._running += 1
-        try:
-            instruction = params.get("instruction", "")
-            encoded = encode_request(lm.tokenizer, context, question, self.max_context_tokens, instruction)
-            if on_event is not None:
-                on_event(
-                    {
-                        "type": "prefill",
-                        "done_chunks": 0,
-                        "total_chunks": 0,
-                        "reused_chunks": 0,
-                        "context_tokens": len(encoded.context_ids),
-                    }
-                )
-            total_steps = params["steps"] if params["threshold"] is None else params["gen_length"]
-
-            def on_step(step: int, gen) -> None:
-                if stop.is_set():
-                    raise _Stop()
-                if on_event is not None:
-                    row = gen[0].tolist()
-                    tokens = strip_after_eos(row, spec.eos_token_ids, spec.mask_token_id)
-                    on_event(
-                        {
-                            "type": "step",
-                            "step": step,
-                            "total_steps": total_steps,
-                            "partial_text": lm.tokenizer.decode(tokens),
-                            "unmasked_tokens": sum(t != spec.mask_token_id for t in row),
-                        }
-                    )
-
-            sampler = sampler_from_params(params)
-            extra = method_kwargs(generate, params)
-            if instruction:
-                extra["instruction"] = instruction
-            out = generate(
-                lm,
-                context,
-                question,
-                sampler,
-                params["mode"],
-                self.max_context_tokens,
-                params["seed"],
-                on_step,
-                engine=self.engine,
-                **extra,
-            )
-        except ValueError as exc:  # engine's own argument checks
-            raise InvalidRequest(str(exc)) from None
-        finally:
-            with self._lock:
-                self._running -= 1
-        stats = {"prefill_chunks": 0, "reused_chunks": 0, "selected_chunks": 0, **out.stats}
-        return {"answer": out.answer, "stats": stats}
-
-    def model_info(self) -> dict:
-        spec = self.lm.spec
-        return {
-            "name": self.name,
-            "model_id": self.lm.model_id,
-            "family": spec.family,
-            "modes": list(self.modes),
-            "max_context_tokens": self.max_context_tokens,
-            "max_length": spec.max_position,
-            "vocab_size": spec.vocab_size,
-            "num_layers": spec.num_layers,
-            "hidden_size": spec.hidden_size,
-            "concurrency": self.concurrency,
-        }
-
-    def health(self) -> dict:
-        return {"serving": True, "backend": "in-process", "model": self.name, "running": self._running}
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -30,7 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pdllm.cluster.api import openai_schema as oa
-from pdllm.cluster.api.backend import BackendBusy, BackendUnavailable, DeadlineExceeded, RequestCancelled
+from pdllm.cluster.api.errors import HTTP_ERRORS, status_for
 from pdllm.cluster.api.openai_stream import StableText
 from pdllm.cluster.api.params import PARAM_KEYS, check_request_id
 from pdllm.cluster.api.server import PdllmServicer, UnknownModel
@@ -38,7 +38,7 @@ from pdllm.cluster.common.auth import token_matches
 from pdllm.cluster.common.event_box import EventBox
 from starlette.exceptions import HTTPException
 
-from pdllm.errors import InvalidRequest, PdllmError
+from pdllm.errors import Cancelled, DeadlineExceeded, InvalidRequest, PdllmError
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +81,16 @@ def http_error(exc: BaseException, length_field: str | None = None) -> HttpError
         if length_field and message.startswith("gen_length"):  # the client named the answer length otherwise
             message = length_field + message[len("gen_length") :]
         return HttpError(400, message, "invalid_request_error", "invalid_parameter", _param_named(message))
-    if isinstance(exc, BackendBusy):
-        return HttpError(429, str(exc), "rate_limit_error", "rate_limit_exceeded")
-    if isinstance(exc, BackendUnavailable):
-        return HttpError(503, str(exc), "service_unavailable", "backend_unavailable")
-    if isinstance(exc, DeadlineExceeded):
-        return HttpError(504, str(exc), "timeout", "deadline_exceeded")
-    if isinstance(exc, RequestCancelled):
-        return HttpError(499, str(exc), "cancelled", "client_closed_request")
-    log.error("internal error serving an HTTP request", exc_info=exc)
-    return HttpError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error")
+    code, message = status_for(exc, "an HTTP request")
+    status, kind, name = HTTP_ERRORS[code]
+    return HttpError(status, message, kind, name)
 
 
 def outcome_key(exc: BaseException) -> str:
     """The request counter (as gRPC counts them) that a failed call ends in."""
     if isinstance(exc, InvalidRequest):
         return "invalid"
-    if isinstance(exc, RequestCancelled):
+    if isinstance(exc, Cancelled):
         return "cancelled"
     return "deadline_exceeded" if isinstance(exc, DeadlineExceeded) else "failed"
 

@@ -31,22 +31,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pdllm.cluster.api import convert as conv
 from pdllm.cluster.api.admission import Admission
-from pdllm.cluster.api.backend import (
-    BackendBusy,
-    BackendUnavailable,
-    DeadlineExceeded,
-    GenerationBackend,
-    RequestCancelled,
-)
+from pdllm.cluster.api.backend import GenerationBackend
+from pdllm.cluster.api.errors import status_for
 from pdllm.cluster.api.params import ApiLimits, check_request_id, complete_params, decode_text
 from pdllm.cluster.api.proto_check import wrong_wire_types
-from pdllm.cluster.batch.store import BatchConflict, BatchNotFound
 from pdllm.cluster.common.auth import TokenAuthInterceptor, server_credentials
 from pdllm.cluster.common.event_box import EventBox
 from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.proto import pdllm_api_pb2 as pb
 
-from pdllm.errors import InvalidRequest
+from pdllm.errors import Cancelled, DeadlineExceeded, InvalidRequest
 from pdllm.observability import metrics
 from pdllm.observability.logs import request_context
 
@@ -83,25 +77,6 @@ def bounded(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
 
 class UnknownModel(InvalidRequest):
     """A request named a model this server does not serve (gRPC: INVALID_ARGUMENT; HTTP: 404)."""
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, BackendBusy):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    if isinstance(exc, RequestCancelled):
-        return grpc.StatusCode.CANCELLED, str(exc)
-    if isinstance(exc, BackendUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, BatchNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, BatchConflict):
-        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    log.exception("internal error serving a request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
 @dataclass
@@ -186,7 +161,7 @@ class PdllmServicer:
 
         def forward(event: dict) -> None:
             if not alive():
-                raise RequestCancelled("caller cancelled or disconnected")
+                raise Cancelled("caller cancelled or disconnected")
             if event.get("type") == "step" and not first_step:
                 first_step.append(time.monotonic() - start)
             if sink is not None:
@@ -199,7 +174,7 @@ class PdllmServicer:
                 left = timeout_s - (time.monotonic() - start)
                 result = self.backend.generate(text, question, params, rid, forward, left)
             outcome = "ok"
-        except (RequestCancelled, DeadlineExceeded):
+        except (Cancelled, DeadlineExceeded):
             outcome = "cancelled"
             raise
         finally:
@@ -300,15 +275,13 @@ class PdllmServicer:
         return self.batches
 
     def SubmitBatch(self, request, context):
-        from pdllm.cluster.batch.spec import jobs_from_request
 
         try:
             store = self._store()
             for key, value in self.defaults.items():  # the backend's defaults, under the batch's own
                 if not request.default_params.HasField(key):
                     setattr(request.default_params, key, value)
-            batch_id, jobs, documents = jobs_from_request(request, self.modes, self.limits)
-            status, created = store.submit(batch_id, jobs, documents)
+            status, created = store.submit_request(request, self.modes, self.limits)
             return pb.SubmitBatchResponse(batch=conv.batch_status_to_proto(status), created=created)
         except Exception as exc:
             self._abort(context, exc)

@@ -30,10 +30,11 @@ import time
 import uuid
 
 import redis
-from pdllm.cluster.batch.spec import fingerprint
+from pdllm.cluster.api.params import ApiLimits
+from pdllm.cluster.batch.spec import fingerprint, jobs_from_request
 from pdllm.cluster.kv.redis_client import connect
 
-from pdllm.errors import InvalidRequest
+from pdllm.errors import Conflict, InvalidRequest, NotFound
 
 _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 _SPLIT = "local function split(m) local i = string.find(m, '|', 1, true) return m:sub(1, i - 1), m:sub(i + 1) end\n"
@@ -174,12 +175,12 @@ return n
 """
 
 
-class BatchNotFound(Exception):
-    pass
+class BatchNotFound(NotFound):
+    """No batch of that id."""
 
 
-class BatchConflict(Exception):
-    pass
+class BatchConflict(Conflict):
+    """A batch of that id exists with other jobs."""
 
 
 def member(batch_id: str, job_id: str) -> str:
@@ -210,6 +211,12 @@ class BatchStore:
         return f"{self.p}j:{batch_id}:{job_id}"
 
     # -- submission --------------------------------------------------------------------------------------------
+    def submit_request(self, request, modes: tuple[str, ...], limits: ApiLimits) -> tuple[dict, bool]:
+        """A `SubmitBatchRequest` checked against the server's modes and limits, then stored (`submit`). The API
+        server calls this, so it needs no knowledge of job specs (the batch layer sits above the API)."""
+        batch_id, jobs, documents = jobs_from_request(request, modes, limits)
+        return self.submit(batch_id, jobs, documents)
+
     def submit(self, batch_id: str, jobs: list[dict], documents: dict[str, str]) -> tuple[dict, bool]:
         """Store a batch once; the same id with the same jobs again returns (status, False), other jobs conflict."""
         fp = fingerprint(jobs)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pdllm.cluster.common.errors import ClusterBusy
 from pdllm.cluster.common.proc_stats import process_stats
-from pdllm.cluster.router.router import ClusterBusy
 
 
 class MemoryBudgetExceeded(ClusterBusy):

@@ -24,7 +24,6 @@ from datetime import timedelta
 import ray
 import torch
 import torch.distributed as dist
-from pdllm.cluster.config import KV_TRANSPORTS
 from pdllm.cluster.kv.transport import TransferError
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,7 @@ NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 # On an NCCL error or watchdog timeout: abort the communicators and raise, instead of killing the actor process
 # (PyTorch's default tears the process down; a serving actor must live on and fall back to gRPC).
 NCCL_ERROR_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+KV_TRANSPORTS = ("auto", "grpc", "gloo")  # the `kv_transport` setting of a cluster config
 MODES = KV_TRANSPORTS
 PREFILL, DECODE = "prefill", "decode"
 

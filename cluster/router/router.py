@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
+from pdllm.cluster.common.errors import ActorLost, ClusterBusy, ClusterTimeout, ClusterUnavailable, RequestExpired
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.kv.chunk_index import ChunkIndex
 from pdllm.cluster.router.faults import death_cause, death_message
@@ -47,26 +48,6 @@ RESTARTED_UNSEEN = "restarted while idle"  # the cause when only a new pid tells
 READMIT_POLL_S = 0.2  # between the watcher's looks at a restarting actor
 # what a call to a dead actor raises: its process died (killed, crashed, node lost), or Ray's memory monitor killed it
 ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
-
-
-class ClusterBusy(PdllmError):
-    """Every actor of a kind has a full queue: back off and retry."""
-
-
-class ClusterTimeout(PdllmError):
-    """An actor did not answer within the configured time."""
-
-
-class RequestExpired(ClusterTimeout):
-    """The request's own deadline passed."""
-
-
-class ClusterUnavailable(PdllmError):
-    """No live actor of a kind is left to run the request."""
-
-
-class _ActorLost(PdllmError):
-    """A decode actor died during the job (internal: the job runs again elsewhere)."""
 
 
 @dataclass
@@ -446,7 +427,7 @@ class Router:
                     raise ClusterTimeout(f"{what} ended the job without a result") from None
                 except ACTOR_GONE as e:
                     finished = True  # nothing left to cancel
-                    raise _ActorLost(self._lost(slot, e)) from None
+                    raise ActorLost(self._lost(slot, e)) from None
                 except ray.exceptions.GetTimeoutError as e:
                     raise self._timed_out(what, deadline) from e
                 except ray.exceptions.RayTaskError as e:
@@ -570,7 +551,7 @@ class Router:
             job["job_id"] = uuid.uuid4().hex
             try:
                 out = self._decode(slot, job, on_event, deadline)
-            except _ActorLost as e:
+            except ActorLost as e:
                 failovers += 1
                 with self._lock:
                     self.faults["decode_failovers"] += 1

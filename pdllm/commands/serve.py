@@ -124,7 +124,7 @@ def cluster_backend(args: argparse.Namespace):
 
 
 def local_backend(args: argparse.Namespace):
-    from pdllm.cluster.api.backend import InProcessBackend
+    from pdllm.cluster.api.in_process import InProcessBackend
 
     device = args.device or ("cuda" if _cuda() else "cpu")
     engine = engine_config(args)

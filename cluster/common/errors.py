@@ -1,0 +1,26 @@
+"""The cluster's errors, each a kind of the serving taxonomy in `pdllm.errors` (so they reach clients with its
+codes without a translation step)."""
+
+from __future__ import annotations
+
+from pdllm.errors import Busy, DeadlineExceeded, PdllmError, Unavailable
+
+
+class ClusterBusy(Busy):
+    """Every actor of a kind has a full queue (or refuses work over its memory budget): back off and retry."""
+
+
+class ClusterTimeout(Unavailable):
+    """An actor did not answer within the configured time."""
+
+
+class RequestExpired(ClusterTimeout, DeadlineExceeded):
+    """The request's own deadline passed (a deadline, not an actor fault: DEADLINE_EXCEEDED)."""
+
+
+class ClusterUnavailable(Unavailable):
+    """No live actor of a kind is left to run the request."""
+
+
+class ActorLost(PdllmError):
+    """A decode actor died during the job (internal to the router: the job runs again elsewhere)."""
