@@ -53,7 +53,7 @@ from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE
 from pdllm.cluster.common.limits import ClusterLimits  # noqa: E402
 from pdllm.cluster.config import ClusterConfig  # noqa: E402
 from pdllm.cluster.kv.collective_group import with_actor_env  # noqa: E402
-from pdllm.cluster.router.router import control  # noqa: E402
+from pdllm.cluster.router.slots import control  # noqa: E402
 from pdllm.cluster.runtime import start_cluster  # noqa: E402
 
 from pdllm.assets import default_model_dir  # noqa: E402

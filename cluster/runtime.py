@@ -25,7 +25,8 @@ from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.kv.chunk_index import ChunkIndex
 from pdllm.cluster.kv.collective_group import DECODE, PREFILL, Formation, form_group, with_actor_env
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
-from pdllm.cluster.router.router import CONTROL, ActorSlot, Router
+from pdllm.cluster.router.router import Router
+from pdllm.cluster.router.slots import CONTROL, ActorSlot
 from pdllm.decode_node.actor import DecodeWorker
 from pdllm.prefill_node.actor import PrefillWorker
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.router.router import control
+from pdllm.cluster.router.slots import control
 from pdllm.cluster.runtime import start_cluster
 
 import pdllm

@@ -24,7 +24,7 @@ from pdllm.cluster.bootstrap import DECODE_RESOURCE, NAMESPACE, PREFILL_RESOURCE
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
-from pdllm.cluster.router.router import control
+from pdllm.cluster.router.slots import control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until
 

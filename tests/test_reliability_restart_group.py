@@ -14,7 +14,7 @@ import ray
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.router.faults import PROCESS_LOST
-from pdllm.cluster.router.router import RESTARTED_UNSEEN, UP, control
+from pdllm.cluster.router.slots import RESTARTED_UNSEEN, UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until
 

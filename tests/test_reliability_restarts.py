@@ -21,7 +21,7 @@ from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.router.faults import OUT_OF_MEMORY, PROCESS_LOST, death_cause, death_message, one_line
-from pdllm.cluster.router.router import UP, control
+from pdllm.cluster.router.slots import UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until
 

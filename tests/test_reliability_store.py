@@ -20,7 +20,7 @@ from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
-from pdllm.cluster.router.router import control
+from pdllm.cluster.router.slots import control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import one_actor_per_node, role_nodes
 
