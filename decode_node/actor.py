@@ -20,10 +20,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 
 import ray
 import torch
-from pdllm.cluster.common.device import pick_device
 from pdllm.cluster.common.event_box import EventBox
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.common.memory_guard import MemoryGuard
@@ -36,6 +36,7 @@ from pdllm.cluster.kv.transport import FetchResult, GrpcTransport, KVTransport, 
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
 from pdllm.decode_node.job import JobCancelled, JobHandle
 
+from pdllm.devices import pick_device
 from pdllm.method import ChunkCache, MethodConfig, rank_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.method.instruction import instruction_kv
@@ -76,6 +77,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self.kv_paths = KVPaths.for_actor(  # the path per holder: IPC on this GPU, NCCL, same-node read, gRPC
             name, self.node, self.device, self.transport, limits.same_gpu_ipc, probe_timeout_s=limits.probe_timeout_s
         )
+        engine = replace(engine or EngineConfig(), gpu_fraction=min(1.0, gpus)) if gpus > 0 else engine
         self.engine = DecodeEngine(self.lm, engine)  # resident KV pool + batched steps, for every job
         self._handles: dict[str, JobHandle] = {}  # job id -> its engine job, while it runs
         self.instructions = ChunkCache(max_bytes=64 << 20)  # instruction KV by content (computed here, kept whole)

@@ -22,6 +22,7 @@ from pdllm.decode_node.runner import DEFAULT_BUCKETS, BatchBuffers, StepRunner
 from pdllm.decode_node.scheduler import Scheduler
 from torch import Tensor
 
+from pdllm.devices import gpu_cache_bytes
 from pdllm.errors import PdllmError
 from pdllm.method.config import MethodConfig
 from pdllm.method.selection import question_queries, select_tokens
@@ -43,12 +44,15 @@ class EngineConfig:
     max_block: int = 128  # block_length
     max_selected: int = 16384  # selected context rows (+ kept question rows) per job
     keep_unpinned: bool = True  # fetched chunks stay resident (LRU) after their jobs finish
+    gpu_fraction: float = 1.0  # the process's share of its GPU: a derived pool stays within it (pdllm.devices)
 
     def validate(self) -> None:
         if self.max_batch < 1 or self.max_span < 2 or self.max_block < 1 or self.max_selected < 1:
             raise ValueError("max_batch, max_block and max_selected must be >= 1 and max_span >= 2")
         if self.pool_bytes < 0 or self.page_rows < 1:
             raise ValueError("pool_bytes must be >= 0 and page_rows >= 1")
+        if not 0 < self.gpu_fraction <= 1:
+            raise ValueError(f"gpu_fraction must be in (0, 1], got {self.gpu_fraction}")
         if any(b < 1 for b in self.graph_buckets):
             raise ValueError(f"graph buckets must be positive batch sizes, got {self.graph_buckets}")
 
@@ -70,8 +74,7 @@ def derive_pool_bytes(cfg: EngineConfig, device: torch.device) -> int:
         return cfg.pool_bytes
     if device.type != "cuda":
         return CPU_POOL_BYTES
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(0, int(0.9 * (free - GPU_RESERVE_BYTES)))
+    return gpu_cache_bytes(cfg.gpu_fraction, GPU_RESERVE_BYTES, device)
 
 
 class EngineClosed(PdllmError):

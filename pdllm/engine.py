@@ -47,6 +47,15 @@ def engine_for(lm: LoadedModel, config: EngineConfig | None = None) -> DecodeEng
         return engine
 
 
+def release_engine(lm: LoadedModel) -> None:
+    """Stop and forget the process's decode engine for `lm`, so its pool's memory can be freed (an engine holds
+    its model, so the registry alone would keep both alive)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.pop(lm.model, None)
+    if engine is not None:
+        engine.close()
+
+
 __all__ = ["MODES", "GenerationOutput", "MethodConfig", "generate"]
 
 

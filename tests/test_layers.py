@@ -20,7 +20,18 @@ SOURCES = {
 }
 # The layers, lowest first; a module belongs to the layer of its longest listed prefix. README, Layout, shows it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("pdllm", "pdllm.errors", "pdllm.progress", "pdllm.observability", "pdllm.proto", "pdllm.assets")),
+    (
+        "foundation",
+        (
+            "pdllm",
+            "pdllm.errors",
+            "pdllm.progress",
+            "pdllm.devices",
+            "pdllm.observability",
+            "pdllm.proto",
+            "pdllm.assets",
+        ),
+    ),
     ("kernels", ("pdllm.kernels",)),
     ("model", ("pdllm.models", "pdllm.sampler", "pdllm.prompt", "pdllm.tasks")),
     ("method", ("pdllm.method",)),
