@@ -43,7 +43,7 @@ from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
 from pdllm.method.ranking import rank
 from pdllm.models.loader import load_model
-from pdllm.observability import metrics
+from pdllm.observability import counters, metrics
 from pdllm.observability.logs import configure_logging, request_context
 from pdllm.sampler import SamplerConfig, strip_after_eos
 
@@ -371,6 +371,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "process": process_stats(),
             **self.memory.status(),
             "metrics": metrics.snapshot(),
+            "counters": counters.snapshot(),  # index round trips, hashes: what requests cost here
         }
 
 

@@ -30,7 +30,7 @@ from pdllm.devices import gpu_cache_bytes, pick_device
 from pdllm.method import MethodConfig, chunk_id, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
-from pdllm.observability import metrics
+from pdllm.observability import counters, metrics
 from pdllm.observability.logs import configure_logging, request_context
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
             "process": process_stats(),
             **self.memory.status(),
             "metrics": metrics.snapshot(),
+            "counters": counters.snapshot(),  # index round trips, hashes: what requests cost here
             **self.store.usage(),
         }
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 from pdllm.errors import InvalidRequest
+from pdllm.observability.counters import count
 from pdllm.sampler import SamplerConfig
 
 DEFAULT_PARAMS: dict = {
@@ -101,6 +102,7 @@ def _float(params: dict, key: str, lo: float, hi: float, open_lo: bool = False) 
 
 def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimits = ApiLimits()) -> dict:
     """Defaults filled in, unknown keys and out-of-range values rejected (InvalidRequest names the key)."""
+    count("params.complete")
     params = dict(params or {})
     unknown = sorted(set(params) - set(PARAM_KEYS))
     if unknown:

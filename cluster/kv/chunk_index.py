@@ -19,6 +19,7 @@ from pdllm.cluster.kv.redis_client import connect
 from torch import Tensor
 
 from pdllm.method.chunk_kv import ChunkKV
+from pdllm.observability.counters import count
 
 # Delete an entry only if the caller is still its holder (a newer holder's entry must survive a stale eviction).
 _DELETE_IF_HOLDER = """
@@ -72,6 +73,7 @@ class ChunkIndex:
         return f"{self.prefix}:ids"
 
     def register(self, chunk: ChunkKV, holder: str, node: str, address: str) -> None:
+        count("index.register")
         now = time.time()
         mapping = {
             "holder": holder,
@@ -94,6 +96,7 @@ class ChunkIndex:
         """Entries of the indexed ids among `cids` (one round trip)."""
         if not cids:
             return {}
+        count("index.lookup")
         pipe = self.r.pipeline(transaction=False)
         for cid in cids:
             pipe.hgetall(self._key(cid))
@@ -106,10 +109,12 @@ class ChunkIndex:
     def touch(self, cids: list[str]) -> None:
         """Record a use (last_used) on entries that still exist (a touch racing a delete recreates nothing)."""
         if cids:
+            count("index.touch")
             self._touch(keys=[self._key(c) for c in cids], args=[time.time()])
 
     def remove(self, cid: str, holder: str) -> bool:
         """Delete the entry if `holder` still holds it (eviction, or a reader that found the holder without it)."""
+        count("index.remove")
         return bool(self._delete_if_holder(keys=[self._key(cid), self._ids], args=[holder, cid]))
 
     def size(self) -> int:
@@ -121,6 +126,7 @@ class ChunkIndex:
     def claim(self, cid: str, owner: str, ttl_s: float) -> bool:
         """True if `owner` now holds the prefill claim on `cid` (expires after ttl_s). A retried SET whose first
         try went through finds its own owner there, and still counts as won."""
+        count("index.claim")
         key = f"{self.prefix}:claim:{cid}"
         if self.r.set(key, owner, nx=True, px=max(1, int(ttl_s * 1000))):
             return True
@@ -128,6 +134,7 @@ class ChunkIndex:
         return current is not None and current.decode() == owner
 
     def release(self, cid: str, owner: str) -> None:
+        count("index.release")
         self._release_if_owner(keys=[f"{self.prefix}:claim:{cid}"], args=[owner])
 
     def release_claims_of(self, holder: str) -> int:
@@ -143,6 +150,7 @@ class ChunkIndex:
     def claimed(self, cids: list[str]) -> dict[str, bool]:
         if not cids:
             return {}
+        count("index.claimed")
         values = self.r.mget([f"{self.prefix}:claim:{c}" for c in cids])
         return {c: v is not None for c, v in zip(cids, values, strict=True)}
 

@@ -6,6 +6,7 @@ import hashlib
 import struct
 
 from pdllm.errors import InvalidRequest
+from pdllm.observability.counters import count
 
 CHUNK_ID_VERSION = 1  # bump when what a chunk's KV holds changes, so stale KV never matches
 
@@ -19,6 +20,7 @@ def split_chunks(context_ids: list[int], chunk_size: int) -> list[list[int]]:
 
 def chunk_id(model_id: str, tokens: list[int], chunk_size: int, use_bos: bool) -> str:
     """sha256 hex of (model, chunking parameters, tokens): equal ids mean interchangeable KV."""
+    count("chunk_id")
     h = hashlib.sha256()
     h.update(f"pdllm-chunk/v{CHUNK_ID_VERSION}\0{model_id}\0{chunk_size}\0{int(bool(use_bos))}\0".encode())
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))
