@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from pdllm.cluster.api.backend import EventSink, method_kwargs
-from pdllm.cluster.api.params import ApiLimits, complete_params, sampler_from_params
+from pdllm.cluster.api.params import ApiLimits, checked_params, sampler_from_params
 from pdllm.cluster.common.errors import RequestExpired
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
@@ -55,8 +55,7 @@ class ClusterBackend:
         on_event: EventSink | None = None,
         timeout_s: float | None = None,
     ) -> dict:
-        limits = ApiLimits().for_model(self.router.max_position)
-        params = complete_params({**self.defaults, **(params or {})}, MODES, limits)
+        params = checked_params(params, MODES, ApiLimits().for_model(self.router.max_position), self.defaults)
         method = method_kwargs(self.router.generate, params)["method"]
         sampler = sampler_from_params(params)
         try:

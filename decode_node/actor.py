@@ -31,13 +31,14 @@ from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.kv.chunk_index import ChunkIndex, IndexEntry
 from pdllm.cluster.kv.collective_group import CollectiveGroup, CollectiveMember
 from pdllm.cluster.kv.collective_transport import CollectiveTransport
+from pdllm.cluster.kv.jobs import ChunksMissing, DecodeResult, DecodeTask, StepEvent, StreamCancelled
 from pdllm.cluster.kv.kv_paths import NODE, HolderFetch, KVPaths
 from pdllm.cluster.kv.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
 from pdllm.decode_node.job import JobCancelled, JobHandle
 
 from pdllm.devices import pick_device
-from pdllm.method import ChunkCache, MethodConfig, rank_chunks
+from pdllm.method import ChunkCache, rank_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
@@ -45,7 +46,7 @@ from pdllm.method.ranking import rank
 from pdllm.models.loader import load_model
 from pdllm.observability import counters, metrics
 from pdllm.observability.logs import configure_logging, request_context
-from pdllm.sampler import SamplerConfig, strip_after_eos
+from pdllm.sampler import strip_after_eos
 
 log = logging.getLogger(__name__)
 CANCEL_MEMORY_S = 600.0  # how long a cancelled request id is remembered (a cancel may arrive before its job)
@@ -113,17 +114,17 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
     def _is_cancelled(self, job_id: str | None) -> bool:
         return job_id is not None and job_id in self._cancel_at
 
-    def decode_stream(self, job: dict):
-        """The job as a stream: {"type": "step", ...} events when job["stream"] is set, then exactly one of
-        {"type": "result", **decode's answer} or {"type": "cancelled"}. Errors propagate as the task's error."""
-        jid = job.get("job_id")
+    def decode_stream(self, job: DecodeTask):
+        """The job as a stream: a StepEvent per step when `job.stream` is set, then exactly one of decode's answer
+        (DecodeResult or ChunksMissing) or StreamCancelled. Errors propagate as the task's error."""
+        jid = job.job_id
         box = EventBox(self.limits.stream_events)
 
         def run() -> None:
             try:
-                box.put_final({"type": "result", **self.decode(job, box if job.get("stream") else None)})
+                box.put_final(self.decode(job, box if job.stream else None))
             except JobCancelled:
-                box.put_final({"type": "cancelled"})
+                box.put_final(StreamCancelled(jid))
             except BaseException as e:  # re-raised in the generator: the router sees the task's error
                 box.put_final(e)
 
@@ -136,34 +137,32 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if item.get("type") in ("result", "cancelled"):
+                if not isinstance(item, dict):  # the answer (the step events are the engine's dicts)
                     finished = True
-                yield self._step_event(item, job) if "row" in item else item
+                yield self._step_event(item, job) if isinstance(item, dict) else item
                 if finished:
                     return
         finally:
             if not finished and jid is not None:  # the consumer went away (ray.cancel): stop the worker too
                 self.cancel(jid)
 
-    def _step_event(self, item: dict, job: dict) -> dict:
+    def _step_event(self, item: dict, job: DecodeTask) -> StepEvent:
         spec, row = self.lm.spec, item["row"]
         tokens = strip_after_eos(row, spec.eos_token_ids, spec.mask_token_id)
-        return {
-            "type": "step",
-            "step": item["step"],
-            "total_steps": int(job.get("total_steps", 0)),
-            "partial_text": self.lm.tokenizer.decode(tokens),
-            "unmasked_tokens": sum(t != spec.mask_token_id for t in row),
-        }
+        return StepEvent(
+            step=item["step"],
+            total_steps=job.total_steps,
+            partial_text=self.lm.tokenizer.decode(tokens),
+            unmasked_tokens=sum(t != spec.mask_token_id for t in row),
+        )
 
-    def decode(self, job: dict, events: EventBox | None = None) -> dict:
-        """job: question_ids, chunk_ids (document order), method (MethodConfig fields), sampler (SamplerConfig
-        fields), seed, and optionally job_id (cancel), request_id (logs) and total_steps (events). Returns {"tokens",
-        "answer", "stats"} or {"missing": [chunk ids whose KV is gone], "holders": {holder: why}}."""
+    def decode(self, job: DecodeTask, events: EventBox | None = None) -> DecodeResult | ChunksMissing:
+        """Rank the job's chunks from the entries it carries, fetch the selected KV from their holders, denoise.
+        Returns the answer, or the chunks whose KV could not be had (ChunksMissing)."""
         with self._count_lock:
             self.running += 1
         try:
-            with request_context(job.get("request_id")):
+            with request_context(job.request_id):
                 return self._decode(job, events)
         except JobCancelled:
             with self._count_lock:
@@ -174,9 +173,9 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
                 self.running -= 1
                 self.done += 1
 
-    def _on_step(self, job: dict, events: EventBox | None):
+    def _on_step(self, job: DecodeTask, events: EventBox | None):
         """The denoising loop's callback: stop if cancelled, record the step, hand a progress event to `events`."""
-        jid, last = job.get("job_id"), [time.perf_counter()]
+        jid, last = job.job_id, [time.perf_counter()]
 
         def on_step(step: int, gen) -> None:
             if self._is_cancelled(jid):
@@ -189,19 +188,18 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
 
         return on_step
 
-    def _decode(self, job: dict, events: EventBox | None = None) -> dict:
+    def _decode(self, job: DecodeTask, events: EventBox | None = None) -> DecodeResult | ChunksMissing:
         t0 = time.perf_counter()
-        if self._is_cancelled(job.get("job_id")):
-            raise JobCancelled(f"job {job.get('job_id')} cancelled before it started")
+        if self._is_cancelled(job.job_id):
+            raise JobCancelled(f"job {job.job_id} cancelled before it started")
         self.memory.admit(f"decode actor {self.name}")
-        cfg, sampler = MethodConfig(**job["method"]), SamplerConfig(**job["sampler"])
-        question_ids, ids = job["question_ids"], job["chunk_ids"]
-        entries = self.index.lookup(sorted(set(ids)))
+        cfg, sampler = job.method, job.sampler
+        question_ids, ids, entries = job.question_ids, job.chunk_ids, job.entries  # entries: the router's read
         gone = sorted({c for c in ids if c not in entries})
         if gone:
-            return {"missing": gone, "holders": {}}
+            return ChunksMissing(gone, {})
         where, device, gpu = _where(), self.lm.model.device, self.engine.scheduler.gpu_lock
-        instruction_ids = job.get("instruction_ids") or []
+        instruction_ids = job.instruction_ids
         with self._count_lock:
             instruction = instruction_kv(self.lm, instruction_ids, self.instructions, self.lm.model_id)
         held: dict[str, ChunkKV] = {}  # KV fetched outside the pool (draft ranking reads every chunk's)
@@ -223,7 +221,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
                 got[instruction.chunk_id] = instruction
             return {**got, **self._gather([c for c in missing if c not in got], entries, where)}
 
-        seed, on_step = job.get("seed", 0), self._on_step(job, events)
+        seed, on_step = job.seed, self._on_step(job, events)
         if cfg.selected_kv == "joint":  # re-encoded from the fetched chunks' tokens, one request at a time
             got = fetch(need)
             if missing := [c for c in need if c not in got]:
@@ -236,7 +234,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             n_sel, start = result.stats.get("selected_tokens", 0), 0
         else:
             cids, whole = instruction_first(need, instruction)
-            jid = job.get("job_id") or uuid.uuid4().hex
+            jid = job.job_id or uuid.uuid4().hex
             try:
                 djob = self.engine.prepare(
                     question_ids, cids, fetch, cfg, sampler, seed, on_step, timeout_s=self.limits.call_timeout_s,
@@ -284,9 +282,9 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "total %.1f ms)", len(tokens), result.steps, result.stats.get("mean_batch", 1.0), len(picked), len(ids),
             stats["rank_ms"], stats["fetch_ms"], 1000 * (time.perf_counter() - t0),
         )  # fmt: skip
-        return {"tokens": tokens, "answer": self.lm.tokenizer.decode(tokens), "stats": stats}
+        return DecodeResult(tokens, self.lm.tokenizer.decode(tokens), stats)
 
-    def _missing(self, cids: list[str], entries: dict[str, IndexEntry], where: dict) -> dict:
+    def _missing(self, cids: list[str], entries: dict[str, IndexEntry], where: dict) -> ChunksMissing:
         """The job's answer when chunks could not be had: their index entries are dropped (the holder no longer
         has them, or cannot send them) so the router prefills them again."""
         holders = {}
@@ -296,7 +294,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             holder = entries[cid].holder
             self.index.remove(cid, holder)
             holders[holder] = where["failed"].get(holder, "missing")
-        return {"missing": cids, "holders": holders}
+        return ChunksMissing(cids, holders)
 
     def _gather(self, need: list[str], entries: dict[str, IndexEntry], where: dict) -> dict[str, ChunkKV]:
         """KV of `need` (chunks not resident in the pool), from each holder over the path cluster/kv/kv_paths.py

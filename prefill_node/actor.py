@@ -2,7 +2,8 @@
 the Redis index, and serves them to decode actors over gRPC (ChunkTransfer) or, on the same node, through Ray.
 
 Two requests needing the same missing chunk encode it once: a chunk is encoded only by whoever wins its claim
-(Redis SET NX with expiry); the others report it as `waiting` and the router waits for its index entry.
+(Redis SET NX with expiry, all of a call's chunks in one script); the others report it as `waiting` and the router
+waits for its index entry.
 A chunk still in this store whose index entry was dropped (a reader could not fetch it) is registered again.
 """
 
@@ -19,15 +20,16 @@ import torch
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.common.memory_guard import MemoryGuard
 from pdllm.cluster.common.proc_stats import process_stats
-from pdllm.cluster.kv.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_index import CLAIMED, INDEXED, WAITING, ChunkIndex, IndexEntry, entry_of
 from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.collective_group import CollectiveGroup
 from pdllm.cluster.kv.collective_transport import CollectiveHolder, CollectiveSender
 from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcHolder
+from pdllm.cluster.kv.jobs import PrefillJob, PrefillResult
 from pdllm.cluster.kv.transfer_server import TransferFault, serve
 
 from pdllm.devices import gpu_cache_bytes, pick_device
-from pdllm.method import MethodConfig, chunk_id, encode_chunks
+from pdllm.method import MethodConfig, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
 from pdllm.observability import counters, metrics
@@ -97,61 +99,61 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
             "hidden_size": spec.hidden_size,
         }
 
-    def prefill(self, chunks: list[list[int]], method: dict, request_id: str | None = None) -> dict:
-        """Make every chunk's KV available: returns chunk ids `encoded` here, `present` (already in this store, or
-        in the index under a holder), and `waiting` (another prefill actor holds the claim and is encoding it).
-        `request_id` (the request that asked) goes on this call's log lines."""
+    def prefill(self, job: PrefillJob) -> PrefillResult:
+        """Make every chunk of `job` available (its ids are the router's, not hashed again): chunks in this store are
+        registered again if their entry was dropped, the rest are claimed in one index round trip and encoded by
+        this actor where it won the claim. Returns the entries (to hand the decode actor without a read) and the
+        ids another actor is encoding (`waiting`)."""
         self.memory.admit(f"prefill actor {self.name}")
         self.inflight += 1
         t0 = time.perf_counter()
         try:
-            with request_context(request_id):
-                out = self._prefill(chunks, MethodConfig(**method))
+            with request_context(job.request_id):
+                out = self._prefill(job.chunks, job.method)
                 log.info(
                     "prefill of %d chunks: %d encoded, %d present, %d waiting on another actor (%.1f ms)",
-                    len(chunks), len(out["encoded"]), len(out["present"]), len(out["waiting"]),
+                    len(job.chunks), len(out.encoded), len(out.entries) - len(out.encoded), len(out.waiting),
                     1000 * (time.perf_counter() - t0),
                 )  # fmt: skip
                 return out
         finally:
             self.inflight -= 1
 
-    def _prefill(self, chunks: list[list[int]], cfg: MethodConfig) -> dict:
-        model_id = self.lm.model_id
-        todo: dict[str, list[int]] = {}
-        for tokens in chunks:
-            todo.setdefault(chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos), tokens)
-        present, waiting, mine = [], [], {}
-        owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
-        indexed = self.index.lookup(list(todo))
-        for cid, tokens in todo.items():
+    def _entry(self, chunk: ChunkKV) -> IndexEntry:
+        """The entry this actor's store registered for `chunk` (as `ChunkIndex.register` wrote it)."""
+        return entry_of(chunk, self.store.holder, self.store.node, self.store.address, time.time())
+
+    def _prefill(self, todo: dict[str, list[int]], cfg: MethodConfig) -> PrefillResult:
+        out, unheld = PrefillResult(), []
+        for cid in todo:
             held = self.store.get(cid)
-            if held is not None:
-                if cid not in indexed:  # its entry was dropped after a failed fetch: register it again
-                    self.store.put(held)
-                present.append(cid)
-            elif cid in indexed:
-                present.append(cid)
-            elif self.index.claim(cid, owner, self.limits.claim_ttl_s):
-                if cid in self.index.lookup([cid]):  # registered between our lookup and our claim
-                    self.index.release(cid, owner)
-                    present.append(cid)
-                else:
-                    mine[cid] = tokens
+            if held is not None:  # its entry was dropped after a failed fetch (or never read): register it again
+                self.store.put(held)
+                out.entries[cid] = self._entry(held)
             else:
-                waiting.append(cid)
+                unheld.append(cid)
+        owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
+        states = self.index.claim_all(unheld, owner, self.limits.claim_ttl_s)
+        mine = {cid: todo[cid] for cid in unheld if states[cid] == CLAIMED}
+        out.waiting = [cid for cid in unheld if states[cid] == WAITING]
+        out.indexed_elsewhere = [cid for cid in unheld if states[cid] == INDEXED]
         try:
             if mine:
                 with self._encode_lock:
-                    fresh = encode_chunks(self.lm, list(mine.values()), cfg, model_id, self.limits.prefill_batch_size)
+                    fresh = encode_chunks(
+                        self.lm, list(mine.values()), cfg, self.lm.model_id, self.limits.prefill_batch_size,
+                        chunk_ids=list(mine),
+                    )  # fmt: skip
                 for chunk in fresh:
                     self.store.put(chunk)
+                    out.entries[chunk.chunk_id] = self._entry(chunk)
                 self.encoded_total += len(fresh)
                 metrics.record_prefill(sum(len(t) for t in mine.values()), len(fresh))
+                out.encoded = list(mine)
         finally:
             for cid in mine:
                 self.index.release(cid, owner)
-        return {"encoded": list(mine), "present": present, "waiting": waiting}
+        return out
 
     def read_chunks(self, cids: list[str]) -> dict[str, ChunkKV]:
         """Same-node reads (through Ray's shared-memory object store, no network); absent ids are left out."""

@@ -5,13 +5,13 @@ once, back-pressure is a clear error, status reports actors, stores, index and q
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict
 
 import pytest
 import ray
 from pdllm.cluster.common.errors import ClusterBusy
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
+from pdllm.cluster.kv.jobs import PrefillJob
 from pdllm.cluster.runtime import start_cluster
 
 from pdllm.engine import generate
@@ -98,13 +98,13 @@ def test_concurrent_requests_for_one_new_document_prefill_each_chunk_once(cluste
 def test_two_prefill_actors_racing_on_the_same_chunks_encode_each_once(cluster, lm):
     tokens = encode_request(lm.tokenizer, "A brand new text about racing actors. " * 6, "q").context_ids
     chunks = split_chunks(tokens, METHOD.chunk_size)
-    refs = [slot.handle.prefill.remote(chunks, asdict(METHOD)) for slot in cluster.router.prefill]
-    outs = ray.get(refs, timeout=60)
-    encoded = [set(o["encoded"]) for o in outs]
+    job = PrefillJob.of(lm.model_id, chunks, METHOD)
+    outs = ray.get([slot.handle.prefill.remote(job) for slot in cluster.router.prefill], timeout=60)
+    encoded = [set(o.encoded) for o in outs]
     assert not (encoded[0] & encoded[1])  # nobody encoded a chunk the other one encoded
     unique = {chunk_id(lm.model_id, c, METHOD.chunk_size, True) for c in chunks}
     assert encoded[0] | encoded[1] == unique
-    waiting = set(outs[0]["waiting"]) | set(outs[1]["waiting"])
+    waiting = set(outs[0].waiting) | set(outs[1].waiting)
     assert waiting <= unique
     assert set(cluster.router.index.lookup(sorted(unique))) == unique
 

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict
 
 import pytest
 import ray
@@ -40,6 +39,7 @@ from pdllm.cluster.kv.collective_group import (
     with_actor_env,
 )
 from pdllm.cluster.kv.collective_transport import CollectiveTransport, checksum
+from pdllm.cluster.kv.jobs import PrefillJob
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
 from pdllm.cluster.runtime import start_cluster
@@ -210,7 +210,7 @@ def actors(ray_local, redis_url, tiny_llada):
         )
     info = ray.get(holder.info.remote(), timeout=90)
     chunks = [[(7 * c + i) % 250 for i in range(32)] for c in range(3)]
-    encoded = ray.get(holder.prefill.remote(chunks, asdict(METHOD)), timeout=60)["encoded"]
+    encoded = ray.get(holder.prefill.remote(PrefillJob.of(info["model_id"], chunks, METHOD)), timeout=60).encoded
     source = ray.get(holder.read_chunks.remote(encoded), timeout=30)
     yield {"holder": holder, "info": info, "ids": encoded, "source": source, **receivers, "names": {
         "holder": name, "a": f"t-recv-a-{run}", "b": f"t-recv-b-{run}"}}  # fmt: skip

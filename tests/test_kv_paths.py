@@ -9,7 +9,6 @@ a reader whose IPC attempt is refused falling back to the same-node read within 
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict
 
 import pytest
 import ray
@@ -21,6 +20,7 @@ from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.collective_group import CollectiveGroup
 from pdllm.cluster.kv.collective_transport import CollectiveTransport
 from pdllm.cluster.kv.ipc_transport import IpcExporter, IpcTransport, IpcUnavailable, Lease, LeaseTable, ipc_supported
+from pdllm.cluster.kv.jobs import PrefillJob
 from pdllm.cluster.kv.kv_paths import GRPC, IPC, LOCAL, NODE, KVPaths, Site, choose_path
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
@@ -119,7 +119,7 @@ def holder(tmp_path_factory, tiny_llada):
     info = ray.get(actor.info.remote(), timeout=90)
     chunks = [[(11 * c + i) % 250 for i in range(32)] for c in range(2)]
     method = MethodConfig(chunk_size=32, top_k=2, keep_ratio=1.0)
-    ids = ray.get(actor.prefill.remote(chunks, asdict(method)), timeout=60)["encoded"]
+    ids = ray.get(actor.prefill.remote(PrefillJob.of(info["model_id"], chunks, method)), timeout=60).encoded
     index = ChunkIndex.from_url(redis.url, limits.index_prefix, 5.0)
     yield {"actor": actor, "info": info, "ids": ids, "entries": index.lookup(ids), "name": name}
     ray.kill(actor, no_restart=True)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from pdllm.cluster.api.backend import EventSink, method_kwargs
-from pdllm.cluster.api.params import ApiLimits, complete_params, sampler_from_params
+from pdllm.cluster.api.params import ApiLimits, checked_params, sampler_from_params
 
 from pdllm.engine import MODES, engine_for, generate
 from pdllm.errors import DeadlineExceeded
@@ -51,7 +51,7 @@ class InProcessBackend:
         on_event: EventSink | None = None,
         timeout_s: float | None = None,
     ) -> dict:
-        params = complete_params(params, self.modes, ApiLimits().for_model(self.lm.spec.max_position))
+        params = checked_params(params, self.modes, ApiLimits().for_model(self.lm.spec.max_position), {})
         stop = threading.Event()
         future = self._pool.submit(self._run, context, question, params, on_event, stop)
         try:

@@ -100,7 +100,20 @@ def _float(params: dict, key: str, lo: float, hi: float, open_lo: bool = False) 
     return float(value)
 
 
-def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimits = ApiLimits()) -> dict:
+class CheckedParams(dict):
+    """Parameters `complete_params` filled in and checked against an entry point's limits (the server's own, or
+    a batch's at submission): a backend runs them as they are instead of checking again with other limits."""
+
+
+def checked_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimits, defaults: dict) -> CheckedParams:
+    """`params` as they are when an entry point checked them already, else completed over `defaults` and checked
+    (a library caller of a backend)."""
+    if isinstance(params, CheckedParams):
+        return params
+    return complete_params({**defaults, **(params or {})}, modes, limits)
+
+
+def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimits = ApiLimits()) -> CheckedParams:
     """Defaults filled in, unknown keys and out-of-range values rejected (InvalidRequest names the key)."""
     count("params.complete")
     params = dict(params or {})
@@ -140,7 +153,7 @@ def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimi
     if out["mode"] not in modes:
         raise InvalidRequest(f"unknown mode {out['mode']!r}; this server supports {', '.join(modes)}")
     sampler_from_params(out).validate()  # divisibility of gen_length / block_length / steps, remasking
-    return out
+    return CheckedParams(out)
 
 
 def sampler_from_params(params: dict) -> SamplerConfig:

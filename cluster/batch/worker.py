@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pdllm.cluster.api.backend import GenerationBackend
+from pdllm.cluster.api.params import CheckedParams
 from pdllm.cluster.batch.store import BatchStore
 from pdllm.cluster.router.faults import one_line
 
@@ -104,7 +105,13 @@ class BatchWorker:
             context = spec["context"] if "context" in spec else self.store.document(spec["document_ref"])
             request_id = f"batch:{m}:{attempt}"
             result = self.backend.generate(
-                context, spec["question"], spec["params"], request_id, None, self.job_timeout_s
+                # checked at submission against the server's limits (jobs_from_request): not again here
+                context,
+                spec["question"],
+                CheckedParams(spec["params"]),
+                request_id,
+                None,
+                self.job_timeout_s,
             )
             outcome = "ok"
             if not self.store.complete(m, {"answer": result["answer"], "stats": result.get("stats", {})}):

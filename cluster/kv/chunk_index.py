@@ -34,6 +34,20 @@ for _, k in ipairs(KEYS) do
 end
 return 0
 """
+# Claim each chunk that has no entry: per (entry key, claim key) pair, 2 if indexed, 1 if claimed now (or already
+# ours), 0 if another owner holds the claim.
+_CLAIM_ALL = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('HEXISTS', KEYS[i], 'holder') == 1 then out[#out + 1] = 2
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then out[#out + 1] = 1
+  elseif redis.call('GET', KEYS[i + 1]) == ARGV[1] then out[#out + 1] = 1
+  else out[#out + 1] = 0 end
+end
+return out
+"""
+WAITING, CLAIMED, INDEXED = "waiting", "claimed", "indexed"
+CLAIM_STATES = (WAITING, CLAIMED, INDEXED)
 # Release a claim only if the caller still owns it.
 _RELEASE_IF_OWNER = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
@@ -59,6 +73,7 @@ class ChunkIndex:
         self._delete_if_holder = client.register_script(_DELETE_IF_HOLDER)
         self._release_if_owner = client.register_script(_RELEASE_IF_OWNER)
         self._touch = client.register_script(_TOUCH)
+        self._claim_all = client.register_script(_CLAIM_ALL)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "pdllm:kv", timeout_s: float = 5.0) -> ChunkIndex:
@@ -72,25 +87,27 @@ class ChunkIndex:
     def _ids(self) -> str:
         return f"{self.prefix}:ids"
 
-    def register(self, chunk: ChunkKV, holder: str, node: str, address: str) -> None:
+    def register(self, chunk: ChunkKV, holder: str, node: str, address: str) -> IndexEntry:
+        """Write `chunk`'s entry; returns it, so the writer can hand it on without a read."""
         count("index.register")
-        now = time.time()
+        entry = entry_of(chunk, holder, node, address, time.time())
         mapping = {
             "holder": holder,
             "node": node,
             "address": address,
-            "nbytes": chunk.nbytes(),
-            "dtype": dtype_name(chunk.k.dtype),
+            "nbytes": entry.nbytes,
+            "dtype": entry.dtype,
             "layout": LAYOUT,
-            "length": chunk.length,
-            "created": now,
-            "last_used": now,
+            "length": entry.length,
+            "created": entry.created,
+            "last_used": entry.last_used,
             "summary": pack_tensor(chunk.summary),
         }
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self._key(chunk.chunk_id), mapping=mapping)
         pipe.sadd(self._ids, chunk.chunk_id)
         pipe.execute()
+        return entry
 
     def lookup(self, cids: list[str]) -> dict[str, IndexEntry]:
         """Entries of the indexed ids among `cids` (one round trip)."""
@@ -132,6 +149,17 @@ class ChunkIndex:
             return True
         current = self.r.get(key)
         return current is not None and current.decode() == owner
+
+    def claim_all(self, cids: list[str], owner: str, ttl_s: float) -> dict[str, str]:
+        """Claim every id in one round trip: {id: CLAIMED (now `owner`'s, also when a retried call finds its own
+        claim), INDEXED (an entry exists: registered since the caller looked), or WAITING (another owner's claim)}.
+        The entry check and the claim are one atomic step, so no chunk is encoded twice or claimed after it landed."""
+        if not cids:
+            return {}
+        count("index.claim")
+        keys = [k for c in cids for k in (self._key(c), f"{self.prefix}:claim:{c}")]
+        got = self._claim_all(keys=keys, args=[owner, max(1, int(ttl_s * 1000))])
+        return {c: CLAIM_STATES[int(s)] for c, s in zip(cids, got, strict=True)}
 
     def release(self, cid: str, owner: str) -> None:
         count("index.release")
@@ -178,6 +206,23 @@ class ChunkIndex:
             if owner is not None:
                 counts[owner.decode()] = counts.get(owner.decode(), 0) + 1
         return counts
+
+
+def entry_of(chunk: ChunkKV, holder: str, node: str, address: str, now: float) -> IndexEntry:
+    """The entry `register` writes for `chunk` at time `now`."""
+    return IndexEntry(
+        chunk_id=chunk.chunk_id,
+        holder=holder,
+        node=node,
+        address=address,
+        nbytes=chunk.nbytes(),
+        dtype=dtype_name(chunk.k.dtype),
+        layout=LAYOUT,
+        length=chunk.length,
+        created=now,
+        last_used=now,
+        summary=chunk.summary.detach().cpu(),
+    )
 
 
 def _entry(cid: str, h: dict[bytes, bytes]) -> IndexEntry:

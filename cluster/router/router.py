@@ -22,22 +22,31 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
 
 import ray
 from pdllm.cluster.common.errors import ActorLost, ClusterTimeout, ClusterUnavailable, RequestExpired
 from pdllm.cluster.common.limits import ClusterLimits
-from pdllm.cluster.kv.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_index import ChunkIndex, IndexEntry
+from pdllm.cluster.kv.jobs import (
+    ChunksMissing,
+    DecodeResult,
+    DecodeTask,
+    PrefillJob,
+    PrefillResult,
+    StepEvent,
+    StreamCancelled,
+)
+from pdllm.cluster.router.assembly import assemble
 from pdllm.cluster.router.faults import FaultBook
 from pdllm.cluster.router.placement import Placement
 from pdllm.cluster.router.slots import ACTOR_GONE, ActorSlot, control
 from pdllm.cluster.router.status import StatusReport
 
 from pdllm.errors import InvalidRequest, PdllmError
-from pdllm.method import MethodConfig, chunk_id, split_chunks
+from pdllm.method import MethodConfig
 from pdllm.observability import metrics
 from pdllm.observability.logs import current_request_id, request_context
-from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS, encode_request
+from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS
 from pdllm.sampler import SamplerConfig
 
 log = logging.getLogger(__name__)
@@ -113,25 +122,21 @@ class Router(Placement, FaultBook, StatusReport):
     # ---- prefill ---------------------------------------------------------------------------------------------
     def ensure_chunks(
         self,
-        chunks: list[list[int]],
-        ids: list[str],
+        todo: dict[str, list[int]],
         method: MethodConfig,
         deadline: float | None = None,
         avoid: set[str] = frozenset(),
-    ) -> dict:
-        """Make every chunk's KV available somewhere; returns counts of chunks encoded for this request and reused."""
-        unique = dict(zip(ids, chunks, strict=True))
-        present = set(self.index.lookup(list(unique)))
-        todo = {cid: c for cid, c in unique.items() if cid not in present}
-        metrics.record_cache(hit=True, n=len(present))
-        metrics.record_cache(hit=False, n=len(todo))
+    ) -> tuple[dict[str, IndexEntry], int]:
+        """Make the KV of every chunk in `todo` (id -> tokens: the ones the router's read found no entry for)
+        available; returns their index entries (as the prefill actors wrote them) and how many were encoded."""
+        entries: dict[str, IndexEntry] = {}
         encoded, failovers = 0, 0
         wait_until = time.monotonic() + self._timeout(deadline)
         while todo:
             slot = self.pick_prefill(avoid, deadline)
             try:
-                ref = slot.handle.prefill.remote(list(todo.values()), asdict(method), current_request_id())
-                out = self._get(ref, f"prefill actor {slot.name}", deadline)
+                job = PrefillJob(chunks=dict(todo), method=method, request_id=current_request_id())
+                out: PrefillResult = self._get(slot.handle.prefill.remote(job), f"prefill actor {slot.name}", deadline)
             except ACTOR_GONE as e:
                 message = self._lost(slot, e)
                 failovers += 1
@@ -142,31 +147,43 @@ class Router(Placement, FaultBook, StatusReport):
                 continue  # the same chunks go to another (or the restarted) prefill actor
             finally:
                 self._release(slot)
-            encoded += len(out["encoded"])
-            waiting = self._wait_for(out["waiting"], wait_until)  # claimed by another actor: wait for its entry
-            todo = {cid: unique[cid] for cid in waiting}  # claims that expired without an entry: prefill again
-        return {"prefill_chunks": encoded, "reused_chunks": len(ids) - encoded}
+            encoded += len(out.encoded)
+            entries.update(out.entries)
+            # claimed by another actor, or registered by one since the router looked: wait for (read) their entries
+            found, dead = self._wait_for(out.waiting + out.indexed_elsewhere, wait_until)
+            entries.update(found)
+            todo = {cid: todo[cid] for cid in dead}  # claims that expired without an entry: prefill again
+        return entries, encoded
 
-    def _wait_for(self, cids: list[str], deadline: float) -> list[str]:
-        """Wait until each id is indexed; returns those whose claim vanished without an entry (claimant died)."""
-        pending, dead = set(cids), []
+    def _wait_for(self, cids: list[str], deadline: float) -> tuple[dict[str, IndexEntry], list[str]]:
+        """Wait until each id is indexed (another actor is encoding it); returns their entries and the ids whose
+        claim vanished without an entry (the claimant died). Only chunks two requests race for come here."""
+        pending, found, dead = set(cids), {}, []
         while pending:
-            pending -= set(self.index.lookup(sorted(pending)))
+            got = self.index.lookup(sorted(pending))
+            found.update(got)
+            pending -= set(got)
             if not pending:
                 break
             claimed = self.index.claimed(sorted(pending))
-            for cid, held in claimed.items():
-                if not held and cid not in self.index.lookup([cid]):
+            unclaimed = [cid for cid, held in claimed.items() if not held]
+            late = self.index.lookup(unclaimed)  # registered between the two reads
+            found.update(late)
+            for cid in unclaimed:
+                pending.discard(cid)
+                if cid not in late:
                     dead.append(cid)
-                    pending.discard(cid)
-            if time.monotonic() > deadline:
+            if pending and time.monotonic() > deadline:
                 raise ClusterTimeout(f"{len(pending)} chunks claimed by another prefill actor never appeared")
-            time.sleep(WAIT_POLL_S)
-        return dead
+            if pending:
+                time.sleep(WAIT_POLL_S)
+        return found, dead
 
     # ---- decode ----------------------------------------------------------------------------------------------
-    def _decode(self, slot: ActorSlot, job: dict, on_event: Callable[[dict], None] | None, deadline: float | None):
-        """Run `job` on `slot` as a stream, passing step events to `on_event`; returns the decode result dict.
+    def _decode(
+        self, slot: ActorSlot, job: DecodeTask, on_event: Callable[[dict], None] | None, deadline: float | None
+    ) -> DecodeResult | ChunksMissing:
+        """Run `job` on `slot` as a stream, passing step events to `on_event`; returns the decode actor's answer.
         Anything but a normal end (caller gone, deadline, error) cancels the job on the actor."""
         what = f"decode actor {slot.name}"
         gen = slot.handle.decode_stream.options(
@@ -193,13 +210,12 @@ class Router(Placement, FaultBook, StatusReport):
                     if isinstance(e.cause, PdllmError):  # the actor's own error, without Ray's traceback around it
                         raise e.cause from None
                     raise
-                kind = event.get("type")
-                if kind == "step":
+                if isinstance(event, StepEvent):
                     if on_event is not None:
-                        on_event(event)
+                        on_event(event.as_event())
                     continue
                 finished = True
-                if kind == "cancelled":
+                if isinstance(event, StreamCancelled):
                     raise ClusterTimeout(f"{what} cancelled the job")
                 return event
         finally:
@@ -207,10 +223,10 @@ class Router(Placement, FaultBook, StatusReport):
                 with self._lock:
                     self.faults["cancelled_jobs"] += 1
                 try:
-                    control(slot.handle.cancel).remote(job["job_id"])
+                    control(slot.handle.cancel).remote(job.job_id)
                     ray.cancel(gen)
                 except Exception as e:  # the actor is gone: nothing runs there any more
-                    log.info("cancelling job %s on %s: %s", job["job_id"], slot.name, e)
+                    log.info("cancelling job %s on %s: %s", job.job_id, slot.name, e)
 
     # ---- the request -----------------------------------------------------------------------------------------
     def generate(
@@ -268,20 +284,9 @@ class Router(Placement, FaultBook, StatusReport):
         sampler = sampler or SamplerConfig()
         method.validate(self.max_position)
         sampler.validate()
-        req = encode_request(self.tokenizer, context, question, self.max_context_tokens, instruction)
-        chunks = split_chunks(req.context_ids, method.chunk_size)
-        ids = [chunk_id(self.model_id, c, method.chunk_size, method.use_bos) for c in chunks]
-        job = {
-            "request_id": request_id,
-            "question_ids": req.question_ids,
-            "instruction_ids": req.instruction_ids,
-            "chunk_ids": ids,
-            "method": asdict(method),
-            "sampler": asdict(sampler),
-            "seed": seed,
-            "stream": on_event is not None,
-            "total_steps": sampler.steps if sampler.threshold is None else sampler.gen_length,
-        }
+        req = assemble(self.tokenizer, self.model_id, context, question, instruction, method, self.max_context_tokens)
+        ids, unique = req.chunk_ids, req.chunks
+        total_steps = sampler.steps if sampler.threshold is None else sampler.gen_length
 
         def prefill_event(done: int, reused: int) -> None:
             if on_event is not None:
@@ -291,22 +296,30 @@ class Router(Placement, FaultBook, StatusReport):
                         "done_chunks": done,
                         "total_chunks": len(ids),
                         "reused_chunks": reused,
-                        "context_tokens": len(req.context_ids),
+                        "context_tokens": req.context_tokens,
                     }
                 )
 
         prefill_event(0, 0)
         encoded, prefill_s, retries, failovers = 0, 0.0, 0, 0
         avoid_prefill: set[str] = set()
+        entries = self.index.lookup(list(unique))  # the request's one read of the index
         while True:
             t_prefill = time.perf_counter()
-            counts = self.ensure_chunks(chunks, ids, method, deadline, avoid_prefill)
+            todo = {cid: tokens for cid, tokens in unique.items() if cid not in entries}
+            metrics.record_cache(hit=True, n=len(unique) - len(todo))
+            metrics.record_cache(hit=False, n=len(todo))
+            made, n_encoded = self.ensure_chunks(todo, method, deadline, avoid_prefill)
+            entries.update(made)
             prefill_s += time.perf_counter() - t_prefill
-            encoded += counts["prefill_chunks"]
+            encoded += n_encoded
             prefill_event(len(ids), max(0, len(ids) - encoded))
-            entries = self.index.lookup(sorted(set(ids)))
             slot = self.pick_decode(ids, {c: e.node for c, e in entries.items()}, deadline=deadline)
-            job["job_id"] = uuid.uuid4().hex
+            job = DecodeTask(
+                job_id=uuid.uuid4().hex, request_id=request_id, question_ids=req.question_ids, chunk_ids=ids,
+                entries={c: entries[c] for c in unique if c in entries}, method=method, sampler=sampler, seed=seed,
+                instruction_ids=req.instruction_ids, stream=on_event is not None, total_steps=total_steps,
+            )  # fmt: skip
             try:
                 out = self._decode(slot, job, on_event, deadline)
             except ActorLost as e:
@@ -319,28 +332,29 @@ class Router(Placement, FaultBook, StatusReport):
                 continue
             finally:
                 self._release(slot)
-            if "missing" not in out:
+            if isinstance(out, DecodeResult):
                 break
             # selected chunks were evicted, or their holder died or could not send them: prefill again, retry
             retries += 1
             with self._lock:
                 self.faults["refetch_retries"] += 1
-            self._after_missing(out.get("holders", {}), avoid_prefill)
+            self._after_missing(out.holders, avoid_prefill)
             if retries > self.limits.max_retries:
                 raise ClusterTimeout(
                     f"selected chunks kept vanishing (evicted or unreadable) after {self.limits.max_retries} "
-                    f"retries: is the chunk store large enough for this document's {len(set(ids))} chunks? "
-                    f"last holders: {out.get('holders')}"
+                    f"retries: is the chunk store large enough for this document's {len(unique)} chunks? "
+                    f"last holders: {out.holders}"
                 )
-        stats = out["stats"]
+            entries = self.index.lookup(list(unique))  # entries of lost holders and dropped chunks are gone now
+        stats = dict(out.stats)
         with self._lock:
             slot.remember([ids[i] for i in stats.get("selected_chunk_indices", [])])
         stats.update(
             request_id=request_id,
             chunks=len(ids),
-            context_tokens=len(req.context_ids),
+            context_tokens=req.context_tokens,
             question_tokens=len(req.question_ids),
-            generated_tokens=len(out["tokens"]),
+            generated_tokens=len(out.tokens),
             retries=retries,
             failovers=failovers,
             prefill_seconds=round(prefill_s, 4),
@@ -348,7 +362,7 @@ class Router(Placement, FaultBook, StatusReport):
             prefill_chunks=encoded,
             reused_chunks=max(0, len(ids) - encoded),
         )
-        return {"answer": out["answer"], "stats": stats}
+        return {"answer": out.answer, "stats": stats}
 
 
 def check_request_params(method: MethodConfig | None, sampler: SamplerConfig | None) -> None:

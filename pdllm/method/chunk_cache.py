@@ -76,7 +76,8 @@ class ChunkCache:
             with self._encoding:  # another request may have encoded them while this one waited
                 found, missing = self._split(ids, chunks)
                 if missing:
-                    fresh = {e.chunk_id: e for e in encode_chunks(lm, list(missing.values()), cfg, model_id)}
+                    encoded = encode_chunks(lm, list(missing.values()), cfg, model_id, chunk_ids=list(missing))
+                    fresh = {e.chunk_id: e for e in encoded}
                 for e in fresh.values():
                     self.put(e)
         every = {**found, **fresh}

@@ -15,8 +15,16 @@ from pdllm.models.attention import SelfAttention
 
 
 @torch.no_grad()
-def encode_chunks(lm, chunks: list[list[int]], cfg: MethodConfig, model_id: str, batch_size: int = 8) -> list[ChunkKV]:
-    """Encode `chunks` (token lists without BOS) once each; returns one ChunkKV per chunk, in order."""
+def encode_chunks(
+    lm,
+    chunks: list[list[int]],
+    cfg: MethodConfig,
+    model_id: str,
+    batch_size: int = 8,
+    chunk_ids: list[str] | None = None,
+) -> list[ChunkKV]:
+    """Encode `chunks` (token lists without BOS) once each; returns one ChunkKV per chunk, in order. `chunk_ids`: their
+    chunk ids when the caller has them already (each chunk is hashed once per request)."""
     cfg.validate(lm.spec.max_position)
     model, spec = lm.model, lm.spec
     bos = [spec.bos_token_id] if cfg.use_bos and spec.bos_token_id is not None else []
@@ -38,6 +46,8 @@ def encode_chunks(lm, chunks: list[list[int]], cfg: MethodConfig, model_id: str,
             s, tokens = len(row), list(chunks[lo + b])
             k, v = k_all[b, :, :, :s].contiguous(), v_all[b, :, :, :s].contiguous()
             summary = summarize_keys([k[i] for i in layers], s, bool(bos), model.rotary)
-            cid = chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos)
+            cid = (
+                chunk_ids[lo + b] if chunk_ids is not None else chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos)
+            )
             out.append(ChunkKV(chunk_id=cid, tokens=tokens, k=k, v=v, summary=summary, has_bos=bool(bos)))
     return out
