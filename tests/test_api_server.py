@@ -4,7 +4,6 @@ deadlines, reflection and standard health; after every rejected call the server 
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -138,49 +137,110 @@ def test_message_over_the_size_limit_is_resource_exhausted(client):
     still_serving(client)
 
 
-def test_full_queue_is_resource_exhausted(server, client):
-    """One runs, one waits, the rest are refused at once; both admitted calls finish."""
-    slow = {"gen_length": 32, "block_length": 32, "steps": 32}
-    codes: list = []
-    lock = threading.Lock()
+class GatedBackend:
+    """The real backend, held at its first denoising step until `release` is set: a call occupies its running slot
+    for as long as a test needs, so queueing and refusal follow from events, not from how fast the model is."""
 
-    def call() -> None:
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.steps_after_release = 0
+
+    def generate(self, context, question, params, request_id, on_event=None, timeout_s=None):
+        def gate(event: dict) -> None:
+            if event["type"] == "step":
+                if not self.entered.is_set():
+                    self.entered.set()
+                    assert self.release.wait(60), "the test never released the gate"
+                else:
+                    self.steps_after_release += 1
+            if on_event is not None:
+                on_event(event)
+
+        return self.backend.generate(context, question, params, request_id, gate, timeout_s)
+
+    def model_info(self) -> dict:
+        return self.backend.model_info()
+
+    def health(self) -> dict:
+        return self.backend.health()
+
+
+@pytest.fixture
+def gated(backend):
+    gate = GatedBackend(backend)
+    cfg = ApiServerConfig(port=0, max_running=1, max_waiting=1, limits=LIMITS)
+    with ApiServer(gate, cfg) as srv, Client(srv.address, timeout_s=60, retries=0) as c:
+        yield gate, c
+        gate.release.set()
+
+
+def test_full_queue_is_resource_exhausted(gated):
+    """One runs (held at its first step), one waits (its stream says queued), the next is refused at once; both
+    admitted calls then finish."""
+    gate, client = gated
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
         try:
-            client.generate(CONTEXT * 8, "q?", slow)
-            code = grpc.StatusCode.OK
+            results[name] = client.generate(CONTEXT, "q?", SMALL)["answer"]
         except ApiError as exc:
-            code = exc.code
-        with lock:
-            codes.append(code)
+            results[name] = exc.code
 
-    threads = [threading.Thread(target=call) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
-    assert codes.count(grpc.StatusCode.OK) >= 2, codes
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert client.health()["admission"]["refused"] >= 1
-    still_serving(client)
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert gate.entered.wait(30)  # the first call holds the only running slot
+    stream = client.generate_stream(CONTEXT, "q?", **SMALL)
+    assert next(stream) == {"type": "queued", "position": 0}  # the second waits in the only queue place
+    with pytest.raises(ApiError) as refused:
+        client.generate(CONTEXT, "q?", SMALL)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server busy" in refused.value.details
+    gate.release.set()
+    rest = list(stream)
+    first.join(60)
+    assert rest[-1]["type"] == "final" and isinstance(results["first"], str)  # an answer, not a status code
+    assert client.health()["admission"] == {"running": 0, "waiting": 0, "refused": 1}
 
 
-def test_deadline_exceeded_stops_the_work(client, backend):
+def test_deadline_exceeded_stops_the_work(gated, backend):
+    """The deadline passes while the call is held mid-denoising; once let go, the request stops at its next step
+    instead of running the rest of its 64 steps."""
+    gate, client = gated
     slow = {"gen_length": 64, "block_length": 64, "steps": 64}
     before = client.health()["requests"]
-    t0 = time.monotonic()
     with pytest.raises(ApiError) as err:
         client.generate(CONTEXT * 16, "q?", slow, timeout_s=0.4)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - t0 < 3
-    # the server abandons the request within a step or two, long before its 64 steps would be done
-    deadline = time.monotonic() + 3
-    while backend.health()["running"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert gate.entered.is_set()  # it was running, not refused or queued
+    gate.release.set()
+    # the in-process backend runs one request at a time: the next answer comes after the stopped one has ended
+    still_serving(client)
+    assert gate.steps_after_release == 8  # only the next call's 8 steps: none of the stopped call's 63 left
     assert backend.health()["running"] == 0
     after = client.health()["requests"]
     stopped = lambda c: c["deadline_exceeded"] + c["cancelled"]  # noqa: E731
     assert stopped(after) == stopped(before) + 1
+
+
+def test_an_error_from_inside_the_engine_is_internal_with_its_cause_logged(
+    server, client, backend, monkeypatch, caplog
+):
+    """Only validation errors are INVALID_ARGUMENT: a ValueError from deep inside (a kernel's shape check) is the
+    server's fault, INTERNAL for the client, the cause in the log."""
+    import pdllm.cluster.api.in_process as in_process
+
+    def broken(*args, **kwargs):
+        raise ValueError("sparse_attention: q has 7 heads, k has 2 (shape check)")
+
+    monkeypatch.setattr(in_process, "generate", broken)
+    with caplog.at_level("ERROR", logger="pdllm.cluster.api.errors"), pytest.raises(ApiError) as err:
+        client.generate(CONTEXT, "What is the pass key?", **SMALL)
+    assert err.value.code == grpc.StatusCode.INTERNAL and err.value.details == "internal error: ValueError"
+    assert "q has 7 heads" in caplog.text  # the cause, for the operator
+    monkeypatch.undo()
+    with pytest.raises(ApiError) as bad:  # a parameter out of range is still the caller's: INVALID_ARGUMENT
+        client.generate(CONTEXT, "What is the pass key?", {**SMALL, "steps": 0})
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and "steps" in bad.value.details
     still_serving(client)
 
 
