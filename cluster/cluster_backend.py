@@ -35,7 +35,7 @@ class ClusterBackend:
         cfg = handle.config
         self.name = name or Path(cfg.model_dir).name
         self.defaults = {"mode": MODES[0], "chunk_size": cfg.chunk_size, "top_k": cfg.top_k}
-        self.defaults["keep_ratio"] = cfg.keep_ratio
+        self.defaults.update(keep_ratio=cfg.keep_ratio, keep_question_kv=cfg.keep_question_kv)
         self._closed = False
         self._lock = threading.Lock()
         self._snapshots: tuple[float, list] = (0.0, [])
@@ -43,7 +43,8 @@ class ClusterBackend:
 
     @classmethod
     def from_config(cls, path: str | Path, limits: ClusterLimits | None = None) -> ClusterBackend:
-        """Start the cluster the YAML file at `path` describes (see deploy/config.example.yaml)."""
+        """Start the cluster the YAML file at `path` describes (see deploy/config.example.yaml); `limits` in place of
+        the file's `limits:` (tests)."""
         return cls(start_cluster(ClusterConfig.from_yaml(path), limits))
 
     def generate(

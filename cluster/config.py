@@ -1,17 +1,18 @@
-"""The cluster's configuration: one flat dataclass, loaded from YAML and overridden by CLI flags.
+"""The cluster's configuration: one flat dataclass, loaded from YAML and overridden by the commands' flags.
 
 Every option is documented here and, line by line, in deploy/config.example.yaml (a test keeps the two equal).
-Knobs that only tune the runtime (queue bounds, timeouts, piece sizes) live in `cluster/common/limits.py` instead.
+Knobs that only tune the runtime (queue bounds, timeouts, piece sizes) are `ClusterLimits` (cluster/common/limits.py),
+set from the YAML's `limits:` mapping (every field of it, listed in the example too).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
+from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.kv.collective_group import KV_TRANSPORTS
 from pdllm.decode_node.engine import EngineConfig, parse_buckets
 
@@ -64,6 +65,9 @@ class ClusterConfig:
     decode_graph_buckets: str = "1,2,4,8,16,32,64"
     # Default for requests: keep the question's KV after the first step and recompute only the generated tokens.
     keep_question_kv: bool = False
+    # Runtime limits (queue bounds, timeouts, the decode pool's reuse, restarts...): a mapping of ClusterLimits
+    # fields; those not given keep their defaults.
+    limits: ClusterLimits = field(default_factory=ClusterLimits)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
@@ -91,7 +95,10 @@ class ClusterConfig:
         for name, value in values.items():
             if value is None:
                 continue
-            changes[name] = _coerce(name, known[name].type, value)
+            if name == "limits":
+                changes[name] = limits_with(self.limits, value)
+            else:
+                changes[name] = _coerce(name, known[name].type, value)
         return dataclasses.replace(self, **changes)
 
     def validate(self) -> None:
@@ -148,11 +155,25 @@ class ClusterConfig:
             keep_unpinned=reuse_fetched,
         )
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ClusterConfig:
-        """--config FILE (if given) then every flag add_arguments defined that was set."""
-        base = cls.from_yaml(args.config) if getattr(args, "config", None) else cls()
-        return base.with_overrides(**{f.name: getattr(args, f.name, None) for f in fields(cls)})
+
+def limits_with(base: ClusterLimits, values) -> ClusterLimits:
+    """`base` with the `limits:` mapping's values set (each coerced to its field's type, then checked), naming a bad
+    or unknown key."""
+    if isinstance(values, ClusterLimits):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(f"limits must be a mapping of limit: value, got {type(values).__name__}")
+    known = {f.name: f for f in fields(ClusterLimits)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown limit(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    changes = {k: _coerce(f"limits.{k}", known[k].type, v) for k, v in values.items() if v is not None}
+    limits = dataclasses.replace(base, **changes)
+    try:
+        limits.validate()
+    except ValueError as e:
+        raise ConfigError(f"limits: {e}") from None
+    return limits
 
 
 def _coerce(name: str, annotation: str, value):
@@ -179,12 +200,3 @@ def _coerce(name: str, annotation: str, value):
     if not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config FILE plus one flag per option (--num-decode-actors 4 ...); unset flags keep the file's value."""
-    parser.add_argument("--config", help="cluster config YAML (see deploy/config.example.yaml)")
-    types = {"str": str, "int": int, "float": float, "bool": str}
-    for f in fields(ClusterConfig):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, type=types[str(f.type)], default=None, help=f"cluster option {f.name}")

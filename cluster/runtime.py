@@ -88,9 +88,10 @@ def start_cluster(
     config: ClusterConfig, limits: ClusterLimits | None = None, on_stage: Callable[[str], None] | None = None
 ) -> ClusterHandle:
     """Bring the cluster up and return a handle whose `router` answers requests; call `shutdown()` when done.
-    `on_stage(text)` hears each stage as it completes (Redis, Ray, each actor ready): progress for a waiting user."""
+    `on_stage(text)` hears each stage as it completes (Redis, Ray, each actor ready): progress for a waiting user.
+    `limits`: in place of the config's (`limits:` in its YAML) as a whole."""
     config.validate()
-    limits = limits or ClusterLimits()
+    limits = limits or config.limits
     limits.validate()
     stage = on_stage or (lambda text: None)
     redis_url, embedded = connect_redis(config, limits.redis_data_dir)

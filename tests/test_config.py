@@ -1,30 +1,64 @@
-"""Cluster config: YAML loading, CLI overrides, validation errors that name the option; proto/build.py regenerates
-the committed code byte for byte."""
+"""Cluster config: YAML loading (its `limits:` too), overrides, validation errors that name the option;
+proto/build.py regenerates the committed code byte for byte."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from pdllm.cluster.config import ClusterConfig, ConfigError, add_arguments
+import yaml
+from pdllm.cluster.common.limits import ClusterLimits
+from pdllm.cluster.config import ClusterConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_yaml_then_cli_overrides(tmp_path):
+def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model_dir: /m\nnum_decode_actors: 2\ndecode_gpus_per_actor: 0.5\ntop_k: 4\n")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--config", str(path), "--top-k", "6", "--cpus-per-actor", "0.25"])
-    cfg = ClusterConfig.from_args(args)
+    cfg = ClusterConfig.from_yaml(path).with_overrides(top_k=6, cpus_per_actor=0.25, chunk_size=None)
     cfg.validate()
     assert (cfg.model_dir, cfg.num_decode_actors, cfg.decode_gpus_per_actor, cfg.top_k) == ("/m", 2, 0.5, 6)
-    assert cfg.cpus_per_actor == 0.25 and cfg.num_prefill_actors == 1  # unset flags keep the file / default value
-    assert cfg.method().top_k == 6
+    assert cfg.cpus_per_actor == 0.25 and cfg.num_prefill_actors == 1  # unset values keep the file / default value
+    assert cfg.method().top_k == 6 and cfg.chunk_size == 512
+
+
+def test_every_limit_is_set_from_the_yaml(tmp_path):
+    """The `limits:` mapping reaches ClusterLimits field by field, coerced to each field's type; the rest keep
+    their defaults; an override of one limit keeps the file's others."""
+
+    def changed(default):
+        if isinstance(default, bool):
+            return not default
+        return f"x{default}" if isinstance(default, str) else default * 2 + 1
+
+    values = {f.name: changed(getattr(ClusterLimits(), f.name)) for f in dataclasses.fields(ClusterLimits)}
+    values.update(log_level="DEBUG", transfer_piece_bytes=2 << 20, ipc_lease_s=5)  # within their allowed ranges
+    path = tmp_path / "limits.yaml"
+    path.write_text(yaml.safe_dump({"model_dir": "/m", "limits": values}))
+    cfg = ClusterConfig.from_yaml(path)
+    assert dataclasses.asdict(cfg.limits) == values
+    again = cfg.with_overrides(limits={"call_timeout_s": 7.5})
+    assert again.limits.call_timeout_s == 7.5 and again.limits.claim_ttl_s == values["claim_ttl_s"]
+
+
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"call_timeout": 5}, "unknown limit"),
+        ({"claim_ttl_s": "long"}, "limits.claim_ttl_s must be a number"),
+        ({"max_queued_per_decode_actor": 0}, "limits: max_queued_per_decode_actor must be >= 1"),
+        ([1, 2], "limits must be a mapping"),
+    ],
+)
+def test_bad_limits_are_rejected_naming_the_limit(tmp_path, limits, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model_dir": "/m", "limits": limits}))
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig.from_yaml(path)
 
 
 @pytest.mark.parametrize(

@@ -40,3 +40,7 @@ def test_example_loads_and_validates_through_the_config_class():
         got = getattr(cfg, key)
         got = dataclasses.asdict(got) if dataclasses.is_dataclass(got) else got
         assert got == value, f"{key}: loaded {got!r}, the file says {value!r}"
+    from pdllm.cluster.common.limits import ClusterLimits
+
+    limits = {f.name for f in dataclasses.fields(ClusterLimits)}
+    assert set(data["limits"]) == limits, f"limits missing from the example: {sorted(limits - set(data['limits']))}"

@@ -10,13 +10,12 @@ import yaml
 from pdllm.cluster.api.params import ApiLimits
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.cluster_backend import ClusterBackend
-from pdllm.cluster.common.limits import ClusterLimits
 
 from pdllm.client import ApiError, Client
 from pdllm.observability import counters
 
-CHUNK = 32
-SMALL = {"gen_length": 16, "block_length": 16, "steps": 8, "top_k": 2}
+CHUNK, TOP_K = 32, 3
+SMALL = {"gen_length": 16, "block_length": 16, "steps": 8}  # chunk size and top-K: the YAML's
 
 
 def document(tag: str, n: int = 6) -> str:
@@ -32,12 +31,17 @@ def served(tiny_llada, tmp_path_factory):
         "num_decode_actors": 1,
         "cpus_per_actor": 0.5,
         "chunk_size": CHUNK,
-        "top_k": 2,
+        "top_k": TOP_K,
         "store_capacity_bytes": 64 << 20,
+        "limits": {  # the runtime limits from the YAML, as a deployment sets them
+            "call_timeout_s": 60,
+            "start_timeout_s": 90,
+            "max_queued_per_decode_actor": 5,
+            "redis_data_dir": str(tmp_path_factory.mktemp("kv")),
+        },
     }
     path.write_text(yaml.safe_dump(config))
-    limits = ClusterLimits(call_timeout_s=60, start_timeout_s=90, redis_data_dir=str(tmp_path_factory.mktemp("kv")))
-    backend = ClusterBackend.from_config(path, limits)
+    backend = ClusterBackend.from_config(path)
     # limits above the defaults: a request within them must be served, not refused by a second default check
     api_limits = ApiLimits(max_top_k=4096, max_gen_length=2048)
     server = ApiServer(backend, ApiServerConfig(port=0, max_running=2, limits=api_limits)).start()
@@ -75,6 +79,8 @@ def test_one_request_reads_the_index_once_hashes_once_checks_once(served):
     print("first request (every chunk new):", first)
     n_chunks = got["stats"]["chunks"]
     assert n_chunks > 1 and got["stats"]["prefill_chunks"] == n_chunks
+    # the YAML's chunking is the requests' default: chunks of CHUNK tokens, TOP_K of them selected
+    assert n_chunks == -(-got["stats"]["context_tokens"] // CHUNK) and got["stats"]["selected_chunks"] == TOP_K
     router, prefill, decode = first["router"], first["prefill"], first["decode"]
     assert router.get("params.complete") == 1  # the server's check, with its limits; no second one
     assert router.get("chunk_id") == n_chunks  # each chunk hashed once, in the router
@@ -89,6 +95,12 @@ def test_one_request_reads_the_index_once_hashes_once_checks_once(served):
     assert index_reads(again["router"]) == 1 and again["router"].get("chunk_id") == n_chunks
     assert index_reads(again.get("prefill", {})) == 0 and index_reads(again["decode"]) == 0
     assert again["router"].get("params.complete") == 1
+
+
+def test_the_yaml_limits_reach_the_router(served):
+    backend, _ = served
+    assert backend.router.limits.call_timeout_s == 60 and backend.router.limits.start_timeout_s == 90
+    assert [s.max_queued for s in backend.router.decode] == [5]
 
 
 def test_the_servers_limits_above_the_defaults_take_effect(served):

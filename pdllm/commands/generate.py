@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pdllm.commands.engine_args import add_engine_args, cluster_overrides, engine_config
@@ -363,7 +364,6 @@ def _on_cluster(args, context: str, method) -> dict:
     """Start the cluster (embedded by default), answer once through its router, stop what was started."""
     from pdllm import progress
     from pdllm.cluster.api.params import sampler_from_params
-    from pdllm.cluster.common.limits import ClusterLimits
     from pdllm.cluster.config import ClusterConfig
     from pdllm.cluster.runtime import start_cluster
 
@@ -377,7 +377,7 @@ def _on_cluster(args, context: str, method) -> dict:
     progress.note(f"starting the cluster ({where}; model {config.model_dir})")
     started = time.monotonic()
     stage = lambda text: progress.note(f"  {text} ({time.monotonic() - started:.1f} s)")  # noqa: E731
-    with start_cluster(config, ClusterLimits(log_level="WARNING"), on_stage=stage) as handle:
+    with start_cluster(config, replace(config.limits, log_level="WARNING"), on_stage=stage) as handle:
         shown = progress.RequestProgress()
         try:
             out = handle.router.generate(

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pdllm.commands.engine_args import add_engine_args, cluster_overrides, engine_config
@@ -55,13 +56,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=None, help="calls queued beyond those (default: max-running)")
     add_engine_args(p)
     p.add_argument(
-        "--actor-max-restarts", type=_count, default=8, help="Ray restarts a dead prefill/decode actor this often"
+        "--actor-max-restarts",
+        type=_count,
+        default=None,
+        help="Ray restarts a dead prefill/decode actor this often (default: the config's limits, 8)",
     )
     p.add_argument(
         "--actor-memory-budget-mib",
         type=_count,
-        default=0,
-        help="an actor whose RSS is above this many MiB refuses new work (RESOURCE_EXHAUSTED); 0: off",
+        default=None,
+        help="an actor whose RSS is above this many MiB refuses new work (RESOURCE_EXHAUSTED); 0: off (default: "
+        "the config's limits, off)",
     )
     p.add_argument("--batch-concurrency", type=int, default=1, help="batch jobs running at once")
     p.add_argument("--worker-name", default="router-0", help="batch worker identity (stable across restarts)")
@@ -99,7 +104,6 @@ def resolve_token(args: argparse.Namespace) -> str | None:
 def cluster_backend(args: argparse.Namespace):
     """The Ray cluster behind the API: the one --config describes, else an embedded one on this machine."""
     from pdllm.cluster.cluster_backend import ClusterBackend
-    from pdllm.cluster.common.limits import ClusterLimits
     from pdllm.cluster.config import ClusterConfig
     from pdllm.cluster.runtime import start_cluster
 
@@ -112,12 +116,11 @@ def cluster_backend(args: argparse.Namespace):
         args.max_running = config.decode_max_batch * config.num_decode_actors
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
-    limits = ClusterLimits(  # the actors log like the server
-        log_json=args.log_json,
-        log_level=args.log_level,
-        actor_max_restarts=args.actor_max_restarts,
-        actor_memory_budget_bytes=args.actor_memory_budget_mib << 20,
-    )
+    given = {"actor_max_restarts": args.actor_max_restarts}  # flags given win over the config's `limits:`
+    if args.actor_memory_budget_mib is not None:
+        given["actor_memory_budget_bytes"] = args.actor_memory_budget_mib << 20
+    overrides = {k: v for k, v in given.items() if v is not None}
+    limits = replace(config.limits, log_json=args.log_json, log_level=args.log_level, **overrides)  # log as the server
     started = time.monotonic()
     stage = lambda text: print(f"  {text} ({time.monotonic() - started:.1f} s)", flush=True)  # noqa: E731
     return ClusterBackend(start_cluster(config, limits, on_stage=stage))
