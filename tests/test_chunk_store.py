@@ -3,6 +3,7 @@ claims, the tensor codec, and the ChunkTransfer gRPC service on loopback (pieces
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 
@@ -21,6 +22,7 @@ from pdllm.proto import chunk_transfer_pb2 as pb
 from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 
 from pdllm.method.chunk_kv import ChunkKV
+from pdllm.observability import counters
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,40 @@ def test_claims_of_a_dead_holder_are_released_at_once_and_only_its_own(index):
     assert index.release_claims_of("prefill-0") == 2
     assert index.claimed(["c1", "c2", "c3", "c4"]) == {"c1": False, "c2": False, "c3": True, "c4": True}
     assert index.claim("c1", "prefill-0:ee55", ttl_s=60)  # the new incarnation can claim without waiting the TTL
+
+
+def test_claim_all_claims_the_free_ids_in_one_round_trip(index):
+    index.register(make_chunk(1), "prefill-1", "node-a", "127.0.0.1:1")
+    assert index.claim(make_chunk(2).chunk_id, "other:aa", ttl_s=60)
+    ids = [make_chunk(s).chunk_id for s in (1, 2, 3)]
+    assert index.claim_all(ids, "me:bb", ttl_s=60) == {ids[0]: "indexed", ids[1]: "waiting", ids[2]: "claimed"}
+    assert index.claim_all([ids[2]], "me:bb", ttl_s=60) == {ids[2]: "claimed"}  # a retry finds its own claim
+    assert 0 < index.r.pttl(f"{index.prefix}:claim:{ids[2]}") <= 60_000
+
+
+def test_a_waiter_is_told_when_a_claimed_chunk_lands_and_when_its_claimant_is_gone(index):
+    """The waiter sleeps on the index's ready channel (a claims check only every 30 s here): the chunk's
+    registration wakes it with the entry; a claim that vanished without an entry is found at the next check."""
+    landing, orphan = make_chunk(5), make_chunk(6)
+    for chunk in (landing, orphan):
+        assert index.claim(chunk.chunk_id, "other:cc", ttl_s=60)
+    waiting, out = threading.Event(), {}
+
+    def wait() -> None:
+        out["result"] = index.wait_for([landing.chunk_id], time.monotonic() + 60, 30.0, waiting.set)
+
+    before = counters.snapshot()
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert waiting.wait(10)  # subscribed, and nothing was there yet
+    index.register(landing, "prefill-2", "node-b", "127.0.0.1:2")
+    waiter.join(10)
+    found, dead = out["result"]
+    assert list(found) == [landing.chunk_id] and found[landing.chunk_id].holder == "prefill-2" and dead == []
+    assert counters.difference(counters.snapshot(), before).get("index.lookup") == 2  # on entry, and once told
+    index.release(orphan.chunk_id, "other:cc")  # its claimant died without registering it
+    found, dead = index.wait_for([orphan.chunk_id], time.monotonic() + 60, recheck_s=0.0)
+    assert found == {} and dead == [orphan.chunk_id]
 
 
 def test_store_evicts_lru_and_deletes_from_index(index):

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import ray
-import yaml
+from cluster_yaml import small_cluster_yaml
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.batch.store import BatchStore
 from pdllm.cluster.batch.worker import BatchWorker
@@ -40,18 +40,8 @@ LONG = {"gen_length": 256, "block_length": 32, "steps": 256}  # long enough to b
 
 @pytest.fixture(scope="module")
 def backend(tiny_llada, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
-    config = {
-        "model_dir": str(tiny_llada),
-        "num_prefill_actors": 1,
-        "num_decode_actors": 1,
-        "cpus_per_actor": 0.5,
-        "chunk_size": METHOD.chunk_size,
-        "top_k": METHOD.top_k,
-        "keep_ratio": METHOD.keep_ratio,
-        "store_capacity_bytes": 64 << 20,
-    }
-    path.write_text(yaml.safe_dump(config))
+    method = {"chunk_size": METHOD.chunk_size, "top_k": METHOD.top_k, "keep_ratio": METHOD.keep_ratio}
+    path = small_cluster_yaml(tmp_path_factory.mktemp("cfg"), tiny_llada, **method)
     kv_dir = str(tmp_path_factory.mktemp("kv"))
     limits = ClusterLimits(call_timeout_s=60, start_timeout_s=90, redis_data_dir=kv_dir, log_json=True)
     b = ClusterBackend.from_config(path, limits)
@@ -173,7 +163,13 @@ def test_a_batch_is_answered_once_per_job(client, backend, store, lm):
 def test_health_and_model_info_render_as_pdllm_status_shows_them(client, server):
     info = client.model_info()
     assert info["modes"] == ["sparse"] and info["backend"] == "ray-cluster" and info["family"] == "llada"
-    assert info["defaults"] == {"mode": "sparse", "chunk_size": 32, "top_k": 2, "keep_ratio": 1.0}
+    assert info["defaults"] == {
+        "mode": "sparse",
+        "chunk_size": 32,
+        "top_k": 2,
+        "keep_ratio": 1.0,
+        "keep_question_kv": False,
+    }
     health = client.health()
     assert health["serving"] and health["backend"]["alive"] == {"prefill": 1, "decode": 1}
     assert health["streams"]["open"] == 0 and health["process"]["rss_bytes"] > 0

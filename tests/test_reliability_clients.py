@@ -15,7 +15,7 @@ import time
 
 import pytest
 import reliability_wire as wire
-import yaml
+from cluster_yaml import small_cluster_yaml
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
@@ -40,18 +40,8 @@ STALL_S = 0.5
 
 @pytest.fixture(scope="module")
 def backend(tiny_llada, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
-    config = {
-        "model_dir": str(tiny_llada),
-        "num_prefill_actors": 1,
-        "num_decode_actors": 1,
-        "cpus_per_actor": 0.5,
-        "chunk_size": METHOD.chunk_size,
-        "top_k": METHOD.top_k,
-        "keep_ratio": METHOD.keep_ratio,
-        "store_capacity_bytes": 64 << 20,
-    }
-    path.write_text(yaml.safe_dump(config))
+    method = {"chunk_size": METHOD.chunk_size, "top_k": METHOD.top_k, "keep_ratio": METHOD.keep_ratio}
+    path = small_cluster_yaml(tmp_path_factory.mktemp("cfg"), tiny_llada, **method)
     limits = ClusterLimits(call_timeout_s=60, start_timeout_s=90, redis_data_dir=str(tmp_path_factory.mktemp("kv")))
     b = ClusterBackend.from_config(path, limits)
     yield b

@@ -6,7 +6,7 @@ router), hashes each chunk once, checks its parameters once, with the server's o
 from __future__ import annotations
 
 import pytest
-import yaml
+from cluster_yaml import small_cluster_yaml
 from pdllm.cluster.api.params import ApiLimits
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 from pdllm.cluster.cluster_backend import ClusterBackend
@@ -24,23 +24,13 @@ def document(tag: str, n: int = 6) -> str:
 
 @pytest.fixture(scope="module")
 def served(tiny_llada, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "cluster.yaml"
-    config = {
-        "model_dir": str(tiny_llada),
-        "num_prefill_actors": 1,
-        "num_decode_actors": 1,
-        "cpus_per_actor": 0.5,
-        "chunk_size": CHUNK,
-        "top_k": TOP_K,
-        "store_capacity_bytes": 64 << 20,
-        "limits": {  # the runtime limits from the YAML, as a deployment sets them
-            "call_timeout_s": 60,
-            "start_timeout_s": 90,
-            "max_queued_per_decode_actor": 5,
-            "redis_data_dir": str(tmp_path_factory.mktemp("kv")),
-        },
+    limits = {  # the runtime limits from the YAML, as a deployment sets them
+        "call_timeout_s": 60,
+        "start_timeout_s": 90,
+        "max_queued_per_decode_actor": 5,
+        "redis_data_dir": str(tmp_path_factory.mktemp("kv")),
     }
-    path.write_text(yaml.safe_dump(config))
+    path = small_cluster_yaml(tmp_path_factory.mktemp("cfg"), tiny_llada, chunk_size=CHUNK, top_k=TOP_K, limits=limits)
     backend = ClusterBackend.from_config(path)
     # limits above the defaults: a request within them must be served, not refused by a second default check
     api_limits = ApiLimits(max_top_k=4096, max_gen_length=2048)

@@ -54,6 +54,7 @@ def jobs_from_request(request, modes: tuple[str, ...], limits: ApiLimits) -> tup
                 "id": job_id,
                 "question": decode_text("question", msg.question, limits.max_question_bytes),
                 "params": complete_params({**defaults, **conv.params_to_dict(msg.params)}, modes, limits),
+                "checked": True,  # against the server's limits: the worker runs them without a second check
             }
             if msg.WhichOneof("source") == "document_ref":
                 spec["document_ref"] = msg.document_ref

@@ -105,10 +105,9 @@ class BatchWorker:
             context = spec["context"] if "context" in spec else self.store.document(spec["document_ref"])
             request_id = f"batch:{m}:{attempt}"
             result = self.backend.generate(
-                # checked at submission against the server's limits (jobs_from_request): not again here
                 context,
                 spec["question"],
-                CheckedParams(spec["params"]),
+                _params(spec),
                 request_id,
                 None,
                 self.job_timeout_s,
@@ -132,3 +131,9 @@ class BatchWorker:
         with self._lock:
             active = len(self._active)
         return {"owner": self.owner, "active": active, "finished": self.finished, "recovered": self.recovered}
+
+
+def _params(spec: dict) -> dict:
+    """A job's parameters as the backend takes them: those checked at submission against the server's limits
+    (`jobs_from_request`) are not checked again; jobs stored by other means are, by the backend."""
+    return CheckedParams(spec["params"]) if spec.get("checked") else spec["params"]

@@ -6,11 +6,14 @@ Keys (under a per-cluster prefix P):
   P:ids         set of indexed chunk ids (its size is the index size)
   P:claim:<id>  prefill claim: SET NX with expiry, so two requests needing the same chunk encode it once and a
                 dead claimant blocks others for at most the claim's TTL
+  P:ready       pub/sub channel: each registered chunk id is published, so whoever waits for a chunk another actor
+                claimed is told when it lands instead of polling
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -87,6 +90,10 @@ class ChunkIndex:
     def _ids(self) -> str:
         return f"{self.prefix}:ids"
 
+    @property
+    def _ready(self) -> str:
+        return f"{self.prefix}:ready"
+
     def register(self, chunk: ChunkKV, holder: str, node: str, address: str) -> IndexEntry:
         """Write `chunk`'s entry; returns it, so the writer can hand it on without a read."""
         count("index.register")
@@ -106,6 +113,7 @@ class ChunkIndex:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self._key(chunk.chunk_id), mapping=mapping)
         pipe.sadd(self._ids, chunk.chunk_id)
+        pipe.publish(self._ready, chunk.chunk_id)
         pipe.execute()
         return entry
 
@@ -181,6 +189,48 @@ class ChunkIndex:
         count("index.claimed")
         values = self.r.mget([f"{self.prefix}:claim:{c}" for c in cids])
         return {c: v is not None for c, v in zip(cids, values, strict=True)}
+
+    def wait_for(
+        self, cids: list[str], until: float, recheck_s: float = 1.0, on_waiting: Callable[[], None] | None = None
+    ) -> tuple[dict[str, IndexEntry], list[str]]:
+        """Wait until each of `cids` (claimed by other prefill actors) is registered, told by the `ready` channel;
+        returns their entries and the ids whose claim vanished without an entry (the claimant died: prefill them
+        again). Claims are looked at every `recheck_s` at most. Past `until` (monotonic): TimeoutError.
+        `on_waiting()` runs once subscribed and the ids already there are read (tests)."""
+        if not cids:
+            return {}, []
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self._ready)
+            found = self.lookup(sorted(set(cids)))  # after subscribing: a chunk landing now is still heard of
+            pending, dead = set(cids) - set(found), []
+            if on_waiting is not None:
+                on_waiting()
+            checked = time.monotonic()
+            while pending:
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(pending)} chunks claimed by another prefill actor never appeared")
+                landed = set()
+                message = pubsub.get_message(timeout=min(recheck_s, left))
+                while message is not None:  # this one and any others already queued
+                    if message.get("type") == "message":
+                        landed.add(message["data"].decode())
+                    message = pubsub.get_message(timeout=0)
+                if landed & pending:
+                    got = self.lookup(sorted(landed & pending))
+                    found.update(got)
+                    pending -= set(got)
+                if pending and time.monotonic() - checked >= recheck_s:  # is every claimant still at work?
+                    checked = time.monotonic()
+                    unclaimed = [cid for cid, held in self.claimed(sorted(pending)).items() if not held]
+                    late = self.lookup(unclaimed)  # registered between the two reads
+                    found.update(late)
+                    dead += [cid for cid in unclaimed if cid not in late]
+                    pending -= set(unclaimed)
+            return found, dead
+        finally:
+            pubsub.close()
 
     def remove_holder(self, holder: str, batch: int = 500) -> int:
         """Delete every entry of `holder` (its store is gone: shutdown, or the actor died); returns how many."""

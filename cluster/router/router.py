@@ -50,7 +50,6 @@ from pdllm.prompt import DEFAULT_MAX_CONTEXT_TOKENS
 from pdllm.sampler import SamplerConfig
 
 log = logging.getLogger(__name__)
-WAIT_POLL_S = 0.02
 
 
 class Router(Placement, FaultBook, StatusReport):
@@ -155,29 +154,13 @@ class Router(Placement, FaultBook, StatusReport):
             todo = {cid: todo[cid] for cid in dead}  # claims that expired without an entry: prefill again
         return entries, encoded
 
-    def _wait_for(self, cids: list[str], deadline: float) -> tuple[dict[str, IndexEntry], list[str]]:
-        """Wait until each id is indexed (another actor is encoding it); returns their entries and the ids whose
-        claim vanished without an entry (the claimant died). Only chunks two requests race for come here."""
-        pending, found, dead = set(cids), {}, []
-        while pending:
-            got = self.index.lookup(sorted(pending))
-            found.update(got)
-            pending -= set(got)
-            if not pending:
-                break
-            claimed = self.index.claimed(sorted(pending))
-            unclaimed = [cid for cid, held in claimed.items() if not held]
-            late = self.index.lookup(unclaimed)  # registered between the two reads
-            found.update(late)
-            for cid in unclaimed:
-                pending.discard(cid)
-                if cid not in late:
-                    dead.append(cid)
-            if pending and time.monotonic() > deadline:
-                raise ClusterTimeout(f"{len(pending)} chunks claimed by another prefill actor never appeared")
-            if pending:
-                time.sleep(WAIT_POLL_S)
-        return found, dead
+    def _wait_for(self, cids: list[str], until: float) -> tuple[dict[str, IndexEntry], list[str]]:
+        """Entries of chunks other prefill actors claimed, once they land (the index tells), and the ids whose
+        claimant died; only chunks two requests race for come here."""
+        try:
+            return self.index.wait_for(cids, until)
+        except TimeoutError as e:
+            raise ClusterTimeout(str(e)) from None
 
     # ---- decode ----------------------------------------------------------------------------------------------
     def _decode(
