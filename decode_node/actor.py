@@ -38,7 +38,7 @@ from pdllm.decode_node.job import JobCancelled, JobHandle
 from pdllm.decode_node.summaries import SummaryCache
 
 from pdllm.devices import pick_device
-from pdllm.method import ChunkCache, MethodConfig, rank_chunks
+from pdllm.method import ChunkCache, MethodConfig
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
@@ -219,8 +219,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             with gpu:
                 picked, _ = rank(self.lm, question_ids, [_on(held[c], device) for c in ids], cfg, instruction)
         else:
-            with gpu:
-                picked = rank_chunks(self.lm, question_ids, [summaries[c] for c in ids], cfg.top_k) if ids else []
+            picked = self.engine.rank_chunks(question_ids, [summaries[c] for c in ids], cfg.top_k) if ids else []
         t1 = time.perf_counter()
         need = list(dict.fromkeys(ids[i] for i in picked))
 
