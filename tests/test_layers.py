@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("kernels", ("pdllm.kernels",)),
-    ("model", ("pdllm.models", "pdllm.sampler", "pdllm.prompt", "pdllm.tasks")),
+    ("model", ("pdllm.models", "pdllm.sampler", "pdllm.prompt", "pdllm.context_tokens", "pdllm.tasks")),
     ("method", ("pdllm.method",)),
     ("engine", ("pdllm.decode_node", "pdllm.engine", "pdllm.evaluation", "pdllm.training")),
     ("cluster.common", ("pdllm.cluster.common",)),

@@ -67,7 +67,7 @@ class IndexEntry:
     length: int  # K/V rows (tokens + BOS)
     created: float
     last_used: float
-    summary: Tensor
+    summary: Tensor | None  # None when read without it (lookup(summaries=False))
 
 
 class ChunkIndex:
@@ -117,16 +117,22 @@ class ChunkIndex:
         pipe.execute()
         return entry
 
-    def lookup(self, cids: list[str]) -> dict[str, IndexEntry]:
-        """Entries of the indexed ids among `cids` (one round trip)."""
+    def lookup(self, cids: list[str], summaries: bool = True) -> dict[str, IndexEntry]:
+        """Entries of the indexed ids among `cids` (one round trip). `summaries=False` leaves the summaries (most
+        of an entry's bytes) in Redis: for callers that only need to know where a chunk is, or have its summary."""
         if not cids:
             return {}
         count("index.lookup")
         pipe = self.r.pipeline(transaction=False)
         for cid in cids:
-            pipe.hgetall(self._key(cid))
+            if summaries:
+                pipe.hgetall(self._key(cid))
+            else:
+                pipe.hmget(self._key(cid), ENTRY_FIELDS)
         out = {}
         for cid, h in zip(cids, pipe.execute(), strict=True):
+            if not summaries:
+                h = {k.encode(): v for k, v in zip(ENTRY_FIELDS, h, strict=True) if v is not None}
             if h and b"holder" in h:
                 out[cid] = _entry(cid, h)
         return out
@@ -202,7 +208,9 @@ class ChunkIndex:
         pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(self._ready)
-            found = self.lookup(sorted(set(cids)))  # after subscribing: a chunk landing now is still heard of
+            found = self.lookup(
+                sorted(set(cids)), summaries=False
+            )  # after subscribing: a chunk landing now is still heard of
             pending, dead = set(cids) - set(found), []
             if on_waiting is not None:
                 on_waiting()
@@ -218,13 +226,13 @@ class ChunkIndex:
                         landed.add(message["data"].decode())
                     message = pubsub.get_message(timeout=0)
                 if landed & pending:
-                    got = self.lookup(sorted(landed & pending))
+                    got = self.lookup(sorted(landed & pending), summaries=False)
                     found.update(got)
                     pending -= set(got)
                 if pending and time.monotonic() - checked >= recheck_s:  # is every claimant still at work?
                     checked = time.monotonic()
                     unclaimed = [cid for cid, held in self.claimed(sorted(pending)).items() if not held]
-                    late = self.lookup(unclaimed)  # registered between the two reads
+                    late = self.lookup(unclaimed, summaries=False)  # registered between the two reads
                     found.update(late)
                     dead += [cid for cid in unclaimed if cid not in late]
                     pending -= set(unclaimed)
@@ -258,6 +266,9 @@ class ChunkIndex:
         return counts
 
 
+ENTRY_FIELDS = ("holder", "node", "address", "nbytes", "dtype", "layout", "length", "created", "last_used")
+
+
 def entry_of(chunk: ChunkKV, holder: str, node: str, address: str, now: float) -> IndexEntry:
     """The entry `register` writes for `chunk` at time `now`."""
     return IndexEntry(
@@ -287,5 +298,5 @@ def _entry(cid: str, h: dict[bytes, bytes]) -> IndexEntry:
         length=int(h[b"length"]),
         created=float(h[b"created"]),
         last_used=float(h[b"last_used"]),
-        summary=unpack_tensor(h[b"summary"]),
+        summary=unpack_tensor(h[b"summary"]) if b"summary" in h else None,
     )

@@ -286,7 +286,7 @@ class Router(Placement, FaultBook, StatusReport):
         prefill_event(0, 0)
         encoded, prefill_s, retries, failovers = 0, 0.0, 0, 0
         avoid_prefill: set[str] = set()
-        entries = self.index.lookup(list(unique))  # the request's one read of the index
+        entries = self.index.lookup(list(unique), summaries=False)  # the request's one read of the index
         while True:
             t_prefill = time.perf_counter()
             todo = {cid: tokens for cid, tokens in unique.items() if cid not in entries}
@@ -328,7 +328,7 @@ class Router(Placement, FaultBook, StatusReport):
                     f"retries: is the chunk store large enough for this document's {len(unique)} chunks? "
                     f"last holders: {out.holders}"
                 )
-            entries = self.index.lookup(list(unique))  # entries of lost holders and dropped chunks are gone now
+            entries = self.index.lookup(list(unique), summaries=False)  # lost holders' entries are gone by now
         stats = dict(out.stats)
         with self._lock:
             slot.remember([ids[i] for i in stats.get("selected_chunk_indices", [])])
