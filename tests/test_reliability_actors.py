@@ -47,6 +47,9 @@ def backend(nodes, tiny_llada, tmp_path_factory):
         start_timeout_s=120,
         decode_reuse_fetched=False,  # every job fetches its chunks from the prefill node
         redis_data_dir=str(tmp_path_factory.mktemp("kv")),
+        # losses stay losses: a restartable actor of the removed node would come back on the killed actor's node
+        # (its resource freed) at a moment of Ray's choosing; restarts have their own tests
+        actor_max_restarts=0,
     )
     b = ClusterBackend(start_cluster(config, limits))
     yield b
