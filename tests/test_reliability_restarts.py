@@ -108,7 +108,7 @@ def admitted_again(slot, pid: int) -> bool:
 
 @pytest.mark.timeout(600)
 def test_decode_then_prefill_sigkilled_mid_batch_every_job_answered_once_and_served_after(backend, bundled, caplog):
-    caplog.set_level(logging.INFO, logger="pdllm.cluster.router.router")
+    caplog.set_level(logging.INFO, logger="pdllm.cluster.router")
     router = backend.router
     decode, prefill = router.decode[0], router.prefill[0]
     store = BatchStore.from_url(backend.handle.redis_url, prefix="restarts:")
