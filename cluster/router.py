@@ -29,6 +29,7 @@ import ray
 from pdllm.cluster.actor_faults import death_cause, death_message
 from pdllm.cluster.chunk_index import ChunkIndex
 from pdllm.cluster.limits import ClusterLimits
+from pdllm.cluster.memory_limit import death_note
 
 from pdllm.errors import InvalidRequest, PdllmError
 from pdllm.method import MethodConfig, chunk_id, split_chunks
@@ -240,6 +241,9 @@ class Router:
         new incarnation answers. Returns the one-line message for the caller (`decode actor died: ...`)."""
         kind = self._kind(slot)
         cause = death_cause(why) if isinstance(why, BaseException) else str(why)
+        note = death_note(self.index.r, self.index.prefix, slot.name, slot.pid) if dead else None
+        if note:  # the incarnation ended itself and said why (its memory limit: cluster/memory_limit.py)
+            cause = note["cause"]
         restarting = slot.restartable
         message = death_message(kind, cause, restarting) if dead else f"{kind} actor {slot.name} not answering: {cause}"
         with self._lock:
@@ -259,6 +263,8 @@ class Router:
         if dead:
             metrics.record_actor_death(kind, cause)
             log.error("%s", message.replace(f"{kind} actor", f"{kind} actor {slot.name}", 1))
+            if note:
+                log.info("actor %s (pid %s) recorded before it ended: %s", slot.name, slot.pid, note["detail"])
             if isinstance(why, BaseException):
                 log.info("actor %s: Ray's report of the death: %s", slot.name, why)
         else:

@@ -30,6 +30,7 @@ from pdllm.cluster.event_box import EventBox
 from pdllm.cluster.kv_paths import NODE, HolderFetch, KVPaths
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryGuard
+from pdllm.cluster.memory_limit import MemoryLimit
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
@@ -86,7 +87,10 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self._cancel_at: dict[str, float] = {}  # job id -> when its cancel arrived
         self.fetch_failures: Counter = Counter()  # failed fetch attempts by reason
         self.fetch_recovered = 0  # fetches that failed and then succeeded on a retry
-        self.memory = MemoryGuard(limits.actor_memory_budget_bytes)  # refuse jobs before a memory killer acts
+        self.memory = MemoryGuard.from_limits(limits)  # refuse jobs before a memory killer acts
+        self.memory_limit = MemoryLimit.for_actor(  # past its hard limit the actor ends, its cause recorded
+            "decode", name, limits.actor_memory_limit_bytes, self.index.r, limits.index_prefix
+        )
 
     def info(self) -> dict:
         return {
@@ -346,6 +350,10 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
         self.memory.set_budget(budget_bytes)
 
+    def hold_memory(self, nbytes: int) -> None:
+        """Drill: keep `nbytes` more of written memory (a leak on demand): the memory limit then ends the actor."""
+        self.memory_limit.hold(nbytes)
+
     def status(self) -> dict:
         engine = self.engine.status()
         pool = engine["pool"]
@@ -368,6 +376,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "kv_paths": self.kv_paths.status(),
             "process": process_stats(),
             **self.memory.status(),
+            **self.memory_limit.status(),
             "metrics": metrics.snapshot(),
         }
 

@@ -23,6 +23,7 @@ from pdllm.cluster.collective_transport import CollectiveHolder, CollectiveSende
 from pdllm.cluster.ipc_transport import IpcExporter, IpcHolder
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryGuard
+from pdllm.cluster.memory_limit import MemoryLimit
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transfer_server import TransferFault, serve
 
@@ -84,7 +85,10 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         self._encode_lock = threading.Lock()
         self.encoded_total = 0
         self.inflight = 0
-        self.memory = MemoryGuard(limits.actor_memory_budget_bytes)  # refuse prefills before a memory killer acts
+        self.memory = MemoryGuard.from_limits(limits)  # refuse prefills before a memory killer acts
+        self.memory_limit = MemoryLimit.for_actor(  # past its hard limit the actor ends, its cause recorded
+            "prefill", name, limits.actor_memory_limit_bytes, self.index.r, limits.index_prefix
+        )
 
     def info(self) -> dict:
         spec = self.lm.spec
@@ -184,6 +188,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
             **self.kv_exporter.status(),  # CUDA IPC leases held for readers on this GPU
             "process": process_stats(),
             **self.memory.status(),
+            **self.memory_limit.status(),
             "metrics": metrics.snapshot(),
             **self.store.usage(),
         }
@@ -191,6 +196,10 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
     def set_memory_budget(self, budget_bytes: int) -> None:
         """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
         self.memory.set_budget(budget_bytes)
+
+    def hold_memory(self, nbytes: int) -> None:
+        """Drill: keep `nbytes` more of written memory (a leak on demand): the memory limit then ends the actor."""
+        self.memory_limit.hold(nbytes)
 
     def inject_transfer_fault(self, kind: str, count: int = 1, after_pieces: int = 1, stall_s: float = 5.0) -> None:
         """Break this holder's next `count` KV fetches on the real gRPC stream (drills, reliability tests):
