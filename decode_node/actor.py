@@ -27,6 +27,7 @@ from pdllm.cluster.chunk_index import ChunkIndex, IndexEntry
 from pdllm.cluster.collective_group import CollectiveGroup, CollectiveMember
 from pdllm.cluster.collective_transport import CollectiveTransport
 from pdllm.cluster.event_box import EventBox
+from pdllm.cluster.heap_trim import HeapTrim
 from pdllm.cluster.kv_paths import NODE, HolderFetch, KVPaths
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryGuard
@@ -91,6 +92,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self.memory_limit = MemoryLimit.for_actor(  # past its hard limit the actor ends, its cause recorded
             "decode", name, limits.actor_memory_limit_bytes, self.index.r, limits.index_prefix
         )
+        self.heap = HeapTrim()  # freed heap back to the system after work: RSS that stays bounded
 
     def info(self) -> dict:
         return {
@@ -175,6 +177,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             with self._count_lock:
                 self.running -= 1
                 self.done += 1
+            self.heap.after_work()
 
     def _on_step(self, job: dict, events: EventBox | None):
         """The denoising loop's callback: stop if cancelled, record the step, hand a progress event to `events`."""
@@ -377,6 +380,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "process": process_stats(),
             **self.memory.status(),
             **self.memory_limit.status(),
+            **self.heap.status(),
             "metrics": metrics.snapshot(),
         }
 

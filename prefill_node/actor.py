@@ -20,6 +20,7 @@ from pdllm.cluster.chunk_index import ChunkIndex
 from pdllm.cluster.chunk_store import ChunkStore
 from pdllm.cluster.collective_group import CollectiveGroup
 from pdllm.cluster.collective_transport import CollectiveHolder, CollectiveSender
+from pdllm.cluster.heap_trim import HeapTrim
 from pdllm.cluster.ipc_transport import IpcExporter, IpcHolder
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryGuard
@@ -89,6 +90,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         self.memory_limit = MemoryLimit.for_actor(  # past its hard limit the actor ends, its cause recorded
             "prefill", name, limits.actor_memory_limit_bytes, self.index.r, limits.index_prefix
         )
+        self.heap = HeapTrim()  # freed heap back to the system after work: RSS that stays bounded
 
     def info(self) -> dict:
         spec = self.lm.spec
@@ -124,6 +126,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
                 return out
         finally:
             self.inflight -= 1
+            self.heap.after_work()
 
     def _prefill(self, chunks: list[list[int]], cfg: MethodConfig) -> dict:
         model_id = self.lm.model_id
@@ -189,6 +192,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
             "process": process_stats(),
             **self.memory.status(),
             **self.memory_limit.status(),
+            **self.heap.status(),
             "metrics": metrics.snapshot(),
             **self.store.usage(),
         }
