@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from pdllm.cluster.actor_faults import OUT_OF_MEMORY
+from pdllm.cluster.heap_trim import HeapTrim
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from pdllm.cluster.memory_limit import MemoryLimit, death_note, record_death
@@ -101,3 +102,32 @@ def test_the_drill_holds_real_memory_and_a_zero_limit_never_fires():
     assert not limit.check()
     with pytest.raises(ValueError):
         limit.hold(-1)
+
+
+def test_heap_trim_hands_freed_holes_back_to_the_system():
+    trim = HeapTrim(min_interval_s=60.0)
+    kept = [bytes(100_000) + b"x" for _ in range(2000)]  # ~200 MB in blocks under glibc's mmap threshold
+    del kept[::2]  # every other one freed: holes between live blocks, which free() alone keeps
+    released = trim.trim_now()
+    trim.stop()
+    assert released >= 40 << 20, released  # most of the ~100 MB of holes (this process's other work moves RSS too)
+    assert trim.status() == {"heap_trims": 1, "heap_trim_released_bytes": released}
+    del kept
+
+
+def test_heap_trim_runs_after_work_on_its_thread_and_at_most_once_an_interval():
+    calls, first = [], threading.Event()
+
+    def fake_trim() -> int:
+        calls.append(1)
+        first.set()
+        return 1
+
+    trim = HeapTrim(min_interval_s=60.0, trim=fake_trim)
+    assert not calls  # nothing before work ends
+    trim.after_work()
+    assert first.wait(10), "no trim after work"
+    trim.after_work()
+    trim.after_work()  # within the interval: coalesced, not run now
+    assert len(calls) == 1
+    trim.stop()  # ends the wait without another trim
