@@ -1,6 +1,6 @@
 """Reliability: the default deployment's actors killed by a memory limit mid-batch. The embedded default cluster (a
 private local Ray with one prefill and one decode actor, the embedded Valkey, the bundled model, the default
-ClusterConfig) runs with a small per-actor memory limit (`actor_memory_limit_bytes`, 4 GiB here; the actors' working
+ClusterConfig) runs with a per-actor memory limit (`actor_memory_limit_bytes`, 4 GiB here; the actors' working
 set in this test stays under it). Mid-batch the decode actor is made to hold real, written memory past the
 limit (the `hold_memory` drill, a leak on demand); its watchdog records the cause and ends the process, Ray restarts
 it, the router re-runs the lost work on the new incarnation and names the cause `out of memory`. Then the same for
