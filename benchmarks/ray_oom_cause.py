@@ -1,7 +1,8 @@
 """What reaches the router when Ray's memory monitor kills an actor mid-call, and the cause cluster/actor_faults.py
 makes of it. A private local Ray is started with the monitor's threshold set just above the node's usage at start
 (`RAY_memory_usage_threshold`, polled every 100 ms); a restartable actor then grows in 128 MiB steps until the
-monitor kills it. Prints the error's type, its first lines, `death_cause` of it, and whether the actor came back.
+monitor kills it. Prints the error's type, its first lines, `death_cause` of it, Ray's worker-table record of the
+killed process and the cause the router makes of both, and whether the actor came back.
 
 A check, not a test: the threshold is a fraction of the whole machine's memory, so on a shared machine another
 process's growth moves when it fires (and a threshold too low would kill whatever Ray runs).
@@ -34,7 +35,7 @@ def main() -> None:
     os.environ["RAY_memory_usage_threshold"] = f"{threshold:.4f}"  # the raylet started below inherits these
     os.environ["RAY_memory_monitor_refresh_ms"] = "100"
     import ray
-    from pdllm.cluster.actor_faults import death_cause, death_message
+    from pdllm.cluster.actor_faults import death_cause, death_message, ray_exit_cause, ray_worker_exit
 
     lines = [
         f"ray_oom_cause {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, ray {ray.__version__}; "
@@ -69,7 +70,12 @@ def main() -> None:
             lines.append(f"killed after {time.monotonic() - started:.1f} s: {type(e).__module__}.{type(e).__name__}")
             lines.extend(f"  | {line[:200]}" for line in text[:6])
             cause = death_cause(e)
-            lines.append(f"death_cause: {cause!r}; the router's line: {death_message('decode', cause, True)!r}")
+            lines.append(f"death_cause of the error: {cause!r}")
+            node = ray.get_runtime_context().get_node_id()  # one node: the actor's
+            exit_type, noted = ray_worker_exit(first, node), ray_exit_cause(first, node)
+            cause = noted or cause  # what the router does with a cause-less death (cluster/router.py, _lost)
+            lines.append(f"Ray's worker table: exit type {exit_type}; ray_exit_cause {noted!r}")
+            lines.append(f"the router's line: {death_message('decode', cause, True)!r}")
         again = ray.get(actor.pid.remote(), timeout=60)
         lines.append(f"actor back: pid {first} -> {again} ({'restarted' if again != first else 'same process'})")
     finally:

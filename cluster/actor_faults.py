@@ -34,6 +34,34 @@ def death_cause(error: BaseException | str) -> str:
     return first[:120]
 
 
+def ray_worker_exit(pid: int | None, node_id: str | None) -> str | None:
+    """How Ray's record says the worker process `pid` on `node_id` ended (its GCS worker table's exit type, e.g.
+    NODE_OUT_OF_MEMORY, SYSTEM_ERROR), or None: still alive, no record, or the table unreadable (an internal Ray
+    API, ray._private.state, so any change in it reads as "no record")."""
+    if pid is None:
+        return None
+    try:
+        from ray._private.state import state
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        for raw in state._connect_and_get_accessor().get_worker_table():
+            worker = gcs_pb2.WorkerTableData.FromString(raw)
+            if worker.pid == pid and not worker.is_alive:
+                if not node_id or worker.worker_address.node_id.hex() == node_id:
+                    return common_pb2.WorkerExitType.Name(worker.exit_type)
+    except Exception:
+        return None
+    return None
+
+
+def ray_exit_cause(pid: int | None, node_id: str | None) -> str | None:
+    """OUT_OF_MEMORY when Ray's memory monitor killed the worker process `pid` (exit type NODE_OUT_OF_MEMORY).
+
+    Why: a restartable actor killed by the monitor mid-call fails the call with `ActorUnavailableError: ... The actor
+    was restarted`, which names no cause (benchmarks/ray_oom_cause.py); Ray's worker table keeps the exit type."""
+    return OUT_OF_MEMORY if ray_worker_exit(pid, node_id) == "NODE_OUT_OF_MEMORY" else None
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
     """`Type: first line of the message`, cut to `limit` characters: what a batch job records as its error."""
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")

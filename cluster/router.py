@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
-from pdllm.cluster.actor_faults import death_cause, death_message
+from pdllm.cluster.actor_faults import PROCESS_LOST, death_cause, death_message, ray_exit_cause
 from pdllm.cluster.chunk_index import ChunkIndex
 from pdllm.cluster.limits import ClusterLimits
 from pdllm.cluster.memory_limit import death_note
@@ -244,6 +244,8 @@ class Router:
         note = death_note(self.index.r, self.index.prefix, slot.name, slot.pid) if dead else None
         if note:  # the incarnation ended itself and said why (its memory limit: cluster/memory_limit.py)
             cause = note["cause"]
+        elif dead and cause == PROCESS_LOST:  # Ray's error names no cause; its worker table may (memory monitor)
+            cause = ray_exit_cause(slot.pid, slot.node) or cause
         restarting = slot.restartable
         message = death_message(kind, cause, restarting) if dead else f"{kind} actor {slot.name} not answering: {cause}"
         with self._lock:
