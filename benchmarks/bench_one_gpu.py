@@ -9,8 +9,9 @@ Per backend, on documents of --context-tokens tokens (LLaDA-8B-shaped random bf1
   c1, c8          requests/s over the prefilled documents from 1 and from 8 client threads
 (in this order: warm-up, first question, c1, c8, first x8; the host path, after its start, gets --host-budget-s and
 fewer requests: steps past the budget are skipped and reported)
-The in-process engine is `pdllm serve --in-process`'s: `engine.generate`, one call at a time (--max-running 1), with
-a chunk cache big enough for every document (so it never re-encodes). The cluster is `start_cluster` + the router
+The in-process engine is `pdllm serve --in-process`'s: `engine.generate` from as many threads as there are clients,
+every one batched into the decode engine's steps, with a chunk cache big enough for every document (so it never
+re-encodes) and a decode pool of --pool-gib. The cluster is `start_cluster` + the router
 (the gRPC API in front of either backend is the same and left out), default limits (the decode engine: a batch of up
 to 32 jobs per step over its resident KV pool), `same_gpu_ipc` on or off. The host path gets a time budget
 (--host-budget-s): it is slow.
@@ -44,8 +45,9 @@ from pdllm.cluster.collective_group import with_actor_env  # noqa: E402
 from pdllm.cluster.config import ClusterConfig  # noqa: E402
 from pdllm.cluster.limits import ClusterLimits  # noqa: E402
 from pdllm.cluster.runtime import start_cluster  # noqa: E402
+from pdllm.decode_node.engine import EngineConfig  # noqa: E402
 
-from pdllm.engine import generate  # noqa: E402
+from pdllm.engine import engine_for, generate, release_engine  # noqa: E402
 from pdllm.method import ChunkCache, MethodConfig  # noqa: E402
 from pdllm.models.checkpoint import save_checkpoint  # noqa: E402
 from pdllm.models.loader import load_model  # noqa: E402
@@ -76,21 +78,24 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
 
 
 class InProcess:
-    """engine.generate one call at a time (pdllm serve --in-process, --max-running 1)."""
+    """engine.generate from every client thread into one decode engine (pdllm serve --in-process)."""
 
-    def __init__(self, model_dir: str, method: MethodConfig, sampler: SamplerConfig, device: str) -> None:
+    def __init__(self, model_dir: str, method: MethodConfig, sampler: SamplerConfig, device: str, args) -> None:
         self.lm = load_model(model_dir, device)
-        self.cache = ChunkCache(max_bytes=96 << 30)
+        self.cache = ChunkCache(max_bytes=args.store_gib << 30)
+        self.engine = engine_for(self.lm, EngineConfig(pool_bytes=args.pool_gib << 30))  # before the cache fills
         self.method, self.sampler = method, sampler
-        self._lock = threading.Lock()
 
     def ask(self, doc: str, question: str) -> dict:
-        with self._lock:
-            out = generate(self.lm, doc, question, self.sampler, "sparse", 1 << 20, 0, None, self.method, self.cache)
+        out = generate(
+            self.lm, doc, question, self.sampler, "sparse", 1 << 20, 0, None, self.method, self.cache,
+            engine=self.engine,
+        )  # fmt: skip
         return {"answer": out.answer, "stats": out.stats}
 
     def close(self) -> None:
-        del self.lm, self.cache
+        release_engine(self.lm)
+        del self.lm, self.cache, self.engine
 
 
 class Cluster:
@@ -144,7 +149,13 @@ def timed(backend, jobs: list[tuple[str, str]], threads: int, budget_s: float | 
             paths[p] = paths.get(p, 0) + n
         if o["stats"].get("fetched_same_node"):
             paths["node"] = paths.get("node", 0) + o["stats"]["fetched_same_node"]
+    breakdown = {}  # mean per request of where its time went (keys a backend reports)
+    for key in BREAKDOWN:
+        values = [o["stats"][key] for _, o in done if o["stats"].get(key) is not None]
+        if values:
+            breakdown[key] = round(statistics.mean(values), 4)
     return {
+        "breakdown": breakdown,
         "requests": len(done),
         "threads": threads,
         "seconds": round(wall, 3),
@@ -155,6 +166,12 @@ def timed(backend, jobs: list[tuple[str, str]], threads: int, budget_s: float | 
         "prefill_chunks": sum(o["stats"].get("prefill_chunks", 0) for _, o in done),
         "answers": [o["answer"] for _, o in done],
     }
+
+
+# ms: the decode actor's index read, read + ranking, fetch + row selection, its whole job; s: engine queue and steps,
+# the router's whole request (in-process: the chunk-cache lookup as prefill_seconds)
+BREAKDOWN = ("lookup_ms", "rank_ms", "fetch_ms", "actor_ms", "queue_seconds", "decode_seconds", "prefill_seconds",
+             "total_seconds")  # fmt: skip
 
 
 def measure(name: str, make, docs: list[str], args, budget_s: float | None) -> dict:
@@ -246,6 +263,12 @@ def render(result: dict) -> str:
     if host is not None and len(rows) > 1:
         lines.append(f"# answers cluster-ipc = cluster-host (first, c1): {same_answers(rows[1], host)}")
     for r in rows:
+        for key in ("c1", "c8"):
+            part = r.get(key) or {}
+            if part.get("breakdown"):
+                mean_s = part["latency_s"]["mean"]
+                lines.append(f"# {r['backend']} {key} per request (client mean {mean_s} s): {part['breakdown']}")
+    for r in rows:
         counts = {k: (r[k]["requests"], r[k]["seconds"]) for k in ("c1", "c8") if r.get(k)}
         lines.append(
             f"# {r['backend']}: start {r['start_s']} s, measured {r['total_s']} s, (requests, s) {counts}"
@@ -268,7 +291,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--c1-requests", type=int, default=6)
     ap.add_argument("--c8-requests", type=int, default=16)
-    ap.add_argument("--store-gib", type=int, default=56)
+    ap.add_argument("--store-gib", type=int, default=50, help="chunk store (in-process: chunk cache), GiB")
+    ap.add_argument("--pool-gib", type=int, default=40, help="in-process decode pool, GiB (the cluster's is derived)")
     ap.add_argument("--host-budget-s", type=float, default=60.0, help="time the host-path cluster may take")
     ap.add_argument("--host-c1-requests", type=int, default=2, help="the host path is slow: fewer requests")
     ap.add_argument("--host-c8-requests", type=int, default=8)
@@ -285,7 +309,7 @@ def main() -> None:
         Path(args.render.removesuffix(".json") + ".txt").write_text(text + "\n")
         return
     if args.smoke:
-        args.context_tokens, args.chunk_size, args.top_k, args.store_gib = 1024, 64, 4, 1
+        args.context_tokens, args.chunk_size, args.top_k, args.store_gib, args.pool_gib = 1024, 64, 4, 1, 1
         args.c1_requests, args.c8_requests = min(args.c1_requests, 3), min(args.c8_requests, 8)
     elif not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (--smoke runs the script on CPU)")
@@ -318,7 +342,7 @@ def main() -> None:
         print(f"checkpoint ready in {result['checkpoint_s']} s", flush=True)
         docs = documents(3, args.context_tokens)
         device = "cpu" if args.smoke else "cuda"
-        rows = [measure("in-process", lambda: InProcess(model, method, sampler, device), docs, args, None)]
+        rows = [measure("in-process", lambda: InProcess(model, method, sampler, device, args), docs, args, None)]
         save_partial(args.out, result, rows)
         loopback_only()
         ray.init(

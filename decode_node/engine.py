@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 from pdllm.decode_node.job import DecodeJob, JobHandle, JobResult
 from pdllm.decode_node.kv_pool import DEFAULT_PAGE_ROWS, KVPool, page_bytes
+from pdllm.decode_node.ranker import BatchedRanker
 from pdllm.decode_node.runner import DEFAULT_BUCKETS, BatchBuffers, StepRunner
 from pdllm.decode_node.scheduler import Scheduler
 from torch import Tensor
 
+from pdllm.devices import gpu_cache_bytes
 from pdllm.errors import PdllmError
 from pdllm.method.config import MethodConfig
 from pdllm.method.selection import question_queries, select_tokens
@@ -43,12 +45,15 @@ class EngineConfig:
     max_block: int = 128  # block_length
     max_selected: int = 16384  # selected context rows (+ kept question rows) per job
     keep_unpinned: bool = True  # fetched chunks stay resident (LRU) after their jobs finish
+    gpu_fraction: float = 1.0  # the process's share of its GPU: a derived pool stays within it (pdllm.devices)
 
     def validate(self) -> None:
         if self.max_batch < 1 or self.max_span < 2 or self.max_block < 1 or self.max_selected < 1:
             raise ValueError("max_batch, max_block and max_selected must be >= 1 and max_span >= 2")
         if self.pool_bytes < 0 or self.page_rows < 1:
             raise ValueError("pool_bytes must be >= 0 and page_rows >= 1")
+        if not 0 < self.gpu_fraction <= 1:
+            raise ValueError(f"gpu_fraction must be in (0, 1], got {self.gpu_fraction}")
         if any(b < 1 for b in self.graph_buckets):
             raise ValueError(f"graph buckets must be positive batch sizes, got {self.graph_buckets}")
 
@@ -70,8 +75,7 @@ def derive_pool_bytes(cfg: EngineConfig, device: torch.device) -> int:
         return cfg.pool_bytes
     if device.type != "cuda":
         return CPU_POOL_BYTES
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(0, int(0.9 * (free - GPU_RESERVE_BYTES)))
+    return gpu_cache_bytes(cfg.gpu_fraction, GPU_RESERVE_BYTES, device)
 
 
 class EngineClosed(PdllmError):
@@ -91,6 +95,7 @@ class DecodeEngine:
         self.pool = KVPool(spec, model.device, model.dtype, pool_bytes, cfg.page_rows, cfg.keep_unpinned)
         self.runner = StepRunner(model, self.pool, self.buf, cfg.graph_buckets, cfg.use_graphs)
         self.scheduler = Scheduler(spec, self.pool, self.buf, self.runner)
+        self.ranker = BatchedRanker(lm, self.scheduler.gpu_lock, cfg.max_batch)  # jobs asking together: one forward
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -126,6 +131,10 @@ class DecodeEngine:
             self._thread.join(timeout=30)
 
     # ---- submitting ---------------------------------------------------------------------------------------------
+
+    def rank_chunks(self, question_ids: list[int], summaries: list[Tensor], top_k: int) -> list[int]:
+        """selection.rank_chunks, batched with the other jobs ranking at the same time (decode_node.ranker)."""
+        return self.ranker.rank(question_ids, summaries, top_k)
 
     def acquire(self, cids: list[str], fetch: Callable[[list[str]], dict], timeout_s: float) -> list[str]:
         """Pin the chunks `cids` in the pool, bringing missing ones through `fetch`; returns those not had."""
@@ -251,6 +260,7 @@ class DecodeEngine:
             "graphs": len(self.runner.graphs),
             "graph_captures": self.runner.captures,
             "pool": self.pool.snapshot(),
+            **self.ranker.status(),
         }
 
 

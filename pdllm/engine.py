@@ -47,6 +47,15 @@ def engine_for(lm: LoadedModel, config: EngineConfig | None = None) -> DecodeEng
         return engine
 
 
+def release_engine(lm: LoadedModel) -> None:
+    """Stop and forget the process's decode engine for `lm`, so its pool's memory can be freed (an engine holds
+    its model, so the registry alone would keep both alive)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.pop(lm.model, None)
+    if engine is not None:
+        engine.close()
+
+
 __all__ = ["MODES", "GenerationOutput", "MethodConfig", "generate"]
 
 
@@ -190,8 +199,12 @@ def sparse_tokens(
     found = cache.get_or_encode(lm, chunks, method, lm.model_id)
     instruction = instruction_kv(lm, req.instruction_ids, cache, lm.model_id)
     t1 = time.perf_counter()
-    with engine.scheduler.gpu_lock:
-        picked, rank_stats = rank(lm, req.question_ids, found.chunks, method, instruction)
+    if method.scoring == "summary":  # batched with the other requests ranking now (decode_node.ranker)
+        picked = engine.rank_chunks(req.question_ids, [c.summary for c in found.chunks], method.top_k)
+        rank_stats = {"scoring": "summary"}
+    else:
+        with engine.scheduler.gpu_lock:
+            picked, rank_stats = rank(lm, req.question_ids, found.chunks, method, instruction)
     t2 = time.perf_counter()
     if method.selected_kv == "joint":  # one request at a time, beside the engine (not batched yet)
         with engine.scheduler.gpu_lock:

@@ -28,6 +28,7 @@ from pdllm.cluster.memory_limit import MemoryLimit
 from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transfer_server import TransferFault, serve
 
+from pdllm.devices import gpu_cache_bytes, pick_device
 from pdllm.method import MethodConfig, chunk_id, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
@@ -39,16 +40,10 @@ log = logging.getLogger(__name__)
 CPU_STORE_BYTES = 2 << 30
 
 
-def pick_device(gpus: float) -> str:
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-def derived_capacity(device: str) -> int:
-    """Store capacity when the config says 0: 90% of the GPU memory left after the weights; 2 GiB on CPU."""
-    if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * 0.9)
-    return CPU_STORE_BYTES
+def derived_capacity(device: str, gpus: float = 1.0) -> int:
+    """Store capacity when the config says 0: 90% of the GPU memory left after the weights, within the actor's
+    share of the GPU (pdllm.devices); 2 GiB on CPU."""
+    return gpu_cache_bytes(gpus) if device == "cuda" else CPU_STORE_BYTES
 
 
 class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* methods: KV over NCCL/gloo, CUDA IPC
@@ -76,7 +71,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
                         stale, claims)  # fmt: skip
         self.node = ray.get_runtime_context().get_node_id()
         host = ray.util.get_node_ip_address()
-        capacity = capacity_bytes or derived_capacity(self.device)
+        capacity = capacity_bytes or derived_capacity(self.device, gpus)
         self.store = ChunkStore(capacity, self.index, name, self.node, "")
         self.server, port = serve(self.store, host=host, token=token, piece_bytes=limits.transfer_piece_bytes)
         self.store.address = f"{host}:{port}"

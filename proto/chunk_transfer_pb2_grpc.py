@@ -5,7 +5,7 @@ import warnings
 
 from pdllm.proto import chunk_transfer_pb2 as chunk__transfer__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -5,7 +5,7 @@ import warnings
 
 from pdllm.proto import pdllm_api_pb2 as pdllm__api__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

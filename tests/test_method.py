@@ -164,6 +164,34 @@ def test_chunk_cache_hit_skips_encoding(monkeypatch):
     assert nobos.encoded == 2 and not nobos.chunks[0].has_bos
 
 
+def test_chunk_cache_encodes_a_document_asked_about_at_once_only_once(monkeypatch):
+    """Requests served side by side (serve --in-process) on a new document: one of them encodes it, the others
+    wait for that encode and reuse its chunks, and every request gets the same KV objects."""
+    import threading
+
+    lm = tiny_lm("llada")
+    calls = []
+    forward = lm.model.forward
+    monkeypatch.setattr(lm.model, "forward", lambda *a, **kw: calls.append(a[0].shape) or forward(*a, **kw))
+    cache, cfg = ChunkCache(), MethodConfig(chunk_size=16)
+    doc = [ids(16, 40 + i) for i in range(5)]
+    start, results = threading.Barrier(4), [None] * 4
+
+    def ask(i: int) -> None:
+        start.wait(timeout=30)
+        results[i] = cache.get_or_encode(lm, doc, cfg, lm.model_id)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r is not None for r in results)
+    assert sum(r.encoded for r in results) == 5 and len(calls) == 1
+    assert sorted(r.reused for r in results) == [0, 5, 5, 5]
+    assert all(a is b for r in results for a, b in zip(r.chunks, results[0].chunks, strict=True))
+
+
 @pytest.mark.parametrize("family,kv_heads", [("llada", None), ("dream", 2)])
 def test_engine_prefix_mode_equals_the_dense_prefix_reference(family, kv_heads):
     from pdllm.engine import generate
