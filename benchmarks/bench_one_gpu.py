@@ -149,7 +149,13 @@ def timed(backend, jobs: list[tuple[str, str]], threads: int, budget_s: float | 
             paths[p] = paths.get(p, 0) + n
         if o["stats"].get("fetched_same_node"):
             paths["node"] = paths.get("node", 0) + o["stats"]["fetched_same_node"]
+    breakdown = {}  # mean per request of where its time went (keys a backend reports)
+    for key in BREAKDOWN:
+        values = [o["stats"][key] for _, o in done if o["stats"].get(key) is not None]
+        if values:
+            breakdown[key] = round(statistics.mean(values), 4)
     return {
+        "breakdown": breakdown,
         "requests": len(done),
         "threads": threads,
         "seconds": round(wall, 3),
@@ -160,6 +166,12 @@ def timed(backend, jobs: list[tuple[str, str]], threads: int, budget_s: float | 
         "prefill_chunks": sum(o["stats"].get("prefill_chunks", 0) for _, o in done),
         "answers": [o["answer"] for _, o in done],
     }
+
+
+# ms: the decode actor's index read, read + ranking, fetch + row selection, its whole job; s: engine queue and steps,
+# the router's whole request (in-process: the chunk-cache lookup as prefill_seconds)
+BREAKDOWN = ("lookup_ms", "rank_ms", "fetch_ms", "actor_ms", "queue_seconds", "decode_seconds", "prefill_seconds",
+             "total_seconds")  # fmt: skip
 
 
 def measure(name: str, make, docs: list[str], args, budget_s: float | None) -> dict:
@@ -250,6 +262,12 @@ def render(result: dict) -> str:
     host = next((r for r in rows if r["backend"] == "cluster-host"), None)
     if host is not None and len(rows) > 1:
         lines.append(f"# answers cluster-ipc = cluster-host (first, c1): {same_answers(rows[1], host)}")
+    for r in rows:
+        for key in ("c1", "c8"):
+            part = r.get(key) or {}
+            if part.get("breakdown"):
+                mean_s = part["latency_s"]["mean"]
+                lines.append(f"# {r['backend']} {key} per request (client mean {mean_s} s): {part['breakdown']}")
     for r in rows:
         counts = {k: (r[k]["requests"], r[k]["seconds"]) for k in ("c1", "c8") if r.get(k)}
         lines.append(

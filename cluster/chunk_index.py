@@ -49,7 +49,7 @@ class IndexEntry:
     length: int  # K/V rows (tokens + BOS)
     created: float
     last_used: float
-    summary: Tensor
+    summary: Tensor | None  # None when read without it (lookup(summaries=False))
 
 
 class ChunkIndex:
@@ -90,15 +90,21 @@ class ChunkIndex:
         pipe.sadd(self._ids, chunk.chunk_id)
         pipe.execute()
 
-    def lookup(self, cids: list[str]) -> dict[str, IndexEntry]:
-        """Entries of the indexed ids among `cids` (one round trip)."""
+    def lookup(self, cids: list[str], summaries: bool = True) -> dict[str, IndexEntry]:
+        """Entries of the indexed ids among `cids` (one round trip). `summaries=False` leaves the summaries (most
+        of an entry's bytes) in Redis: for callers that only need to know where a chunk is, or have its summary."""
         if not cids:
             return {}
         pipe = self.r.pipeline(transaction=False)
         for cid in cids:
-            pipe.hgetall(self._key(cid))
+            if summaries:
+                pipe.hgetall(self._key(cid))
+            else:
+                pipe.hmget(self._key(cid), ENTRY_FIELDS)
         out = {}
         for cid, h in zip(cids, pipe.execute(), strict=True):
+            if not summaries:
+                h = {k.encode(): v for k, v in zip(ENTRY_FIELDS, h, strict=True) if v is not None}
             if h and b"holder" in h:
                 out[cid] = _entry(cid, h)
         return out
@@ -172,6 +178,9 @@ class ChunkIndex:
         return counts
 
 
+ENTRY_FIELDS = ("holder", "node", "address", "nbytes", "dtype", "layout", "length", "created", "last_used")
+
+
 def _entry(cid: str, h: dict[bytes, bytes]) -> IndexEntry:
     return IndexEntry(
         chunk_id=cid,
@@ -184,5 +193,5 @@ def _entry(cid: str, h: dict[bytes, bytes]) -> IndexEntry:
         length=int(h[b"length"]),
         created=float(h[b"created"]),
         last_used=float(h[b"last_used"]),
-        summary=unpack_tensor(h[b"summary"]),
+        summary=unpack_tensor(h[b"summary"]) if b"summary" in h else None,
     )

@@ -382,7 +382,7 @@ class Router:
     ) -> dict:
         """Make every chunk's KV available somewhere; returns counts of chunks encoded for this request and reused."""
         unique = dict(zip(ids, chunks, strict=True))
-        present = set(self.index.lookup(list(unique)))
+        present = set(self.index.lookup(list(unique), summaries=False))
         todo = {cid: c for cid, c in unique.items() if cid not in present}
         metrics.record_cache(hit=True, n=len(present))
         metrics.record_cache(hit=False, n=len(todo))
@@ -412,12 +412,12 @@ class Router:
         """Wait until each id is indexed; returns those whose claim vanished without an entry (claimant died)."""
         pending, dead = set(cids), []
         while pending:
-            pending -= set(self.index.lookup(sorted(pending)))
+            pending -= set(self.index.lookup(sorted(pending), summaries=False))
             if not pending:
                 break
             claimed = self.index.claimed(sorted(pending))
             for cid, held in claimed.items():
-                if not held and cid not in self.index.lookup([cid]):
+                if not held and cid not in self.index.lookup([cid], summaries=False):
                     dead.append(cid)
                     pending.discard(cid)
             if time.monotonic() > deadline:
@@ -565,7 +565,7 @@ class Router:
             prefill_s += time.perf_counter() - t_prefill
             encoded += counts["prefill_chunks"]
             prefill_event(len(ids), max(0, len(ids) - encoded))
-            entries = self.index.lookup(sorted(set(ids)))
+            entries = self.index.lookup(sorted(set(ids)), summaries=False)
             slot = self.pick_decode(ids, {c: e.node for c, e in entries.items()}, deadline=deadline)
             job["job_id"] = uuid.uuid4().hex
             try:

@@ -1,9 +1,9 @@
 """The decode actor: takes a job (question tokens + the document's chunk ids), ranks the chunks from their index
-summaries, pins the top-K chunks in its decode engine's resident KV pool (fetching those not resident from their
-holder: through Ray on the same node, over the KVTransport between nodes, straight into pool pages), and submits the
-job to the engine, which batches every running job into each denoising step (pdllm.decode_node.engine). Each call
-runs in its own thread (up to the actor's max_concurrency) and waits on its job; a selected chunk that vanished
-(evicted) is reported back so the router re-prefills it.
+summaries (read once per chunk and kept on the device), pins the top-K chunks in its decode engine's resident KV
+pool (fetching those not resident from their holder: CUDA IPC on the same GPU, through Ray on the same node, over
+the KVTransport between nodes), and submits the job to the engine, which batches every running job into each
+denoising step (pdllm.decode_node.engine). Each call runs in its own thread (up to the actor's max_concurrency) and
+waits on its job; a selected chunk that vanished (evicted) is reported back so the router re-prefills it.
 
 `decode_stream` is the same job as a Ray streaming generator: progress events (one per denoising step, through a
 bounded box that drops old steps rather than stall the decode) and then the result. `cancel(request_id)` stops a
@@ -35,9 +35,10 @@ from pdllm.cluster.proc_stats import process_stats
 from pdllm.cluster.transport import FetchResult, GrpcTransport, KVTransport, TransferError
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks, instruction_first
 from pdllm.decode_node.job import JobCancelled, JobHandle
+from pdllm.decode_node.summaries import SummaryCache
 
 from pdllm.devices import pick_device
-from pdllm.method import ChunkCache, MethodConfig, rank_chunks
+from pdllm.method import ChunkCache, MethodConfig
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
@@ -80,6 +81,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         engine = replace(engine or EngineConfig(), gpu_fraction=min(1.0, gpus)) if gpus > 0 else engine
         self.engine = DecodeEngine(self.lm, engine)  # resident KV pool + batched steps, for every job
         self._handles: dict[str, JobHandle] = {}  # job id -> its engine job, while it runs
+        self.summaries = SummaryCache(self.lm.model.device)  # chunk summaries read from the index once
         self.instructions = ChunkCache(max_bytes=64 << 20)  # instruction KV by content (computed here, kept whole)
         self._count_lock = threading.Lock()
         self.running = 0
@@ -196,10 +198,15 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self.memory.admit(f"decode actor {self.name}")
         cfg, sampler = MethodConfig(**job["method"]), SamplerConfig(**job["sampler"])
         question_ids, ids = job["question_ids"], job["chunk_ids"]
-        entries = self.index.lookup(sorted(set(ids)))
+        entries = self.index.lookup(sorted(set(ids)), summaries=False)  # summaries: self.summaries keeps them
         gone = sorted({c for c in ids if c not in entries})
         if gone:
             return {"missing": gone, "holders": {}}
+        if cfg.scoring != "draft" and ids:
+            summaries = self.summaries.get(list(entries), self._read_summaries)
+            if gone := sorted({c for c in ids if c not in summaries}):  # dropped from the index meanwhile
+                return {"missing": gone, "holders": {}}
+        t_lookup = time.perf_counter()
         where, device, gpu = _where(), self.lm.model.device, self.engine.scheduler.gpu_lock
         instruction_ids = job.get("instruction_ids") or []
         with self._count_lock:
@@ -212,8 +219,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             with gpu:
                 picked, _ = rank(self.lm, question_ids, [_on(held[c], device) for c in ids], cfg, instruction)
         else:
-            with gpu:
-                picked = rank_chunks(self.lm, question_ids, [entries[c].summary for c in ids], cfg.top_k) if ids else []
+            picked = self.engine.rank_chunks(question_ids, [summaries[c] for c in ids], cfg.top_k) if ids else []
         t1 = time.perf_counter()
         need = list(dict.fromkeys(ids[i] for i in picked))
 
@@ -275,8 +281,10 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "fetched_bytes": where["bytes"],
             "fetched_paths": where["paths"],
             "fetch_failures": where["errors"],
-            "rank_ms": round(1000 * (t1 - t0), 3),
+            "lookup_ms": round(1000 * (t_lookup - t0), 3),  # the index read (holders and summaries)
+            "rank_ms": round(1000 * (t1 - t0), 3),  # lookup + ranking
             "fetch_ms": round(1000 * (t2 - t1), 3),
+            "actor_ms": round(1000 * (time.perf_counter() - t0), 3),  # the whole job on this actor
             "decode_actor": self.name,
         }
         log.info(
@@ -285,6 +293,9 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             stats["rank_ms"], stats["fetch_ms"], 1000 * (time.perf_counter() - t0),
         )  # fmt: skip
         return {"tokens": tokens, "answer": self.lm.tokenizer.decode(tokens), "stats": stats}
+
+    def _read_summaries(self, cids: list[str]) -> dict[str, torch.Tensor | None]:
+        return {c: e.summary for c, e in self.index.lookup(cids).items()}
 
     def _missing(self, cids: list[str], entries: dict[str, IndexEntry], where: dict) -> dict:
         """The job's answer when chunks could not be had: their index entries are dropped (the holder no longer
@@ -364,6 +375,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "cancels_remembered": cancels,
             "fetch_failures": failures,
             "fetch_recovered": self.fetch_recovered,
+            "summaries_cached": len(self.summaries),
             "cache_chunks": pool["chunks"],
             "cache_bytes": pool["used_bytes"],
             "engine": engine,

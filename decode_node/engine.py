@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from pdllm.decode_node.job import DecodeJob, JobHandle, JobResult
 from pdllm.decode_node.kv_pool import DEFAULT_PAGE_ROWS, KVPool, page_bytes
+from pdllm.decode_node.ranker import BatchedRanker
 from pdllm.decode_node.runner import DEFAULT_BUCKETS, BatchBuffers, StepRunner
 from pdllm.decode_node.scheduler import Scheduler
 from torch import Tensor
@@ -94,6 +95,7 @@ class DecodeEngine:
         self.pool = KVPool(spec, model.device, model.dtype, pool_bytes, cfg.page_rows, cfg.keep_unpinned)
         self.runner = StepRunner(model, self.pool, self.buf, cfg.graph_buckets, cfg.use_graphs)
         self.scheduler = Scheduler(spec, self.pool, self.buf, self.runner)
+        self.ranker = BatchedRanker(lm, self.scheduler.gpu_lock, cfg.max_batch)  # jobs asking together: one forward
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -129,6 +131,10 @@ class DecodeEngine:
             self._thread.join(timeout=30)
 
     # ---- submitting ---------------------------------------------------------------------------------------------
+
+    def rank_chunks(self, question_ids: list[int], summaries: list[Tensor], top_k: int) -> list[int]:
+        """selection.rank_chunks, batched with the other jobs ranking at the same time (decode_node.ranker)."""
+        return self.ranker.rank(question_ids, summaries, top_k)
 
     def acquire(self, cids: list[str], fetch: Callable[[list[str]], dict], timeout_s: float) -> list[str]:
         """Pin the chunks `cids` in the pool, bringing missing ones through `fetch`; returns those not had."""
@@ -254,6 +260,7 @@ class DecodeEngine:
             "graphs": len(self.runner.graphs),
             "graph_captures": self.runner.captures,
             "pool": self.pool.snapshot(),
+            **self.ranker.status(),
         }
 
 

@@ -199,8 +199,12 @@ def sparse_tokens(
     found = cache.get_or_encode(lm, chunks, method, lm.model_id)
     instruction = instruction_kv(lm, req.instruction_ids, cache, lm.model_id)
     t1 = time.perf_counter()
-    with engine.scheduler.gpu_lock:
-        picked, rank_stats = rank(lm, req.question_ids, found.chunks, method, instruction)
+    if method.scoring == "summary":  # batched with the other requests ranking now (decode_node.ranker)
+        picked = engine.rank_chunks(req.question_ids, [c.summary for c in found.chunks], method.top_k)
+        rank_stats = {"scoring": "summary"}
+    else:
+        with engine.scheduler.gpu_lock:
+            picked, rank_stats = rank(lm, req.question_ids, found.chunks, method, instruction)
     t2 = time.perf_counter()
     if method.selected_kv == "joint":  # one request at a time, beside the engine (not batched yet)
         with engine.scheduler.gpu_lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import replace
 
 import grpc
 import msgpack
@@ -17,6 +18,7 @@ from pdllm.cluster.kv_codec import chunk_from_parts, chunk_parts, pack_tensor, u
 from pdllm.cluster.redis_server import EmbeddedRedis
 from pdllm.cluster.transfer_server import serve
 from pdllm.cluster.transport import FetchItem, FetchResult, GrpcTransport, TransferError
+from pdllm.decode_node.summaries import SummaryCache
 from pdllm.proto import chunk_transfer_pb2 as pb
 from pdllm.proto import chunk_transfer_pb2_grpc as pb_grpc
 
@@ -85,6 +87,39 @@ def test_index_register_lookup_touch_remove(index):
     assert index.size() == 1
     assert index.remove(chunk.chunk_id, "prefill-0")
     assert index.size() == 0 and index.lookup([chunk.chunk_id]) == {}
+
+
+def test_lookup_without_summaries_reads_the_same_entry_less_its_summary(index):
+    chunk = make_chunk(5)
+    index.register(chunk, "prefill-0", "node-a", "127.0.0.1:1")
+    full = index.lookup([chunk.chunk_id, "d" * 64])[chunk.chunk_id]
+    light = index.lookup([chunk.chunk_id, "d" * 64], summaries=False)
+    assert list(light) == [chunk.chunk_id] and light[chunk.chunk_id].summary is None
+    assert replace(light[chunk.chunk_id], summary=full.summary) == full
+
+
+def test_summary_cache_reads_each_summary_once_and_stays_within_its_bytes(index):
+    chunks = [make_chunk(10 + i) for i in range(4)]
+    for c in chunks:
+        index.register(c, "prefill-0", "node-a", "127.0.0.1:1")
+    ids = [c.chunk_id for c in chunks]
+    calls = []
+
+    def read(cids):
+        calls.append(list(cids))
+        return {c: e.summary for c, e in index.lookup(cids).items()}
+
+    one = chunks[0].summary.numel() * 4  # kept as float32
+    cache = SummaryCache("cpu", max_bytes=3 * one)
+    got = cache.get(ids[:3] + ["c" * 64], read)  # an id the index does not have is left out
+    assert sorted(got) == sorted(ids[:3]) and calls == [ids[:3] + ["c" * 64]]
+    assert all(torch.equal(got[c.chunk_id], c.summary.float()) for c in chunks[:3])
+    assert cache.get(ids[:3], read).keys() == set(ids[:3]) and len(calls) == 1  # kept: no index read
+    cache.get(ids[:1], read)  # chunks[0] most recently used: chunks[1] goes first
+    cache.get(ids[3:], read)
+    assert len(cache) == 3 and cache.bytes == 3 * one and calls[-1] == ids[3:]
+    cache.get(ids[1:2], read)
+    assert calls[-1] == ids[1:2]
 
 
 def test_claim_is_exclusive_and_expires(index):

@@ -290,3 +290,39 @@ class _ByteTokenizer:
 
     def decode(self, tokens):
         return bytes(t for t in tokens if t < 256).decode(errors="replace")
+
+
+def test_jobs_ranking_together_share_one_question_forward_and_rank_as_alone():
+    """Six jobs ask while a step holds the GPU: the first to get it ranks all six in one padded forward, and each
+    gets the chunks rank_chunks picks for its question alone (questions of different lengths)."""
+    import threading
+
+    from pdllm.errors import InvalidRequest
+    from pdllm.method import rank_chunks
+
+    lm = tiny_lm("dream", kv_heads=2, seed=6)
+    engine = new_engine(lm)
+    kvs, _ = document(lm, n=6)
+    questions = [ids(3 + 2 * i, 70 + i) for i in range(6)]
+    summaries = [c.summary for c in kvs]
+    want = [rank_chunks(lm, q, summaries, 2) for q in questions]
+    assert len({tuple(w) for w in want}) > 1  # the questions do not all pick the same chunks
+    got = [None] * len(questions)
+
+    def ask(i: int) -> None:
+        got[i] = engine.rank_chunks(questions[i], summaries, 2)
+
+    with engine.scheduler.gpu_lock:  # as a denoising step would
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        assert engine.ranker.wait_for_pending(len(questions), timeout_s=30)
+    for t in threads:
+        t.join(timeout=60)
+    assert got == want
+    assert engine.status()["rank_forwards"] == 1 and engine.status()["ranked_jobs"] == len(questions)
+    with pytest.raises(InvalidRequest, match="summaries have shape"):  # refused before it joins a batch
+        engine.rank_chunks(questions[0], [s[:1] for s in summaries], 2)
+    with pytest.raises(InvalidRequest, match="top_k"):
+        engine.rank_chunks(questions[0], summaries, 0)
+    engine.close()

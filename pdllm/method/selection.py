@@ -82,32 +82,85 @@ def question_queries(lm, question_ids: list[int], start: int = 0) -> QuestionQue
     return QuestionQueries(q=[capture.q[i] for i in range(len(model.layers))], positions=positions)
 
 
+class PaddedQueryCapture:
+    """Self-attention over questions padded to one length (padded keys masked) that keeps the queries of the
+    chosen layers, [B, Hq, T, D] each."""
+
+    def __init__(self, valid: Tensor | None, layers: list[int]) -> None:
+        self.valid, self.layers = valid, set(layers)
+        self.q: dict[int, Tensor] = {}
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if layer in self.layers:
+            self.q[layer] = q
+        return sdpa(q, k, v, self.valid)
+
+
+@torch.no_grad()
+def question_vectors(lm, questions: list[list[int]]) -> Tensor:
+    """What chunk ranking needs of each question: its mean un-rotated query at the summary layers, summed over
+    each KV head's query group, [B, L, Hkv, D] float32. One forward over every question (each alone: padded to the
+    longest, padded keys masked), so questions that arrive together are ranked in one pass."""
+    if not questions or any(not q for q in questions):
+        raise InvalidRequest("question is empty")
+    model, spec = lm.model, lm.spec
+    longest = max(len(q) for q in questions)
+    ids = torch.zeros(len(questions), longest, dtype=torch.long)
+    for i, q in enumerate(questions):
+        ids[i, : len(q)] = torch.tensor(q)
+    lengths = torch.tensor([len(q) for q in questions], device=model.device)
+    positions = torch.arange(longest, device=model.device)
+    valid = positions[None] < lengths[:, None]  # [B, T]
+    layers = summary_layers(spec.num_layers)
+    capture = PaddedQueryCapture(None if bool(valid.all()) else valid, layers)
+    model(ids.to(model.device), position_ids=positions.expand(len(questions), -1), context=capture, logits_from=None)
+    q = torch.stack([unrotate(capture.q[i], positions, model.rotary) for i in layers], dim=1)  # [B, L, Hq, T, D]
+    b, lsum, hq, t, d = q.shape
+    weights = (valid.float() / lengths[:, None].float())[:, None, None, :, None]  # mean over each one's tokens
+    q = (q * weights).sum(dim=3)  # [B, L, Hq, D]
+    return q.reshape(b, lsum, spec.num_kv_heads, hq // spec.num_kv_heads, d).sum(dim=3)
+
+
+def stack_summaries(lm, summaries: list[Tensor], device: torch.device) -> Tensor:
+    """[N, L, Hkv, D] float32 on `device`, checked against the model's summary shape."""
+    spec = lm.spec
+    want = (len(summary_layers(spec.num_layers)), spec.num_kv_heads, spec.head_dim)
+    s = torch.stack([x.to(device, torch.float32) for x in summaries])
+    if s.shape[1:] != want:
+        raise InvalidRequest(f"chunk summaries have shape {tuple(s.shape[1:])}, this model expects {want}")
+    return s
+
+
+def scores_from(vector: Tensor, summaries: Tensor) -> Tensor:
+    """Relevance [N] of chunks with `summaries` [N, L, Hkv, D] to a question of `vector` [L, Hkv, D] (on device)."""
+    lsum, _, d = vector.shape
+    return torch.einsum("lhd,nlhd->n", vector, summaries) / (lsum * math.sqrt(d))
+
+
 def chunk_scores(lm, question_ids: list[int], summaries: list[Tensor]) -> Tensor:
     """Relevance of each chunk to the question [N] float32, from summaries only."""
     if not summaries:
         return torch.empty(0)
-    spec = lm.spec
-    qq = question_queries(lm, question_ids)
-    layers = summary_layers(spec.num_layers)
-    q = torch.stack([unrotate(qq.q[i], qq.positions, lm.model.rotary) for i in layers])  # [L, Hq, Tq, D]
-    lsum, hq, tq, d = q.shape
-    hkv = spec.num_kv_heads
-    q = q.reshape(lsum, hkv, hq // hkv, tq, d).mean(dim=3).sum(dim=2)  # mean over tokens, sum over head group
-    s = torch.stack([x.to(q.device, torch.float32) for x in summaries])  # [N, L, Hkv, D]
-    if s.shape[1:] != (lsum, hkv, d):
-        raise InvalidRequest(f"chunk summaries have shape {tuple(s.shape[1:])}, this model expects {(lsum, hkv, d)}")
-    return torch.einsum("lhd,nlhd->n", q, s).cpu() / (lsum * math.sqrt(d))
+    s = stack_summaries(lm, summaries, lm.model.device)
+    return scores_from(question_vectors(lm, [question_ids])[0], s).cpu()
+
+
+def check_top_k(top_k) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidRequest(f"top_k must be an integer >= 1, got {top_k!r}")
+
+
+def top_chunks(scores: Tensor, top_k: int) -> list[int]:
+    """Indices of the top-K scores (K clamped to their count) in document order."""
+    return sorted(torch.topk(scores, min(top_k, scores.numel())).indices.tolist())
 
 
 def rank_chunks(lm, question_ids: list[int], summaries: list[Tensor], top_k: int) -> list[int]:
     """Indices of the top-K chunks (K clamped to the chunk count) in document order; reads summaries only."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise InvalidRequest(f"top_k must be an integer >= 1, got {top_k!r}")
+    check_top_k(top_k)
     if not summaries:
         return []
-    scores = chunk_scores(lm, question_ids, summaries)
-    k = min(top_k, len(summaries))
-    return sorted(torch.topk(scores, k).indices.tolist())
+    return top_chunks(chunk_scores(lm, question_ids, summaries), top_k)
 
 
 def keep_count(num_tokens: int, keep_ratio: float) -> int:

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from pdllm.method.selection import summary_layers
-from pdllm.models.attention import sdpa
+from pdllm.method.selection import PaddedQueryCapture, summary_layers
 from pdllm.models.layers import apply_rotary
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import BOS_ID, QUERY_SEGMENT, Batch, attention_mask
@@ -37,19 +36,6 @@ class MaskedAttention:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
-
-
-class PaddedQueryCapture:
-    """Self-attention over padded questions that keeps the queries of the chosen layers."""
-
-    def __init__(self, valid: Tensor, layers: list[int]) -> None:
-        self.valid, self.layers = valid, set(layers)
-        self.q: dict[int, Tensor] = {}
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if layer in self.layers:
-            self.q[layer] = q
-        return sdpa(q, k, v, self.valid)
 
 
 @dataclass(frozen=True)
