@@ -34,7 +34,7 @@ extra=()
 [ -n "${STAGE:-}" ] && extra+=(--stage "$STAGE")
 [ -n "${LR:-}" ] && extra+=(--lr "$LR")
 python3 -m pdllm.training.train --out "$out/ckpt" --minutes "$minutes" --total-minutes "$minutes" --workers 12 \
-    --seed 1234 --mix "${MIX:-official}" "${extra[@]}" 2>&1 | tee "$out/train_log.txt" |
+    --seed 1234 --mix "${MIX:-official}" ${extra[@]+"${extra[@]}"} 2>&1 | tee "$out/train_log.txt" |
     grep -E '"em"|saved|params' | tail -40
 python3 -m pdllm.training.train --export "$out/ckpt" --out "$out/export" --bundle "$out/model" | tee -a "$out/train_log.txt"
 pack
