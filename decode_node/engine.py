@@ -95,7 +95,7 @@ class DecodeEngine:
         self.pool = KVPool(spec, model.device, model.dtype, pool_bytes, cfg.page_rows, cfg.keep_unpinned)
         self.runner = StepRunner(model, self.pool, self.buf, cfg.graph_buckets, cfg.use_graphs)
         self.scheduler = Scheduler(spec, self.pool, self.buf, self.runner)
-        self.ranker = BatchedRanker(lm, self.scheduler.gpu_lock, cfg.max_batch)  # jobs asking together: one forward
+        self.ranker = BatchedRanker(lm, self.scheduler.gpu_lock, self.scheduler.wake, cfg.max_batch)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -118,22 +118,25 @@ class DecodeEngine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
+            if self.ranker.run_pending():  # rank asks first: their jobs can join the next step
+                continue
             if not self.scheduler.has_work():
-                self.scheduler.wait_for_work(0.1)
+                self.scheduler.wait_for_work(0.1, also=self.ranker.has_pending)
                 continue
             self.scheduler.step()
 
     def close(self) -> None:
         self._stop.set()
-        with self.scheduler.lock:
-            self.scheduler.lock.notify_all()
+        self.scheduler.wake()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.ranker.fail_pending(EngineClosed("the decode engine was shut down"))
 
     # ---- submitting ---------------------------------------------------------------------------------------------
 
     def rank_chunks(self, question_ids: list[int], summaries: list[Tensor], top_k: int) -> list[int]:
         """selection.rank_chunks, batched with the other jobs ranking at the same time (decode_node.ranker)."""
+        self.start()
         return self.ranker.rank(question_ids, summaries, top_k)
 
     def acquire(self, cids: list[str], fetch: Callable[[list[str]], dict], timeout_s: float) -> list[str]:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 from pdllm.decode_node.job import DecodeJob, JobCancelled, JobExpired, JobHandle, JobResult, JobState
@@ -80,10 +81,15 @@ class Scheduler:
         with self.lock:
             return bool(self.waiting or self.running)
 
-    def wait_for_work(self, timeout_s: float) -> None:
+    def wait_for_work(self, timeout_s: float, also: Callable[[], bool] = lambda: False) -> None:
+        """Until a job waits or runs, `also()` holds (other work for the engine's thread), or `timeout_s`."""
         with self.lock:
-            if not (self.waiting or self.running):
-                self.lock.wait(timeout_s)
+            self.lock.wait_for(lambda: bool(self.waiting or self.running) or also(), timeout_s)
+
+    def wake(self) -> None:
+        """Wake the engine's thread (work arrived, or it should stop)."""
+        with self.lock:
+            self.lock.notify_all()
 
     # ---- one iteration ------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdllm.context_tokens import context_tokens_for
 from pdllm.errors import InvalidRequest
 
 QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
@@ -54,7 +55,7 @@ def encode_request(
         raise InvalidRequest("instruction must be text")
     if not isinstance(question_template, str) or "{question}" not in question_template:
         raise InvalidRequest("question_template must contain {question}")
-    context_ids = tokenizer(context, add_special_tokens=False).input_ids if context else []
+    context_ids = context_tokens_for(tokenizer).ids(tokenizer, context) if context else []
     if len(context_ids) > max_context_tokens:
         raise InvalidRequest(
             f"context has {len(context_ids)} tokens, more than the configured maximum of {max_context_tokens}"

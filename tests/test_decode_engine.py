@@ -293,8 +293,8 @@ class _ByteTokenizer:
 
 
 def test_jobs_ranking_together_share_one_question_forward_and_rank_as_alone():
-    """Six jobs ask while a step holds the GPU: the first to get it ranks all six in one padded forward, and each
-    gets the chunks rank_chunks picks for its question alone (questions of different lengths)."""
+    """Six jobs ask while a step holds the GPU: the engine's thread then ranks all six in one padded forward, and
+    each gets the chunks rank_chunks picks for its question alone (questions of different lengths)."""
     import threading
 
     from pdllm.errors import InvalidRequest
