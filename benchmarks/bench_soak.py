@@ -2,8 +2,10 @@
 actor, the bundled model, the default ClusterConfig) answers `--rounds` rounds of requests over the same `--docs`
 distinct documents; after each round the actors' RSS (VmRSS from /proc, as their status reports it), the prefill
 store's and the decode pool's bytes are sampled. Rounds after the first add no document, so a plateau is what a
-bounded system shows; the last line compares the last round's RSS with the second's (the first round fills the
-store and the pool).
+bounded system shows; the last lines compare the last round's RSS with the second's (the first round fills the
+store and the pool) and each actor's plateau (its highest RSS and peak, VmHWM, after round 1) with its bound:
+weights + its configured budget (the chunk store's capacity, the decode pool's bytes) + the fixed overhead, which
+they measure (the plateau less weights and budget).
 
     python benchmarks/bench_soak.py                           # 4 rounds x 10 documents of 16K characters
     python benchmarks/bench_soak.py --rounds 5 --docs 50 --chars 16000 --concurrency 8 --out results/soak.txt
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -45,9 +49,35 @@ def sample(router) -> dict:
         "decode_rss": d["process"]["rss_bytes"],
         "prefill_shm": p["process"].get("rss_shmem_bytes") or 0,
         "decode_shm": d["process"].get("rss_shmem_bytes") or 0,
+        "prefill_peak": p["process"].get("peak_rss_bytes") or 0,
+        "decode_peak": d["process"].get("peak_rss_bytes") or 0,
         "store": p.get("used_bytes", 0),
         "pool": d.get("cache_bytes", 0),
+        "store_capacity": p.get("capacity_bytes", 0),
+        "pool_capacity": d.get("engine", {}).get("pool", {}).get("bytes", 0),
     }
+
+
+def weights_bytes(model_dir: str) -> int:
+    """Bytes of the model's weight files (what every actor loads)."""
+    return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.suffix in (".safetensors", ".bin", ".pt"))
+
+
+def bounds(samples: list[dict], weights: int, start: dict) -> list[str]:
+    """Each actor's plateau (highest RSS and peak after round 1) against weights + its budget: the overhead."""
+    later = samples[1:] or samples
+    out = []
+    for role, budget_key, used_key in (("prefill", "store_capacity", "store"), ("decode", "pool_capacity", "pool")):
+        top = max(s[f"{role}_rss"] for s in later)
+        peak = max(s[f"{role}_peak"] for s in later)
+        budget = later[-1][budget_key]
+        out.append(
+            f"{role}: plateau RSS {top / MIB:.0f} MiB (peak {peak / MIB:.0f}); weights {weights / MIB:.1f} + "
+            f"{budget_key.replace('_', ' ')} {budget / MIB:.0f} MiB (used {later[-1][used_key] / MIB:.0f}) -> "
+            f"overhead {(top - weights - budget) / MIB:.0f} MiB at the plateau, {(peak - weights - budget) / MIB:.0f} "
+            f"at the peak; after start {start[f'{role}_rss'] / MIB:.0f} MiB"
+        )
+    return out
 
 
 def row(name: str, reqs: int, errors: int, seconds: float, s: dict) -> str:
@@ -73,6 +103,7 @@ def main() -> None:
         f"bench_soak {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, CPU, python "
         f"{platform.python_version()}; {args.rounds} rounds x {args.docs} documents of {args.chars} chars, "
         f"concurrency {args.concurrency}, gen {args.gen_length}/{args.steps} steps; default ClusterConfig",
+        "command: " + shlex.join(["python", *sys.argv]),
         f"{'round':>5} {'reqs':>5} {'errors':>6} {'s':>7} {'prefill RSS MiB':>16} {'(shmem)':>8} "
         f"{'decode RSS MiB':>15} {'(shmem)':>8} {'store MiB':>10} {'pool MiB':>9}",
     ]
@@ -110,7 +141,8 @@ def main() -> None:
             f"last round vs round {k + 1}: prefill {grow['prefill']:+.0f} MiB, decode {grow['decode']:+.0f} MiB; "
             f"total {time.perf_counter() - t_start:.0f} s"
         )
-        print(lines[-1])
+        lines.extend(bounds(samples, weights_bytes(config.model_dir), start))
+        print("\n".join(lines[-3:]))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 

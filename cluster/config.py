@@ -167,7 +167,7 @@ def limits_with(base: ClusterLimits, values) -> ClusterLimits:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown limit(s): {', '.join(unknown)}; known: {', '.join(known)}")
-    changes = {k: _coerce(f"limits.{k}", known[k].type, v) for k, v in values.items() if v is not None}
+    changes = {k: _coerce(f"limits.{k}", known[k].type, v) for k, v in values.items()}
     limits = dataclasses.replace(base, **changes)
     try:
         limits.validate()
@@ -178,7 +178,12 @@ def limits_with(base: ClusterLimits, values) -> ClusterLimits:
 
 def _coerce(name: str, annotation: str, value):
     """YAML/CLI value -> the option's type, with a clear error (ints stay ints: 2.0 GPUs may be written as 2)."""
-    kind = {"str": str, "int": int, "float": float, "bool": bool}[str(annotation)]
+    annotation = str(annotation)
+    if annotation.endswith(" | None"):  # an optional setting: null keeps "not set"
+        if value is None:
+            return None
+        annotation = annotation.removesuffix(" | None")
+    kind = {"str": str, "int": int, "float": float, "bool": bool}[annotation]
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")

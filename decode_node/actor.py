@@ -25,8 +25,10 @@ from dataclasses import replace
 import ray
 import torch
 from pdllm.cluster.common.event_box import EventBox
+from pdllm.cluster.common.heap_trim import HeapTrim
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.common.memory_guard import MemoryGuard
+from pdllm.cluster.common.memory_limit import MemoryLimit
 from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.kv.chunk_index import ChunkIndex, IndexEntry
 from pdllm.cluster.kv.collective_group import CollectiveGroup, CollectiveMember
@@ -91,7 +93,11 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         self._cancel_at: dict[str, float] = {}  # job id -> when its cancel arrived
         self.fetch_failures: Counter = Counter()  # failed fetch attempts by reason
         self.fetch_recovered = 0  # fetches that failed and then succeeded on a retry
-        self.memory = MemoryGuard(limits.actor_memory_budget_bytes)  # refuse jobs before a memory killer acts
+        self.memory = MemoryGuard.from_limits(limits)  # refuse jobs before a memory killer acts
+        self.memory_limit = MemoryLimit.for_actor(  # past its hard limit the actor ends, its cause recorded
+            "decode", name, limits.actor_memory_limit_bytes, self.index.r, limits.index_prefix
+        )
+        self.heap = HeapTrim()  # freed heap back to the system after work: RSS that stays bounded
 
     def info(self) -> dict:
         return {
@@ -174,6 +180,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             with self._count_lock:
                 self.running -= 1
                 self.done += 1
+            self.heap.after_work()
 
     def _on_step(self, job: DecodeTask, events: EventBox | None):
         """The denoising loop's callback: stop if cancelled, record the step, hand a progress event to `events`."""
@@ -362,6 +369,10 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
         self.memory.set_budget(budget_bytes)
 
+    def hold_memory(self, nbytes: int) -> None:
+        """Drill: keep `nbytes` more of written memory (a leak on demand): the memory limit then ends the actor."""
+        self.memory_limit.hold(nbytes)
+
     def status(self) -> dict:
         engine = self.engine.status()
         pool = engine["pool"]
@@ -385,6 +396,8 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "kv_paths": self.kv_paths.status(),
             "process": process_stats(),
             **self.memory.status(),
+            **self.memory_limit.status(),
+            **self.heap.status(),
             "metrics": metrics.snapshot(),
             "counters": counters.snapshot(),  # index round trips, hashes: what requests cost here
         }

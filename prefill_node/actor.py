@@ -17,8 +17,10 @@ import uuid
 
 import ray
 import torch
+from pdllm.cluster.common.heap_trim import HeapTrim
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.common.memory_guard import MemoryGuard
+from pdllm.cluster.common.memory_limit import MemoryLimit
 from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.cluster.kv.chunk_index import CLAIMED, INDEXED, WAITING, ChunkIndex, IndexEntry, entry_of
 from pdllm.cluster.kv.chunk_store import ChunkStore
@@ -81,7 +83,11 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         self._encode_lock = threading.Lock()
         self.encoded_total = 0
         self.inflight = 0
-        self.memory = MemoryGuard(limits.actor_memory_budget_bytes)  # refuse prefills before a memory killer acts
+        self.memory = MemoryGuard.from_limits(limits)  # refuse prefills before a memory killer acts
+        self.memory_limit = MemoryLimit.for_actor(  # past its hard limit the actor ends, its cause recorded
+            "prefill", name, limits.actor_memory_limit_bytes, self.index.r, limits.index_prefix
+        )
+        self.heap = HeapTrim()  # freed heap back to the system after work: RSS that stays bounded
 
     def info(self) -> dict:
         spec = self.lm.spec
@@ -118,6 +124,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
                 return out
         finally:
             self.inflight -= 1
+            self.heap.after_work()
 
     def _entry(self, chunk: ChunkKV) -> IndexEntry:
         """The entry this actor's store registered for `chunk` (as `ChunkIndex.register` wrote it)."""
@@ -181,6 +188,8 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
             **self.kv_exporter.status(),  # CUDA IPC leases held for readers on this GPU
             "process": process_stats(),
             **self.memory.status(),
+            **self.memory_limit.status(),
+            **self.heap.status(),
             "metrics": metrics.snapshot(),
             "counters": counters.snapshot(),  # index round trips, hashes: what requests cost here
             **self.store.usage(),
@@ -189,6 +198,10 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
     def set_memory_budget(self, budget_bytes: int) -> None:
         """Change this actor's RSS budget (drills, reliability tests; 0: off)."""
         self.memory.set_budget(budget_bytes)
+
+    def hold_memory(self, nbytes: int) -> None:
+        """Drill: keep `nbytes` more of written memory (a leak on demand): the memory limit then ends the actor."""
+        self.memory_limit.hold(nbytes)
 
     def inject_transfer_fault(self, kind: str, count: int = 1, after_pieces: int = 1, stall_s: float = 5.0) -> None:
         """Break this holder's next `count` KV fetches on the real gRPC stream (drills, reliability tests):

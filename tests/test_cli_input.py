@@ -132,6 +132,27 @@ def test_serve_refuses_a_bad_actor_memory_budget_in_one_line_naming_the_flag(val
     assert err[-1].startswith("pdllm serve: error: argument --actor-memory-budget-mib: must be")
 
 
+@pytest.mark.parametrize(
+    "flag,value", [("--actor-memory-limit-mib", "-5"), ("--actor-memory-limit-mib", "2.5"),
+                   ("--node-memory-refuse-fraction", "1.5"), ("--node-memory-refuse-fraction", "-0.1"),
+                   ("--node-memory-refuse-fraction", "most")],
+)  # fmt: skip
+def test_serve_refuses_a_bad_memory_limit_or_refuse_line_in_one_line_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", flag, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"pdllm serve: error: argument {flag}: must be")
+
+
+def test_serve_refuses_a_budget_at_or_over_the_limit_before_starting_anything(capsys):
+    assert main(["serve", "--no-auth", "--actor-memory-budget-mib", "4096", "--actor-memory-limit-mib", "4096"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "pdllm: error: --actor-memory-budget-mib must be below --actor-memory-limit-mib (refuse work before ending)"
+    ]
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0

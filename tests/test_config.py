@@ -31,12 +31,14 @@ def test_every_limit_is_set_from_the_yaml(tmp_path):
     their defaults; an override of one limit keeps the file's others."""
 
     def changed(default):
+        if default is None:  # an optional fraction
+            return 0.5
         if isinstance(default, bool):
             return not default
         return f"x{default}" if isinstance(default, str) else default * 2 + 1
 
     values = {f.name: changed(getattr(ClusterLimits(), f.name)) for f in dataclasses.fields(ClusterLimits)}
-    values.update(log_level="DEBUG", transfer_piece_bytes=2 << 20, ipc_lease_s=5)  # within their allowed ranges
+    values.update(log_level="DEBUG", transfer_piece_bytes=2 << 20, ipc_lease_s=5, actor_memory_limit_bytes=1 << 30)
     path = tmp_path / "limits.yaml"
     path.write_text(yaml.safe_dump({"model_dir": "/m", "limits": values}))
     cfg = ClusterConfig.from_yaml(path)

@@ -66,3 +66,19 @@ def test_cell_budget_cuts_samples_equally_in_every_mode(tmp_path, tiny_llada):
     assert [(r["mode"], r["gold"]) for r in doc["records"]] == [("vanilla", doc["records"][0]["gold"]),
                                                                  ("sparse", doc["records"][0]["gold"])]  # fmt: skip
     assert doc["records"][1]["kv_tokens_per_step"] < doc["records"][0]["kv_tokens_per_step"]  # 1 of 2 chunks read
+
+
+def test_dense_baselines_past_the_models_length_are_reported_not_run(tmp_path, capsys):
+    """The bundled model has 4096 positions: at 4500 tokens vanilla and prefix cannot place the question, sparse
+    can (it sits after the longest chunk), and the eval goes on with the dense cells marked n/a."""
+    out = tmp_path / "ev.json"
+    rc = main(["eval", "--model", str(default_model_dir()), "--lengths", "4500", "--samples", "1", "--device", "cpu",
+               "--task", "passkey", "--modes", "vanilla,prefix,sparse", "--json", str(out),
+               "--method", '{"chunk_size": 256, "top_k": 2}'])  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert rc == 0
+    rows = {row["mode"]: row for row in doc["summary"]}
+    assert rows["vanilla"]["accuracy"] is None and rows["prefix"]["accuracy"] is None
+    assert "maximum length 4096" in rows["prefix"]["skipped"]
+    assert rows["sparse"]["n"] == 1 and rows["sparse"]["accuracy"] is not None
+    assert "n/a" in capsys.readouterr().out

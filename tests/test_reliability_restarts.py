@@ -20,7 +20,15 @@ from pdllm.cluster.batch.worker import BatchWorker
 from pdllm.cluster.cluster_backend import ClusterBackend
 from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
-from pdllm.cluster.router.faults import OUT_OF_MEMORY, PROCESS_LOST, death_cause, death_message, one_line
+from pdllm.cluster.router.faults import (
+    OUT_OF_MEMORY,
+    PROCESS_LOST,
+    death_cause,
+    death_message,
+    one_line,
+    ray_exit_cause,
+    ray_worker_exit,
+)
 from pdllm.cluster.router.slots import UP, control
 from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import wait_until
@@ -156,6 +164,11 @@ def test_decode_then_prefill_sigkilled_mid_batch_every_job_answered_once_and_ser
         assert rows[role]["fault"]["cause"] == PROCESS_LOST and rows[role]["fault"]["since_s"] >= 0
         assert restarts(role) - before[role] == 1
     assert health["faults"]["actor_restarts"] == 2 and health["faults"]["actors_lost"] == 2
+    for role, slot in (("decode", decode), ("prefill", prefill)):  # Ray's record of a SIGKILL: not out of memory
+        assert (
+            ray_worker_exit(killed[role], slot.node) == "SYSTEM_ERROR"
+            and ray_exit_cause(killed[role], slot.node) is None
+        )
     lines = [r.getMessage() for r in caplog.records]
     for slot in (decode, prefill):
         died = [m for m in lines if m.startswith(f"{router._kind(slot)} actor {slot.name} died")]

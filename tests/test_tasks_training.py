@@ -194,3 +194,79 @@ def test_the_official_mix_reads_the_data_that_trained_the_bundled_model():
             for t in (b.ids, b.pos, b.seg, b.answer, b.core, b.needle_seg):
                 h.update(t.numpy().tobytes())
     assert h.hexdigest() == "cd0e1fd237fbc36dc44cb2806bc634e0ee6d41fe8a5102705b5e1da479a3e951"
+
+
+def test_the_lookup_mix_puts_a_key_value_stage_after_copying():
+    from pdllm.training.data import LOOKUP_STAGE, make_batch
+
+    stages = curriculum("lookup")
+    assert [s.name for s in stages] == ["copy", "lookup", "tasks", "long"] and stages[0] == CURRICULUM[0]
+    assert stages[1] is LOOKUP_STAGE and {"niah_multikey", "kv_retrieval", "facts"} <= set(LOOKUP_STAGE.tasks)
+    assert all(s.keys is None for s in CURRICULUM)  # the official recipe keeps RULER's 4 keys
+    needles = set()
+    for i in range(40):
+        e = build_example(random.Random(i), 600, False, {"niah_multikey": 1.0}, keys=LOOKUP_STAGE.keys)
+        needles.add(bytes(e.ids[1 : e.answer_start]).decode().count("One of the special magic numbers for"))
+    assert needles == {2, 3, 4}
+    kv_pairs = set()
+    for i in range(40):
+        e = build_example(random.Random(i), random.Random(i).randint(300, 640), False, {"kv_retrieval": 1.0})
+        kv_pairs.add(bytes(e.ids[1 : e.answer_start]).decode().count('": "'))
+    assert 1 in kv_pairs and max(kv_pairs) >= 4  # from a plain 36-character copy to a lookup among several keys
+    b = make_batch(random.Random(0), LOOKUP_STAGE, 2048, 8192, (1.0, 0.0))
+    assert b.ids.shape[1] <= 1024 and b.needle_seg.ge(0).all()
+
+
+def test_the_loss_reads_its_layout_on_the_cpu_and_equals_the_gathered_formula():
+    from pdllm.training.objective import batch_layout
+
+    spec = tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)
+    model = random_model(spec, seed=1)
+    b = collate([build_example(random.Random(i), 500, True, None, (128,)) for i in range(4)])
+    layout = batch_layout(b, 0.5)
+    assert layout.ranked and layout.chunks == int(b.seg.max()) + 1
+    assert layout.first == int(b.answer.float().argmax(-1).min())
+    given, m1 = diffusion_loss(model, b, 0.3, torch.Generator().manual_seed(5), rank_weight=0.5, layout=layout)
+    read, m2 = diffusion_loss(model, b, 0.3, torch.Generator().manual_seed(5), rank_weight=0.5)
+    torch.testing.assert_close(given, read)
+    assert set(m1) == set(m2) == {"diff", "acc", "rank", "rank_acc"}
+    # the reference: cross-entropy gathered at the masked positions, weighted 1/t and per-row normalised
+    noisy, masked, t, eligible = mask_tokens(b, spec.mask_token_id, 0.3, torch.Generator().manual_seed(5))
+    logits = model(noisy, b.pos, _masked(b)).logits
+    w = torch.where(b.core | ~b.answer, 1.0, 0.1)
+    scale = w / (t[:, None] * (w * eligible).sum(-1, keepdim=True))
+    ce = torch.nn.functional.cross_entropy(logits[masked], b.ids[masked], reduction="none")
+    torch.testing.assert_close(m1["diff"], (ce * scale[masked]).sum() / b.ids.shape[0])
+    core = b.core[masked]
+    torch.testing.assert_close(m1["acc"], (logits[masked].argmax(-1) == b.ids[masked])[core].float().mean())
+
+
+@pytest.mark.timeout(120)
+def test_training_starts_from_a_checkpoint_and_refuses_another_shape(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from pdllm.models.loader import load_model
+    from pdllm.training.train import main
+
+    assert main(["--smoke", "--out", str(tmp_path / "a"), "--max-steps", "2", "--workers", "0"]) == 0
+    assert main(["--export", str(tmp_path / "a"), "--out", str(tmp_path), "--bundle", str(tmp_path / "m")]) == 0
+    args = ["--smoke", "--init-from", str(tmp_path / "m"), "--max-steps", "1", "--workers", "0", "--lr", "0"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0  # lr 0: one step leaves the weights as loaded
+    meta = json.loads((tmp_path / "b" / "state.json").read_text())
+    assert meta["step"] == 1 and meta["args"]["init_from"] == str(tmp_path / "m")
+    saved = {}
+    for f in sorted((tmp_path / "b").glob("train-state-*.safetensors")):
+        saved |= {k[6:]: v for k, v in load_file(str(f)).items() if k.startswith("model.")}
+    source = load_model(tmp_path / "m", dtype=torch.float32).model.state_dict()
+    assert saved.keys() == source.keys() and all(torch.equal(saved[k], source[k]) for k in source)
+    fresh = main(["--smoke", "--out", str(tmp_path / "c"), "--max-steps", "1", "--workers", "0", "--lr", "0"])
+    assert fresh == 0
+    other = {k[6:]: v for f in (tmp_path / "c").glob("train-state-*") for k, v in load_file(str(f)).items()}
+    assert not all(torch.equal(other[k], source[k]) for k in source)  # without it: the fresh initialisation
+    with pytest.raises(SystemExit, match="--init-from .*not this --shape"):  # refused before any training
+        main(["--shape", "small", "--init-from", str(tmp_path / "m"), "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="--init-from .*cannot load"):
+        main([*args[:1], "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit):
+        main([*args, "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "f")])
+    assert "exclude each other" in capsys.readouterr().err

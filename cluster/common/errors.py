@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from pdllm.errors import Busy, DeadlineExceeded, PdllmError, Unavailable
 
+# The causes an actor's death is labelled with (cluster/router/faults.py tells them from Ray's errors; an actor
+# that ends itself at its memory limit records OUT_OF_MEMORY, cluster/common/memory_limit.py).
+OUT_OF_MEMORY = "out of memory"
+PROCESS_LOST = "process lost (killed or crashed)"
+KILLED = "killed by ray.kill"
+NODE_LOST = "node lost"
+
 
 class ClusterBusy(Busy):
     """Every actor of a kind has a full queue (or refuses work over its memory budget): back off and retry."""

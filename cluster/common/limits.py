@@ -33,6 +33,10 @@ class ClusterLimits:
     actor_max_restarts: int = 8  # Ray restarts a dead prefill/decode actor this many times (0: a death is final)
     restart_timeout_s: float = 180.0  # a request with no live actor of a kind waits this long for a restarted one
     actor_memory_budget_bytes: int = 0  # an actor whose RSS is above this refuses new work (ClusterBusy); 0: off
+    actor_memory_limit_bytes: int = 0  # an actor whose RSS passes this ends (out of memory) and restarts; 0: off
+    # actors refuse new work while their node's memory is fuller than this fraction; None: Ray's memory monitor
+    # threshold less 0.05 (0.90 by default), derived on each actor's node (cluster/common/node_memory.py); 0: off
+    node_memory_refuse_fraction: float | None = None
     log_json: bool = False  # actors log JSON lines (each with its request id) instead of text
     log_level: str = "INFO"  # actors' log level; their lines reach the driver's stderr and Ray's worker logs
 
@@ -46,6 +50,13 @@ class ClusterLimits:
             raise ValueError("fetch_timeout_s and probe_timeout_s must be > 0, fetch_retries >= 0, stream_events >= 1")
         if self.actor_max_restarts < 0 or self.restart_timeout_s <= 0 or self.actor_memory_budget_bytes < 0:
             raise ValueError("actor_max_restarts and actor_memory_budget_bytes must be >= 0, restart_timeout_s > 0")
+        if self.actor_memory_limit_bytes < 0:
+            raise ValueError(f"actor_memory_limit_bytes must be >= 0, got {self.actor_memory_limit_bytes}")
+        if self.actor_memory_limit_bytes and self.actor_memory_budget_bytes >= self.actor_memory_limit_bytes:
+            raise ValueError("actor_memory_budget_bytes must be below actor_memory_limit_bytes (refuse before ending)")
+        fraction = self.node_memory_refuse_fraction
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"node_memory_refuse_fraction must be in [0, 1] (0: off), got {fraction}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.log_level!r}")
         if self.transfer_piece_bytes < 1024 or self.transfer_piece_bytes > (4 << 20) - 4096:

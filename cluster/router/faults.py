@@ -13,17 +13,14 @@ import threading
 import time
 
 import ray
+from pdllm.cluster.common.errors import KILLED, NODE_LOST, OUT_OF_MEMORY, PROCESS_LOST
+from pdllm.cluster.common.memory_limit import death_note
 from pdllm.cluster.router.slots import DEAD, DOWN, RESTARTED_UNSEEN, RESTARTING, UP, ActorSlot, control
 
 from pdllm.observability import metrics
 
 log = logging.getLogger(__name__)
 READMIT_POLL_S = 0.2  # between the watcher's looks at a restarting actor
-
-OUT_OF_MEMORY = "out of memory"
-PROCESS_LOST = "process lost (killed or crashed)"
-KILLED = "killed by ray.kill"
-NODE_LOST = "node lost"
 
 
 def death_cause(error: BaseException | str) -> str:
@@ -43,6 +40,34 @@ def death_cause(error: BaseException | str) -> str:
         return PROCESS_LOST
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
     return first[:120]
+
+
+def ray_worker_exit(pid: int | None, node_id: str | None) -> str | None:
+    """How Ray's record says the worker process `pid` on `node_id` ended (its GCS worker table's exit type, e.g.
+    NODE_OUT_OF_MEMORY, SYSTEM_ERROR), or None: still alive, no record, or the table unreadable (an internal Ray
+    API, ray._private.state, so any change in it reads as "no record")."""
+    if pid is None:
+        return None
+    try:
+        from ray._private.state import state
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        for raw in state._connect_and_get_accessor().get_worker_table():
+            worker = gcs_pb2.WorkerTableData.FromString(raw)
+            if worker.pid == pid and not worker.is_alive:
+                if not node_id or worker.worker_address.node_id.hex() == node_id:
+                    return common_pb2.WorkerExitType.Name(worker.exit_type)
+    except Exception:
+        return None
+    return None
+
+
+def ray_exit_cause(pid: int | None, node_id: str | None) -> str | None:
+    """OUT_OF_MEMORY when Ray's memory monitor killed the worker process `pid` (exit type NODE_OUT_OF_MEMORY).
+
+    Why: a restartable actor killed by the monitor mid-call fails the call with `ActorUnavailableError: ... The actor
+    was restarted`, which names no cause (benchmarks/ray_oom_cause.py); Ray's worker table keeps the exit type."""
+    return OUT_OF_MEMORY if ray_worker_exit(pid, node_id) == "NODE_OUT_OF_MEMORY" else None
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:
@@ -71,6 +96,11 @@ class FaultBook:
         new incarnation answers. Returns the one-line message for the caller (`decode actor died: ...`)."""
         kind = self._kind(slot)
         cause = death_cause(why) if isinstance(why, BaseException) else str(why)
+        note = death_note(self.index.r, self.index.prefix, slot.name, slot.pid) if dead else None
+        if note:  # the incarnation ended itself and said why (its memory limit: cluster/common/memory_limit.py)
+            cause = note["cause"]
+        elif dead and cause == PROCESS_LOST:  # Ray's error names no cause; its worker table may (memory monitor)
+            cause = ray_exit_cause(slot.pid, slot.node) or cause
         restarting = slot.restartable
         message = death_message(kind, cause, restarting) if dead else f"{kind} actor {slot.name} not answering: {cause}"
         with self._lock:
@@ -90,6 +120,8 @@ class FaultBook:
         if dead:
             metrics.record_actor_death(kind, cause)
             log.error("%s", message.replace(f"{kind} actor", f"{kind} actor {slot.name}", 1))
+            if note:
+                log.info("actor %s (pid %s) recorded before it ended: %s", slot.name, slot.pid, note["detail"])
             if isinstance(why, BaseException):
                 log.info("actor %s: Ray's report of the death: %s", slot.name, why)
         else:

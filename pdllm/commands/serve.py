@@ -68,6 +68,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="an actor whose RSS is above this many MiB refuses new work (RESOURCE_EXHAUSTED); 0: off (default: "
         "the config's limits, off)",
     )
+    p.add_argument(
+        "--actor-memory-limit-mib",
+        type=_count,
+        default=None,
+        help="an actor whose RSS passes this many MiB ends (cause: out of memory) and is restarted; 0: off "
+        "(default: the config's limits, off)",
+    )
+    p.add_argument(
+        "--node-memory-refuse-fraction",
+        type=_fraction,
+        default=None,
+        help="actors refuse new work while their node's memory is fuller than this (default: Ray's memory monitor "
+        "threshold less 0.05, 0.90 with Ray's defaults); 0: off",
+    )
     p.add_argument("--batch-concurrency", type=int, default=1, help="batch jobs running at once")
     p.add_argument("--worker-name", default="router-0", help="batch worker identity (stable across restarts)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port on --host (0: any free)")
@@ -85,6 +99,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type: a bad value is one line naming the flag, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
 
 
@@ -116,9 +141,16 @@ def cluster_backend(args: argparse.Namespace):
         args.max_running = config.decode_max_batch * config.num_decode_actors
     where = f"config {args.config}" if args.config else "embedded: local Ray, embedded Valkey"
     print(f"starting the cluster ({where}; model {config.model_dir})", flush=True)
-    given = {"actor_max_restarts": args.actor_max_restarts}  # flags given win over the config's `limits:`
-    if args.actor_memory_budget_mib is not None:
-        given["actor_memory_budget_bytes"] = args.actor_memory_budget_mib << 20
+    given = {  # flags given win over the config's `limits:`
+        "actor_max_restarts": args.actor_max_restarts,
+        "node_memory_refuse_fraction": args.node_memory_refuse_fraction,
+    }
+    for flag, limit in (
+        ("actor_memory_budget_mib", "actor_memory_budget_bytes"),
+        ("actor_memory_limit_mib", "actor_memory_limit_bytes"),
+    ):
+        if getattr(args, flag) is not None:
+            given[limit] = getattr(args, flag) << 20
     overrides = {k: v for k, v in given.items() if v is not None}
     limits = replace(config.limits, log_json=args.log_json, log_level=args.log_level, **overrides)  # log as the server
     started = time.monotonic()
@@ -178,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise PdllmError("--tls-cert and --tls-key go together")
+    if args.actor_memory_limit_mib and args.actor_memory_budget_mib >= args.actor_memory_limit_mib:
+        raise PdllmError("--actor-memory-budget-mib must be below --actor-memory-limit-mib (refuse work before ending)")
     configure_logging(json=args.log_json, level=args.log_level)
     token = resolve_token(args)
     http = start_http(args, token)  # answers 503 "not ready" until the backend is up

@@ -12,7 +12,13 @@ def summarize(records: list[dict], keys: tuple[str, ...] = ("task", "length", "m
     for r in records:
         groups[tuple(r[k] for k in keys)].append(r)
     rows = []
-    for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(x).zfill(8) for x in kv[0])):
+    for key, every in sorted(groups.items(), key=lambda kv: tuple(str(x).zfill(8) for x in kv[0])):
+        rs = [r for r in every if not r.get("skipped")]
+        if not rs:  # not run (e.g. a dense baseline past the model's length): n/a, with the reason
+            rows.append(dict(zip(keys, key, strict=True)) | {"n": 0, "accuracy": None, "mean_step_ms": None,
+                                                               "kv_tokens_per_step": None, "mean_steps": None,
+                                                               "skipped": every[0]["skipped"]})  # fmt: skip
+            continue
         kv = [r["kv_tokens_per_step"] for r in rs if r["kv_tokens_per_step"] is not None]
         rows.append(
             dict(zip(keys, key, strict=True))
@@ -31,6 +37,9 @@ def table(rows: list[dict]) -> str:
     head = f"{'task':16} {'length':>7} {'mode':8} {'n':>4} {'acc%':>6} {'ms/step':>8} {'KV tok/step':>11} {'steps':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r["accuracy"] is None:
+            lines.append(f"{r['task']:16} {r['length']:>7} {r['mode']:8} {0:>4} {'n/a':>6}  ({r.get('skipped')})")
+            continue
         kv = "-" if r["kv_tokens_per_step"] is None else str(r["kv_tokens_per_step"])
         lines.append(
             f"{r['task']:16} {r['length']:>7} {r['mode']:8} {r['n']:>4} {r['accuracy']:>6.1f} "
@@ -52,7 +61,7 @@ def plot_depth(records: list[dict], path: str | Path) -> Path:
     for ax, task in zip(axes[0], tasks, strict=True):
         series: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
         for r in rows:
-            if r["task"] == task:
+            if r["task"] == task and r["accuracy"] is not None:
                 series[(r["mode"], r["length"])].append((r["depth"], r["accuracy"]))
         for (mode, length), pts in sorted(series.items()):
             pts.sort()

@@ -70,7 +70,31 @@ def method_config(cfg: EvalConfig):
     return method_cls(**kw)
 
 
+DENSE_MODES = ("vanilla", "prefix")  # the question sits after the whole context: positions grow with it
+
+
+def beyond_length(lm: LoadedModel, sample: Sample, mode: str) -> str | None:
+    """Why `mode` cannot run `sample` on this model (its positions pass the model's maximum length), or None.
+    Sparse mode places the question after the longest selected chunk, so only the dense baselines hit this."""
+    limit = lm.spec.max_position
+    if mode not in DENSE_MODES or not limit:
+        return None
+    count = tokenizer_counter(lm.tokenizer)
+    needed = 1 + count(sample.prompt_text) + count(sample.question) + sampler_for(sample.task, None).gen_length + 16
+    if needed <= limit:
+        return None
+    return f"positions beyond the model's maximum length {limit}"
+
+
+def skipped_record(sample: Sample, mode: str, reason: str) -> dict:
+    """A record for a generation that was not run (summaries count it apart and print n/a)."""
+    return {"task": sample.task, "length": sample.length, "mode": mode, "depth": round(sample.depth, 4),
+            "gold": sample.answers[0], "skipped": reason}  # fmt: skip
+
+
 def run_one(lm: LoadedModel, sample: Sample, mode: str, cfg: EvalConfig, method) -> dict:
+    if reason := beyond_length(lm, sample, mode):
+        return skipped_record(sample, mode, reason)
     kwargs = {}
     if method is not None and "method" in inspect.signature(engine.generate).parameters:
         kwargs["method"] = method

@@ -15,6 +15,7 @@ import multiprocessing
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +34,13 @@ VARIED_TASKS = {  # the official tasks plus facts in trained wordings, values of
     "niah_single": 0.12,
     "niah_multikey": 0.2,
     "facts": 0.28,
+}
+LOOKUP_TASKS = {  # the key -> value stage: every row must find its key among others before it copies the value
+    "niah_multikey": 0.3,
+    "kv_retrieval": 0.3,
+    "facts": 0.25,
+    "niah_single": 0.1,
+    "passkey": 0.05,
 }
 SHORTEST = {
     "passkey": 270,
@@ -59,20 +67,29 @@ class Stage:
     advance_at: float | None
     until: float | None
     long_values: float = 0.2  # share of passkey / number_string rows whose value has 5-32 digits
+    keys: tuple[int, int] | None = None  # niah_multikey rows draw this many needles (None: the benchmark's 4)
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
-MIXES = {"official": (ALL_TASKS, 0.55), "varied": (VARIED_TASKS, 0.6)}  # task weights, end of the `tasks` stage
+# task weights, end of the `tasks` stage
+MIXES = {"official": (ALL_TASKS, 0.55), "varied": (VARIED_TASKS, 0.6), "lookup": (VARIED_TASKS, 0.7)}
+COPY_STAGE = Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7)
+# Short rows of the tasks that need a key matched before a value is copied: kv_retrieval at 300-640 tokens holds
+# 1-5 pairs (one pair: a plain 36-character copy), niah_multikey 2-4 needles, facts 2-5 subjects.
+LOOKUP_STAGE = Stage("lookup", LOOKUP_TASKS, 300, 640, (64, 128, 256), 0.6, 0.35, keys=(2, 4))
 
 
 def curriculum(mix: str = "official") -> tuple[Stage, ...]:
-    """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's recipe) or `varied`
-    (plus facts in many wordings and value kinds)."""
+    """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's recipe), `varied`
+    (plus facts in many wordings and value kinds) or `lookup` (varied with a key -> value stage after the copy
+    stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     tasks, until = MIXES[mix]
+    lookup = (LOOKUP_STAGE,) if mix == "lookup" else ()
     return (
-        Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7),
+        COPY_STAGE,
+        *lookup,
         Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until),
         Stage("long", tasks, 400, 0, (128, 256, 512), None, None),
     )
@@ -125,9 +142,11 @@ def build_example(
     full: bool = False,
     split: str = "train",
     long_values: float = 0.0,
+    keys: tuple[int, int] | None = None,
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
-    official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess."""
+    official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
+    (lo, hi): niah_multikey rows hold that many needles (fewer distractors than the benchmark's 4)."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task in HELDOUT_TASKS:
@@ -138,6 +157,8 @@ def build_example(
         kw["haystack"] = "noise" if rng.random() < 0.3 else "prose"
         if rng.random() < long_values:
             kw["digits"], gen = rng.randint(5, 32), LONG_VALUE_SPAN
+    if task == "niah_multikey" and keys is not None:
+        kw["keys"] = rng.randint(*keys)
     length, seed = max(length, SHORTEST[task]), rng.getrandbits(48)
     while True:  # long keys or needles can leave a short target no room for haystack: lengthen it
         try:
@@ -192,26 +213,36 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
 
 
+def padded(rows: list[list[int]], width: int, fill: int) -> Tensor:
+    """[len(rows), width] long: each row left-aligned, `fill` after it (numpy: ~8x faster than torch.tensor)."""
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
+
+
 def collate(examples: list[Example]) -> Batch:
     t = -(-max(len(e.ids) for e in examples) // 8) * 8  # a multiple of 8 keeps SDPA on its fused masked kernel
     tq = max(len(e.question) for e in examples)
     b = len(examples)
-    ids = torch.full((b, t), PAD_ID, dtype=torch.long)
-    pos = torch.zeros((b, t), dtype=torch.long)
-    seg = torch.full((b, t), -2, dtype=torch.long)
-    answer = torch.zeros((b, t), dtype=torch.bool)
-    core = torch.zeros((b, t), dtype=torch.bool)
-    question = torch.full((b, tq), PAD_ID, dtype=torch.long)
-    question_valid = torch.zeros((b, tq), dtype=torch.bool)
+    answer = np.zeros((b, t), dtype=bool)
+    core = np.zeros((b, t), dtype=bool)
+    question_valid = np.zeros((b, tq), dtype=bool)
     for i, e in enumerate(examples):
-        n = len(e.ids)
-        ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(e.ids), torch.tensor(e.pos), torch.tensor(e.seg)
-        answer[i, e.answer_start : n] = True
+        answer[i, e.answer_start : len(e.ids)] = True
         core[i, e.answer_start : e.answer_start + e.core_len] = True
-        question[i, : len(e.question)] = torch.tensor(e.question)
         question_valid[i, : len(e.question)] = True
     flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
-    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid)
+    return Batch(
+        padded([e.ids for e in examples], t, PAD_ID),
+        padded([e.pos for e in examples], t, 0),
+        padded([e.seg for e in examples], t, -2),
+        torch.from_numpy(answer),
+        torch.from_numpy(core),
+        *flags,
+        padded([e.question for e in examples], tq, PAD_ID),
+        torch.from_numpy(question_valid),
+    )
 
 
 def attention_mask(seg: Tensor, full: Tensor | None = None) -> Tensor:
@@ -242,7 +273,9 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
     full = not chunked and rng.random() < 0.5
     examples = []
     for n in stage_lengths(rng, stage, train_length, tokens):
-        e = build_example(rng, n, chunked, stage.tasks, stage.chunk_sizes, full, long_values=stage.long_values)
+        e = build_example(
+            rng, n, chunked, stage.tasks, stage.chunk_sizes, full, long_values=stage.long_values, keys=stage.keys
+        )
         e.pretrain = rng.random() < fracs[1]
         examples.append(e)
     return collate(examples)

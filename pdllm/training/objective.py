@@ -14,6 +14,7 @@ actor ranks by point at the needle.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,6 +38,22 @@ class MaskedAttention:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """What the loss needs to know of a batch's layout before it runs: read on the CPU copy of the batch, so the
+    step on a GPU waits on nothing (each of these read off a device tensor stalls the launch queue)."""
+
+    first: int  # first position whose logits the loss reads (0 when any row is a pre-training row)
+    ranked: bool  # chunked rows with a known needle chunk: the ranking loss runs
+    chunks: int  # chunks of the longest chunked row
+
+
+def batch_layout(batch: Batch, rank_weight: float = 0.0) -> BatchLayout:
+    first = 0 if bool(batch.pretrain.any()) else int(batch.answer.float().argmax(-1).min())
+    ranked = rank_weight > 0 and bool((batch.needle_seg >= 0).any())
+    return BatchLayout(first, ranked, int(batch.seg.max()) + 1)
+
+
 def mask_tokens(batch: Batch, mask_id: int, eps: float, generator: torch.Generator | None = None):
     """Returns (noisy ids, masked bool [B, T], t [B], eligible [B, T])."""
     b = batch.ids.shape[0]
@@ -55,12 +72,15 @@ def unrotate(x: Tensor, positions: Tensor, rotary) -> Tensor:
     return apply_rotary(x.float(), cos, -sin)
 
 
-def ranking_scores(model: DllmModel, batch: Batch, kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does."""
+def ranking_scores(
+    model: DllmModel, batch: Batch, kv: list[tuple[Tensor, Tensor]], n_chunks: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does;
+    `n_chunks` (default: read off `batch.seg`) is C."""
     layers = summary_layers(model.spec.num_layers)
     rot = model.rotary
     seg = batch.seg
-    n_chunks = int(seg.max()) + 1
+    n_chunks = int(seg.max()) + 1 if n_chunks is None else n_chunks
     content = (seg >= 0) & (batch.ids != BOS_ID)
     onehot = (seg[:, :, None] == torch.arange(n_chunks, device=seg.device)) & content[:, :, None]  # [B, T, C]
     counts = onehot.sum(1)  # [B, C]
@@ -88,13 +108,17 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     pad_weight: float = 0.1,
     rank_weight: float = 0.0,
+    layout: BatchLayout | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
-    answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy."""
+    answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
+    `layout`: batch_layout of the batch's CPU copy (default: computed here, which waits on the device). Every
+    position from `first` on is scored and weighted (zero where not masked) rather than gathered by a boolean
+    index, whose size the host would have to wait for."""
+    layout = layout or batch_layout(batch, rank_weight)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
-    dev = batch.ids.device
-    first = 0 if bool(batch.pretrain.any()) else int(batch.answer.float().argmax(-1).min())
-    ranked = rank_weight > 0 and bool((batch.needle_seg >= 0).any())
+    first = layout.first
+    ranked = rank_weight > 0 and layout.ranked
     out = model(
         noisy, batch.pos, MaskedAttention(attention_mask(batch.seg, batch.full)), return_kv=ranked, logits_from=first
     )
@@ -102,19 +126,20 @@ def diffusion_loss(
     m = masked[:, first:]
     w = torch.where(batch.core | ~batch.answer, 1.0, pad_weight)  # padding of the answer span weighs less
     norm = (w * eligible).sum(-1).clamp_min(1e-6)  # per row
-    ce = F.cross_entropy(out.logits[m], target[m], reduction="none")
-    scale = (w / (t[:, None] * norm[:, None]))[:, first:][m]
-    loss = (ce * scale).sum() / batch.ids.shape[0]
-    core = batch.core[:, first:][m]
-    hits = (out.logits[m].argmax(-1) == target[m])[core]
-    metrics = {"diff": loss.detach(), "acc": hits.float().mean() if hits.numel() else torch.zeros((), device=dev)}
+    logits = out.logits
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    scale = (w / (t[:, None] * norm[:, None]))[:, first:] * m
+    loss = (ce.view_as(target) * scale).sum() / batch.ids.shape[0]
+    core = batch.core[:, first:] & m
+    hits = ((logits.argmax(-1) == target) & core).sum()
+    metrics = {"diff": loss.detach(), "acc": hits / core.sum().clamp_min(1)}
     if ranked:
-        scores, valid = ranking_scores(model, batch, out.kv)
+        scores, valid = ranking_scores(model, batch, out.kv, layout.chunks)
         rows = batch.needle_seg >= 0
         scores = RANK_BOUND * torch.tanh(scores.float() / RANK_BOUND)  # bounded: no reward for ever larger q.k
-        scores = scores.masked_fill(~valid, float("-inf"))[rows]
-        rank = F.cross_entropy(scores, batch.needle_seg[rows])
+        scores = scores.masked_fill(~valid, float("-inf"))
+        rank = F.cross_entropy(scores, batch.needle_seg, ignore_index=-1)  # the mean over rows with a needle chunk
         loss = loss + rank_weight * rank
-        top1 = (scores.argmax(-1) == batch.needle_seg[rows]).float().mean()
+        top1 = ((scores.argmax(-1) == batch.needle_seg) & rows).sum() / rows.sum().clamp_min(1)
         metrics |= {"rank": rank.detach(), "rank_acc": top1}
     return loss, metrics

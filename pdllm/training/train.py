@@ -3,11 +3,17 @@
     python -m pdllm.training.train --out runs/tiny --minutes 5 --total-minutes 5 --seed 1234   # the bundled model
     python -m pdllm.training.train --out runs/tiny --mix varied ...       # plus facts in many wordings and values
     python -m pdllm.training.train --out runs/tiny --resume runs/tiny --minutes 4
+    python -m pdllm.training.train --out runs/more --init-from pdllm/assets/pdllm-tiny-llada --mix lookup --stage 1
     python -m pdllm.training.train --smoke --out /tmp/smoke               # a few CPU steps of a tiny config
     python -m pdllm.training.train --export runs/tiny --bundle pdllm/assets/pdllm-tiny-llada
 
 The model is `DllmModel` with a LLaDA spec over the byte tokenizer; `--export` writes it with save_checkpoint (the
-real LLaDA layout) plus the tokenizer, so the ordinary loader and engine read it.
+real LLaDA layout) plus the tokenizer, so the ordinary loader and engine read it; `--init-from` starts a run from such
+a checkpoint's weights (a fresh optimizer, step 0), so training can go on from the bundled model.
+
+Attention runs on PyTorch's flash / memory-efficient / math kernels, never cuDNN's: on Hopper PyTorch puts cuDNN
+first for masked bf16 attention, and cuDNN builds an execution plan for every new (batch, length) it sees, tens of ms
+of host time each, while the curriculum's batches come in hundreds of shapes.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pdllm.models.checkpoint import save_checkpoint
 from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import MIXES, ExampleStream, Stage, curriculum
-from pdllm.training.objective import diffusion_loss
+from pdllm.training.objective import batch_layout, diffusion_loss
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.state import load_state, save_state
 
+TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 SHAPES = {
     "bundle": dict(hidden=256, layers=8, heads=8, inner=704, max_position=4096),
     "small": dict(hidden=128, layers=4, heads=4, inner=352, max_position=4096),
@@ -41,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", type=Path)
+    p.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (e.g. the bundled model)")
     p.add_argument("--export", type=Path, help="write the model of this training dir as a checkpoint and exit")
     p.add_argument("--bundle", type=Path, help="with --export: the checkpoint directory to write")
     p.add_argument("--shape", choices=sorted(SHAPES), default="bundle")
@@ -70,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_steps = args.max_steps or 6
         args.workers, args.save_every, args.warmup, args.probe_every, args.probe_samples = 1, 3, 2, 2, 4
     args.max_steps = args.max_steps or 10**9
+    if args.init_from and args.resume:
+        p.error("--init-from and --resume exclude each other (a resumed run has its own weights)")
     return args
 
 
@@ -113,6 +124,22 @@ def build_model(shape: str, device: torch.device) -> DllmModel:
     return model.to(device)
 
 
+def init_from(model: DllmModel, checkpoint: Path) -> None:
+    """Copy the weights of a checkpoint directory (save_checkpoint's layout) into `model`, which must have its
+    shape. Bad input: one line naming --init-from."""
+    from pdllm.models.loader import load_model
+
+    try:
+        source = load_model(checkpoint, device="cpu", dtype=torch.float32).model.state_dict()
+    except Exception as e:  # missing, corrupt or foreign checkpoint
+        raise SystemExit(f"--init-from {checkpoint}: cannot load a checkpoint ({e})") from None
+    own = model.state_dict()
+    wrong = [k for k in own if k not in source or source[k].shape != own[k].shape]
+    if wrong:
+        raise SystemExit(f"--init-from {checkpoint}: not this --shape ({len(wrong)} tensors differ, first {wrong[0]})")
+    model.load_state_dict({k: source[k] for k in own})
+
+
 def export(train_dir: Path, bundle: Path) -> None:
     meta = json.loads((train_dir / "state.json").read_text())
     model = build_model(meta["args"]["shape"], torch.device("cpu"))
@@ -140,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         betas=(0.9, 0.95),
     )
     step, log, before, stage = 0, [], 0.0, 0
+    if args.init_from:
+        init_from(model, args.init_from)
     if args.resume:
         meta = load_state(args.resume, model, opt)
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
@@ -166,15 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     for batch in loader:
         if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
             break
+        layout = batch_layout(batch, args.rank_weight)  # on the CPU copy: the step then never waits on the GPU
         batch = batch.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
-        with amp:
+        with amp, sdpa_kernel(TRAIN_ATTENTION):
             loss, metrics = diffusion_loss(
-                model, batch, args.eps, gen, pad_weight=args.pad_weight, rank_weight=args.rank_weight
+                model, batch, args.eps, gen, pad_weight=args.pad_weight, rank_weight=args.rank_weight, layout=layout
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with sdpa_kernel(TRAIN_ATTENTION):
+            loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if torch.isfinite(norm):  # a non-finite gradient skips the update instead of poisoning the weights
             opt.step()
@@ -194,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                 "step_s": round((time.time() - t_log) / n, 3),
             }
             if step % args.probe_every == 0:
-                entry |= probe_accuracy(model, probes[stage], device)
+                t_probe = time.time()
+                with sdpa_kernel(TRAIN_ATTENTION):
+                    entry |= probe_accuracy(model, probes[stage], device)
+                entry["probe_s"] = round(time.time() - t_probe, 2)
                 if should_advance(stages[stage], entry["em"], entry["s"] / (60 * args.total_minutes)):
                     stage += 1
                     stream.stage.value = stage

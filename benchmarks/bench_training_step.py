@@ -1,0 +1,171 @@
+"""Where a training step's time goes: data generation per batch (as one loader worker makes it), the loader's
+batches per second with its workers, and the model step at the real shape, the step as it was (PyTorch's default
+attention order, which puts cuDNN first on Hopper, and a loss that reads its layout off the device) against the step
+as train.py runs it now (no cuDNN, layout read on the CPU copy). Batches come in fresh shapes, as the curriculum
+makes them, then the same shapes again (warm), so a per-shape host cost shows as the difference.
+
+    python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
+    python benchmarks/bench_training_step.py --device cpu --tokens 4096 --steps 4 --shape small
+
+Prints a table of ms per batch (or step) and the ratio old / new measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import time
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from pdllm.training.data import PAD_ID, Batch, Example, ExampleStream, curriculum, make_batch
+from pdllm.training.objective import batch_layout, diffusion_loss
+from pdllm.training.train import TRAIN_ATTENTION, build_model
+
+
+def tensor_collate(examples: list[Example]) -> Batch:
+    """The collate of the bundled model's run (a torch.tensor per row and field): the data baseline."""
+    t = -(-max(len(e.ids) for e in examples) // 8) * 8
+    tq = max(len(e.question) for e in examples)
+    b = len(examples)
+    ids = torch.full((b, t), PAD_ID, dtype=torch.long)
+    pos = torch.zeros((b, t), dtype=torch.long)
+    seg = torch.full((b, t), -2, dtype=torch.long)
+    answer = torch.zeros((b, t), dtype=torch.bool)
+    core = torch.zeros((b, t), dtype=torch.bool)
+    question = torch.full((b, tq), PAD_ID, dtype=torch.long)
+    question_valid = torch.zeros((b, tq), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(e.ids), torch.tensor(e.pos), torch.tensor(e.seg)
+        answer[i, e.answer_start : n] = True
+        core[i, e.answer_start : e.answer_start + e.core_len] = True
+        question[i, : len(e.question)] = torch.tensor(e.question)
+        question_valid[i, : len(e.question)] = True
+    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
+    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid)
+
+
+def data_ms(mix: str, tokens: int, length: int, n: int) -> list[dict]:
+    """ms per batch of each stage, one thread (a loader worker's setting), old collate vs new."""
+    import pdllm.training.data as data
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for stage in curriculum(mix):
+            times = {}
+            for name, fn in (("old", tensor_collate), ("new", data.collate)):
+                data_collate, data.collate = data.collate, fn
+                try:
+                    rng = random.Random(0)
+                    make_batch(rng, stage, length, tokens, (0.5, 0.0))  # prose loaded, caches warm
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        make_batch(rng, stage, length, tokens, (0.5, 0.0))
+                    times[name] = 1000 * (time.perf_counter() - t0) / n
+                finally:
+                    data.collate = data_collate
+            rows.append({"what": f"data {mix}/{stage.name}", "old_ms": times["old"], "new_ms": times["new"]})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def loader_rate(mix: str, tokens: int, length: int, workers: int, seconds: float, stage: int) -> float:
+    """Batches per second the DataLoader delivers with `workers` processes (nothing consumes them)."""
+    stream = ExampleStream(1234, tokens, length, 0.5, 0, 0.0, stage, mix)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2)
+    it = iter(loader)
+    for _ in range(workers):  # every worker started and warm
+        next(it)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        next(it)
+        n += 1
+    del it
+    return n / (time.perf_counter() - t0)
+
+
+def step_ms(model, batches: list[Batch], device: torch.device, new: bool) -> float:
+    """Mean ms of forward + backward + AdamW over `batches`, the old way or the new."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for cpu_batch in batches:
+        layout = batch_layout(cpu_batch, 0.2) if new else None
+        batch = cpu_batch.to(device)
+        with amp, sdpa_kernel(TRAIN_ATTENTION) if new else contextlib.nullcontext():
+            loss, _ = diffusion_loss(model, batch, 0.1, gen, rank_weight=0.2, layout=layout)
+        opt.zero_grad(set_to_none=True)
+        with sdpa_kernel(TRAIN_ATTENTION) if new else contextlib.nullcontext():
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(norm):
+            opt.step()
+    sync()
+    return 1000 * (time.perf_counter() - t0) / len(batches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="bundle")
+    p.add_argument("--mix", default="lookup")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=24, help="batches of fresh shapes per variant")
+    p.add_argument("--data-batches", type=int, default=10)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--loader-seconds", type=float, default=4.0)
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rows = data_ms(args.mix, args.tokens, args.length, args.data_batches)
+    stages = curriculum(args.mix)
+    for stage in (1, len(stages) - 1):
+        rate = loader_rate(args.mix, args.tokens, args.length, args.workers, args.loader_seconds, stage)
+        rows.append({"what": f"loader {args.workers} workers, {stages[stage].name}", "batches_per_s": rate})
+    model = build_model(args.shape, device)
+    for stage in (1, len(stages) - 1):
+        # two disjoint sets of fresh shapes (one per variant, so neither sees the other's shapes first), each run
+        # cold and then again warm
+        sets = []
+        for seed in (11, 12):
+            rng = random.Random(seed)
+            sets.append(
+                [make_batch(rng, stages[stage], args.length, args.tokens, (0.5, 0.0)) for _ in range(args.steps)]
+            )
+        step_ms(model, sets[0][:2], device, True)  # kernels loaded, allocator warm
+        old_cold, new_cold = step_ms(model, sets[0], device, False), step_ms(model, sets[1], device, True)
+        old_warm, new_warm = step_ms(model, sets[0], device, False), step_ms(model, sets[1], device, True)
+        name = stages[stage].name
+        rows.append({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
+        rows.append({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), torch "
+        f"{torch.__version__}, shape {args.shape}, {args.tokens} tokens per batch, mix {args.mix}"
+    )
+    print(f"{'what':<40} {'old ms':>9} {'new ms':>9} {'old/new':>8}")
+    for r in rows:
+        if "batches_per_s" in r:
+            print(f"{r['what']:<40} {r['batches_per_s']:>9.1f} batches/s")
+        else:
+            print(f"{r['what']:<40} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {"device": str(device), "torch": torch.__version__, "args": vars(args), "rows": rows}, fh, indent=1
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
