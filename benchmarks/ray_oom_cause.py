@@ -73,7 +73,7 @@ def main() -> None:
             lines.append(f"death_cause of the error: {cause!r}")
             node = ray.get_runtime_context().get_node_id()  # one node: the actor's
             exit_type, noted = ray_worker_exit(first, node), ray_exit_cause(first, node)
-            cause = noted or cause  # what the router does with a cause-less death (cluster/router.py, _lost)
+            cause = noted or cause  # what the router does with a cause-less death (cluster/router/faults.py, _lost)
             lines.append(f"Ray's worker table: exit type {exit_type}; ray_exit_cause {noted!r}")
             lines.append(f"the router's line: {death_message('decode', cause, True)!r}")
         again = ray.get(actor.pid.remote(), timeout=60)
