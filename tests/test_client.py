@@ -42,7 +42,7 @@ def test_unavailable_is_retried_until_the_server_starts(backend):
         pauses.append(pause)
         if len(pauses) == 3:  # three attempts have failed: start the server
             servers.append(ApiServer(backend, ApiServerConfig(port=port)).start())
-        time.sleep(pause)
+        time.sleep(pause)  # really waits: gRPC's channel reconnects on its own backoff, not on this call
 
     try:
         with Client(
