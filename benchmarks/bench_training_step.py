@@ -46,7 +46,11 @@ def tensor_collate(examples: list[Example]) -> Batch:
         question[i, : len(e.question)] = torch.tensor(e.question)
         question_valid[i, : len(e.question)] = True
     flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
-    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid)
+    starts = torch.tensor([e.answer_start for e in examples])
+    pointer = torch.full((b, max(e.core_len for e in examples)), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        pointer[i, : len(e.pointer or [])] = torch.tensor(e.pointer or [], dtype=torch.long)
+    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid, starts, pointer)
 
 
 def data_ms(mix: str, tokens: int, length: int, n: int) -> list[dict]:

@@ -129,7 +129,8 @@ def test_curriculum_starts_on_digit_copying_and_ends_on_every_task_at_the_traini
 
 
 def test_probe_counts_a_row_only_when_the_whole_answer_is_right():
-    (batch, chunked) = probe_batches(CURRICULUM[0], 1024, samples=4, rows=4)[0]
+    (batch, chunked, tasks) = probe_batches(CURRICULUM[0], 1024, samples=4, rows=4)[0]
+    assert set(tasks) <= {"passkey", "number_string"}
     assert chunked.tolist() == [False, True, False, True]
 
     class Oracle(torch.nn.Module):  # predicts the true tokens, except where told to be wrong

@@ -110,6 +110,8 @@ class Example:
     needle_seg: int = -1  # chunked rows: the chunk holding the answer (-1: unknown or dense)
     full: bool = False  # dense only: the context also attends to question + answer (vanilla re-encoding)
     pretrain: bool = False  # mask the whole sequence (LLaDA pre-training) instead of only the answer
+    task: str = ""
+    pointer: list[int] | None = None  # per core token: the index of the context token it copies (-1: none)
 
 
 def byte_ids(text: str) -> list[int]:
@@ -131,6 +133,21 @@ def answer_offset(sample) -> int:
             return base + at + needles[0].encode().find(value)
     at = ctx.find(value)
     return base + at if at >= 0 else -1
+
+
+def value_offsets(sample) -> tuple[int, int, int]:
+    """(byte offset of the value in the prompt text or -1, its offset in the answer text, its length in bytes)."""
+    value = sample.answers[0].encode()
+    return answer_offset(sample), sample.target.encode().find(value), len(value)
+
+
+def pointers(core_len: int, offsets: tuple[int, int, int], index) -> list[int]:
+    """The context index each answer-text token copies (`index` maps a prompt byte offset to an index in the
+    row), -1 for tokens that copy nothing (the leading space, the end token) or when the value is not found."""
+    at, off, n = offsets
+    if at < 0 or off < 0:
+        return [-1] * core_len
+    return [index(at + j - off) if off <= j < off + n else -1 for j in range(core_len)]
 
 
 def build_example(
@@ -174,7 +191,10 @@ def build_example(
     if not chunked:
         ids = [BOS_ID] + ctx + span + answer
         seg = [0] * (1 + len(ctx)) + [QUERY_SEGMENT] * (len(span) + gen)
-        return Example(ids, list(range(len(ids))), seg, 1 + len(ctx) + len(span), core, span, full=full)
+        ptr = pointers(core, value_offsets(sample), lambda p: 1 + p)
+        return Example(
+            ids, list(range(len(ids))), seg, 1 + len(ctx) + len(span), core, span, full=full, task=task, pointer=ptr
+        )
     size = rng.choice(chunk_sizes)
     ids, pos, seg = [], [], []
     for c, lo in enumerate(range(0, len(ctx), size)):
@@ -182,7 +202,8 @@ def build_example(
         ids += piece
         pos += list(range(len(piece)))
         seg += [c] * len(piece)
-    at = answer_offset(sample)
+    offsets = value_offsets(sample)
+    at = offsets[0]
     start = max(pos) + 1  # the sparse decoder's question position: right after the longest selected chunk
     tail = span + answer
     return Example(
@@ -193,6 +214,8 @@ def build_example(
         core,
         span,
         needle_seg=at // size if at >= 0 else -1,
+        task=task,
+        pointer=pointers(core, offsets, lambda p: (p // size) * (size + 1) + 1 + p % size),
     )
 
 
@@ -208,6 +231,8 @@ class Batch:
     needle_seg: Tensor  # [B] long: chunk holding the answer (-1: none)
     question: Tensor  # [B, Q] the question alone, padded with PAD
     question_valid: Tensor  # [B, Q] bool
+    answer_at: Tensor  # [B] long: where each row's answer span starts
+    pointer: Tensor  # [B, A] long: for answer-text token j, the context index it copies (-1: none)
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
@@ -242,6 +267,8 @@ def collate(examples: list[Example]) -> Batch:
         *flags,
         padded([e.question for e in examples], tq, PAD_ID),
         torch.from_numpy(question_valid),
+        torch.tensor([e.answer_start for e in examples]),
+        padded([e.pointer or [-1] for e in examples], max(e.core_len for e in examples), -1),
     )
 
 

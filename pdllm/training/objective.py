@@ -29,12 +29,16 @@ RANK_BOUND = 8.0  # chunk scores enter the ranking loss squashed into (-8, 8)
 
 
 class MaskedAttention:
-    """An AttentionContext that applies a fixed [B, 1, T, T] boolean mask (chunk structure and padding)."""
+    """An AttentionContext that applies a fixed [B, 1, T, T] boolean mask (chunk structure and padding); keeps the
+    rotated queries and keys of layer `capture` (the pointer loss reads them)."""
 
-    def __init__(self, mask: Tensor) -> None:
-        self.mask = mask
+    def __init__(self, mask: Tensor, capture: int | None = None) -> None:
+        self.mask, self.capture = mask, capture
+        self.qk: tuple[Tensor, Tensor] | None = None
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if layer == self.capture:
+            self.qk = (q, k)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -46,12 +50,39 @@ class BatchLayout:
     first: int  # first position whose logits the loss reads (0 when any row is a pre-training row)
     ranked: bool  # chunked rows with a known needle chunk: the ranking loss runs
     chunks: int  # chunks of the longest chunked row
+    pointed: bool = False  # some answer token copies a known context token: the pointer loss runs
 
 
-def batch_layout(batch: Batch, rank_weight: float = 0.0) -> BatchLayout:
+def batch_layout(batch: Batch, rank_weight: float = 0.0, pointer_weight: float = 0.0) -> BatchLayout:
     first = 0 if bool(batch.pretrain.any()) else int(batch.answer.float().argmax(-1).min())
     ranked = rank_weight > 0 and bool((batch.needle_seg >= 0).any())
-    return BatchLayout(first, ranked, int(batch.seg.max()) + 1)
+    pointed = pointer_weight > 0 and bool((batch.pointer >= 0).any())
+    return BatchLayout(first, ranked, int(batch.seg.max()) + 1, pointed)
+
+
+def pointer_layer(num_layers: int) -> int:
+    """The layer whose first head the pointer loss teaches to look at the value being copied: three quarters up,
+    so the layers below can build the key-matching features and the ones above can still use what it reads."""
+    return (3 * num_layers) // 4
+
+
+def pointer_loss(batch: Batch, qk: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(loss, top-1 accuracy): cross-entropy of one head's attention scores from each answer-text token over the
+    keys it may attend to, against the context token holding the byte it must produce. A training aid like the
+    ranking loss: it gives key -> value lookups (kv_retrieval, niah_multikey) a direct signal, where the
+    diffusion loss alone lets a small model settle for copying whichever value looks like an answer."""
+    q, k = qk
+    a = batch.pointer.shape[1]
+    rows = batch.answer_at[:, None] + torch.arange(a, device=q.device)  # [B, A]
+    rows = rows.clamp_max(q.shape[2] - 1)
+    q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1])).float()  # [B, A, D]
+    scores = torch.einsum("bad,btd->bat", q0, k[:, 0].float()) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~(batch.seg >= QUERY_SEGMENT)[:, None, :], float("-inf"))
+    target = batch.pointer
+    loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1), ignore_index=-1)
+    valid = target >= 0
+    acc = ((scores.argmax(-1) == target) & valid).sum() / valid.sum().clamp_min(1)
+    return loss, acc
 
 
 def mask_tokens(batch: Batch, mask_id: int, eps: float, generator: torch.Generator | None = None):
@@ -109,19 +140,22 @@ def diffusion_loss(
     pad_weight: float = 0.1,
     rank_weight: float = 0.0,
     layout: BatchLayout | None = None,
+    pointer_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
     answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
     `layout`: batch_layout of the batch's CPU copy (default: computed here, which waits on the device). Every
     position from `first` on is scored and weighted (zero where not masked) rather than gathered by a boolean
     index, whose size the host would have to wait for."""
-    layout = layout or batch_layout(batch, rank_weight)
+    layout = layout or batch_layout(batch, rank_weight, pointer_weight)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
     first = layout.first
     ranked = rank_weight > 0 and layout.ranked
-    out = model(
-        noisy, batch.pos, MaskedAttention(attention_mask(batch.seg, batch.full)), return_kv=ranked, logits_from=first
+    pointed = pointer_weight > 0 and layout.pointed
+    attention = MaskedAttention(
+        attention_mask(batch.seg, batch.full), pointer_layer(model.spec.num_layers) if pointed else None
     )
+    out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
     target = batch.ids[:, first:]
     m = masked[:, first:]
     w = torch.where(batch.core | ~batch.answer, 1.0, pad_weight)  # padding of the answer span weighs less
@@ -133,6 +167,10 @@ def diffusion_loss(
     core = batch.core[:, first:] & m
     hits = ((logits.argmax(-1) == target) & core).sum()
     metrics = {"diff": loss.detach(), "acc": hits / core.sum().clamp_min(1)}
+    if pointed:
+        point, point_acc = pointer_loss(batch, attention.qk)
+        loss = loss + pointer_weight * point
+        metrics |= {"point": point.detach(), "point_acc": point_acc}
     if ranked:
         scores, valid = ranking_scores(model, batch, out.kv, layout.chunks)
         rows = batch.needle_seg >= 0

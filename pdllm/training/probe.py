@@ -20,9 +20,9 @@ from pdllm.training.objective import MaskedAttention, attention_mask
 
 def probe_batches(
     stage: Stage, train_length: int, samples: int, seed: int = 7, rows: int = 16
-) -> list[tuple[Batch, Tensor]]:
+) -> list[tuple[Batch, Tensor, list[str]]]:
     """`samples` held-out examples of the stage's tasks at its longest length, in batches of `rows`, each with a
-    [B] bool telling the chunked rows."""
+    [B] bool telling the chunked rows and the rows' task names."""
     rng = random.Random(f"probe:{seed}:{stage.name}")
     length = stage.max_len or train_length
     examples = [
@@ -30,7 +30,10 @@ def probe_batches(
         for i in range(samples)
     ]
     flags = torch.arange(samples) % 2 == 1
-    return [(collate(examples[i : i + rows]), flags[i : i + rows]) for i in range(0, samples, rows)]
+    tasks = [e.task for e in examples]
+    return [
+        (collate(examples[i : i + rows]), flags[i : i + rows], tasks[i : i + rows]) for i in range(0, samples, rows)
+    ]
 
 
 @torch.no_grad()
@@ -42,17 +45,23 @@ def exact_match(model: DllmModel, batch: Batch) -> Tensor:
     return ~wrong.any(-1)
 
 
-def probe_accuracy(model: DllmModel, batches: list[tuple[Batch, Tensor]], device: torch.device) -> dict[str, float]:
-    """Exact match over the probe set: all rows, dense rows, chunked rows."""
+def probe_accuracy(
+    model: DllmModel, batches: list[tuple[Batch, Tensor, list[str]]], device: torch.device
+) -> dict[str, float]:
+    """Exact match over the probe set: all rows, dense rows, chunked rows, and each task's rows (`em_<task>`)."""
     was = model.training
     model.eval()
-    hit, chunked = [], []
+    hit, chunked, tasks = [], [], []
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for b, flags in batches:
+    for b, flags, names in batches:
         with amp:
             hit.append(exact_match(model, b.to(device)).cpu())
         chunked.append(flags)
+        tasks += names
     model.train(was)
     h, c = torch.cat(hit).float(), torch.cat(chunked)
     mean = lambda x: round(float(x.mean()), 3) if x.numel() else float("nan")
-    return {"em": mean(h), "em_dense": mean(h[~c]), "em_chunked": mean(h[c])}
+    out = {"em": mean(h), "em_dense": mean(h[~c]), "em_chunked": mean(h[c])}
+    for task in sorted(set(tasks)):
+        out[f"em_{task}"] = mean(h[torch.tensor([t == task for t in tasks])])
+    return out

@@ -40,6 +40,7 @@ from pdllm.training.state import load_state, save_state
 TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 SHAPES = {
     "bundle": dict(hidden=256, layers=8, heads=8, inner=704, max_position=4096),
+    "wide": dict(hidden=384, layers=8, heads=12, inner=1056, max_position=4096),
     "small": dict(hidden=128, layers=4, heads=4, inner=352, max_position=4096),
     "smoke": dict(hidden=32, layers=2, heads=2, inner=64, max_position=4096),
 }
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (e.g. the bundled model)")
     p.add_argument("--export", type=Path, help="write the model of this training dir as a checkpoint and exit")
     p.add_argument("--bundle", type=Path, help="with --export: the checkpoint directory to write")
+    p.add_argument("--export-dtype", choices=("float32", "bfloat16"), default="float32", help="weights as written")
     p.add_argument("--shape", choices=sorted(SHAPES), default="bundle")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--mix", choices=sorted(MIXES), default="official", help="training tasks (data.curriculum)")
@@ -68,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", type=float, default=0.1, help="mask ratio t ~ U(eps, 1)")
     p.add_argument("--pad-weight", type=float, default=0.1, help="loss weight of the answer's end-token padding")
     p.add_argument("--rank-weight", type=float, default=0.2, help="weight of the chunk-ranking loss")
+    p.add_argument("--pointer-weight", type=float, default=0.0, help="weight of the copy-pointer loss (objective)")
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -140,21 +143,22 @@ def init_from(model: DllmModel, checkpoint: Path) -> None:
     model.load_state_dict({k: source[k] for k in own})
 
 
-def export(train_dir: Path, bundle: Path) -> None:
+def export(train_dir: Path, bundle: Path, dtype: str = "float32") -> None:
     meta = json.loads((train_dir / "state.json").read_text())
     model = build_model(meta["args"]["shape"], torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters())
     load_state(train_dir, model, opt)
-    size = sum(p.numel() * 4 for p in model.parameters())
+    model.to(getattr(torch, dtype))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
     save_checkpoint(model, bundle, shards=max(1, math.ceil(size / (15 * 2**20))))
     save_byte_tokenizer(bundle)
-    print(f"exported step {meta['step']} ({size / 2**20:.1f} MiB float32) to {bundle}")
+    print(f"exported step {meta['step']} ({size / 2**20:.1f} MiB {dtype}) to {bundle}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.export:
-        export(args.export, args.bundle or args.out)
+        export(args.export, args.bundle or args.out, args.export_dtype)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -195,13 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     for batch in loader:
         if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
             break
-        layout = batch_layout(batch, args.rank_weight)  # on the CPU copy: the step then never waits on the GPU
+        layout = batch_layout(
+            batch, args.rank_weight, args.pointer_weight
+        )  # on the CPU copy: the step then never waits on the GPU
         batch = batch.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
         with amp, sdpa_kernel(TRAIN_ATTENTION):
             loss, metrics = diffusion_loss(
-                model, batch, args.eps, gen, pad_weight=args.pad_weight, rank_weight=args.rank_weight, layout=layout
+                model,
+                batch,
+                args.eps,
+                gen,
+                pad_weight=args.pad_weight,
+                rank_weight=args.rank_weight,
+                layout=layout,
+                pointer_weight=args.pointer_weight,
             )
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):
