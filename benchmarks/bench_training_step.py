@@ -46,11 +46,13 @@ def tensor_collate(examples: list[Example]) -> Batch:
         question[i, : len(e.question)] = torch.tensor(e.question)
         question_valid[i, : len(e.question)] = True
     flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
-    starts = torch.tensor([e.answer_start for e in examples])
-    pointer = torch.full((b, max(e.core_len for e in examples)), -1, dtype=torch.long)
+    width = max(1, *(len(e.pointer) for e in examples))
+    pointer_at = torch.zeros((b, width), dtype=torch.long)
+    pointer = torch.full((b, width), -1, dtype=torch.long)
     for i, e in enumerate(examples):
-        pointer[i, : len(e.pointer or [])] = torch.tensor(e.pointer or [], dtype=torch.long)
-    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid, starts, pointer)
+        pointer_at[i, : len(e.pointer)] = torch.tensor(e.pointer_at, dtype=torch.long)
+        pointer[i, : len(e.pointer)] = torch.tensor(e.pointer, dtype=torch.long)
+    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid, pointer_at, pointer)
 
 
 def data_ms(mix: str, tokens: int, length: int, n: int) -> list[dict]:

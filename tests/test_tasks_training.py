@@ -271,3 +271,63 @@ def test_training_starts_from_a_checkpoint_and_refuses_another_shape(tmp_path, c
     with pytest.raises(SystemExit):
         main([*args, "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "f")])
     assert "exclude each other" in capsys.readouterr().err
+
+
+def _text(ids: list[int]) -> str:
+    return bytes(i for i in ids if i < 256).decode()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_recall_rows_ask_about_several_keys_each_as_a_lone_question(chunked):
+    rng = random.Random(4)
+    for task in ("niah_multikey", "kv_retrieval"):
+        e = build_example(rng, 800, chunked, {task: 1.0}, chunk_sizes=(128,), keys=(4, 4), queries=4)
+        assert len(e.extra) == 3
+        b = collate([e])
+        m = attention_mask(b.seg)[0, 0]
+        context = b.seg[0] >= 0
+        starts = [e.answer_start] + [s for s, _, _ in e.extra]
+        segs = {int(b.seg[0, s]) for s in starts}
+        assert len(segs) == 4 and QUERY_SEGMENT in segs  # each question and answer a segment of its own
+        ctx = _text([t for t, s in zip(e.ids, e.seg, strict=True) if s >= 0])
+        for s, core, _ in [(e.answer_start, e.core_len, 0)] + e.extra:
+            own = b.seg[0] == b.seg[0, s]
+            assert m[s][context].all() and torch.equal(m[s][~context], own[~context])  # context + itself only
+            assert e.pos[e.seg.index(int(b.seg[0, s]))] == max(e.pos[: e.seg.index(QUERY_SEGMENT)]) + 1  # as alone
+            value = _text(e.ids[s : s + core]).strip()
+            question = _text([t for t, g in zip(e.ids, e.seg, strict=True) if g == b.seg[0, s]])
+            key = (
+                question.split("for ")[-1].split(" mentioned")[0] if task == "niah_multikey" else question.split('"')[1]
+            )
+            assert (f"{key} is: {value}." if task == "niah_multikey" else f'"{key}": "{value}"') in ctx
+        assert e.pointer and all(
+            e.ids[a] == e.ids[p] and b.seg[0, p] >= 0 for a, p in zip(e.pointer_at, e.pointer, strict=True)
+        )
+        assert set(b.seg[0, e.pointer_at].tolist()) == segs  # every answer is pointed
+
+
+def test_the_pointer_loss_rewards_the_head_that_looks_at_the_copied_byte():
+    from pdllm.training.objective import pointer_loss
+
+    e = build_example(random.Random(2), 300, False, {"niah_multikey": 1.0}, keys=(2, 2), queries=2)
+    b = collate([e])
+    t = b.ids.shape[1]
+    k = torch.eye(t)[None, None] * 20.0  # key t: the unit vector t
+    right = torch.zeros(1, 1, t, t)
+    right[0, 0, b.pointer_at[0]] = torch.eye(t)[b.pointer[0]] * 20.0  # each pointed token asks for its target
+    wrong = torch.zeros(1, 1, t, t)
+    wrong[0, 0, b.pointer_at[0]] = torch.eye(t)[b.pointer[0] - 1] * 20.0  # the byte before it
+    good, good_acc = pointer_loss(b, (right, k))
+    bad, bad_acc = pointer_loss(b, (wrong, k))
+    assert good_acc == 1.0 and bad_acc == 0.0 and good < 1e-3 < 10 < bad
+    loss, metrics = diffusion_loss(
+        random_model(tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)), b, pointer_weight=0.5
+    )
+    assert torch.isfinite(loss) and 0 <= metrics["point_acc"] <= 1 and metrics["point"] > 0
+
+
+def test_the_recall_mix_asks_several_questions_per_lookup_row():
+    stages = curriculum("recall")
+    assert [s.name for s in stages] == ["copy", "recall", "tasks", "long"]
+    assert stages[1].queries == 4 and stages[2].queries == stages[3].queries == 2
+    assert curriculum("official")[-1].queries == 1

@@ -20,6 +20,7 @@ RETRIEVE_PREFIX = (
     "I will quiz you about the important information there."
 )
 KV_PREFIX = "Extract the value corresponding to the specified key in the JSON object below."
+KV_QUESTION = 'Key: "{key}"\nThe value associated with the specified key is:'
 
 
 def _fixed_cost(count: TokenCounter, question: str, *parts: str) -> int:
@@ -94,7 +95,7 @@ def kv_retrieval(
     new_uuid = lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))
     depth = rng.random() if depth is None else depth
     probe_key = new_uuid()
-    question = f'Key: "{probe_key}"\nThe value associated with the specified key is:'
+    question = KV_QUESTION.format(key=probe_key)
     budget = length - _fixed_cost(count, question, KV_PREFIX + "\n\nJSON data:\n{}")
     pair_cost = count(json.dumps({probe_key: probe_key})) - 2 + 2  # '"k": "v"' plus the ", " separator
     pairs = max(1, budget // pair_cost)
@@ -108,3 +109,10 @@ def kv_retrieval(
     value = data[probe_key]
     meta, instruction = {"pairs": len(data)}, KV_PREFIX + "\n\nJSON data:\n"
     return Sample("kv_retrieval", text, question, (value,), " " + value, depth, length, meta, instruction)
+
+
+def kv_other_questions(sample: Sample) -> list[tuple[str, str]]:
+    """(question, value) for every key of a kv_retrieval sample's JSON other than the one it asks about: training
+    asks several of them about one context, so only matching the key tells the answers apart."""
+    data = json.loads(sample.context)
+    return [(KV_QUESTION.format(key=k), v) for k, v in data.items() if v != sample.answers[0]]

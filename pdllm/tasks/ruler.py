@@ -7,6 +7,7 @@ as in RULER's `niah` config with `type_needle_k: words, type_needle_v: numbers`.
 from __future__ import annotations
 
 import random
+import re
 
 from pdllm.prompt import QUESTION_TEMPLATE
 from pdllm.tasks.haystack import fill, insert_needles, prose_sentences
@@ -93,3 +94,13 @@ def niah_multikey(
 ):
     """RULER's 4 keys; training may ask for fewer (a lookup among 2-3 needles on the way to 4)."""
     return niah(length, seed, count, depth, keys, split, "niah_multikey")
+
+
+NEEDLE_PATTERN = re.compile(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.")
+
+
+def niah_other_questions(sample: Sample) -> list[tuple[str, str]]:
+    """(question, value) for every needle of a niah sample other than the one it asks about (see
+    infinitebench.kv_other_questions)."""
+    found = NEEDLE_PATTERN.findall(sample.context)
+    return [(QUESTION.format(key=k), v) for k, v in found if v != sample.answers[0]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import Tensor
 from pdllm.errors import InvalidRequest
 from pdllm.models.tokenizer import BOS, EOS, PAD, special_ids
 from pdllm.prompt import QUESTION_TEMPLATE
-from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter
+from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter, infinitebench, ruler
 
 IDS = special_ids()
 BOS_ID, EOS_ID, PAD_ID = IDS[BOS], IDS[EOS], IDS[PAD]
@@ -50,7 +50,8 @@ SHORTEST = {
     "niah_multikey": 520,
     "facts": 420,
 }
-QUERY_SEGMENT = -1
+QUERY_SEGMENT = -1  # a row's (first) question and answer
+PAD_SEGMENT = -2  # padding; extra questions of a row take -3, -4, ... (extra_segment)
 
 
 @dataclass(frozen=True)
@@ -68,30 +69,42 @@ class Stage:
     until: float | None
     long_values: float = 0.2  # share of passkey / number_string rows whose value has 5-32 digits
     keys: tuple[int, int] | None = None  # niah_multikey rows draw this many needles (None: the benchmark's 4)
+    queries: int = 1  # questions per niah_multikey / kv_retrieval row (build_example)
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
 # task weights, end of the `tasks` stage
-MIXES = {"official": (ALL_TASKS, 0.55), "varied": (VARIED_TASKS, 0.6), "lookup": (VARIED_TASKS, 0.7)}
+MIXES = {
+    "official": (ALL_TASKS, 0.55),
+    "varied": (VARIED_TASKS, 0.6),
+    "lookup": (VARIED_TASKS, 0.7),
+    "recall": (VARIED_TASKS, 0.85),
+}
 COPY_STAGE = Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7)
 # Short rows of the tasks that need a key matched before a value is copied: kv_retrieval at 300-640 tokens holds
 # 1-5 pairs (one pair: a plain 36-character copy), niah_multikey 2-4 needles, facts 2-5 subjects.
 LOOKUP_STAGE = Stage("lookup", LOOKUP_TASKS, 300, 640, (64, 128, 256), 0.6, 0.35, keys=(2, 4))
+# The same lookup rows, each asking about up to 4 of its keys, for most of the run (the `recall` mix).
+RECALL_TASKS = {"niah_multikey": 0.4, "kv_retrieval": 0.4, "niah_single": 0.1, "passkey": 0.1}
+RECALL_STAGE = Stage("recall", RECALL_TASKS, 300, 900, (128, 256), 0.8, 0.6, keys=(2, 4), queries=4)
 
 
 def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's recipe), `varied`
-    (plus facts in many wordings and value kinds) or `lookup` (varied with a key -> value stage after the copy
-    stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts)."""
+    (plus facts in many wordings and value kinds), `lookup` (varied with a key -> value stage after the copy
+    stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts) or `recall` (varied with
+    a longer key -> value stage whose rows ask about several keys of one context, and two questions per lookup
+    row after it)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     tasks, until = MIXES[mix]
-    lookup = (LOOKUP_STAGE,) if mix == "lookup" else ()
+    lookup = {"lookup": (LOOKUP_STAGE,), "recall": (RECALL_STAGE,)}.get(mix, ())
+    queries = 2 if mix == "recall" else 1
     return (
         COPY_STAGE,
         *lookup,
-        Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until),
-        Stage("long", tasks, 400, 0, (128, 256, 512), None, None),
+        Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until, queries=queries),
+        Stage("long", tasks, 400, 0, (128, 256, 512), None, None, queries=queries),
     )
 
 
@@ -104,14 +117,16 @@ class Example:
     ids: list[int]
     pos: list[int]
     seg: list[int]  # chunk index for context tokens (0 for the whole dense context); QUERY_SEGMENT for q + answer
-    answer_start: int  # tokens from here on are the answer span (answer text + EOS padding)
+    answer_start: int  # tokens from here on are the (first question's) answer span (answer text + EOS padding)
     core_len: int  # answer text + first EOS: the tokens the loss is about
     question: list[int]  # the templated question alone (chunk ranking runs it on its own)
     needle_seg: int = -1  # chunked rows: the chunk holding the answer (-1: unknown or dense)
     full: bool = False  # dense only: the context also attends to question + answer (vanilla re-encoding)
     pretrain: bool = False  # mask the whole sequence (LLaDA pre-training) instead of only the answer
     task: str = ""
-    pointer: list[int] | None = None  # per core token: the index of the context token it copies (-1: none)
+    pointer_at: list[int] = field(default_factory=list)  # answer tokens that copy a context token ...
+    pointer: list[int] = field(default_factory=list)  # ... and the index of the token each copies
+    extra: list[tuple[int, int, int]] = field(default_factory=list)  # other questions' answers: (start, core, len)
 
 
 def byte_ids(text: str) -> list[int]:
@@ -150,6 +165,21 @@ def pointers(core_len: int, offsets: tuple[int, int, int], index) -> list[int]:
     return [index(at + j - off) if off <= j < off + n else -1 for j in range(core_len)]
 
 
+OTHER_QUESTIONS = {"niah_multikey": ruler.niah_other_questions, "kv_retrieval": infinitebench.kv_other_questions}
+
+
+def extra_segment(i: int) -> int:
+    """The segment of a row's i-th extra question (i >= 1): below the padding's, so each is a query of its own."""
+    return PAD_SEGMENT - i
+
+
+def answer_span(text: str, gen: int) -> tuple[list[int], int]:
+    """(the answer's ids padded with end tokens to `gen`, its core length: answer text + first end token)."""
+    answer = byte_ids(text)[: gen - 1]
+    core = len(answer) + 1
+    return answer + [EOS_ID] * (gen - len(answer)), core
+
+
 def build_example(
     rng: random.Random,
     length: int,
@@ -160,10 +190,14 @@ def build_example(
     split: str = "train",
     long_values: float = 0.0,
     keys: tuple[int, int] | None = None,
+    queries: int = 1,
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
-    (lo, hi): niah_multikey rows hold that many needles (fewer distractors than the benchmark's 4)."""
+    (lo, hi): niah_multikey rows hold that many needles (fewer distractors than the benchmark's 4). `queries` > 1:
+    niah_multikey and kv_retrieval rows (not dense-full ones) also ask about up to queries - 1 other keys of the
+    same context, each question and answer placed where the engine places a lone one and attending only to the
+    context and itself: answers that differ only by their key are what teach a small model to match it."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task in HELDOUT_TASKS:
@@ -184,38 +218,58 @@ def build_example(
         except InvalidRequest:
             length += 32
     ctx = byte_ids(sample.prompt_text)  # the instruction stays at the start, where the engine keeps it
-    span = byte_ids(QUESTION_TEMPLATE.format(question=sample.question))
-    answer = byte_ids(sample.target)[: gen - 1]
-    core = len(answer) + 1
-    answer += [EOS_ID] * (gen - len(answer))
+    asked = [(sample.question, sample.target, value_offsets(sample))]
+    if queries > 1 and not full and task in OTHER_QUESTIONS:
+        others = OTHER_QUESTIONS[task](sample)
+        rng.shuffle(others)
+        text = sample.prompt_text.encode()
+        for question, value in others[: queries - 1]:
+            asked.append((question, " " + value, (text.find(value.encode()), 1, len(value.encode()))))
     if not chunked:
-        ids = [BOS_ID] + ctx + span + answer
-        seg = [0] * (1 + len(ctx)) + [QUERY_SEGMENT] * (len(span) + gen)
-        ptr = pointers(core, value_offsets(sample), lambda p: 1 + p)
-        return Example(
-            ids, list(range(len(ids))), seg, 1 + len(ctx) + len(span), core, span, full=full, task=task, pointer=ptr
-        )
-    size = rng.choice(chunk_sizes)
-    ids, pos, seg = [], [], []
-    for c, lo in enumerate(range(0, len(ctx), size)):
-        piece = [BOS_ID] + ctx[lo : lo + size]
-        ids += piece
-        pos += list(range(len(piece)))
-        seg += [c] * len(piece)
-    offsets = value_offsets(sample)
-    at = offsets[0]
-    start = max(pos) + 1  # the sparse decoder's question position: right after the longest selected chunk
-    tail = span + answer
+        ids, pos, seg = [BOS_ID] + ctx, list(range(1 + len(ctx))), [0] * (1 + len(ctx))
+        index, needle_seg = (lambda p: 1 + p), -1
+    else:
+        size = rng.choice(chunk_sizes)
+        ids, pos, seg = [], [], []
+        for c, lo in enumerate(range(0, len(ctx), size)):
+            piece = [BOS_ID] + ctx[lo : lo + size]
+            ids += piece
+            pos += list(range(len(piece)))
+            seg += [c] * len(piece)
+        index = lambda p: (p // size) * (size + 1) + 1 + p % size  # noqa: E731
+        at = asked[0][2][0]
+        needle_seg = at // size if at >= 0 else -1
+    start = max(pos) + 1  # dense: right after the context; chunked: after the longest chunk, as the sparse decoder
+    spans, pointer_at, pointer = [], [], []
+    for i, (question, target, offsets) in enumerate(asked):
+        span = byte_ids(QUESTION_TEMPLATE.format(question=question))
+        answer, core = answer_span(target, gen)
+        tail = span + answer
+        begin = len(ids) + len(span)
+        spans.append((begin, core, gen))
+        for j, p in enumerate(pointers(core, offsets, index)):
+            if p >= 0:
+                pointer_at.append(begin + j)
+                pointer.append(p)
+        ids += tail
+        pos += list(range(start, start + len(tail)))
+        seg += [QUERY_SEGMENT if i == 0 else extra_segment(i)] * len(tail)
+        if i == 0:
+            question_ids = span
+    begin, core, _ = spans[0]
     return Example(
-        ids + tail,
-        pos + list(range(start, start + len(tail))),
-        seg + [QUERY_SEGMENT] * len(tail),
-        len(ids) + len(span),
+        ids,
+        pos,
+        seg,
+        begin,
         core,
-        span,
-        needle_seg=at // size if at >= 0 else -1,
+        question_ids,
+        needle_seg=needle_seg,
+        full=full,
         task=task,
-        pointer=pointers(core, offsets, lambda p: (p // size) * (size + 1) + 1 + p % size),
+        pointer_at=pointer_at,
+        pointer=pointer,
+        extra=spans[1:],
     )
 
 
@@ -231,8 +285,8 @@ class Batch:
     needle_seg: Tensor  # [B] long: chunk holding the answer (-1: none)
     question: Tensor  # [B, Q] the question alone, padded with PAD
     question_valid: Tensor  # [B, Q] bool
-    answer_at: Tensor  # [B] long: where each row's answer span starts
-    pointer: Tensor  # [B, A] long: for answer-text token j, the context index it copies (-1: none)
+    pointer_at: Tensor  # [B, P] long: answer tokens that copy a context token (padding: 0) ...
+    pointer: Tensor  # [B, P] long: ... the context index each copies (padding: -1)
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
@@ -254,30 +308,33 @@ def collate(examples: list[Example]) -> Batch:
     core = np.zeros((b, t), dtype=bool)
     question_valid = np.zeros((b, tq), dtype=bool)
     for i, e in enumerate(examples):
-        answer[i, e.answer_start : len(e.ids)] = True
-        core[i, e.answer_start : e.answer_start + e.core_len] = True
+        first = (e.answer_start, e.core_len, (e.extra[0][0] if e.extra else len(e.ids)) - e.answer_start)
+        for begin, n_core, n in (first, *e.extra):
+            answer[i, begin : begin + n] = True
+            core[i, begin : begin + n_core] = True
         question_valid[i, : len(e.question)] = True
     flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
     return Batch(
         padded([e.ids for e in examples], t, PAD_ID),
         padded([e.pos for e in examples], t, 0),
-        padded([e.seg for e in examples], t, -2),
+        padded([e.seg for e in examples], t, PAD_SEGMENT),
         torch.from_numpy(answer),
         torch.from_numpy(core),
         *flags,
         padded([e.question for e in examples], tq, PAD_ID),
         torch.from_numpy(question_valid),
-        torch.tensor([e.answer_start for e in examples]),
-        padded([e.pointer or [-1] for e in examples], max(e.core_len for e in examples), -1),
+        padded([e.pointer_at for e in examples], max(1, *(len(e.pointer) for e in examples)), 0),
+        padded([e.pointer for e in examples], max(1, *(len(e.pointer) for e in examples)), -1),
     )
 
 
 def attention_mask(seg: Tensor, full: Tensor | None = None) -> Tensor:
-    """[B, 1, T, T] bool: query q may attend key k. Context sees its own segment (all of it in `full` rows); the
-    query span sees all."""
-    valid = seg >= QUERY_SEGMENT
+    """[B, 1, T, T] bool: query q may attend key k. Context sees its own segment (all of it in `full` rows); a
+    question and its answer see the whole context and themselves (not a row's other questions)."""
+    valid = seg != PAD_SEGMENT
     same = seg[:, :, None] == seg[:, None, :]
-    query = (seg == QUERY_SEGMENT)[:, :, None] & valid[:, None, :]
+    asking = (seg == QUERY_SEGMENT) | (seg < PAD_SEGMENT)
+    query = asking[:, :, None] & (seg >= 0)[:, None, :]
     if full is not None:
         query = query | full[:, None, None]
     allowed = (same | query) & valid[:, None, :]
@@ -301,7 +358,15 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
     examples = []
     for n in stage_lengths(rng, stage, train_length, tokens):
         e = build_example(
-            rng, n, chunked, stage.tasks, stage.chunk_sizes, full, long_values=stage.long_values, keys=stage.keys
+            rng,
+            n,
+            chunked,
+            stage.tasks,
+            stage.chunk_sizes,
+            full,
+            long_values=stage.long_values,
+            keys=stage.keys,
+            queries=stage.queries,
         )
         e.pretrain = rng.random() < fracs[1]
         examples.append(e)

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from pdllm.method.selection import PaddedQueryCapture, summary_layers
 from pdllm.models.layers import apply_rotary
 from pdllm.models.transformer import DllmModel
-from pdllm.training.data import BOS_ID, QUERY_SEGMENT, Batch, attention_mask
+from pdllm.training.data import BOS_ID, PAD_SEGMENT, Batch, attention_mask
 
 RANK_BOUND = 8.0  # chunk scores enter the ranking loss squashed into (-8, 8)
 
@@ -72,12 +72,12 @@ def pointer_loss(batch: Batch, qk: tuple[Tensor, Tensor]) -> tuple[Tensor, Tenso
     ranking loss: it gives key -> value lookups (kv_retrieval, niah_multikey) a direct signal, where the
     diffusion loss alone lets a small model settle for copying whichever value looks like an answer."""
     q, k = qk
-    a = batch.pointer.shape[1]
-    rows = batch.answer_at[:, None] + torch.arange(a, device=q.device)  # [B, A]
-    rows = rows.clamp_max(q.shape[2] - 1)
-    q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1])).float()  # [B, A, D]
-    scores = torch.einsum("bad,btd->bat", q0, k[:, 0].float()) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~(batch.seg >= QUERY_SEGMENT)[:, None, :], float("-inf"))
+    rows = batch.pointer_at  # [B, P]
+    q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1])).float()  # [B, P, D]
+    scores = torch.einsum("bpd,btd->bpt", q0, k[:, 0].float()) / math.sqrt(q.shape[-1])
+    own = batch.seg.gather(1, rows)  # each answer token sees the context and its own question's span
+    seen = (batch.seg[:, None, :] >= 0) | (batch.seg[:, None, :] == own[:, :, None])
+    scores = scores.masked_fill(~seen, float("-inf"))
     target = batch.pointer
     loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1), ignore_index=-1)
     valid = target >= 0
@@ -90,7 +90,7 @@ def mask_tokens(batch: Batch, mask_id: int, eps: float, generator: torch.Generat
     b = batch.ids.shape[0]
     dev = batch.ids.device
     t = eps + (1 - eps) * torch.rand(b, device=dev, generator=generator)
-    every = (batch.seg >= QUERY_SEGMENT) & (batch.ids != BOS_ID)
+    every = (batch.seg != PAD_SEGMENT) & (batch.ids != BOS_ID)
     eligible = torch.where(batch.pretrain[:, None], every, batch.answer)
     masked = (torch.rand(batch.ids.shape, device=dev, generator=generator) < t[:, None]) & eligible
     noisy = torch.where(masked, torch.full_like(batch.ids, mask_id), batch.ids)
