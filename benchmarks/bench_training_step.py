@@ -21,7 +21,7 @@ import time
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from pdllm.training.data import PAD_ID, Batch, Example, ExampleStream, curriculum, make_batch
+from pdllm.training.data import PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
 from pdllm.training.objective import batch_layout, diffusion_loss
 from pdllm.training.train import TRAIN_ATTENTION, build_model
 
@@ -52,7 +52,8 @@ def tensor_collate(examples: list[Example]) -> Batch:
     for i, e in enumerate(examples):
         pointer_at[i, : len(e.pointer)] = torch.tensor(e.pointer_at, dtype=torch.long)
         pointer[i, : len(e.pointer)] = torch.tensor(e.pointer, dtype=torch.long)
-    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid, pointer_at, pointer)
+    keys = key_tensors(examples)
+    return Batch(ids, pos, seg, answer, core, *flags, question, question_valid, pointer_at, pointer, *keys)
 
 
 def data_ms(mix: str, tokens: int, length: int, n: int) -> list[dict]:

@@ -331,3 +331,31 @@ def test_the_recall_mix_asks_several_questions_per_lookup_row():
     assert [s.name for s in stages] == ["copy", "recall", "tasks", "long"]
     assert stages[1].queries == 4 and stages[2].queries == stages[3].queries == 2
     assert curriculum("official")[-1].queries == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_value_tokens_know_the_key_they_sit_under_and_the_key_loss_reads_it(chunked):
+    from pdllm.training.objective import key_loss
+
+    rng = random.Random(6)
+    for task in ("niah_multikey", "kv_retrieval"):
+        e = build_example(rng, 700, chunked, {task: 1.0}, chunk_sizes=(128,), keys=(3, 3), queries=3)
+        b = collate([e])
+        mask = attention_mask(b.seg)
+        ctx = _text([t for t, s in zip(e.ids, e.seg, strict=True) if s >= 0])
+        answers = set(e.pointer_at)
+        assert answers <= set(e.key_from)  # every copied answer token also gathers its question's key
+        for f, (lo, hi) in zip(e.key_from, e.key_span, strict=True):
+            key, value = _text(e.ids[lo:hi]), e.ids[f]
+            assert mask[0, 0, f, lo:hi].all() and "-" in key
+            assert key in ctx and (e.seg[f] < 0) == (f in answers)
+            pattern = f"{key} is: " if task == "niah_multikey" else f'"{key}": "'
+            assert bytes([value]).decode() in ctx.split(pattern)[1][:36]  # the value follows that key
+        t = b.ids.shape[1]
+        k = torch.eye(t)[None, None] * 30.0
+        on = torch.zeros(1, 1, t, t)
+        for f, (lo, hi) in zip(e.key_from, e.key_span, strict=True):
+            on[0, 0, f, lo:hi] = 30.0  # equal scores on every key token, nothing elsewhere
+        loss, mass = key_loss(b, (on, k), mask)
+        off, off_mass = key_loss(b, (torch.zeros(1, 1, t, t), k), mask)
+        assert mass > 0.99 and loss < 0.01 and off_mass < 0.2 < 1 < off

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import uuid
 
 from pdllm.prompt import QUESTION_TEMPLATE
@@ -116,3 +117,11 @@ def kv_other_questions(sample: Sample) -> list[tuple[str, str]]:
     asks several of them about one context, so only matching the key tells the answers apart."""
     data = json.loads(sample.context)
     return [(KV_QUESTION.format(key=k), v) for k, v in data.items() if v != sample.answers[0]]
+
+
+PAIR_BYTES = re.compile(rb'"([0-9a-f-]{36})": "([0-9a-f-]{36})"')
+
+
+def kv_key_spans(text: bytes) -> list[tuple[int, int, int, int]]:
+    """(key start, key end, value start, value end) byte offsets of every pair in a kv_retrieval prompt."""
+    return [(*m.span(1), *m.span(2)) for m in PAIR_BYTES.finditer(text)]

@@ -104,3 +104,11 @@ def niah_other_questions(sample: Sample) -> list[tuple[str, str]]:
     infinitebench.kv_other_questions)."""
     found = NEEDLE_PATTERN.findall(sample.context)
     return [(QUESTION.format(key=k), v) for k, v in found if v != sample.answers[0]]
+
+
+NEEDLE_BYTES = re.compile(rb"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.")
+
+
+def niah_key_spans(text: bytes) -> list[tuple[int, int, int, int]]:
+    """(key start, key end, value start, value end) byte offsets of every needle in a niah prompt."""
+    return [(*m.span(1), *m.span(2)) for m in NEEDLE_BYTES.finditer(text)]

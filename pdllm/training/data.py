@@ -127,6 +127,8 @@ class Example:
     pointer_at: list[int] = field(default_factory=list)  # answer tokens that copy a context token ...
     pointer: list[int] = field(default_factory=list)  # ... and the index of the token each copies
     extra: list[tuple[int, int, int]] = field(default_factory=list)  # other questions' answers: (start, core, len)
+    key_from: list[int] = field(default_factory=list)  # value tokens (context and answers) whose key is known ...
+    key_span: list[tuple[int, int]] = field(default_factory=list)  # ... and that key's index range [lo, hi)
 
 
 def byte_ids(text: str) -> list[int]:
@@ -166,6 +168,11 @@ def pointers(core_len: int, offsets: tuple[int, int, int], index) -> list[int]:
 
 
 OTHER_QUESTIONS = {"niah_multikey": ruler.niah_other_questions, "kv_retrieval": infinitebench.kv_other_questions}
+KEY_SPANS = {
+    "niah_single": ruler.niah_key_spans,
+    "niah_multikey": ruler.niah_key_spans,
+    "kv_retrieval": infinitebench.kv_key_spans,
+}
 
 
 def extra_segment(i: int) -> int:
@@ -240,9 +247,27 @@ def build_example(
         at = asked[0][2][0]
         needle_seg = at // size if at >= 0 else -1
     start = max(pos) + 1  # dense: right after the context; chunked: after the longest chunk, as the sparse decoder
+    text = sample.prompt_text.encode()
+    pairs = KEY_SPANS[task](text) if task in KEY_SPANS else []
+    key_from, key_span = [], []
+    for ks, ke, vs, ve in pairs:  # a value token and its key in the same chunk: the key it sits under
+        for p in range(vs, ve):
+            if not chunked or ks // size == (ke - 1) // size == p // size:
+                key_from.append(index(p))
+                key_span.append((index(ks), index(ke - 1) + 1))
+    key_of = {text[vs:ve]: text[ks:ke] for ks, ke, vs, ve in pairs}
     spans, pointer_at, pointer = [], [], []
     for i, (question, target, offsets) in enumerate(asked):
         span = byte_ids(QUESTION_TEMPLATE.format(question=question))
+        key = key_of.get(target.strip().encode())
+        at = bytes(span).find(key) if key else -1
+        if at >= 0:  # answer tokens: the key as the question names it
+            lo = len(ids) + at
+            first = len(ids) + len(span)
+            for j, p in enumerate(pointers(answer_span(target, gen)[1], offsets, index)):
+                if p >= 0:
+                    key_from.append(first + j)
+                    key_span.append((lo, lo + len(key)))
         answer, core = answer_span(target, gen)
         tail = span + answer
         begin = len(ids) + len(span)
@@ -270,6 +295,8 @@ def build_example(
         pointer_at=pointer_at,
         pointer=pointer,
         extra=spans[1:],
+        key_from=key_from,
+        key_span=key_span,
     )
 
 
@@ -287,6 +314,9 @@ class Batch:
     question_valid: Tensor  # [B, Q] bool
     pointer_at: Tensor  # [B, P] long: answer tokens that copy a context token (padding: 0) ...
     pointer: Tensor  # [B, P] long: ... the context index each copies (padding: -1)
+    key_from: Tensor  # [B, K] long: value tokens whose key is known (padding: 0) ...
+    key_lo: Tensor  # [B, K] long: ... the first index of that key ...
+    key_hi: Tensor  # [B, K] long: ... and one past its last (padding: 0, an empty range)
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
@@ -325,6 +355,16 @@ def collate(examples: list[Example]) -> Batch:
         torch.from_numpy(question_valid),
         padded([e.pointer_at for e in examples], max(1, *(len(e.pointer) for e in examples)), 0),
         padded([e.pointer for e in examples], max(1, *(len(e.pointer) for e in examples)), -1),
+        *key_tensors(examples),
+    )
+
+
+def key_tensors(examples: list[Example]) -> tuple[Tensor, Tensor, Tensor]:
+    width = max(1, *(len(e.key_from) for e in examples))
+    return (
+        padded([e.key_from for e in examples], width, 0),
+        padded([[lo for lo, _ in e.key_span] for e in examples], width, 0),
+        padded([[hi for _, hi in e.key_span] for e in examples], width, 0),
     )
 
 

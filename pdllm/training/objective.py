@@ -32,13 +32,13 @@ class MaskedAttention:
     """An AttentionContext that applies a fixed [B, 1, T, T] boolean mask (chunk structure and padding); keeps the
     rotated queries and keys of layer `capture` (the pointer loss reads them)."""
 
-    def __init__(self, mask: Tensor, capture: int | None = None) -> None:
+    def __init__(self, mask: Tensor, capture: tuple[int, ...] = ()) -> None:
         self.mask, self.capture = mask, capture
-        self.qk: tuple[Tensor, Tensor] | None = None
+        self.qk: dict[int, tuple[Tensor, Tensor]] = {}
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if layer == self.capture:
-            self.qk = (q, k)
+        if layer in self.capture:
+            self.qk[layer] = (q, k)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -51,13 +51,41 @@ class BatchLayout:
     ranked: bool  # chunked rows with a known needle chunk: the ranking loss runs
     chunks: int  # chunks of the longest chunked row
     pointed: bool = False  # some answer token copies a known context token: the pointer loss runs
+    keyed: bool = False  # some value token has a known key: the key loss runs
 
 
-def batch_layout(batch: Batch, rank_weight: float = 0.0, pointer_weight: float = 0.0) -> BatchLayout:
+def batch_layout(
+    batch: Batch, rank_weight: float = 0.0, pointer_weight: float = 0.0, key_weight: float = 0.0
+) -> BatchLayout:
     first = 0 if bool(batch.pretrain.any()) else int(batch.answer.float().argmax(-1).min())
     ranked = rank_weight > 0 and bool((batch.needle_seg >= 0).any())
     pointed = pointer_weight > 0 and bool((batch.pointer >= 0).any())
-    return BatchLayout(first, ranked, int(batch.seg.max()) + 1, pointed)
+    keyed = key_weight > 0 and bool((batch.key_hi > batch.key_lo).any())
+    return BatchLayout(first, ranked, int(batch.seg.max()) + 1, pointed, keyed)
+
+
+def key_layer(num_layers: int) -> int:
+    """The layer whose first head the key loss teaches to gather the key a value sits under: a quarter up."""
+    return num_layers // 4
+
+
+def key_loss(batch: Batch, qk: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, mean attention mass on the key): -log of the attention one head puts, from each value token (in the
+    context, under its key; in an answer, on the key its question names), on that key's tokens. With it both
+    sides of a lookup hold a summary of the same key, which the pointer head above only has to compare."""
+    q, k = qk
+    rows = batch.key_from  # [B, K]
+    q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1])).float()
+    scores = torch.einsum("bkd,btd->bkt", q0, k[:, 0].float()) / math.sqrt(q.shape[-1])
+    seen = mask[:, 0].gather(1, rows[:, :, None].expand(-1, -1, mask.shape[-1]))  # [B, K, T]
+    t = torch.arange(scores.shape[-1], device=scores.device)
+    in_key = (t >= batch.key_lo[:, :, None]) & (t < batch.key_hi[:, :, None]) & seen
+    valid = batch.key_hi > batch.key_lo
+    total = torch.logsumexp(scores.masked_fill(~seen, float("-inf")), -1)
+    on_key = torch.logsumexp(scores.masked_fill(~in_key, float("-inf")), -1)
+    per = torch.where(valid, total - on_key, 0.0)
+    n = valid.sum().clamp_min(1)
+    return per.sum() / n, torch.where(valid, torch.exp(-per), 0.0).sum() / n
 
 
 def pointer_layer(num_layers: int) -> int:
@@ -141,20 +169,22 @@ def diffusion_loss(
     rank_weight: float = 0.0,
     layout: BatchLayout | None = None,
     pointer_weight: float = 0.0,
+    key_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
     answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
     `layout`: batch_layout of the batch's CPU copy (default: computed here, which waits on the device). Every
     position from `first` on is scored and weighted (zero where not masked) rather than gathered by a boolean
     index, whose size the host would have to wait for."""
-    layout = layout or batch_layout(batch, rank_weight, pointer_weight)
+    layout = layout or batch_layout(batch, rank_weight, pointer_weight, key_weight)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
     first = layout.first
     ranked = rank_weight > 0 and layout.ranked
     pointed = pointer_weight > 0 and layout.pointed
-    attention = MaskedAttention(
-        attention_mask(batch.seg, batch.full), pointer_layer(model.spec.num_layers) if pointed else None
-    )
+    keyed = key_weight > 0 and layout.keyed
+    layers = model.spec.num_layers
+    capture = ((pointer_layer(layers),) if pointed else ()) + ((key_layer(layers),) if keyed else ())
+    attention = MaskedAttention(attention_mask(batch.seg, batch.full), capture)
     out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
     target = batch.ids[:, first:]
     m = masked[:, first:]
@@ -168,9 +198,13 @@ def diffusion_loss(
     hits = ((logits.argmax(-1) == target) & core).sum()
     metrics = {"diff": loss.detach(), "acc": hits / core.sum().clamp_min(1)}
     if pointed:
-        point, point_acc = pointer_loss(batch, attention.qk)
+        point, point_acc = pointer_loss(batch, attention.qk[pointer_layer(layers)])
         loss = loss + pointer_weight * point
         metrics |= {"point": point.detach(), "point_acc": point_acc}
+    if keyed:
+        gather, mass = key_loss(batch, attention.qk[key_layer(layers)], attention.mask)
+        loss = loss + key_weight * gather
+        metrics |= {"key": gather.detach(), "key_mass": mass.detach()}
     if ranked:
         scores, valid = ranking_scores(model, batch, out.kv, layout.chunks)
         rows = batch.needle_seg >= 0
