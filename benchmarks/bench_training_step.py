@@ -107,7 +107,7 @@ def step_ms(model, batches: list[Batch], device: torch.device, new: bool) -> flo
     sync()
     t0 = time.perf_counter()
     for cpu_batch in batches:
-        layout = batch_layout(cpu_batch, 0.2) if new else None
+        layout = batch_layout(cpu_batch) if new else None
         batch = cpu_batch.to(device)
         with amp, sdpa_kernel(TRAIN_ATTENTION) if new else contextlib.nullcontext():
             loss, _ = diffusion_loss(model, batch, 0.1, gen, rank_weight=0.2, layout=layout)

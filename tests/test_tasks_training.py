@@ -182,6 +182,18 @@ def test_smoke_train_on_the_varied_mix(tmp_path):
     assert meta["args"]["mix"] == "varied" and meta["step"] == 2
 
 
+@pytest.mark.timeout(120)
+def test_smoke_train_on_the_recall_mix_runs_every_loss_it_is_given(tmp_path):
+    from pdllm.training.train import main
+
+    args = ["--smoke", "--mix", "recall", "--stage", "1", "--out", str(tmp_path), "--max-steps", "2", "--workers", "0"]
+    assert main([*args, "--pointer-weight", "0.5", "--key-weight", "0.5"]) == 0
+    log = json.loads((tmp_path / "state.json").read_text())["log"]
+    assert all({"point", "point_acc", "key", "key_mass"} <= set(e) for e in log)
+    assert main([*args, "--resume", str(tmp_path), "--max-steps", "3"]) == 0  # weights 0: those losses off
+    assert not {"point", "key"} & set(json.loads((tmp_path / "state.json").read_text())["log"][-1])
+
+
 def test_the_official_mix_reads_the_data_that_trained_the_bundled_model():
     """The bundled weights come from `--mix official --seed 1234`: its first batches of every stage hash to the
     value the recipe's data had when the bundle was trained, so adding other mixes did not change it."""
@@ -224,7 +236,7 @@ def test_the_loss_reads_its_layout_on_the_cpu_and_equals_the_gathered_formula():
     spec = tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)
     model = random_model(spec, seed=1)
     b = collate([build_example(random.Random(i), 500, True, None, (128,)) for i in range(4)])
-    layout = batch_layout(b, 0.5)
+    layout = batch_layout(b)
     assert layout.ranked and layout.chunks == int(b.seg.max()) + 1
     assert layout.first == int(b.answer.float().argmax(-1).min())
     given, m1 = diffusion_loss(model, b, 0.3, torch.Generator().manual_seed(5), rank_weight=0.5, layout=layout)

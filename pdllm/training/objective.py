@@ -48,19 +48,18 @@ class BatchLayout:
     step on a GPU waits on nothing (each of these read off a device tensor stalls the launch queue)."""
 
     first: int  # first position whose logits the loss reads (0 when any row is a pre-training row)
-    ranked: bool  # chunked rows with a known needle chunk: the ranking loss runs
+    ranked: bool  # chunked rows with a known needle chunk: the ranking loss can run
     chunks: int  # chunks of the longest chunked row
-    pointed: bool = False  # some answer token copies a known context token: the pointer loss runs
-    keyed: bool = False  # some value token has a known key: the key loss runs
+    pointed: bool = False  # some answer token copies a known context token: the pointer loss can run
+    keyed: bool = False  # some value token has a known key: the key loss can run
 
 
-def batch_layout(
-    batch: Batch, rank_weight: float = 0.0, pointer_weight: float = 0.0, key_weight: float = 0.0
-) -> BatchLayout:
+def batch_layout(batch: Batch) -> BatchLayout:
+    """What the batch holds; whether each auxiliary loss runs is its weight's business (diffusion_loss)."""
     first = 0 if bool(batch.pretrain.any()) else int(batch.answer.float().argmax(-1).min())
-    ranked = rank_weight > 0 and bool((batch.needle_seg >= 0).any())
-    pointed = pointer_weight > 0 and bool((batch.pointer >= 0).any())
-    keyed = key_weight > 0 and bool((batch.key_hi > batch.key_lo).any())
+    ranked = bool((batch.needle_seg >= 0).any())
+    pointed = bool((batch.pointer >= 0).any())
+    keyed = bool((batch.key_hi > batch.key_lo).any())
     return BatchLayout(first, ranked, int(batch.seg.max()) + 1, pointed, keyed)
 
 
@@ -176,7 +175,7 @@ def diffusion_loss(
     `layout`: batch_layout of the batch's CPU copy (default: computed here, which waits on the device). Every
     position from `first` on is scored and weighted (zero where not masked) rather than gathered by a boolean
     index, whose size the host would have to wait for."""
-    layout = layout or batch_layout(batch, rank_weight, pointer_weight, key_weight)
+    layout = layout or batch_layout(batch)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
     first = layout.first
     ranked = rank_weight > 0 and layout.ranked

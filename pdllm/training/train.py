@@ -200,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in loader:
         if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
             break
-        layout = batch_layout(
-            batch, args.rank_weight, args.pointer_weight
-        )  # on the CPU copy: the step then never waits on the GPU
+        layout = batch_layout(batch)  # on the CPU copy: the step then never waits on the GPU
         batch = batch.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
