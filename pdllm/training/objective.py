@@ -69,8 +69,8 @@ def key_layer(num_layers: int) -> int:
 
 
 def key_loss(batch: Batch, qk: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(loss, mean attention mass on the key): -log of the attention one head puts, from each value token (in the
-    context, under its key; in an answer, on the key its question names), on that key's tokens. With it both
+    """(loss, mean attention mass on the key): log1p(-log) of the attention one head puts, from each value token
+    (in the context, under its key; in an answer, on the key its question names), on that key's tokens. With it both
     sides of a lookup hold a summary of the same key, which the pointer head above only has to compare."""
     q, k = qk
     rows = batch.key_from  # [B, K]
@@ -82,9 +82,11 @@ def key_loss(batch: Batch, qk: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Ten
     valid = batch.key_hi > batch.key_lo
     total = torch.logsumexp(scores.masked_fill(~seen, float("-inf")), -1)
     on_key = torch.logsumexp(scores.masked_fill(~in_key, float("-inf")), -1)
-    per = torch.where(valid, total - on_key, 0.0)
+    per = torch.where(valid, total - on_key, 0.0)  # -log(mass on the key), unbounded while the head looks away
     n = valid.sum().clamp_min(1)
-    return per.sum() / n, torch.where(valid, torch.exp(-per), 0.0).sum() / n
+    # log1p: a head that starts far from the key (-log mass ~ 20 on the bundle) keeps its gradient's direction but
+    # cannot drown the diffusion loss under the global gradient clip (a CPU run lost niah_single that way)
+    return torch.log1p(per).sum() / n, torch.where(valid, torch.exp(-per), 0.0).sum() / n
 
 
 def pointer_layer(num_layers: int) -> int:
