@@ -4,9 +4,11 @@
 # 1x-16x the training length, then prefix / sparse at 64x (131072 tokens; vanilla re-encoding 128K tokens at every
 # step does not fit a session's device time). The depth sweep and the no-BOS ablation follow only while the run is
 # younger than EXTRAS_BEFORE seconds. One GPU, one call:
-#   [MIX=official|varied] bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]
+#   [MIX=official|varied|lookup|recall] bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]
 # MIX picks the training tasks (pdllm/training/data.py curriculum): `official` with 5 minutes is the bundled model's
-# recipe; `varied` adds facts in many wordings and value kinds; `lookup` adds a key -> value stage to varied.
+# recipe; `varied` adds facts in many wordings and value kinds; `lookup` adds a key -> value stage to varied; `recall`
+# a longer one whose rows ask about several keys. TRAIN_ARGS passes more flags to train.py (e.g.
+# "--pointer-weight 0.5 --key-weight 0.5").
 # INIT_FROM=CHECKPOINT_DIR continues from those weights (with STAGE=N to start at curriculum stage N, LR=peak lr);
 # EVAL_LENGTHS (default 2048,8192,16384,32768) sets the first evaluation's lengths; LONG_EVAL=0 skips the 128K one.
 # Every step writes under OUT_DIR as it finishes, so a run cut short still leaves what it did. With PACK_TO set (a
@@ -33,6 +35,8 @@ extra=()
 [ -n "${INIT_FROM:-}" ] && extra+=(--init-from "$INIT_FROM")
 [ -n "${STAGE:-}" ] && extra+=(--stage "$STAGE")
 [ -n "${LR:-}" ] && extra+=(--lr "$LR")
+# shellcheck disable=SC2206  # TRAIN_ARGS is a list of flags, split on spaces
+[ -n "${TRAIN_ARGS:-}" ] && extra+=($TRAIN_ARGS)
 python3 -m pdllm.training.train --out "$out/ckpt" --minutes "$minutes" --total-minutes "$minutes" --workers 12 \
     --seed 1234 --mix "${MIX:-official}" ${extra[@]+"${extra[@]}"} 2>&1 | tee "$out/train_log.txt" |
     grep -E '"em"|saved|params' | tail -40
