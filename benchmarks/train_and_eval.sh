@@ -19,13 +19,8 @@ minutes=${2:-5}
 cell=${3:-5}
 extras_before=${4:-0}
 method='{"chunk_size": 256, "top_k": 4}'
-mkdir -p "$out" && out=$(cd "$out" && pwd)
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root" || exit 1
-# A bare checkout (no installed package, as on a lent GPU): link in the packages pyproject maps under pdllm/.
-python3 -c "import pdllm.kernels" 2>/dev/null || for d in cluster prefill_node decode_node kernels proto; do
-    [ -e "pdllm/$d" ] || ln -s "../$d" "pdllm/$d"
-done
+# shellcheck source=benchmarks/bare_checkout.sh
+source "$(dirname "$0")/bare_checkout.sh"
 pack() {
     [ -n "${PACK_TO:-}" ] || return 0
     [ -d "$out/model" ] && mkdir -p "$PACK_TO/model" && cp "$out"/model/* "$PACK_TO/model/"

@@ -11,12 +11,8 @@ set -uo pipefail
 out=${1:?usage: train_sweep.sh OUT_DIR MINUTES NAME:SHAPE:ARGS ...}
 minutes=${2:?minutes}
 shift 2
-mkdir -p "$out" && out=$(cd "$out" && pwd)
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root" || exit 1
-python3 -c "import pdllm.kernels" 2>/dev/null || for d in cluster prefill_node decode_node kernels proto; do
-    [ -e "pdllm/$d" ] || ln -s "../$d" "pdllm/$d"
-done
+# shellcheck source=benchmarks/bare_checkout.sh
+source "$(dirname "$0")/bare_checkout.sh"
 workers=$(($(nproc) / $# - 1))
 names=()
 for spec in "$@"; do
