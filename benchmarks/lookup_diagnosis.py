@@ -19,7 +19,7 @@ import torch
 
 from pdllm.models.loader import load_model
 from pdllm.training.data import build_example, collate
-from pdllm.training.objective import MaskedAttention, attention_mask, pointer_layer
+from pdllm.training.objective import MaskedAttention, attention_mask, head_scores, pointer_layer
 
 CELLS = (("niah_multikey", (2, 2)), ("niah_multikey", (4, 4)), ("kv_retrieval", None), ("niah_single", None))
 
@@ -34,10 +34,7 @@ def diagnose(model, task: str, keys, chunked: bool, rows: int, length: int, seed
     layer = pointer_layer(model.spec.num_layers)
     attention = MaskedAttention(attention_mask(b.seg, b.full), (layer,))
     out = model(noisy, b.pos, attention)
-    q, k = attention.qk[layer]
-    q0 = q[:, 0].gather(1, b.pointer_at[:, :, None].expand(-1, -1, q.shape[-1]))
-    scores = torch.einsum("bpd,btd->bpt", q0, k[:, 0]).masked_fill(~(b.seg >= -1)[:, None, :], float("-inf"))
-    top, valid = scores.argmax(-1), b.pointer >= 0
+    top, valid = head_scores(attention.qk[layer], b.pointer_at, attention.mask).argmax(-1), b.pointer >= 0
     n = valid.sum().item()
     pred = out.logits.argmax(-1)
     return {

@@ -329,8 +329,8 @@ def test_the_pointer_loss_rewards_the_head_that_looks_at_the_copied_byte():
     right[0, 0, b.pointer_at[0]] = torch.eye(t)[b.pointer[0]] * 20.0  # each pointed token asks for its target
     wrong = torch.zeros(1, 1, t, t)
     wrong[0, 0, b.pointer_at[0]] = torch.eye(t)[b.pointer[0] - 1] * 20.0  # the byte before it
-    good, good_acc = pointer_loss(b, (right, k))
-    bad, bad_acc = pointer_loss(b, (wrong, k))
+    good, good_acc = pointer_loss(b, (right, k), attention_mask(b.seg))
+    bad, bad_acc = pointer_loss(b, (wrong, k), attention_mask(b.seg))
     assert good_acc == 1.0 and bad_acc == 0.0 and good < 1e-3 < 10 < bad
     loss, metrics = diffusion_loss(
         random_model(tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)), b, pointer_weight=0.5

@@ -225,11 +225,11 @@ def build_example(
         except InvalidRequest:
             length += 32
     ctx = byte_ids(sample.prompt_text)  # the instruction stays at the start, where the engine keeps it
+    text = sample.prompt_text.encode()
     asked = [(sample.question, sample.target, value_offsets(sample))]
     if queries > 1 and not full and task in OTHER_QUESTIONS:
         others = OTHER_QUESTIONS[task](sample)
         rng.shuffle(others)
-        text = sample.prompt_text.encode()
         for question, value in others[: queries - 1]:
             asked.append((question, " " + value, (text.find(value.encode()), 1, len(value.encode()))))
     if not chunked:
@@ -247,7 +247,6 @@ def build_example(
         at = asked[0][2][0]
         needle_seg = at // size if at >= 0 else -1
     start = max(pos) + 1  # dense: right after the context; chunked: after the longest chunk, as the sparse decoder
-    text = sample.prompt_text.encode()
     pairs = KEY_SPANS[task](text) if task in KEY_SPANS else []
     key_from, key_span = [], []
     for ks, ke, vs, ve in pairs:  # a value token and its key in the same chunk: the key it sits under
@@ -259,23 +258,18 @@ def build_example(
     spans, pointer_at, pointer = [], [], []
     for i, (question, target, offsets) in enumerate(asked):
         span = byte_ids(QUESTION_TEMPLATE.format(question=question))
-        key = key_of.get(target.strip().encode())
-        at = bytes(span).find(key) if key else -1
-        if at >= 0:  # answer tokens: the key as the question names it
-            lo = len(ids) + at
-            first = len(ids) + len(span)
-            for j, p in enumerate(pointers(answer_span(target, gen)[1], offsets, index)):
-                if p >= 0:
-                    key_from.append(first + j)
-                    key_span.append((lo, lo + len(key)))
         answer, core = answer_span(target, gen)
         tail = span + answer
         begin = len(ids) + len(span)
         spans.append((begin, core, gen))
-        for j, p in enumerate(pointers(core, offsets, index)):
-            if p >= 0:
-                pointer_at.append(begin + j)
-                pointer.append(p)
+        copied = [(begin + j, p) for j, p in enumerate(pointers(core, offsets, index)) if p >= 0]
+        pointer_at += [a for a, _ in copied]
+        pointer += [p for _, p in copied]
+        key = key_of.get(target.strip().encode())
+        at = bytes(span).find(key) if key else -1
+        if at >= 0:  # answer tokens: the key as the question names it
+            key_from += [a for a, _ in copied]
+            key_span += [(len(ids) + at, len(ids) + at + len(key))] * len(copied)
         ids += tail
         pos += list(range(start, start + len(tail)))
         seg += [QUERY_SEGMENT if i == 0 else extra_segment(i)] * len(tail)

@@ -68,19 +68,25 @@ def key_layer(num_layers: int) -> int:
     return num_layers // 4
 
 
+def head_scores(qk: tuple[Tensor, Tensor], rows: Tensor, mask: Tensor) -> Tensor:
+    """[B, R, T] float32: head 0's attention scores from the tokens `rows` [B, R] over every key, -inf where the
+    attention mask hides the key (what the head's softmax runs over)."""
+    q, k = qk
+    q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1])).float()
+    scores = torch.einsum("brd,btd->brt", q0, k[:, 0].float()) / math.sqrt(q.shape[-1])
+    seen = mask[:, 0].gather(1, rows[:, :, None].expand(-1, -1, mask.shape[-1]))
+    return scores.masked_fill(~seen, float("-inf"))
+
+
 def key_loss(batch: Batch, qk: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, mean attention mass on the key): log1p(-log) of the attention one head puts, from each value token
     (in the context, under its key; in an answer, on the key its question names), on that key's tokens. With it both
     sides of a lookup hold a summary of the same key, which the pointer head above only has to compare."""
-    q, k = qk
-    rows = batch.key_from  # [B, K]
-    q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1])).float()
-    scores = torch.einsum("bkd,btd->bkt", q0, k[:, 0].float()) / math.sqrt(q.shape[-1])
-    seen = mask[:, 0].gather(1, rows[:, :, None].expand(-1, -1, mask.shape[-1]))  # [B, K, T]
+    scores = head_scores(qk, batch.key_from, mask)  # [B, K, T]
     t = torch.arange(scores.shape[-1], device=scores.device)
-    in_key = (t >= batch.key_lo[:, :, None]) & (t < batch.key_hi[:, :, None]) & seen
+    in_key = (t >= batch.key_lo[:, :, None]) & (t < batch.key_hi[:, :, None])
     valid = batch.key_hi > batch.key_lo
-    total = torch.logsumexp(scores.masked_fill(~seen, float("-inf")), -1)
+    total = torch.logsumexp(scores, -1)
     on_key = torch.logsumexp(scores.masked_fill(~in_key, float("-inf")), -1)
     per = torch.where(valid, total - on_key, 0.0)  # -log(mass on the key), unbounded while the head looks away
     n = valid.sum().clamp_min(1)
@@ -95,18 +101,12 @@ def pointer_layer(num_layers: int) -> int:
     return (3 * num_layers) // 4
 
 
-def pointer_loss(batch: Batch, qk: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def pointer_loss(batch: Batch, qk: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Tensor, Tensor]:
     """(loss, top-1 accuracy): cross-entropy of one head's attention scores from each answer-text token over the
     keys it may attend to, against the context token holding the byte it must produce. A training aid like the
     ranking loss: it gives key -> value lookups (kv_retrieval, niah_multikey) a direct signal, where the
     diffusion loss alone lets a small model settle for copying whichever value looks like an answer."""
-    q, k = qk
-    rows = batch.pointer_at  # [B, P]
-    q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1])).float()  # [B, P, D]
-    scores = torch.einsum("bpd,btd->bpt", q0, k[:, 0].float()) / math.sqrt(q.shape[-1])
-    own = batch.seg.gather(1, rows)  # each answer token sees the context and its own question's span
-    seen = (batch.seg[:, None, :] >= 0) | (batch.seg[:, None, :] == own[:, :, None])
-    scores = scores.masked_fill(~seen, float("-inf"))
+    scores = head_scores(qk, batch.pointer_at, mask)
     target = batch.pointer
     loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1), ignore_index=-1)
     valid = target >= 0
@@ -199,7 +199,7 @@ def diffusion_loss(
     hits = ((logits.argmax(-1) == target) & core).sum()
     metrics = {"diff": loss.detach(), "acc": hits / core.sum().clamp_min(1)}
     if pointed:
-        point, point_acc = pointer_loss(batch, attention.qk[pointer_layer(layers)])
+        point, point_acc = pointer_loss(batch, attention.qk[pointer_layer(layers)], attention.mask)
         loss = loss + pointer_weight * point
         metrics |= {"point": point.detach(), "point_acc": point_acc}
     if keyed:
