@@ -9,7 +9,6 @@ the OOM killer, log hints). A client needs the cause in one line; the dump goes 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import ray
@@ -114,7 +113,7 @@ class FaultBook:
             slot.watching = slot.watching or watch
         metrics.set_actor_health(slot.name, False)
         if watch:
-            threading.Thread(target=self._watch, args=(slot,), name=f"readmit-{slot.name}", daemon=True).start()
+            self._spawn(self._watch, slot, name=f"readmit-{slot.name}")
         if was != UP:
             return message
         if dead:
@@ -149,13 +148,16 @@ class FaultBook:
             except ray.exceptions.ActorDiedError:
                 break  # no incarnation is coming
             except ray.exceptions.RayError:  # unavailable for now (restarting): ask the next incarnation
-                self._closing.wait(READMIT_POLL_S)
+                if self._closing.wait(READMIT_POLL_S):
+                    break  # closing: no Ray call after close() (Ray may be shut down next)
                 ref = control(slot.handle.info).remote()
         with self._lock:
             slot.watching = False
-            if info is None:
+            if info is None and not self._closing.is_set():
                 slot.state = DEAD
             self._placeable.notify_all()
+        if self._closing.is_set():
+            return
         if info is None:
             log.error("%s actor %s did not come back: no longer placed", self._kind(slot), slot.name)
             return
@@ -189,11 +191,11 @@ class FaultBook:
         log.info("%s actor %s is back as a new incarnation (pid %s, restart %d, %.1f s after its death): placed "
                  "again", kind, slot.name, pid, slot.restarts, since)  # fmt: skip
         if self.on_readmit is not None:  # off this thread: a status poll must not wait for a group to form
-            threading.Thread(
-                target=self._readmitted, args=(kind, slot), name=f"rejoin-{slot.name}", daemon=True
-            ).start()
+            self._spawn(self._readmitted, kind, slot, name=f"rejoin-{slot.name}")
 
     def _readmitted(self, kind: str, slot: ActorSlot) -> None:
+        if self._closing.is_set():
+            return
         try:
             self.on_readmit(kind, slot)
         except Exception:

@@ -72,6 +72,7 @@ class Router(Placement, FaultBook, StatusReport):
         self._lock = threading.Lock()
         self._placeable = threading.Condition(self._lock)  # notified when an actor is admitted again or given up
         self._closing = threading.Event()
+        self._helpers: list[threading.Thread] = []  # readmit watchers and rejoin threads: close() joins them
         self.on_readmit: Callable[[str, ActorSlot], None] | None = None  # (kind, slot) after a new incarnation
         self.completed = 0
         self.rejected = 0
@@ -87,11 +88,28 @@ class Router(Placement, FaultBook, StatusReport):
             "actor_restarts": 0,  # new incarnations admitted again after a death
         }
 
-    def close(self) -> None:
-        """Stop the watchers of restarting actors (cluster shutdown)."""
+    def close(self, join_timeout_s: float = 10.0) -> None:
+        """Stop the watchers of restarting actors and wait for them (cluster shutdown): a helper thread that made
+        a Ray call after Ray shut down would start or join a Ray instance of its own."""
         self._closing.set()
         with self._lock:
             self._placeable.notify_all()
+            helpers = list(self._helpers)
+        until = time.monotonic() + join_timeout_s
+        for thread in helpers:
+            thread.join(max(0.0, until - time.monotonic()))
+        stuck = [t.name for t in helpers if t.is_alive()]
+        if stuck:
+            log.warning("router closed with helper threads still running: %s", ", ".join(stuck))
+
+    def _spawn(self, target: Callable[..., None], *args: object, name: str) -> None:
+        """Run `target(*args)` on a daemon thread that close() waits for; none starts once closing."""
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._helpers = [t for t in self._helpers if t.is_alive()] + [thread]
+        thread.start()
 
     def _timeout(self, deadline: float | None) -> float:
         """Seconds the next wait may take: the per-call limit, cut to the request's deadline."""
