@@ -187,11 +187,11 @@ def test_smoke_train_on_the_recall_mix_runs_every_loss_it_is_given(tmp_path):
     from pdllm.training.train import main
 
     args = ["--smoke", "--mix", "recall", "--stage", "1", "--out", str(tmp_path), "--max-steps", "2", "--workers", "0"]
-    assert main([*args, "--pointer-weight", "0.5", "--key-weight", "0.5"]) == 0
+    assert main([*args, "--pointer-weight", "0.5", "--key-weight", "0.5", "--match-weight", "0.5"]) == 0
     log = json.loads((tmp_path / "state.json").read_text())["log"]
-    assert all({"point", "point_acc", "key", "key_mass"} <= set(e) for e in log)
+    assert all({"point", "point_acc", "key", "key_mass", "match", "match_acc"} <= set(e) for e in log)
     assert main([*args, "--resume", str(tmp_path), "--max-steps", "3"]) == 0  # weights 0: those losses off
-    assert not {"point", "key"} & set(json.loads((tmp_path / "state.json").read_text())["log"][-1])
+    assert not {"point", "key", "match"} & set(json.loads((tmp_path / "state.json").read_text())["log"][-1])
 
 
 def test_the_official_mix_reads_the_data_that_trained_the_bundled_model():
@@ -336,6 +336,49 @@ def test_the_pointer_loss_rewards_the_head_that_looks_at_the_copied_byte():
         random_model(tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)), b, pointer_weight=0.5
     )
     assert torch.isfinite(loss) and 0 <= metrics["point_acc"] <= 1 and metrics["point"] > 0
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_match_loss_rewards_a_key_head_output_that_names_the_key(chunked):
+    from pdllm.training.objective import match_loss
+
+    e = build_example(random.Random(7), 700, chunked, {"niah_multikey": 1.0}, chunk_sizes=(128,), keys=(3, 3),
+                      queries=3)  # fmt: skip
+    b = collate([e])
+    t, keys = b.ids.shape[1], sorted({_text(e.ids[lo:hi]) for lo, hi in e.key_span})
+    key_at = {f: keys.index(_text(e.ids[lo:hi])) for f, (lo, hi) in zip(e.key_from, e.key_span, strict=True)}
+    named = torch.zeros(1, t, len(keys) + 1)  # value tokens (either side): the one-hot of their key's text
+    for f, i in key_at.items():
+        named[0, f, i] = 1.0
+    shuffled = torch.zeros_like(named)  # answers name the next key: they disagree with the value they copy
+    for f, i in key_at.items():
+        shuffled[0, f, (i + 1) % len(keys) if f in e.pointer_at else i] = 1.0
+    good, good_acc = match_loss(b, named)
+    same, same_acc = match_loss(b, torch.ones(1, t, 4))  # nothing said about keys: chance
+    bad, bad_acc = match_loss(b, shuffled)
+    assert len(keys) == 3 and good_acc == 1.0 and good < 1e-3
+    assert same > 0.5 and bad > 5 and bad_acc == 0.0
+    loss, metrics = diffusion_loss(
+        random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64)), b, match_weight=0.5
+    )
+    assert torch.isfinite(loss) and 0 <= metrics["match_acc"] <= 1 and metrics["match"] > 0
+    loss.backward()
+
+
+def test_the_lookup_diagnosis_prints_every_cell(tiny_llada):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "lookup_diagnosis.py"
+    run = subprocess.run([sys.executable, str(script), str(tiny_llada), "--rows", "1", "--length", "300"],
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    lines = run.stdout.strip().splitlines()
+    assert lines[1].split()[-2:] == ["key", "match"] and len(lines) == 2 + 8
+    for line in lines[2:]:
+        *_, token, row, pointer, same, match = line.split()
+        assert all(0 <= float(v) <= 1 for v in (token, row, pointer, same))
+        assert (match == "-") == line.startswith("niah_single") and (match == "-" or 0 <= float(match) <= 1)
 
 
 def test_the_recall_mix_asks_several_questions_per_lookup_row():

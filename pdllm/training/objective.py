@@ -26,20 +26,26 @@ from pdllm.models.transformer import DllmModel
 from pdllm.training.data import BOS_ID, PAD_SEGMENT, Batch, attention_mask
 
 RANK_BOUND = 8.0  # chunk scores enter the ranking loss squashed into (-8, 8)
+MATCH_TEMPERATURE = 0.1  # cosines enter the match loss scaled by 1/0.1
 
 
 class MaskedAttention:
     """An AttentionContext that applies a fixed [B, 1, T, T] boolean mask (chunk structure and padding); keeps the
-    rotated queries and keys of layer `capture` (the pointer loss reads them)."""
+    rotated queries and keys of the layers in `capture` (the pointer and key losses read them) and head 0's output
+    of the layers in `outputs` (the match loss reads it)."""
 
-    def __init__(self, mask: Tensor, capture: tuple[int, ...] = ()) -> None:
-        self.mask, self.capture = mask, capture
+    def __init__(self, mask: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()) -> None:
+        self.mask, self.capture, self.outputs = mask, capture, outputs
         self.qk: dict[int, tuple[Tensor, Tensor]] = {}
+        self.head0: dict[int, Tensor] = {}
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if layer in self.capture:
             self.qk[layer] = (q, k)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+        if layer in self.outputs:
+            self.head0[layer] = out[:, 0]  # [B, T, D]
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,30 @@ def key_loss(batch: Batch, qk: tuple[Tensor, Tensor], mask: Tensor) -> tuple[Ten
     # log1p: a head that starts far from the key (-log mass ~ 20 on the bundle) keeps its gradient's direction but
     # cannot drown the diffusion loss under the global gradient clip (a CPU run lost niah_single that way)
     return torch.log1p(per).sum() / n, torch.where(valid, torch.exp(-per), 0.0).sum() / n
+
+
+def match_loss(batch: Batch, head0: Tensor, temperature: float = MATCH_TEMPERATURE) -> tuple[Tensor, Tensor]:
+    """(loss, top-1 accuracy): contrastive loss on what the key head carries. From each answer token that copies a
+    context value, the cosine of the key head's output there against its output at every context value token of the
+    row; the right ones are the value tokens under the key the copied token sits under (InfoNCE with several
+    positives). The key loss only teaches where that head looks; this teaches its values and output to say which
+    key it saw, the same way on the question's side and the context's, so the pointer head has something to match.
+    Rows with one key among their context values teach nothing here and are left out."""
+    o = F.normalize(head0.float(), dim=-1)  # [B, T, D]
+    take = lambda rows: o.gather(1, rows[:, :, None].expand(-1, -1, o.shape[-1]))  # noqa: E731
+    context = (batch.key_hi > batch.key_lo) & (batch.seg.gather(1, batch.key_from) >= 0)  # [B, K]
+    copies = batch.pointer >= 0  # [B, P]
+    source = (batch.key_from[:, None, :] == batch.pointer[:, :, None]) & context[:, None, :]  # [B, P, K]
+    found = source.any(-1) & copies
+    key_of_source = (source * batch.key_lo[:, None, :]).sum(-1)  # the key span (by its start) the copy sits under
+    right = context[:, None, :] & (batch.key_lo[:, None, :] == key_of_source[:, :, None])  # [B, P, K]
+    scores = torch.einsum("bpd,bkd->bpk", take(batch.pointer_at), take(batch.key_from)) / temperature
+    scores = scores.masked_fill(~context[:, None, :], float("-inf"))
+    valid = found & (right.sum(-1) < context.sum(-1)[:, None])  # some context value of another key to tell apart
+    per = torch.logsumexp(scores, -1) - torch.logsumexp(scores.masked_fill(~right, float("-inf")), -1)
+    n = valid.sum().clamp_min(1)
+    best_right = right.gather(-1, scores.argmax(-1, keepdim=True))[..., 0]
+    return torch.where(valid, per, 0.0).sum() / n, (best_right & valid).sum() / n
 
 
 def pointer_layer(num_layers: int) -> int:
@@ -171,6 +201,7 @@ def diffusion_loss(
     layout: BatchLayout | None = None,
     pointer_weight: float = 0.0,
     key_weight: float = 0.0,
+    match_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
     answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
@@ -183,9 +214,11 @@ def diffusion_loss(
     ranked = rank_weight > 0 and layout.ranked
     pointed = pointer_weight > 0 and layout.pointed
     keyed = key_weight > 0 and layout.keyed
+    matched = match_weight > 0 and layout.pointed and layout.keyed
     layers = model.spec.num_layers
     capture = ((pointer_layer(layers),) if pointed else ()) + ((key_layer(layers),) if keyed else ())
-    attention = MaskedAttention(attention_mask(batch.seg, batch.full), capture)
+    outputs = (key_layer(layers),) if matched else ()
+    attention = MaskedAttention(attention_mask(batch.seg, batch.full), capture, outputs)
     out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
     target = batch.ids[:, first:]
     m = masked[:, first:]
@@ -206,6 +239,10 @@ def diffusion_loss(
         gather, mass = key_loss(batch, attention.qk[key_layer(layers)], attention.mask)
         loss = loss + key_weight * gather
         metrics |= {"key": gather.detach(), "key_mass": mass.detach()}
+    if matched:
+        match, match_acc = match_loss(batch, attention.head0[key_layer(layers)])
+        loss = loss + match_weight * match
+        metrics |= {"match": match.detach(), "match_acc": match_acc}
     if ranked:
         scores, valid = ranking_scores(model, batch, out.kv, layout.chunks)
         rows = batch.needle_seg >= 0

@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank-weight", type=float, default=0.2, help="weight of the chunk-ranking loss")
     p.add_argument("--pointer-weight", type=float, default=0.0, help="weight of the copy-pointer loss (objective)")
     p.add_argument("--key-weight", type=float, default=0.0, help="weight of the key-gathering loss (objective)")
+    p.add_argument("--match-weight", type=float, default=0.0, help="weight of the key-match loss (objective)")
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 layout=layout,
                 pointer_weight=args.pointer_weight,
                 key_weight=args.key_weight,
+                match_weight=args.match_weight,
             )
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):
