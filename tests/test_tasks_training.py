@@ -190,8 +190,19 @@ def test_smoke_train_on_the_recall_mix_runs_every_loss_it_is_given(tmp_path):
     assert main([*args, "--pointer-weight", "0.5", "--key-weight", "0.5", "--match-weight", "0.5"]) == 0
     log = json.loads((tmp_path / "state.json").read_text())["log"]
     assert all({"point", "point_acc", "key", "key_mass", "match", "match_acc"} <= set(e) for e in log)
-    assert main([*args, "--resume", str(tmp_path), "--max-steps", "3"]) == 0  # weights 0: those losses off
-    assert not {"point", "key", "match"} & set(json.loads((tmp_path / "state.json").read_text())["log"][-1])
+    resume = [a for a in args if a not in ("--mix", "recall")]  # no --mix: the resumed run keeps its own
+    assert main([*resume, "--resume", str(tmp_path), "--max-steps", "3"]) == 0  # weights 0: those losses off
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert not {"point", "key", "match"} & set(state["log"][-1])
+    assert state["args"]["mix"] == "recall" and state["stage"] == 1
+
+
+def test_a_resumed_run_keeps_its_mix_unless_another_is_asked_for():
+    from pdllm.training.train import resumed_mix
+
+    assert resumed_mix(None, {"args": {"mix": "recall"}}) == "recall"
+    assert resumed_mix("lookup", {"args": {"mix": "recall"}, "stage": 1}) == "lookup"
+    assert resumed_mix(None, {"args": {}}) == "official"  # saved before the mix was recorded
 
 
 def test_the_official_mix_reads_the_data_that_trained_the_bundled_model():

@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-dtype", choices=("float32", "bfloat16"), default="float32", help="weights as written")
     p.add_argument("--shape", choices=sorted(SHAPES), default="bundle")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--mix", choices=sorted(MIXES), default="official", help="training tasks (data.curriculum)")
+    p.add_argument("--mix", choices=sorted(MIXES), help="training tasks (data.curriculum; default: official, or the "
+                   "resumed run's)")  # fmt: skip
     p.add_argument("--minutes", type=float, default=9.0, help="stop and save after this much wall time")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (default: time limit only)")
     p.add_argument("--total-minutes", type=float, default=12.5, help="planned training time over all resumes (LR)")
@@ -102,6 +103,16 @@ def should_advance(stage: Stage, exact_match: float, time_frac: float) -> bool:
     if stage.advance_at is None:
         return False
     return exact_match >= stage.advance_at or (stage.until is not None and time_frac >= stage.until)
+
+
+def resumed_mix(asked: str | None, meta: dict) -> str:
+    """The mix a resumed run trains on: its own unless another is asked for. Its stage number indexes that mix's
+    curriculum, so resuming into a different mix by omission would train other tasks under the same stage number."""
+    saved = meta.get("args", {}).get("mix") or "official"  # runs saved before the mix was recorded: official
+    if asked and asked != saved:
+        print(f"resuming a run trained on mix {saved!r} with mix {asked!r}: stage {meta.get('stage', 0)} of its "
+              "curriculum", file=sys.stderr, flush=True)  # fmt: skip
+    return asked or saved
 
 
 def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float, stage: int) -> dict:
@@ -178,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         meta = load_state(args.resume, model, opt)
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
+        args.mix = resumed_mix(args.mix, meta)
+    args.mix = args.mix or "official"
     stage = stage if args.stage is None else args.stage
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
