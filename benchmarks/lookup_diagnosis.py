@@ -37,13 +37,16 @@ CELLS = (("niah_multikey", (2, 2)), ("niah_multikey", (4, 4)), ("kv_retrieval", 
 
 
 @torch.no_grad()
-def diagnose(model, task: str, keys, chunked: bool, rows: int, length: int, seed: int) -> dict[str, float]:
+def diagnose(
+    model, task: str, keys, chunked: bool, rows: int, length: int, seed: int, point_layer: int | None = None
+) -> dict[str, float]:
     rng = random.Random(f"diagnosis:{seed}:{task}:{keys}:{chunked}")
     b = collate(
         [build_example(rng, length, chunked, {task: 1.0}, (256,), split="heldout", keys=keys) for _ in range(rows)]
     )
     noisy = torch.where(b.answer, torch.full_like(b.ids, model.spec.mask_token_id), b.ids)
-    layer, keys = pointer_layer(model.spec.num_layers), key_layer(model.spec.num_layers)
+    layer = pointer_layer(model.spec.num_layers) if point_layer is None else point_layer
+    keys = key_layer(model.spec.num_layers)
     attention = MaskedAttention(attention_mask(b.seg, b.full), (layer,), (keys,))
     out = model(noisy, b.pos, attention)
     top, valid = head_scores(attention.qk[layer], b.pointer_at, attention.mask).argmax(-1), b.pointer >= 0
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--length", type=int, default=500, help="context tokens per row (the lookup stages' range)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pointer-layer", type=int, help="the layer the run's --pointer-layer named (default: 3/4 up)")
     args = p.parse_args(argv)
     model = load_model(args.model, device="cpu", dtype=torch.float32).model.eval()
     print(f"{args.model}: {args.rows} rows per cell, {args.length} tokens, whole answer masked, one forward")
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for task, keys in CELLS:
         for chunked in (False, True):
-            r = diagnose(model, task, keys, chunked, args.rows, args.length, args.seed)
+            r = diagnose(model, task, keys, chunked, args.rows, args.length, args.seed, args.pointer_layer)
             needles = str(keys[0]) if keys else ("pairs" if task == "kv_retrieval" else "1")
             layout = "chunked" if chunked else "dense"
             match = "-" if math.isnan(r["key_match"]) else f"{r['key_match']:.2f}"

@@ -197,6 +197,33 @@ def test_smoke_train_on_the_recall_mix_runs_every_loss_it_is_given(tmp_path):
     assert state["args"]["mix"] == "recall" and state["stage"] == 1
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_the_pointer_loss_trains_the_layer_it_is_given(layer):
+    e = build_example(random.Random(3), 300, False, {"niah_multikey": 1.0}, keys=(2, 2), queries=2)
+    b = collate([e])
+    model = random_model(tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64))
+
+    def q_grads(weight: float) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss, _ = diffusion_loss(model, b, generator=torch.Generator().manual_seed(0), pointer_weight=weight,
+                                 pointer_at_layer=layer)  # fmt: skip
+        loss.backward()
+        return [blk.q_proj.weight.grad.clone() for blk in model.layers]
+
+    plain, pointed = q_grads(0.0), q_grads(1.0)
+    moved = [not torch.allclose(a, c) for a, c in zip(plain, pointed, strict=True)]
+    assert moved == [True, layer == 1]  # layer 0's queries feed layer 1; layer 1's reach nothing below
+
+
+def test_the_pointer_layer_must_exist_and_not_be_the_key_layer():
+    from pdllm.training.train import parse_args
+
+    assert parse_args(["--out", "x", "--pointer-layer", "3"]).pointer_layer == 3
+    for bad in (["--pointer-layer", "8"], ["--pointer-layer", "2", "--pointer-weight", "1", "--match-weight", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", *bad])
+
+
 def test_a_resumed_run_keeps_its_mix_unless_another_is_asked_for():
     from pdllm.training.train import resumed_mix
 

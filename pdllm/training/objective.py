@@ -202,12 +202,14 @@ def diffusion_loss(
     pointer_weight: float = 0.0,
     key_weight: float = 0.0,
     match_weight: float = 0.0,
+    pointer_at_layer: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
     answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
     `layout`: batch_layout of the batch's CPU copy (default: computed here, which waits on the device). Every
     position from `first` on is scored and weighted (zero where not masked) rather than gathered by a boolean
-    index, whose size the host would have to wait for."""
+    index, whose size the host would have to wait for. `pointer_at_layer`: the layer whose head 0 the pointer loss
+    trains (default: pointer_layer, three quarters up)."""
     layout = layout or batch_layout(batch)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
     first = layout.first
@@ -216,7 +218,8 @@ def diffusion_loss(
     keyed = key_weight > 0 and layout.keyed
     matched = match_weight > 0 and layout.pointed and layout.keyed
     layers = model.spec.num_layers
-    capture = ((pointer_layer(layers),) if pointed else ()) + ((key_layer(layers),) if keyed else ())
+    point_layer = pointer_layer(layers) if pointer_at_layer is None else pointer_at_layer
+    capture = ((point_layer,) if pointed else ()) + ((key_layer(layers),) if keyed else ())
     outputs = (key_layer(layers),) if matched else ()
     attention = MaskedAttention(attention_mask(batch.seg, batch.full), capture, outputs)
     out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
@@ -232,7 +235,7 @@ def diffusion_loss(
     hits = ((logits.argmax(-1) == target) & core).sum()
     metrics = {"diff": loss.detach(), "acc": hits / core.sum().clamp_min(1)}
     if pointed:
-        point, point_acc = pointer_loss(batch, attention.qk[pointer_layer(layers)], attention.mask)
+        point, point_acc = pointer_loss(batch, attention.qk[point_layer], attention.mask)
         loss = loss + pointer_weight * point
         metrics |= {"point": point.detach(), "point_acc": point_acc}
     if keyed:

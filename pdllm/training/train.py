@@ -33,7 +33,7 @@ from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import MIXES, ExampleStream, Stage, curriculum
-from pdllm.training.objective import batch_layout, diffusion_loss
+from pdllm.training.objective import batch_layout, diffusion_loss, key_layer
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.state import load_state, save_state
 
@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pointer-weight", type=float, default=0.0, help="weight of the copy-pointer loss (objective)")
     p.add_argument("--key-weight", type=float, default=0.0, help="weight of the key-gathering loss (objective)")
     p.add_argument("--match-weight", type=float, default=0.0, help="weight of the key-match loss (objective)")
+    p.add_argument("--pointer-layer", type=int, help="layer whose head 0 the pointer loss trains (default: 3/4 up)")
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -87,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_steps = args.max_steps or 10**9
     if args.init_from and args.resume:
         p.error("--init-from and --resume exclude each other (a resumed run has its own weights)")
+    layers = SHAPES[args.shape]["layers"]
+    if args.pointer_layer is not None and not 0 <= args.pointer_layer < layers:
+        p.error(f"--pointer-layer {args.pointer_layer}: the {args.shape} shape has layers 0-{layers - 1}")
+    if args.pointer_layer == key_layer(layers) and args.pointer_weight > 0 and (args.key_weight or args.match_weight):
+        p.error(f"--pointer-layer {args.pointer_layer} is the key layer: the pointer and key losses would train one "
+                "head for two jobs")  # fmt: skip
     return args
 
 
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 pointer_weight=args.pointer_weight,
                 key_weight=args.key_weight,
                 match_weight=args.match_weight,
+                pointer_at_layer=args.pointer_layer,
             )
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):
