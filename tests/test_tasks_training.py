@@ -452,3 +452,46 @@ def test_value_tokens_know_the_key_they_sit_under_and_the_key_loss_reads_it(chun
         loss, mass = key_loss(b, (on, k), mask)
         off, off_mass = key_loss(b, (torch.zeros(1, 1, t, t), k), mask)
         assert mass > 0.99 and loss < 0.01 and off_mass < 0.2 < 1 < off
+
+
+def _pointer_probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "pointer_probe.py"
+    spec = importlib.util.spec_from_file_location("pointer_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pointer_probe_heads_see_positions_only_through_their_rotary_part():
+    probe = _pointer_probe()
+    torch.manual_seed(0)
+    x, rows = torch.randn(1, 12, 16), torch.tensor([[3, 7]])
+    pos = torch.arange(12)[None]
+    far = torch.cat([pos[:, :6], pos[:, 6:] + 40], 1)  # half the tokens moved 40 positions on
+    for encoding in ("rope", "half", "none"):
+        head = probe.Head(16, 8, encoding, 10_000.0)
+        same = head.scores(x, pos, rows)
+        assert torch.allclose(same, head.scores(x, pos + 100, rows), atol=1e-4)  # relative positions only
+        moved = not torch.allclose(same, head.scores(x, far, rows), atol=1e-4)
+        assert moved == (encoding != "none"), encoding
+    half = probe.Head(16, 8, "half", 10_000.0)
+    assert half.rotated == 4 and probe.Head(16, 8, "none", 10_000.0).rotated == 0
+
+
+def test_the_pointer_probe_prints_a_row_per_layer_and_encoding(tiny_llada):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "pointer_probe.py"
+    args = [str(tiny_llada), "--rows", "4", "--steps", "3", "--length", "300", "--layers", "0,1"]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, check=True)
+    table = run.stdout.strip().splitlines()[4:]
+    encodings = ("rope", "rope5e5", "half", "none")
+    assert [line.split()[:2] for line in table] == [[str(i), e] for i in (0, 1) for e in encodings]
+    for line in table:
+        shares = [float(v) for v in line.split()[2:] if v != "/"]
+        assert len(shares) == 2 * 4 and all(0 <= v <= 1 for v in shares)
