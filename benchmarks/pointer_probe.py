@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from pdllm.models.layers import Rotary, apply_rotary
 from pdllm.models.loader import load_model
 from pdllm.training.data import Batch, attention_mask, build_example, collate
-from pdllm.training.objective import MaskedAttention
+from pdllm.training.objective import MaskedAttention, head_scores
 
 ROWS = {"niah_multikey": (2, 4), "kv_retrieval": None, "niah_single": None}
 ENCODINGS = ("rope", "rope5e5", "half", "none")
@@ -61,27 +61,24 @@ class Head(torch.nn.Module):
         super().__init__()
         self.q = torch.nn.Linear(hidden, dim, bias=False)
         self.k = torch.nn.Linear(hidden, dim, bias=False)
-        self.encoding = encoding
         rotated = dim // 2 if encoding == "half" else dim
         self.rotated = 0 if encoding == "none" else rotated
         self.rotary = Rotary(max(self.rotated, 2), 5e5 if encoding == "rope5e5" else theta)
 
-    def scores(self, x: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
-        """[B, R, T] scores from the tokens `rows` over every token."""
-        q, k = self.q(x)[:, None], self.k(x)[:, None]  # [B, 1, T, D]
+    def qk(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """(q, k), each [B, 1, T, D] with the encoding applied: the shape objective.head_scores reads."""
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
         if self.rotated:
             cos, sin = self.rotary.cos_sin(pos, x.dtype)
             r = self.rotated
             q = torch.cat([apply_rotary(q[..., :r], cos, sin), q[..., r:]], -1)
             k = torch.cat([apply_rotary(k[..., :r], cos, sin), k[..., r:]], -1)
-        q0 = q[:, 0].gather(1, rows[:, :, None].expand(-1, -1, q.shape[-1]))
-        return torch.einsum("brd,btd->brt", q0, k[:, 0]) / q.shape[-1] ** 0.5
+        return q, k
 
 
 def masked_scores(head: Head, x: Tensor, b: Batch) -> Tensor:
-    scores = head.scores(x, b.pos, b.pointer_at)
-    seen = attention_mask(b.seg, b.full)[:, 0].gather(1, b.pointer_at[:, :, None].expand(-1, -1, b.ids.shape[1]))
-    return scores.masked_fill(~seen, float("-inf"))
+    """[B, P, T] the fitted head's scores from each copying answer token, as the pointer loss sees them."""
+    return head_scores(head.qk(x, b.pos), b.pointer_at, attention_mask(b.seg, b.full))
 
 
 def accuracy(head: Head, data: list[tuple[Tensor, Batch]]) -> tuple[float, float]:

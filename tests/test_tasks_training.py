@@ -466,16 +466,20 @@ def _pointer_probe():
 
 
 def test_the_pointer_probe_heads_see_positions_only_through_their_rotary_part():
+    from pdllm.training.objective import head_scores
+
     probe = _pointer_probe()
     torch.manual_seed(0)
     x, rows = torch.randn(1, 12, 16), torch.tensor([[3, 7]])
     pos = torch.arange(12)[None]
     far = torch.cat([pos[:, :6], pos[:, 6:] + 40], 1)  # half the tokens moved 40 positions on
+    everything = torch.ones(1, 1, 12, 12, dtype=torch.bool)
     for encoding in ("rope", "half", "none"):
         head = probe.Head(16, 8, encoding, 10_000.0)
-        same = head.scores(x, pos, rows)
-        assert torch.allclose(same, head.scores(x, pos + 100, rows), atol=1e-4)  # relative positions only
-        moved = not torch.allclose(same, head.scores(x, far, rows), atol=1e-4)
+        scores = lambda p: head_scores(head.qk(x, p), rows, everything)  # noqa: B023, E731
+        same = scores(pos)
+        assert torch.allclose(same, scores(pos + 100), atol=1e-4)  # relative positions only
+        moved = not torch.allclose(same, scores(far), atol=1e-4)
         assert moved == (encoding != "none"), encoding
     half = probe.Head(16, 8, "half", 10_000.0)
     assert half.rotated == 4 and probe.Head(16, 8, "none", 10_000.0).rotated == 0
