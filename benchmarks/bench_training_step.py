@@ -1,8 +1,9 @@
 """Where a training step's time goes: data generation per batch (as one loader worker makes it), the loader's
-batches per second with its workers, and the model step at the real shape, the step as it was (PyTorch's default
-attention order, which puts cuDNN first on Hopper, and a loss that reads its layout off the device) against the step
-as train.py runs it now (no cuDNN, layout read on the CPU copy). Batches come in fresh shapes, as the curriculum
-makes them, then the same shapes again (warm), so a per-shape host cost shows as the difference.
+batches per second with its workers, and the model step at the real shape: the step as it was (unfused AdamW behind
+a host read of the gradient norm, so host and device time add up) against the step as train.py runs it now (fused
+AdamW that skips a non-finite update on the device), and on a GPU the device's busy time per step. Batches come in
+fresh shapes, as the curriculum makes them, then the same shapes again (warm), so a per-shape host cost shows as
+the difference. `--mix recall` steps with the recall run's losses (pointer, key, match and ranking).
 
     python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
     python benchmarks/bench_training_step.py --device cpu --tokens 4096 --steps 4 --shape small
@@ -13,7 +14,6 @@ Prints a table of ms per batch (or step) and the ratio old / new measured in the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import time
@@ -23,7 +23,10 @@ from torch.nn.attention import sdpa_kernel
 
 from pdllm.training.data import PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
 from pdllm.training.objective import batch_layout, diffusion_loss
+from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.train import TRAIN_ATTENTION, build_model
+
+RECALL_LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
 
 
 def tensor_collate(examples: list[Example]) -> Batch:
@@ -98,27 +101,40 @@ def loader_rate(mix: str, tokens: int, length: int, workers: int, seconds: float
     return n / (time.perf_counter() - t0)
 
 
-def step_ms(model, batches: list[Batch], device: torch.device, new: bool) -> float:
-    """Mean ms of forward + backward + AdamW over `batches`, the old way or the new."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def step_ms(model, batches: list[Batch], device: torch.device, new: bool, losses: dict) -> float:
+    """Mean ms of forward + backward + AdamW over `batches`: the step as it was (unfused AdamW behind a host read of
+    the gradient norm) or as train.py runs it now (fused AdamW that skips a non-finite update on the device)."""
+    opt = make_optimizer(model, 1e-4) if new else torch.optim.AdamW(model.parameters(), lr=1e-4)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
     for cpu_batch in batches:
-        layout = batch_layout(cpu_batch) if new else None
+        layout = batch_layout(cpu_batch)
         batch = cpu_batch.to(device)
-        with amp, sdpa_kernel(TRAIN_ATTENTION) if new else contextlib.nullcontext():
-            loss, _ = diffusion_loss(model, batch, 0.1, gen, rank_weight=0.2, layout=layout)
+        with amp, sdpa_kernel(TRAIN_ATTENTION):
+            loss, _ = diffusion_loss(model, batch, 0.1, gen, layout=layout, **losses)
         opt.zero_grad(set_to_none=True)
-        with sdpa_kernel(TRAIN_ATTENTION) if new else contextlib.nullcontext():
+        with sdpa_kernel(TRAIN_ATTENTION):
             loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(norm):
+        if new:
+            step_if_finite(opt, norm)
+        elif torch.isfinite(norm):
             opt.step()
     sync()
     return 1000 * (time.perf_counter() - t0) / len(batches)
+
+
+def device_ms(model, batches: list[Batch], device: torch.device, losses: dict) -> float:
+    """GPU busy time per step (the sum of its kernels' times, from the profiler) of the step as train.py runs it:
+    against the step's wall time it says whether the host or the device sets the pace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_ms(model, batches, device, True, losses)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / len(batches)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = loader_rate(args.mix, args.tokens, args.length, args.workers, args.loader_seconds, stage)
         rows.append({"what": f"loader {args.workers} workers, {stages[stage].name}", "batches_per_s": rate})
     model = build_model(args.shape, device)
+    losses = RECALL_LOSSES if args.mix == "recall" else {"rank_weight": 0.2}
     for stage in (1, len(stages) - 1):
         # two disjoint sets of fresh shapes (one per variant, so neither sees the other's shapes first), each run
         # cold and then again warm
@@ -150,12 +167,21 @@ def main(argv: list[str] | None = None) -> int:
             sets.append(
                 [make_batch(rng, stages[stage], args.length, args.tokens, (0.5, 0.0)) for _ in range(args.steps)]
             )
-        step_ms(model, sets[0][:2], device, True)  # kernels loaded, allocator warm
-        old_cold, new_cold = step_ms(model, sets[0], device, False), step_ms(model, sets[1], device, True)
-        old_warm, new_warm = step_ms(model, sets[0], device, False), step_ms(model, sets[1], device, True)
+        step_ms(model, sets[0][:2], device, True, losses)  # kernels loaded, allocator warm
+        old_cold, new_cold = (
+            step_ms(model, sets[0], device, False, losses),
+            step_ms(model, sets[1], device, True, losses),
+        )
+        old_warm, new_warm = (
+            step_ms(model, sets[0], device, False, losses),
+            step_ms(model, sets[1], device, True, losses),
+        )
         name = stages[stage].name
         rows.append({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
         rows.append({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
+        if device.type == "cuda":
+            rows.append({"what": f"step {name}, GPU busy", "device_ms": device_ms(model, sets[1], device, losses),
+                         "wall_ms": new_warm})  # fmt: skip
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), torch "
         f"{torch.__version__}, shape {args.shape}, {args.tokens} tokens per batch, mix {args.mix}"
@@ -164,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "batches_per_s" in r:
             print(f"{r['what']:<40} {r['batches_per_s']:>9.1f} batches/s")
+        elif "device_ms" in r:
+            print(f"{r['what']:<40} {r['device_ms']:>9.1f} of {r['wall_ms']:.1f} ms wall")
         else:
             print(f"{r['what']:<40} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}")
     if args.json:

@@ -38,23 +38,6 @@ python3 -m pdllm.training.train --out "$out/ckpt" --minutes "$minutes" --total-m
 python3 -m pdllm.training.train --export "$out/ckpt" --out "$out/export" --bundle "$out/model" | tee -a "$out/train_log.txt"
 pack
 rm -rf "$out/ckpt" "$out/export"  # optimizer state: not needed and too many files to bring back
-run_eval() { python3 -m pdllm.cli eval --model "$out/model" --method "$method" "$@"; }
-run_eval --task all --lengths "${EVAL_LENGTHS:-2048,8192,16384,32768}" --modes vanilla,prefix,sparse --samples 8 --cell-seconds "$cell" \
-    --json "$out/eval_modes.json" 2>"$out/eval_modes.err" | tee "$out/eval_modes.txt"
+EXTRAS=$((SECONDS < extras_before ? 1 : 0)) bash benchmarks/eval_table.sh "$out/model" "$out" "$cell"
 pack
-if [ "${LONG_EVAL:-1}" != 0 ]; then
-    run_eval --task all --lengths 131072 --modes prefix,sparse --samples 8 --cell-seconds "$((2 * cell))" \
-        --json "$out/eval_128k.json" 2>"$out/eval_128k.err" | tee "$out/eval_128k.txt"
-    pack
-fi
-if ((SECONDS < extras_before)); then
-    run_eval --task passkey,heldout_wording --lengths 2048 --modes vanilla,sparse --samples 2 --cell-seconds 20 \
-        --depth-sweep "$out/depth.png" --json "$out/eval_depth.json" 2>"$out/eval_depth.err" | tee "$out/eval_depth.txt"
-    pack
-fi
-if ((SECONDS < extras_before)); then
-    run_eval --task all --lengths 2048,16384 --modes sparse --samples 8 --no-bos --cell-seconds "$cell" \
-        --json "$out/eval_nobos.json" 2>"$out/eval_nobos.err" | tee "$out/eval_nobos.txt"
-    pack
-fi
 echo "train_and_eval done after ${SECONDS}s"

@@ -56,7 +56,7 @@ def load_state(src: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) ->
     for name, p in params.items():
         if f"opt.exp_avg.{name}" in tensors and f"opt.exp_avg_sq.{name}" in tensors:  # a lost shard: fresh moments
             opt.state[p] = {
-                "step": torch.tensor(float(step)),
+                "step": torch.tensor(float(step), device=dev),  # the fused step keeps it there
                 "exp_avg": tensors[f"opt.exp_avg.{name}"].to(dev, torch.float32),
                 "exp_avg_sq": tensors[f"opt.exp_avg_sq.{name}"].to(dev, torch.float32),
             }

@@ -34,6 +34,7 @@ from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import MIXES, ExampleStream, Stage, curriculum
 from pdllm.training.objective import batch_layout, diffusion_loss, key_layer
+from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.state import load_state, save_state
 
@@ -183,13 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     model = build_model(args.shape, device)
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = make_optimizer(model, args.lr)
     step, log, before, stage = 0, [], 0.0, 0
     if args.init_from:
         init_from(model, args.init_from)
@@ -243,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         with sdpa_kernel(TRAIN_ATTENTION):
             loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(norm):  # a non-finite gradient skips the update instead of poisoning the weights
-            opt.step()
-        metrics["skipped"] = (~torch.isfinite(norm)).float()
+        # a non-finite gradient skips the update instead of poisoning the weights, decided on the device
+        metrics["skipped"] = step_if_finite(opt, norm)
         step += 1
         for k, v in (metrics | {"loss": loss.detach()}).items():
             sums[k] = sums.get(k, 0) + v
