@@ -127,14 +127,21 @@ def step_ms(model, batches: list[Batch], device: torch.device, new: bool, losses
     return 1000 * (time.perf_counter() - t0) / len(batches)
 
 
-def device_ms(model, batches: list[Batch], device: torch.device, losses: dict) -> float:
+def device_ms(model, batches: list[Batch], device: torch.device, losses: dict, kernels: int = 0) -> float:
     """GPU busy time per step (the sum of its kernels' times, from the profiler) of the step as train.py runs it:
-    against the step's wall time it says whether the host or the device sets the pace."""
+    against the step's wall time it says whether the host or the device sets the pace. `kernels` > 0 prints that
+    many of the kernels with the most device time, with their share of it."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step_ms(model, batches, device, True, losses)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / len(batches)
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:kernels]:
+        share = e.self_device_time_total / total
+        ms = e.self_device_time_total / 1000 / len(batches)
+        print(f"  {share:6.1%} {ms:7.2f} ms/step {e.count // len(batches):5d}x  {e.key[:90]}")
+    return total / 1000 / len(batches)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-batches", type=int, default=10)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--loader-seconds", type=float, default=4.0)
+    p.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time per stage")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -180,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
         rows.append({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
         if device.type == "cuda":
-            rows.append({"what": f"step {name}, GPU busy", "device_ms": device_ms(model, sets[1], device, losses),
-                         "wall_ms": new_warm})  # fmt: skip
+            if args.kernels:
+                print(f"kernels of the {name} step (share of GPU time, ms per step, launches per step):")
+            busy = device_ms(model, sets[1], device, losses, args.kernels)
+            rows.append({"what": f"step {name}, GPU busy", "device_ms": busy, "wall_ms": new_warm})
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), torch "
         f"{torch.__version__}, shape {args.shape}, {args.tokens} tokens per batch, mix {args.mix}"
