@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Train the bundled tiny LLaDA-architecture dLLM with the curriculum, export it, and evaluate vanilla / prefix /
 # sparse on every task (the five official families, facts in held-out wordings, facts with non-digit values) at
-# 1x-16x the training length, then prefix / sparse at 64x (131072 tokens; vanilla re-encoding 128K tokens at every
-# step does not fit a session's device time). The depth sweep and the no-BOS ablation follow only while the run is
-# younger than EXTRAS_BEFORE seconds. One GPU, one call:
-#   [MIX=official|varied|lookup|recall] bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]
+# 1x-16x the training length and prefix / sparse at 64x (benchmarks/eval_table.sh). Its depth sweep and no-BOS
+# ablation run only if training and export ended within EXTRAS_BEFORE seconds. One GPU, one call:
+#   [MIX=official|varied|lookup|recall|reading] bash benchmarks/train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS_BEFORE]
 # MIX picks the training tasks (pdllm/training/data.py curriculum): `official` with 5 minutes is the bundled model's
-# recipe; `varied` adds facts in many wordings and value kinds; `lookup` adds a key -> value stage to varied; `recall`
-# a longer one whose rows ask about several keys. TRAIN_ARGS passes more flags to train.py (e.g.
+# first run (benchmarks/reproduce_bundle.sh runs the rest); `varied` adds facts in many wordings and value kinds;
+# `lookup` adds a key -> value stage to varied; `recall` a longer one whose rows ask about several keys; `reading`
+# keeps that stage to 80% of the time. TRAIN_ARGS passes more flags to train.py (e.g.
 # "--pointer-weight 0.5 --key-weight 0.5").
 # INIT_FROM=CHECKPOINT_DIR continues from those weights (with STAGE=N to start at curriculum stage N, LR=peak lr);
 # EVAL_LENGTHS (default 2048,8192,16384,32768) sets the first evaluation's lengths; LONG_EVAL=0 skips the 128K one.

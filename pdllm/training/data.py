@@ -95,7 +95,7 @@ READING_RECALL_STAGE = dataclasses.replace(RECALL_STAGE, until=0.8)
 
 
 def curriculum(mix: str = "official") -> tuple[Stage, ...]:
-    """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's recipe), `varied`
+    """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's first run), `varied`
     (plus facts in many wordings and value kinds), `lookup` (varied with a key -> value stage after the copy
     stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts) or `recall` (varied with
     a longer key -> value stage whose rows ask about several keys of one context, and two questions per lookup

@@ -1,6 +1,7 @@
 """Train the small LLaDA-architecture dLLM on synthetic long-context retrieval, resumable within a time limit.
 
-    python -m pdllm.training.train --out runs/tiny --minutes 5 --total-minutes 5 --seed 1234   # the bundled model
+    python -m pdllm.training.train --out runs/tiny --minutes 5 --total-minutes 5 --seed 1234   # the official run
+    python -m pdllm.training.train --out runs/r1 --init-from OFFICIAL --mix reading --stage 1 --lr 1e-3 ...  # then
     python -m pdllm.training.train --out runs/tiny --mix varied ...       # plus facts in many wordings and values
     python -m pdllm.training.train --out runs/tiny --resume runs/tiny --minutes 4
     python -m pdllm.training.train --out runs/more --init-from pdllm/assets/pdllm-tiny-llada --mix lookup --stage 1
