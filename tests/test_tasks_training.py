@@ -426,6 +426,16 @@ def test_the_recall_mix_asks_several_questions_per_lookup_row():
     assert curriculum("official")[-1].queries == 1
 
 
+def test_the_reading_mix_is_recall_with_its_lookup_stage_kept_to_80_percent_of_the_time():
+    import dataclasses
+
+    recall, reading = curriculum("recall"), curriculum("reading")
+    assert [s.name for s in reading] == [s.name for s in recall]
+    assert reading[1].until == 0.8 > recall[1].until and reading[2].until == 0.9
+    assert dataclasses.replace(reading[1], until=recall[1].until) == recall[1]  # the same rows, longer
+    assert reading[2].tasks == recall[2].tasks and reading[3] == recall[3]
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_value_tokens_know_the_key_they_sit_under_and_the_key_loss_reads_it(chunked):
     from pdllm.training.objective import key_loss
