@@ -22,7 +22,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from pdllm.training.data import PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
-from pdllm.training.objective import batch_layout, diffusion_loss
+from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.train import TRAIN_ATTENTION, build_model
 
@@ -101,7 +101,9 @@ def loader_rate(mix: str, tokens: int, length: int, workers: int, seconds: float
     return n / (time.perf_counter() - t0)
 
 
-def step_ms(model, batches: list[Batch], device: torch.device, new: bool, losses: dict) -> float:
+def step_ms(
+    model, batches: list[Batch], device: torch.device, new: bool, losses: dict, attention_class=MaskedAttention
+) -> float:
     """Mean ms of forward + backward + AdamW over `batches`: the step as it was (unfused AdamW behind a host read of
     the gradient norm) or as train.py runs it now (fused AdamW that skips a non-finite update on the device)."""
     opt = make_optimizer(model, 1e-4) if new else torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -114,7 +116,7 @@ def step_ms(model, batches: list[Batch], device: torch.device, new: bool, losses
         layout = batch_layout(cpu_batch)
         batch = cpu_batch.to(device)
         with amp, sdpa_kernel(TRAIN_ATTENTION):
-            loss, _ = diffusion_loss(model, batch, 0.1, gen, layout=layout, **losses)
+            loss, _ = diffusion_loss(model, batch, 0.1, gen, layout=layout, attention_class=attention_class, **losses)
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):
             loss.backward()
@@ -125,6 +127,27 @@ def step_ms(model, batches: list[Batch], device: torch.device, new: bool, losses
             opt.step()
     sync()
     return 1000 * (time.perf_counter() - t0) / len(batches)
+
+
+def flex_check(model, batch: Batch, device: torch.device, losses: dict) -> dict:
+    """The loss and gradients of one step with FlexAttention against SDPA (bf16 autocast on the GPU, the same
+    masking draw): the largest gradient difference relative to that tensor's largest SDPA gradient."""
+    from pdllm.training.flex import FlexMaskedAttention
+
+    runs = []
+    for attention_class in (MaskedAttention, FlexMaskedAttention):
+        model.zero_grad(set_to_none=True)
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with sdpa_kernel(TRAIN_ATTENTION):
+                loss, _ = diffusion_loss(model, batch.to(device), 0.1, gen, attention_class=attention_class, **losses)
+                loss.backward()
+        runs.append(
+            (float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (loss, grads), (flex_loss, flex_grads) = runs
+    worst = max(float((flex_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads.items())
+    return {"sdpa_loss": loss, "flex_loss": flex_loss, "max_rel_grad_diff": worst}
 
 
 def device_ms(model, batches: list[Batch], device: torch.device, losses: dict, kernels: int = 0) -> float:
@@ -155,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-batches", type=int, default=10)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--loader-seconds", type=float, default=4.0)
+    p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa", help="flex: also check and time it")
     p.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time per stage")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.attention == "flex" and device.type != "cuda":
+        p.error("--attention flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
     rows = data_ms(args.mix, args.tokens, args.length, args.data_batches)
     stages = curriculum(args.mix)
     for stage in (1, len(stages) - 1):
@@ -187,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         name = stages[stage].name
         rows.append({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
         rows.append({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
+        if args.attention == "flex":
+            from pdllm.training.flex import FlexMaskedAttention
+
+            rows.append({"what": f"flex check {name}", **flex_check(model, sets[1][0], device, losses)})
+            t0 = time.perf_counter()
+            step_ms(model, sets[1][:1], device, True, losses, FlexMaskedAttention)
+            rows.append({"what": f"flex first step {name} (compiles)", "seconds": time.perf_counter() - t0})
+            # the batches the SDPA step ran, first new to flex (but for the one it compiled on), then again
+            flex_cold = step_ms(model, sets[1], device, True, losses, FlexMaskedAttention)
+            flex_warm = step_ms(model, sets[1], device, True, losses, FlexMaskedAttention)
+            rows.append({"what": f"step {name}, fresh shapes, sdpa/flex", "old_ms": new_cold, "new_ms": flex_cold})
+            rows.append({"what": f"step {name}, shapes seen, sdpa/flex", "old_ms": new_warm, "new_ms": flex_warm})
         if device.type == "cuda":
             if args.kernels:
                 print(f"kernels of the {name} step (share of GPU time, ms per step, launches per step):")
@@ -200,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "batches_per_s" in r:
             print(f"{r['what']:<40} {r['batches_per_s']:>9.1f} batches/s")
+        elif "max_rel_grad_diff" in r:
+            print(f"{r['what']:<40} loss {r['sdpa_loss']:.4f} / {r['flex_loss']:.4f}, "
+                  f"max gradient difference {r['max_rel_grad_diff']:.2e} of the largest")  # fmt: skip
+        elif "seconds" in r:
+            print(f"{r['what']:<40} {r['seconds']:>9.1f} s")
         elif "device_ms" in r:
             print(f"{r['what']:<40} {r['device_ms']:>9.1f} of {r['wall_ms']:.1f} ms wall")
         else:

@@ -42,10 +42,14 @@ class MaskedAttention:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if layer in self.capture:
             self.qk[layer] = (q, k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+        out = self.attention(q, k, v)
         if layer in self.outputs:
             self.head0[layer] = out[:, 0]  # [B, T, D]
         return out
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Softmax attention under the mask (PyTorch SDPA; flex.FlexMaskedAttention skips the masked blocks)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 @dataclass(frozen=True)
@@ -203,13 +207,15 @@ def diffusion_loss(
     key_weight: float = 0.0,
     match_weight: float = 0.0,
     pointer_at_layer: int | None = None,
+    attention_class: type[MaskedAttention] = MaskedAttention,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
     answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
     `layout`: batch_layout of the batch's CPU copy (default: computed here, which waits on the device). Every
     position from `first` on is scored and weighted (zero where not masked) rather than gathered by a boolean
     index, whose size the host would have to wait for. `pointer_at_layer`: the layer whose head 0 the pointer loss
-    trains (default: pointer_layer, three quarters up)."""
+    trains (default: pointer_layer, three quarters up). `attention_class`: how the masked attention is computed
+    (MaskedAttention, or flex.FlexMaskedAttention)."""
     layout = layout or batch_layout(batch)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
     first = layout.first
@@ -221,7 +227,7 @@ def diffusion_loss(
     point_layer = pointer_layer(layers) if pointer_at_layer is None else pointer_at_layer
     capture = ((point_layer,) if pointed else ()) + ((key_layer(layers),) if keyed else ())
     outputs = (key_layer(layers),) if matched else ()
-    attention = MaskedAttention(attention_mask(batch.seg, batch.full), capture, outputs)
+    attention = attention_class(attention_mask(batch.seg, batch.full), capture, outputs)
     out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
     target = batch.ids[:, first:]
     m = masked[:, first:]

@@ -34,7 +34,7 @@ from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import MIXES, ExampleStream, Stage, curriculum
-from pdllm.training.objective import batch_layout, diffusion_loss, key_layer
+from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss, key_layer
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.state import load_state, save_state
@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--key-weight", type=float, default=0.0, help="weight of the key-gathering loss (objective)")
     p.add_argument("--match-weight", type=float, default=0.0, help="weight of the key-match loss (objective)")
     p.add_argument("--pointer-layer", type=int, help="layer whose head 0 the pointer loss trains (default: 3/4 up)")
+    p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
+                   help="masked attention: SDPA, or FlexAttention skipping masked blocks (training.flex)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -88,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_steps = args.max_steps or 6
         args.workers, args.save_every, args.warmup, args.probe_every, args.probe_samples = 1, 3, 2, 2, 4
     args.max_steps = args.max_steps or 10**9
+    if args.attention == "flex" and not torch.cuda.is_available():
+        p.error("--attention flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
     if args.init_from and args.resume:
         p.error("--init-from and --resume exclude each other (a resumed run has its own weights)")
     layers = SHAPES[args.shape]["layers"]
@@ -211,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     probes = {i: probe_batches(s, args.max_len, args.probe_samples) for i, s in enumerate(stages)}
     gen = torch.Generator(device=device).manual_seed(args.seed + step)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    attention_class = MaskedAttention
+    if args.attention == "flex":
+        from pdllm.training.flex import FlexMaskedAttention
+
+        attention_class = FlexMaskedAttention
     t_start, t_log = time.time(), time.time()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 key_weight=args.key_weight,
                 match_weight=args.match_weight,
                 pointer_at_layer=args.pointer_layer,
+                attention_class=attention_class,
             )
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):

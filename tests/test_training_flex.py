@@ -1,0 +1,66 @@
+"""FlexAttention for training: the same loss as SDPA under the chunk mask, with the masked blocks skipped (on CPU,
+PyTorch's reference implementation of it; the compiled GPU kernel and its gradients are checked and timed by
+benchmarks/bench_training_step.py --attention flex)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pdllm.models.tiny import random_model, tiny_spec
+from pdllm.training.data import attention_mask, build_example, collate, curriculum, make_batch
+from pdllm.training.flex import FlexMaskedAttention, block_mask
+from pdllm.training.objective import MaskedAttention, diffusion_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU: the reference
+LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_flex_attention_computes_the_loss_of_sdpa_under_the_batch_mask(chunked):
+    """Forward only: FlexAttention has no CPU backward. The gradients are compared on the GPU, by
+    benchmarks/bench_training_step.py --attention flex, before it times the step."""
+    stage = curriculum("reading")[1]  # several questions per row: segments -1, -3, ... and padding
+    batch = make_batch(random.Random(4), stage, 2048, 900, (1.0 if chunked else 0.0, 0.0))
+    model = random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64), seed=1)
+    runs = []
+    for attention_class in (MaskedAttention, FlexMaskedAttention):
+        with torch.no_grad():
+            runs.append(diffusion_loss(model, batch, 0.1, torch.Generator().manual_seed(0),
+                                       attention_class=attention_class, **LOSSES))  # fmt: skip
+    (loss, metrics), (flex_loss, flex_metrics) = runs
+    assert {"point", "key", "match"} <= set(metrics) and set(flex_metrics) == set(metrics)
+    for name, value in metrics.items():
+        torch.testing.assert_close(flex_metrics[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(flex_loss, loss, rtol=1e-4, atol=1e-5)
+
+
+def test_the_block_mask_of_chunked_rows_skips_the_blocks_between_chunks():
+    rng = random.Random(2)
+    rows = [build_example(rng, 2000, True, {"passkey": 1.0}, chunk_sizes=(128,)) for _ in range(2)]
+    batch = collate(rows)  # 2K-token rows in 16 chunks of 128
+    mask = attention_mask(batch.seg, batch.full)
+    blocks = block_mask(mask)
+    assert torch.equal(blocks.to_dense().bool().flatten(), _blocks_touched(mask).flatten())
+    assert blocks.sparsity() > 70  # percent of the blocks SDPA computes that flex skips
+
+
+def _blocks_touched(mask: torch.Tensor, size: int = 128) -> torch.Tensor:
+    """[B, 1, Tq/size, Tk/size]: the blocks where the mask lets any query see any key."""
+    b, _, t, _ = mask.shape
+    n = -(-t // size)
+    padded = torch.zeros(b, 1, n * size, n * size, dtype=torch.bool)
+    padded[..., :t, :t] = mask
+    return padded.view(b, 1, n, size, n, size).any(-1).any(-2)
+
+
+def test_training_with_flex_attention_without_a_gpu_is_one_line_error(monkeypatch, capsys, tmp_path):
+    from pdllm.training.train import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--smoke", "--out", str(tmp_path), "--attention", "flex"])
+    assert exit_.value.code == 2 and "--attention flex needs a GPU" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
