@@ -30,7 +30,7 @@ RECALL_LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "
 
 
 def tensor_collate(examples: list[Example]) -> Batch:
-    """The collate of the official run (the bundle's first) (a torch.tensor per row and field): the data baseline."""
+    """The collate the official run (the bundle's first) was trained with, a torch.tensor per row and field."""
     t = -(-max(len(e.ids) for e in examples) // 8) * 8
     tq = max(len(e.question) for e in examples)
     b = len(examples)

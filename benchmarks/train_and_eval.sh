@@ -18,7 +18,6 @@ out=${1:?usage: train_and_eval.sh OUT_DIR [TRAIN_MINUTES] [CELL_SECONDS] [EXTRAS
 minutes=${2:-5}
 cell=${3:-5}
 extras_before=${4:-0}
-method='{"chunk_size": 256, "top_k": 4}'
 # shellcheck source=benchmarks/bare_checkout.sh
 source "$(dirname "$0")/bare_checkout.sh"
 pack() {
