@@ -22,6 +22,7 @@ from pdllm.cluster.common.limits import ClusterLimits
 from pdllm.cluster.config import ClusterConfig
 from pdllm.cluster.runtime import ClusterHandle, start_cluster
 
+from pdllm.models.generation_defaults import generation_defaults
 from pdllm.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class ClusterBackend:
         self.name = name or Path(cfg.model_dir).name
         self.defaults = {"mode": MODES[0], "chunk_size": cfg.chunk_size, "top_k": cfg.top_k}
         self.defaults.update(keep_ratio=cfg.keep_ratio, keep_question_kv=cfg.keep_question_kv)
+        self.defaults.update(generation_defaults(cfg.model_dir))  # how the model decodes a request that does not say
         self._closed = False
         self._lock = threading.Lock()
         self._snapshots: tuple[float, list] = (0.0, [])

@@ -111,7 +111,9 @@ def test_help_shows_defaults_and_every_example_task(capsys, monkeypatch):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(task in text for task in TASKS)
-    for default in ("--gen-length GEN_LENGTH answer tokens (default 64", "--steps STEPS default 64", "(default 512"):
+    defaults = ("--gen-length GEN_LENGTH answer tokens (default: the model's generation_defaults.json, else 64",
+                "--steps STEPS default: the model's, else 64", "(default 512")  # fmt: skip
+    for default in defaults:
         assert default in text, default
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

@@ -12,6 +12,7 @@ from pdllm.cluster.api.params import ApiLimits, checked_params, sampler_from_par
 
 from pdllm.engine import MODES, engine_for, generate
 from pdllm.errors import DeadlineExceeded
+from pdllm.models.generation_defaults import generation_defaults
 from pdllm.models.loader import load_model
 from pdllm.prompt import encode_request
 from pdllm.sampler import strip_after_eos
@@ -34,6 +35,7 @@ class InProcessBackend:
         self.max_context_tokens = max_context_tokens
         self.concurrency = concurrency
         self.engine = engine_for(lm, engine)  # every thread's job is batched into its steps
+        self.defaults = generation_defaults(lm.path) if lm.path else {}  # decoding a request leaves unset
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="pdllm-generate")
         self._lock = threading.Lock()
         self._running = 0
@@ -51,7 +53,7 @@ class InProcessBackend:
         on_event: EventSink | None = None,
         timeout_s: float | None = None,
     ) -> dict:
-        params = checked_params(params, self.modes, ApiLimits().for_model(self.lm.spec.max_position), {})
+        params = checked_params(params, self.modes, ApiLimits().for_model(self.lm.spec.max_position), self.defaults)
         stop = threading.Event()
         future = self._pool.submit(self._run, context, question, params, on_event, stop)
         try:
@@ -134,6 +136,7 @@ class InProcessBackend:
             "num_layers": spec.num_layers,
             "hidden_size": spec.hidden_size,
             "concurrency": self.concurrency,
+            "defaults": dict(self.defaults),
         }
 
     def health(self) -> dict:

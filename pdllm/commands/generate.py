@@ -39,30 +39,44 @@ PRESET_DEFAULTS = {
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-length", type=int, default=None, help="answer tokens (default 64; --example: the task's)")
-    p.add_argument("--block-length", type=int, default=None, help="default 32; --example: the whole answer")
-    p.add_argument("--steps", type=int, default=None, help="default 64; --example: one per answer token")
+    p.add_argument(
+        "--gen-length",
+        type=int,
+        default=None,
+        help="answer tokens (default: the model's generation_defaults.json, else 64; --example: the task's)",
+    )
+    p.add_argument(
+        "--block-length", type=int, default=None, help="default: the model's, else 32; --example: the whole answer"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="default: the model's, else 64; --example: one per answer token"
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     p.add_argument(
-        "--threshold", type=float, default=None, help="Fast-dLLM parallel decoding threshold (--example: 0.9; 0: off)"
+        "--threshold",
+        type=float,
+        default=None,
+        help="Fast-dLLM parallel decoding threshold (default: the model's, else off; --example: 0.9; 0: off)",
     )
 
 
-def example_defaults(task: str | None) -> dict:
+def example_defaults(task: str | None, model_defaults: dict | None = None) -> dict:
     """Values for unset flags. A task example decodes and selects as `pdllm eval` scores that task: the task's
-    answer span in one block, threshold-0.9 parallel decoding, chunks of 256 and the top 4."""
+    answer span in one block, threshold-0.9 parallel decoding, chunks of 256 and the top 4. Plain input takes the
+    plain defaults under the model's own (`model_defaults`, its generation_defaults.json)."""
     if task is None:
-        return dict(PLAIN_DEFAULTS)
+        return PLAIN_DEFAULTS | (model_defaults or {})
     from pdllm.tasks import task_def
 
     n = task_def(task).gen_length
     return {"gen_length": n, "block_length": n, "steps": n, "threshold": 0.9} | EVAL_METHOD
 
 
-def fill_defaults(args: argparse.Namespace, task: str | None) -> None:
-    """Flags still unset (after --preset): the example's settings or the plain defaults, then the built-in ones."""
-    for name, value in {**PRESET_DEFAULTS, **example_defaults(task)}.items():
+def fill_defaults(args: argparse.Namespace, task: str | None, model_defaults: dict | None = None) -> None:
+    """Flags still unset (after --preset): the example's settings or the plain defaults (under the model's own),
+    then the built-in ones."""
+    for name, value in {**PRESET_DEFAULTS, **example_defaults(task, model_defaults)}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.threshold = args.threshold or None
@@ -277,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     progress.configure(quiet=args.quiet)
     apply_preset(args)
     example = _example(args)
-    fill_defaults(args, example.task if example else None)
+    fill_defaults(args, example.task if example else None, local_model_defaults(args))
     context = example.context if example else read_context(args)
     if example and not args.instruction:
         args.instruction = example.instruction
@@ -327,6 +341,20 @@ def _example(args: argparse.Namespace):
     sample = make_sample(args.example, args.example_length, args.seed)
     args.question = args.question or sample.question
     return sample
+
+
+def local_model_defaults(args: argparse.Namespace) -> dict:
+    """The decoding defaults of the model this run loads (its generation_defaults.json); {} with --server, where
+    the flags left at the plain defaults are sent as they are."""
+    from pdllm.models.generation_defaults import generation_defaults
+
+    if args.server:
+        return {}
+    if args.config and not args.model:
+        from pdllm.cluster.config import ClusterConfig
+
+        return generation_defaults(ClusterConfig.from_yaml(args.config).model_dir or model_dir(args))
+    return generation_defaults(model_dir(args))
 
 
 def model_dir(args: argparse.Namespace) -> str:

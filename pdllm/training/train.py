@@ -30,10 +30,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pdllm.models.checkpoint import save_checkpoint
+from pdllm.models.generation_defaults import write_generation_defaults
 from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
-from pdllm.training.data import MIXES, ExampleStream, Stage, curriculum
+from pdllm.training.data import LONG_VALUE_SPAN, MIXES, ExampleStream, Stage, curriculum
 from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss, key_layer
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.probe import probe_accuracy, probe_batches
@@ -178,7 +179,17 @@ def export(train_dir: Path, bundle: Path, dtype: str = "float32") -> None:
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     save_checkpoint(model, bundle, shards=max(1, math.ceil(size / (15 * 2**20))))
     save_byte_tokenizer(bundle)
+    write_generation_defaults(bundle, trained_generation())
     print(f"exported step {meta['step']} ({size / 2**20:.1f} MiB {dtype}) to {bundle}")
+
+
+def trained_generation() -> dict:
+    """How the exported model decodes a request that does not say: the longest answer span training denoises, in
+    one block, with the evaluation's threshold (a longer span than it saw turns the tiny model's answers to noise)."""
+    from pdllm.tasks import TASKS, task_def
+
+    span = max(LONG_VALUE_SPAN, *(task_def(t).gen_length for t in TASKS))
+    return {"gen_length": span, "block_length": span, "steps": span, "threshold": 0.9}
 
 
 def main(argv: list[str] | None = None) -> int:
