@@ -60,6 +60,19 @@ def test_generate_decodes_plain_input_with_the_models_defaults_and_flags_win(cap
     assert _answer_span(_generate(capsys, "--model", str(short_answers))) == 8
     given = _generate(capsys, "--model", str(short_answers), "--gen-length", "16", "--block-length", "16")
     assert _answer_span(given) == 16
+    # one decoding flag given: the model's recipe steps aside whole (its 8-token block would not divide 32)
+    assert _answer_span(_generate(capsys, "--model", str(short_answers), "--gen-length", "32")) == 32
+
+
+def test_a_request_that_sets_any_decoding_key_gets_none_of_the_models():
+    from pdllm.models.generation_defaults import request_defaults
+
+    backend = {"mode": "sparse", "top_k": 2, **SHORT, "threshold": 0.9}
+    assert request_defaults({}, backend) == backend
+    assert request_defaults({"top_k": 4}, backend) == backend  # not a decoding key
+    for key in ("gen_length", "block_length", "steps", "threshold"):
+        assert request_defaults({key: 1}, backend) == {"mode": "sparse", "top_k": 2}, key
+    assert request_defaults({"threshold": None}, backend) == backend  # unset, as the wire sends it
 
 
 def test_the_in_process_server_backend_fills_unset_params_from_the_model(short_answers):
@@ -70,6 +83,8 @@ def test_the_in_process_server_backend_fills_unset_params_from_the_model(short_a
         assert backend.model_info()["defaults"] == SHORT  # what the gRPC and HTTP servers put under each request
         out = backend.generate("The vault code is 4471-KESTREL.", "The code?", {"mode": "sparse"}, "r1")
         assert _answer_span(out["stats"]) == 8
+        asked = {"mode": "sparse", "gen_length": 32, "steps": 32}  # the README's client example
+        assert _answer_span(backend.generate("The code is 4471.", "The code?", asked, "r2")["stats"]) == 32
     finally:
         backend.close()
 

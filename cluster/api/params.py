@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 from pdllm.errors import InvalidRequest
+from pdllm.models.generation_defaults import request_defaults
 from pdllm.observability.counters import count
 from pdllm.sampler import SamplerConfig
 
@@ -110,7 +111,8 @@ def checked_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimit
     (a library caller of a backend)."""
     if isinstance(params, CheckedParams):
         return params
-    return complete_params({**defaults, **(params or {})}, modes, limits)
+    params = params or {}
+    return complete_params({**request_defaults(params, defaults), **params}, modes, limits)
 
 
 def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimits = ApiLimits()) -> CheckedParams:

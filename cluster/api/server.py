@@ -41,6 +41,8 @@ from pdllm.cluster.common.proc_stats import process_stats
 from pdllm.proto import pdllm_api_pb2 as pb
 
 from pdllm.errors import Cancelled, DeadlineExceeded, InvalidRequest
+from pdllm.models.generation_defaults import KEYS as DECODING_KEYS
+from pdllm.models.generation_defaults import request_defaults
 from pdllm.observability import metrics
 from pdllm.observability.logs import request_context
 
@@ -130,7 +132,7 @@ class PdllmServicer:
             raise UnknownModel(f"unknown model {model!r}; this server serves {self.info.get('name')!r}")
         context = decode_text("context", context, limits.max_context_bytes)
         question = decode_text("question", question, limits.max_question_bytes)
-        params = complete_params({**self.defaults, **params}, self.modes, limits)
+        params = complete_params({**request_defaults(params, self.defaults), **params}, self.modes, limits)
         return context, question, params, check_request_id(request_id, limits) or uuid.uuid4().hex
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
@@ -279,7 +281,7 @@ class PdllmServicer:
         try:
             store = self._store()
             for key, value in self.defaults.items():  # the backend's defaults, under the batch's own
-                if not request.default_params.HasField(key):
+                if key not in DECODING_KEYS and not request.default_params.HasField(key):
                     setattr(request.default_params, key, value)
             status, created = store.submit_request(request, self.modes, self.limits)
             return pb.SubmitBatchResponse(batch=conv.batch_status_to_proto(status), created=created)

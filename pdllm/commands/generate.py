@@ -76,6 +76,10 @@ def example_defaults(task: str | None, model_defaults: dict | None = None) -> di
 def fill_defaults(args: argparse.Namespace, task: str | None, model_defaults: dict | None = None) -> None:
     """Flags still unset (after --preset): the example's settings or the plain defaults (under the model's own),
     then the built-in ones."""
+    from pdllm.models.generation_defaults import request_defaults
+
+    given = {k: getattr(args, k, None) for k in PLAIN_DEFAULTS}
+    model_defaults = request_defaults(given, model_defaults or {})  # a decoding flag given: the built-in ones
     for name, value in {**PRESET_DEFAULTS, **example_defaults(task, model_defaults)}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)

@@ -4,7 +4,8 @@ A model trained on short answers loses its way when asked to denoise a longer sp
 tiny model answers a note's code right in a 48-token span and writes noise in a 64-token one), so the answer length,
 block length, steps and parallel-decoding threshold a request leaves unset come from the model's own file, as a
 Hugging Face checkpoint carries its generation_config.json. Every key is optional; a model without the file decodes
-with the built-in defaults.
+with the built-in defaults, and so does a request that sets any decoding key itself (request_defaults). Batch jobs
+take the built-in defaults too: a batch's settings are per job.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def generation_defaults(model_dir: str | Path) -> dict:
     if unknown:
         raise CheckpointError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(KEYS)}")
     return values
+
+
+def request_defaults(request: dict, defaults: dict) -> dict:
+    """`defaults` (a backend's, its model's decoding settings among them) as `request` takes them. The model's
+    decoding settings are one recipe: a request that sets any of them gets none (the built-in defaults fill the
+    rest), so a request for 32 tokens is not handed the model's 48-token block, nor its threshold."""
+    if any(request.get(k) is not None for k in KEYS):
+        return {k: v for k, v in defaults.items() if k not in KEYS}
+    return defaults
 
 
 def write_generation_defaults(model_dir: str | Path, values: dict) -> None:
