@@ -33,7 +33,7 @@ from pdllm.cluster.api import convert as conv
 from pdllm.cluster.api.admission import Admission
 from pdllm.cluster.api.backend import GenerationBackend
 from pdllm.cluster.api.errors import status_for
-from pdllm.cluster.api.params import ApiLimits, check_request_id, complete_params, decode_text
+from pdllm.cluster.api.params import ApiLimits, check_request_id, checked_params, decode_text
 from pdllm.cluster.api.proto_check import wrong_wire_types
 from pdllm.cluster.common.auth import TokenAuthInterceptor, server_credentials
 from pdllm.cluster.common.event_box import EventBox
@@ -42,7 +42,6 @@ from pdllm.proto import pdllm_api_pb2 as pb
 
 from pdllm.errors import Cancelled, DeadlineExceeded, InvalidRequest
 from pdllm.models.generation_defaults import KEYS as DECODING_KEYS
-from pdllm.models.generation_defaults import request_defaults
 from pdllm.observability import metrics
 from pdllm.observability.logs import request_context
 
@@ -132,7 +131,7 @@ class PdllmServicer:
             raise UnknownModel(f"unknown model {model!r}; this server serves {self.info.get('name')!r}")
         context = decode_text("context", context, limits.max_context_bytes)
         question = decode_text("question", question, limits.max_question_bytes)
-        params = complete_params({**request_defaults(params, self.defaults), **params}, self.modes, limits)
+        params = checked_params(params, self.modes, limits, self.defaults)
         return context, question, params, check_request_id(request_id, limits) or uuid.uuid4().hex
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
