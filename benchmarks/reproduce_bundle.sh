@@ -7,7 +7,9 @@
 #      cosine, so one run of a chain is one device call of at most 10 minutes.
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
 # quick sparse eval at 2K. The full table follows with benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
-#   [FROM=MODEL] [PACK_TO=$OUT] bash benchmarks/reproduce_bundle.sh OUT_DIR [MINUTES ...]
+#   [FROM=MODEL] [PACK_TO=$OUT] [ATTENTION=flex] bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]
+# A run given as MIX:MINUTES trains that mix instead of `reading` (e.g. recall_facts:5); ATTENTION picks train.py's
+# masked attention (default sdpa).
 # FROM skips the official run and starts the first reading run from that checkpoint (the bundle of commit b55cd10 is
 # the official run's output; a later run of the chain takes the run before it). With PACK_TO set (a device's $OUT,
 # which takes few files), the model is copied there and the logs packed into results.tgz after each step.
@@ -32,11 +34,14 @@ if [ -z "$start" ]; then
     start=$out/official
 fi
 for i in "${!runs[@]}"; do
-    minutes=${runs[$i]}
+    minutes=${runs[$i]##*:}
+    mix=reading
+    [[ ${runs[$i]} == *:* ]] && mix=${runs[$i]%%:*}
     log=$out/train_reading$((i + 1))_log.txt
-    train --out "$out/ckpt" --init-from "$start" --mix reading --stage 1 --lr 1e-3 --minutes "$minutes" \
-        --total-minutes "$minutes" --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 2>&1 | tee "$log" |
-        grep -E '"em"|saved|params' | tail -40
+    echo "run $((i + 1)): mix $mix, $minutes minutes, from $start" | tee "$log"
+    train --out "$out/ckpt" --init-from "$start" --mix "$mix" --stage 1 --lr 1e-3 --minutes "$minutes" \
+        --total-minutes "$minutes" --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 \
+        --attention "${ATTENTION:-sdpa}" 2>&1 | tee -a "$log" | grep -E '"em"|saved|params' | tail -40
     train --export "$out/ckpt" --out "$out/reading$((i + 1))" --bundle "$out/reading$((i + 1))" | tee -a "$log"
     rm -rf "$out/ckpt"  # optimizer state: not needed and too many files to bring back
     start=$out/reading$((i + 1))
@@ -45,7 +50,7 @@ rm -rf "$out/model" && cp -r "$start" "$out/model"
 pack
 if [ "${QUICK_EVAL_SECONDS:-120}" -gt 0 ]; then
     timeout "${QUICK_EVAL_SECONDS:-120}" python3 -m pdllm.cli eval --model "$out/model" \
-        --method '{"chunk_size": 256, "top_k": 4}' --task passkey,number_string,niah_single,niah_multikey,kv_retrieval \
+        --method '{"chunk_size": 256, "top_k": 4}' --task "${QUICK_EVAL_TASKS:-passkey,number_string,niah_single,niah_multikey,kv_retrieval}" \
         --lengths 2048 --modes sparse --samples 8 --json "$out/quick_eval.json" 2>"$out/quick_eval.err" |
         tee "$out/quick_eval.txt"
     pack

@@ -509,3 +509,39 @@ def test_the_pointer_probe_prints_a_row_per_layer_and_encoding(tiny_llada):
     for line in table:
         shares = [float(v) for v in line.split()[2:] if v != "/"]
         assert len(shares) == 2 * 4 and all(0 <= v <= 1 for v in shares)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_recall_facts_rows_ask_about_several_subjects_and_point_into_each_ones_needle(chunked):
+    from pdllm.tasks.facts import SUBJECTS
+    from pdllm.training.data import KEYED_TASKS
+
+    rng, asked_more, keyed_answers = random.Random(5), 0, 0
+    for _ in range(6):
+        e = build_example(rng, 800, chunked, {"facts": 1.0}, chunk_sizes=(128,), queries=4, asking=KEYED_TASKS)
+        b = collate([e])
+        asked_more += len(e.extra)
+        subject_at = {f: _text(e.ids[lo:hi]).lower() for f, (lo, hi) in zip(e.key_from, e.key_span, strict=True)}
+        for s, core, _ in [(e.answer_start, e.core_len, 0)] + e.extra:
+            value = _text(e.ids[s : s + core]).strip()
+            question = _text([t for t, g in zip(e.ids, e.seg, strict=True) if g == b.seg[0, s]]).lower()
+            subject = max((x for x in SUBJECTS if x in question.split("answer:")[0]), key=len)
+            pointed = [p for a, p in zip(e.pointer_at, e.pointer, strict=True) if s <= a < s + core]
+            assert _text([e.ids[p] for p in pointed]) == value and all(e.seg[p] >= 0 for p in pointed)
+            under = {subject_at[p] for p in pointed if p in subject_at}  # the key of the copied context bytes
+            assert under == {subject} or (chunked and not under)  # a needle cut by a chunk border has no key
+            keyed_answers += bool(under)
+    assert asked_more >= 6 and keyed_answers >= 6
+    plain = build_example(random.Random(5), 800, chunked, {"facts": 1.0}, chunk_sizes=(128,), queries=4)
+    assert plain.extra == [] and plain.key_from == []  # the reading mix's facts rows, as before
+
+
+def test_the_recall_facts_mix_asks_facts_questions_in_every_stage_after_copy():
+    from pdllm.training.data import KEYED_TASKS
+
+    reading, facts = curriculum("reading"), curriculum("recall_facts")
+    assert [s.name for s in facts] == [s.name for s in reading]
+    assert facts[0] == reading[0] and all(s.asking == KEYED_TASKS for s in facts[1:])
+    assert "facts" in facts[1].tasks and facts[1].tasks["kv_retrieval"] > reading[1].tasks["kv_retrieval"]
+    assert facts[1].until == reading[1].until and facts[1].queries == reading[1].queries == 4
+    assert all("facts" not in s.asking for s in reading)

@@ -151,8 +151,36 @@ def facts(
     fixed += sum(count(n + " ") for n in needles)
     units = fill(noise_sentences() if haystack == "noise" else prose_sentences(rng, split), length - fixed, count)
     context = FACT_PREFIX + "\n\n" + " ".join(insert_needles(units, list(zip(depths, needles, strict=True))))
-    meta = {"kind": kind, "subject": subjects[0], "needles": needles, "haystack": haystack}
+    meta = {
+        "kind": kind,
+        "subject": subjects[0],
+        "needles": needles,
+        "haystack": haystack,
+        "facts": [[s, v] for s, v in zip(subjects, values, strict=True)],
+        "wording": wording,
+    }
     return Sample(task, context, question, (values[0],), " " + values[0], depth, length, meta)
+
+
+def facts_other_questions(sample: Sample) -> list[tuple[str, str]]:
+    """(question, value) for every distractor fact of a facts sample, asked in the sample's wording (see
+    infinitebench.kv_other_questions): answers that differ only by the subject asked about."""
+    rng = random.Random(sample.context)
+    wording = sample.meta["wording"]
+    return [(question_text(rng, s, wording), v) for s, v in sample.meta["facts"][1:]]
+
+
+def facts_key_spans(sample: Sample) -> list[tuple[int, int, int, int]]:
+    """(subject start, subject end, value start, value end) byte offsets in the prompt of every fact: the first
+    mention of each in its needle (a closer may repeat both)."""
+    text = sample.prompt_text.encode()
+    spans = []
+    for needle, (subject, value) in zip(sample.meta["needles"], sample.meta["facts"], strict=True):
+        raw = needle.encode()
+        at, s, v = text.find(raw), raw.lower().find(subject.encode()), raw.find(value.encode())
+        if at >= 0 and s >= 0 and v >= 0:
+            spans.append((at + s, at + s + len(subject), at + v, at + v + len(value.encode())))
+    return spans
 
 
 def heldout_wording(length: int, seed: int, count: TokenCounter, depth: float | None = None, split: str = "heldout"):

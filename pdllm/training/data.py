@@ -23,7 +23,7 @@ from torch import Tensor
 from pdllm.errors import InvalidRequest
 from pdllm.models.tokenizer import BOS, EOS, PAD, special_ids
 from pdllm.prompt import QUESTION_TEMPLATE
-from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter, infinitebench, ruler
+from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter, facts, infinitebench, ruler
 
 IDS = special_ids()
 BOS_ID, EOS_ID, PAD_ID = IDS[BOS], IDS[EOS], IDS[PAD]
@@ -70,7 +70,8 @@ class Stage:
     until: float | None
     long_values: float = 0.2  # share of passkey / number_string rows whose value has 5-32 digits
     keys: tuple[int, int] | None = None  # niah_multikey rows draw this many needles (None: the benchmark's 4)
-    queries: int = 1  # questions per niah_multikey / kv_retrieval row (build_example)
+    queries: int = 1  # questions per row of the `asking` tasks (build_example)
+    asking: tuple[str, ...] = ("niah_multikey", "kv_retrieval")  # ... and those tasks (KEYED_TASKS: recall_facts)
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
@@ -81,6 +82,7 @@ MIXES = {
     "lookup": (VARIED_TASKS, 0.7),
     "recall": (VARIED_TASKS, 0.85),
     "reading": (VARIED_TASKS, 0.9),
+    "recall_facts": (VARIED_TASKS, 0.9),
 }
 COPY_STAGE = Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7)
 # Short rows of the tasks that need a key matched before a value is copied: kv_retrieval at 300-640 tokens holds
@@ -92,6 +94,11 @@ RECALL_STAGE = Stage("recall", RECALL_TASKS, 300, 900, (128, 256), 0.8, 0.6, key
 # `reading` (the bundled model's recipe after the official run): the recall stage until 80% of the time, because the
 # lookup appears as a phase change after ~4000 recall steps and not before (NOTES, "The lookup learned").
 READING_RECALL_STAGE = dataclasses.replace(RECALL_STAGE, until=0.8)
+# `recall_facts`: reading with facts asked several questions too (their subjects are the keys), and more kv rows,
+# whose lookup reading did not learn (NOTES, "The bundle reads multi-key needles").
+KEYED_TASKS = ("niah_multikey", "kv_retrieval", "facts")
+RECALL_FACTS_TASKS = {"kv_retrieval": 0.45, "facts": 0.3, "niah_multikey": 0.15, "niah_single": 0.05, "passkey": 0.05}
+RECALL_FACTS_STAGE = dataclasses.replace(READING_RECALL_STAGE, tasks=RECALL_FACTS_TASKS, asking=KEYED_TASKS)
 
 
 def curriculum(mix: str = "official") -> tuple[Stage, ...]:
@@ -99,17 +106,24 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     (plus facts in many wordings and value kinds), `lookup` (varied with a key -> value stage after the copy
     stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts) or `recall` (varied with
     a longer key -> value stage whose rows ask about several keys of one context, and two questions per lookup
-    row after it) or `reading` (recall with its key -> value stage kept to 80% of the time)."""
+    row after it) or `reading` (recall with its key -> value stage kept to 80% of the time) or `recall_facts`
+    (reading whose rows of facts, keyed by subject, are asked several questions too, with more kv rows)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     tasks, until = MIXES[mix]
-    lookup = {"lookup": (LOOKUP_STAGE,), "recall": (RECALL_STAGE,), "reading": (READING_RECALL_STAGE,)}.get(mix, ())
-    queries = 2 if mix in ("recall", "reading") else 1
+    lookup = {
+        "lookup": (LOOKUP_STAGE,),
+        "recall": (RECALL_STAGE,),
+        "reading": (READING_RECALL_STAGE,),
+        "recall_facts": (RECALL_FACTS_STAGE,),
+    }.get(mix, ())
+    queries = 2 if mix in ("recall", "reading", "recall_facts") else 1
+    asking = {"asking": KEYED_TASKS} if mix == "recall_facts" else {}
     return (
         COPY_STAGE,
         *lookup,
-        Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until, queries=queries),
-        Stage("long", tasks, 400, 0, (128, 256, 512), None, None, queries=queries),
+        Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until, queries=queries, **asking),
+        Stage("long", tasks, 400, 0, (128, 256, 512), None, None, queries=queries, **asking),
     )
 
 
@@ -172,12 +186,25 @@ def pointers(core_len: int, offsets: tuple[int, int, int], index) -> list[int]:
     return [index(at + j - off) if off <= j < off + n else -1 for j in range(core_len)]
 
 
-OTHER_QUESTIONS = {"niah_multikey": ruler.niah_other_questions, "kv_retrieval": infinitebench.kv_other_questions}
-KEY_SPANS = {
+OTHER_QUESTIONS = {
+    "niah_multikey": ruler.niah_other_questions,
+    "kv_retrieval": infinitebench.kv_other_questions,
+    "facts": facts.facts_other_questions,
+}
+PROMPT_KEY_SPANS = {
     "niah_single": ruler.niah_key_spans,
     "niah_multikey": ruler.niah_key_spans,
     "kv_retrieval": infinitebench.kv_key_spans,
 }
+
+
+def key_spans(sample) -> list[tuple[int, int, int, int]]:
+    """(key start, key end, value start, value end) prompt byte offsets of every key -> value pair of a sample (none
+    for tasks without keys)."""
+    if sample.task == "facts":
+        return facts.facts_key_spans(sample)
+    spans = PROMPT_KEY_SPANS.get(sample.task)
+    return spans(sample.prompt_text.encode()) if spans else []
 
 
 def extra_segment(i: int) -> int:
@@ -203,13 +230,15 @@ def build_example(
     long_values: float = 0.0,
     keys: tuple[int, int] | None = None,
     queries: int = 1,
+    asking: tuple[str, ...] = ("niah_multikey", "kv_retrieval"),
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
     (lo, hi): niah_multikey rows hold that many needles (fewer distractors than the benchmark's 4). `queries` > 1:
-    niah_multikey and kv_retrieval rows (not dense-full ones) also ask about up to queries - 1 other keys of the
-    same context, each question and answer placed where the engine places a lone one and attending only to the
-    context and itself: answers that differ only by their key are what teach a small model to match it."""
+    rows of the `asking` tasks (niah_multikey, kv_retrieval, facts; not dense-full rows) also ask about up to
+    queries - 1 other keys of the same context, each question and answer placed where the engine places a lone one
+    and attending only to the context and itself: answers that differ only by their key are what teach a small
+    model to match it. Facts rows carry their subjects as keys (the key and match losses) only when asked."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task in HELDOUT_TASKS:
@@ -232,11 +261,14 @@ def build_example(
     ctx = byte_ids(sample.prompt_text)  # the instruction stays at the start, where the engine keeps it
     text = sample.prompt_text.encode()
     asked = [(sample.question, sample.target, value_offsets(sample))]
-    if queries > 1 and not full and task in OTHER_QUESTIONS:
+    pairs = key_spans(sample) if task != "facts" or task in asking else []
+    value_at = {text[vs:ve]: vs for _, _, vs, ve in reversed(pairs)}  # a value where its key names it
+    if queries > 1 and not full and task in asking:
         others = OTHER_QUESTIONS[task](sample)
         rng.shuffle(others)
         for question, value in others[: queries - 1]:
-            asked.append((question, " " + value, (text.find(value.encode()), 1, len(value.encode()))))
+            raw = value.encode()
+            asked.append((question, " " + value, (value_at.get(raw, text.find(raw)), 1, len(raw))))
     if not chunked:
         ids, pos, seg = [BOS_ID] + ctx, list(range(1 + len(ctx))), [0] * (1 + len(ctx))
         index, needle_seg = (lambda p: 1 + p), -1
@@ -252,7 +284,6 @@ def build_example(
         at = asked[0][2][0]
         needle_seg = at // size if at >= 0 else -1
     start = max(pos) + 1  # dense: right after the context; chunked: after the longest chunk, as the sparse decoder
-    pairs = KEY_SPANS[task](text) if task in KEY_SPANS else []
     key_from, key_span = [], []
     for ks, ke, vs, ve in pairs:  # a value token and its key in the same chunk: the key it sits under
         for p in range(vs, ve):
@@ -271,7 +302,7 @@ def build_example(
         pointer_at += [a for a, _ in copied]
         pointer += [p for _, p in copied]
         key = key_of.get(target.strip().encode())
-        at = bytes(span).find(key) if key else -1
+        at = bytes(span).lower().find(key.lower()) if key else -1  # a fact's subject may open its needle
         if at >= 0:  # answer tokens: the key as the question names it
             key_from += [a for a, _ in copied]
             key_span += [(len(ids) + at, len(ids) + at + len(key))] * len(copied)
@@ -406,6 +437,7 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
             long_values=stage.long_values,
             keys=stage.keys,
             queries=stage.queries,
+            asking=stage.asking,
         )
         e.pretrain = rng.random() < fracs[1]
         examples.append(e)
