@@ -1,29 +1,29 @@
 #!/usr/bin/env bash
 # Reproduce the bundled model (pdllm/assets/pdllm-tiny-llada) on one GPU, seed 1234, as a chain of training runs:
 #   1. the official run from scratch, 5 minutes (copying, the answer formats, the chunk ranking);
-#   2. `reading` runs, each from the previous one's export, one per MINUTES argument (default: 7.5 then 5): the
-#      recall stage (rows that ask about several keys of one context, with the pointer, key and match losses) for
-#      80% of each run's time, then the tasks and long stages. Each run starts a fresh AdamW at lr 1e-3 with its own
-#      cosine, so one run of a chain is one device call of at most 10 minutes.
+#   2. runs each from the previous one's export, one per [MIX:]MINUTES argument (default: the bundle's chain, reading
+#      7.5 and 5, then recall_facts 4.8 and 5; a bare number is a `reading` run): the recall stage (rows that ask
+#      about several keys of one context, with the pointer, key and match losses; recall_facts also asks facts rows
+#      about several subjects) for 80% of each run's time, then the tasks and long stages. Each run starts a fresh
+#      AdamW at lr 1e-3 with its own cosine, so one run of a chain is one device call of at most 10 minutes.
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
 # quick sparse eval at 2K. The full table follows with benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
 #   [FROM=MODEL] [PACK_TO=$OUT] [ATTENTION=flex] bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]
-# A run given as MIX:MINUTES trains that mix instead of `reading` (e.g. recall_facts:5); ATTENTION picks train.py's
-# masked attention (default sdpa).
+# ATTENTION picks train.py's masked attention (default sdpa).
 # FROM skips the official run and starts the first reading run from that checkpoint (the bundle of commit b55cd10 is
 # the official run's output; a later run of the chain takes the run before it). With PACK_TO set (a device's $OUT,
 # which takes few files), the model is copied there and the logs packed into results.tgz after each step.
 set -uo pipefail
-out=${1:?usage: reproduce_bundle.sh OUT_DIR [MINUTES ...]}
+out=${1:?usage: reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(7.5 5)
+[ ${#runs[@]} -gt 0 ] || runs=(7.5 5 recall_facts:4.8 recall_facts:5)
 # shellcheck source=benchmarks/bare_checkout.sh
 source "$(dirname "$0")/bare_checkout.sh"
 pack() {
     [ -n "${PACK_TO:-}" ] || return 0
     [ -d "$out/model" ] && mkdir -p "$PACK_TO/model" && cp "$out"/model/* "$PACK_TO/model/"
-    tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude='ckpt*' --exclude=official --exclude='reading*' .
+    tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude='ckpt*' --exclude=official --exclude="run*" .
 }
 train() { python3 -m pdllm.training.train --workers "${WORKERS:-12}" --seed 1234 "$@"; }
 start=${FROM:-}
@@ -37,14 +37,14 @@ for i in "${!runs[@]}"; do
     minutes=${runs[$i]##*:}
     mix=reading
     [[ ${runs[$i]} == *:* ]] && mix=${runs[$i]%%:*}
-    log=$out/train_reading$((i + 1))_log.txt
+    log=$out/train_run$((i + 1))_log.txt
     echo "run $((i + 1)): mix $mix, $minutes minutes, from $start" | tee "$log"
     train --out "$out/ckpt" --init-from "$start" --mix "$mix" --stage 1 --lr 1e-3 --minutes "$minutes" \
         --total-minutes "$minutes" --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 \
         --attention "${ATTENTION:-sdpa}" 2>&1 | tee -a "$log" | grep -E '"em"|saved|params' | tail -40
-    train --export "$out/ckpt" --out "$out/reading$((i + 1))" --bundle "$out/reading$((i + 1))" | tee -a "$log"
+    train --export "$out/ckpt" --out "$out/run$((i + 1))" --bundle "$out/run$((i + 1))" | tee -a "$log"
     rm -rf "$out/ckpt"  # optimizer state: not needed and too many files to bring back
-    start=$out/reading$((i + 1))
+    start=$out/run$((i + 1))
 done
 rm -rf "$out/model" && cp -r "$start" "$out/model"
 pack

@@ -21,15 +21,16 @@ from pdllm.engine import generate
 from pdllm.method import ChunkCache, MethodConfig
 from pdllm.models.loader import load_model
 from pdllm.sampler import SamplerConfig
+from pdllm.tasks.facts import SUBJECTS
 
 BUNDLED = Path(pdllm.__file__).parent / "assets" / "pdllm-tiny-llada"
 METHOD = MethodConfig(chunk_size=64, top_k=2)
 SAMPLER = SamplerConfig(gen_length=16, block_length=16, steps=16)
+SUBJECTS = SUBJECTS[:12]  # facts keyed by subject, which the bundled model reads (keys that differ by a digit: not)
 DOCS = [
-    " ".join(f"The pass key of vault {v}-{i} is {(v * 7919 + i * 104729) % 90000 + 10000}." for i in range(12))
-    for v in range(2)
+    " ".join(f"The {s} is {(v * 7919 + i * 104729) % 90000 + 10000}." for i, s in enumerate(SUBJECTS)) for v in range(2)
 ]
-QUESTIONS = [(d, f"What is the pass key of vault {d}-{i}?") for d in range(2) for i in (1, 3, 4, 6, 7, 8, 10, 11)]
+QUESTIONS = [(d, f"What is the {SUBJECTS[i]}?") for d in range(2) for i in (1, 3, 4, 6, 7, 8, 10, 11)]
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,22 @@ def test_examples_answer_right_with_the_bundled_model_by_default(task, capsys):
     assert out["stats"]["mode"] == "sparse"
 
 
+@pytest.mark.parametrize(
+    ("context", "question", "value"),
+    [
+        ("The vault code is 4471-KESTREL.", "What is the vault code?", "4471-KESTREL"),  # issue 22's user note
+        (  # a held-out wording, with a distractor fact
+            "My notebook lists QX-7741-B under the locker combination. The wifi password is walnut-42.",
+            "What is the locker combination?",
+            "QX-7741-B",
+        ),
+    ],
+)
+def test_the_bundled_model_reads_a_fact_from_a_users_own_note(context, question, value, capsys):
+    assert main(["generate", "--in-process", "--context", context, "--question", question, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"].strip() == value
+
+
 def test_unset_flags_take_the_tasks_settings_only_for_examples():
     import argparse
 
