@@ -7,7 +7,8 @@
 #      about several subjects) for 80% of each run's time, then the tasks and long stages. Each run starts a fresh
 #      AdamW at lr 1e-3 with its own cosine, so one run of a chain is one device call of at most 10 minutes.
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
-# quick sparse eval at 2K. The full table follows with benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
+# quick sparse eval at 2K (QUICK_EVAL_TASKS and QUICK_EVAL_LENGTHS change its cells). The full table follows with
+# benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
 #   [FROM=MODEL] [PACK_TO=$OUT] [ATTENTION=flex] bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]
 # ATTENTION picks train.py's masked attention (default sdpa).
 # FROM skips the official run and starts the first reading run from that checkpoint (the bundle of commit b55cd10 is
@@ -48,10 +49,11 @@ for i in "${!runs[@]}"; do
 done
 rm -rf "$out/model" && cp -r "$start" "$out/model"
 pack
+quick_tasks=${QUICK_EVAL_TASKS:-passkey,number_string,niah_single,niah_multikey,kv_retrieval}
 if [ "${QUICK_EVAL_SECONDS:-120}" -gt 0 ]; then
     timeout "${QUICK_EVAL_SECONDS:-120}" python3 -m pdllm.cli eval --model "$out/model" \
-        --method '{"chunk_size": 256, "top_k": 4}' --task "${QUICK_EVAL_TASKS:-passkey,number_string,niah_single,niah_multikey,kv_retrieval}" \
-        --lengths 2048 --modes sparse --samples 8 --json "$out/quick_eval.json" 2>"$out/quick_eval.err" |
+        --method '{"chunk_size": 256, "top_k": 4}' --task "$quick_tasks" --lengths "${QUICK_EVAL_LENGTHS:-2048}" \
+        --modes sparse --samples 8 --json "$out/quick_eval.json" 2>"$out/quick_eval.err" |
         tee "$out/quick_eval.txt"
     pack
 fi

@@ -537,7 +537,9 @@ def test_recall_facts_rows_ask_about_several_subjects_and_point_into_each_ones_n
 
 
 def test_the_recall_facts_mix_asks_facts_questions_in_every_stage_after_copy():
-    from pdllm.training.data import KEYED_TASKS
+    import dataclasses
+
+    from pdllm.training.data import KEYED_TASKS, stage_lengths
 
     reading, facts = curriculum("reading"), curriculum("recall_facts")
     assert [s.name for s in facts] == [s.name for s in reading]
@@ -545,3 +547,9 @@ def test_the_recall_facts_mix_asks_facts_questions_in_every_stage_after_copy():
     assert "facts" in facts[1].tasks and facts[1].tasks["kv_retrieval"] > reading[1].tasks["kv_retrieval"]
     assert facts[1].until == reading[1].until and facts[1].queries == reading[1].queries == 4
     assert all("facts" not in s.asking for s in reading)
+    long = curriculum("recall_facts_long")
+    assert long[1].max_len == 0 and long[1].min_len > facts[1].max_len // 2  # rows out to the training length
+    assert dataclasses.replace(long[1], min_len=facts[1].min_len, max_len=facts[1].max_len) == facts[1]
+    assert long[2:] == facts[2:]
+    lengths = stage_lengths(random.Random(0), long[1], 2048, 32768)
+    assert max(lengths) > 900 and min(lengths) >= 600

@@ -83,6 +83,7 @@ MIXES = {
     "recall": (VARIED_TASKS, 0.85),
     "reading": (VARIED_TASKS, 0.9),
     "recall_facts": (VARIED_TASKS, 0.9),
+    "recall_facts_long": (VARIED_TASKS, 0.9),
 }
 COPY_STAGE = Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7)
 # Short rows of the tasks that need a key matched before a value is copied: kv_retrieval at 300-640 tokens holds
@@ -99,6 +100,9 @@ READING_RECALL_STAGE = dataclasses.replace(RECALL_STAGE, until=0.8)
 KEYED_TASKS = ("niah_multikey", "kv_retrieval", "facts")
 RECALL_FACTS_TASKS = {"kv_retrieval": 0.45, "facts": 0.3, "niah_multikey": 0.15, "niah_single": 0.05, "passkey": 0.05}
 RECALL_FACTS_STAGE = dataclasses.replace(READING_RECALL_STAGE, tasks=RECALL_FACTS_TASKS, asking=KEYED_TASKS)
+# `recall_facts_long`: the same rows out to the training length, where kv's chunk is ranked among many and most of
+# a row's pairs lie in chunks the question does not need (recall_facts read kv at 2K, rarely at 8K and beyond).
+RECALL_FACTS_LONG_STAGE = dataclasses.replace(RECALL_FACTS_STAGE, min_len=600, max_len=0)
 
 
 def curriculum(mix: str = "official") -> tuple[Stage, ...]:
@@ -107,7 +111,8 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts) or `recall` (varied with
     a longer key -> value stage whose rows ask about several keys of one context, and two questions per lookup
     row after it) or `reading` (recall with its key -> value stage kept to 80% of the time) or `recall_facts`
-    (reading whose rows of facts, keyed by subject, are asked several questions too, with more kv rows)."""
+    (reading whose rows of facts, keyed by subject, are asked several questions too, with more kv rows) or
+    `recall_facts_long` (its recall rows out to the training length)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     tasks, until = MIXES[mix]
@@ -116,9 +121,10 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
         "recall": (RECALL_STAGE,),
         "reading": (READING_RECALL_STAGE,),
         "recall_facts": (RECALL_FACTS_STAGE,),
+        "recall_facts_long": (RECALL_FACTS_LONG_STAGE,),
     }.get(mix, ())
-    queries = 2 if mix in ("recall", "reading", "recall_facts") else 1
-    asking = {"asking": KEYED_TASKS} if mix == "recall_facts" else {}
+    queries = 2 if mix in ("recall", "reading", "recall_facts", "recall_facts_long") else 1
+    asking = {"asking": KEYED_TASKS} if mix.startswith("recall_facts") else {}
     return (
         COPY_STAGE,
         *lookup,
