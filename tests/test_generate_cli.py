@@ -73,7 +73,7 @@ def test_example_input_reports_expected_answer_and_score(tiny_llada, capsys):
     assert out["stats"]["mode"] == "sparse"
 
 
-@pytest.mark.parametrize("task", ["passkey", "number_string", "niah_single", "niah_multikey"])
+@pytest.mark.parametrize("task", ["passkey", "number_string", "niah_single", "niah_multikey", "kv_retrieval"])
 def test_examples_answer_right_with_the_bundled_model_by_default(task, capsys):
     assert main(["generate", "--in-process", "--example", task, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
