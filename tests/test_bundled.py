@@ -27,5 +27,4 @@ def test_loads_offline_and_answers_in_the_task_format(monkeypatch):
     assert lm.tokenizer("AZ", add_special_tokens=False).input_ids == [65, 90]
     s = make_sample("passkey", 700, seed=0)
     out = generate(lm, s.context, s.question, SamplerConfig(gen_length=16, block_length=16, steps=16, threshold=0.9))
-    # trained, not random: a five-digit pass key followed by the end token (retrieval itself is not learned yet)
-    assert out.answer.strip().isdigit() and len(out.answer.strip()) == 5
+    assert out.answer.strip() == s.answers[0]  # trained, not random: the document's pass key, then the end token
