@@ -51,6 +51,7 @@ SHORTEST = {
     "niah_multikey": 520,
     "facts": 420,
 }
+ASKED_TASKS = ("niah_multikey", "kv_retrieval")  # tasks whose rows may ask about several keys (Stage.queries)
 QUERY_SEGMENT = -1  # a row's (first) question and answer
 PAD_SEGMENT = -2  # padding; extra questions of a row take -3, -4, ... (extra_segment)
 
@@ -71,7 +72,7 @@ class Stage:
     long_values: float = 0.2  # share of passkey / number_string rows whose value has 5-32 digits
     keys: tuple[int, int] | None = None  # niah_multikey rows draw this many needles (None: the benchmark's 4)
     queries: int = 1  # questions per row of the `asking` tasks (build_example)
-    asking: tuple[str, ...] = ("niah_multikey", "kv_retrieval")  # ... and those tasks (KEYED_TASKS: recall_facts)
+    asking: tuple[str, ...] = ASKED_TASKS  # ... and those tasks (KEYED_TASKS in the recall_facts mixes)
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
@@ -97,7 +98,7 @@ RECALL_STAGE = Stage("recall", RECALL_TASKS, 300, 900, (128, 256), 0.8, 0.6, key
 READING_RECALL_STAGE = dataclasses.replace(RECALL_STAGE, until=0.8)
 # `recall_facts`: reading with facts asked several questions too (their subjects are the keys), and more kv rows,
 # whose lookup reading did not learn (NOTES, "The bundle reads multi-key needles").
-KEYED_TASKS = ("niah_multikey", "kv_retrieval", "facts")
+KEYED_TASKS = (*ASKED_TASKS, "facts")
 RECALL_FACTS_TASKS = {"kv_retrieval": 0.45, "facts": 0.3, "niah_multikey": 0.15, "niah_single": 0.05, "passkey": 0.05}
 RECALL_FACTS_STAGE = dataclasses.replace(READING_RECALL_STAGE, tasks=RECALL_FACTS_TASKS, asking=KEYED_TASKS)
 # `recall_facts_long`: the same rows out to the training length, where kv's chunk is ranked among many and most of
@@ -236,7 +237,7 @@ def build_example(
     long_values: float = 0.0,
     keys: tuple[int, int] | None = None,
     queries: int = 1,
-    asking: tuple[str, ...] = ("niah_multikey", "kv_retrieval"),
+    asking: tuple[str, ...] = ASKED_TASKS,
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
