@@ -5,14 +5,14 @@
 #      7.5 and 5, recall_facts 4.8 and 5, then recall_facts_long 4.3; a bare number is a `reading` run): the recall
 #      stage (rows that ask about several keys of one context, with the pointer, key and match losses; recall_facts
 #      also asks facts rows about several subjects, recall_facts_long on rows to the training length) for 80% of each
-#      run's time, then the tasks and long stages. Each run starts a fresh
-#      AdamW at lr 1e-3 with its own cosine, so one run of a chain is one device call of at most 10 minutes.
+#      run's time, then the tasks and long stages. Each run starts a fresh AdamW at lr 1e-3 with its own cosine, so
+#      one run of a chain is one device call of at most 10 minutes.
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
 # quick sparse eval at 2K (QUICK_EVAL_TASKS and QUICK_EVAL_LENGTHS change its cells). The full table follows with
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
 #   [FROM=MODEL] [PACK_TO=$OUT] [ATTENTION=flex] bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]
 # ATTENTION picks train.py's masked attention (default sdpa).
-# FROM skips the official run and starts the first reading run from that checkpoint (the bundle of commit b55cd10 is
+# FROM skips the official run and starts the chain's first run from that checkpoint (the bundle of commit b55cd10 is
 # the official run's output; a later run of the chain takes the run before it). With PACK_TO set (a device's $OUT,
 # which takes few files), the model is copied there and the logs packed into results.tgz after each step.
 set -uo pipefail

@@ -122,6 +122,6 @@ def kv_other_questions(sample: Sample) -> list[tuple[str, str]]:
 PAIR_BYTES = re.compile(rb'"([0-9a-f-]{36})": "([0-9a-f-]{36})"')
 
 
-def kv_key_spans(text: bytes) -> list[tuple[int, int, int, int]]:
+def kv_key_spans(sample: Sample) -> list[tuple[int, int, int, int]]:
     """(key start, key end, value start, value end) byte offsets of every pair in a kv_retrieval prompt."""
-    return [(*m.span(1), *m.span(2)) for m in PAIR_BYTES.finditer(text)]
+    return [(*m.span(1), *m.span(2)) for m in PAIR_BYTES.finditer(sample.prompt_text.encode())]

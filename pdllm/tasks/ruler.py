@@ -109,6 +109,6 @@ def niah_other_questions(sample: Sample) -> list[tuple[str, str]]:
 NEEDLE_BYTES = re.compile(rb"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.")
 
 
-def niah_key_spans(text: bytes) -> list[tuple[int, int, int, int]]:
+def niah_key_spans(sample: Sample) -> list[tuple[int, int, int, int]]:
     """(key start, key end, value start, value end) byte offsets of every needle in a niah prompt."""
-    return [(*m.span(1), *m.span(2)) for m in NEEDLE_BYTES.finditer(text)]
+    return [(*m.span(1), *m.span(2)) for m in NEEDLE_BYTES.finditer(sample.prompt_text.encode())]

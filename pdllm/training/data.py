@@ -76,16 +76,6 @@ class Stage:
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
-# task weights, end of the `tasks` stage
-MIXES = {
-    "official": (ALL_TASKS, 0.55),
-    "varied": (VARIED_TASKS, 0.6),
-    "lookup": (VARIED_TASKS, 0.7),
-    "recall": (VARIED_TASKS, 0.85),
-    "reading": (VARIED_TASKS, 0.9),
-    "recall_facts": (VARIED_TASKS, 0.9),
-    "recall_facts_long": (VARIED_TASKS, 0.9),
-}
 COPY_STAGE = Stage("copy", COPY_TASKS, 270, 400, (64, 128), 0.5, 0.3, long_values=0.7)
 # Short rows of the tasks that need a key matched before a value is copied: kv_retrieval at 300-640 tokens holds
 # 1-5 pairs (one pair: a plain 36-character copy), niah_multikey 2-4 needles, facts 2-5 subjects.
@@ -106,6 +96,29 @@ RECALL_FACTS_STAGE = dataclasses.replace(READING_RECALL_STAGE, tasks=RECALL_FACT
 RECALL_FACTS_LONG_STAGE = dataclasses.replace(RECALL_FACTS_STAGE, min_len=600, max_len=0)
 
 
+@dataclass(frozen=True)
+class Mix:
+    """A training mix: the `tasks` stage's task weights and time limit, the key -> value stage between copy and
+    tasks (None: none), and how many questions the later stages' rows of the `asking` tasks carry."""
+
+    tasks: dict[str, float]
+    until: float
+    lookup: Stage | None = None
+    queries: int = 1
+    asking: tuple[str, ...] = ASKED_TASKS
+
+
+MIXES = {
+    "official": Mix(ALL_TASKS, 0.55),
+    "varied": Mix(VARIED_TASKS, 0.6),
+    "lookup": Mix(VARIED_TASKS, 0.7, LOOKUP_STAGE),
+    "recall": Mix(VARIED_TASKS, 0.85, RECALL_STAGE, queries=2),
+    "reading": Mix(VARIED_TASKS, 0.9, READING_RECALL_STAGE, queries=2),
+    "recall_facts": Mix(VARIED_TASKS, 0.9, RECALL_FACTS_STAGE, queries=2, asking=KEYED_TASKS),
+    "recall_facts_long": Mix(VARIED_TASKS, 0.9, RECALL_FACTS_LONG_STAGE, queries=2, asking=KEYED_TASKS),
+}
+
+
 def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's first run), `varied`
     (plus facts in many wordings and value kinds), `lookup` (varied with a key -> value stage after the copy
@@ -116,21 +129,13 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     `recall_facts_long` (its recall rows out to the training length)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
-    tasks, until = MIXES[mix]
-    lookup = {
-        "lookup": (LOOKUP_STAGE,),
-        "recall": (RECALL_STAGE,),
-        "reading": (READING_RECALL_STAGE,),
-        "recall_facts": (RECALL_FACTS_STAGE,),
-        "recall_facts_long": (RECALL_FACTS_LONG_STAGE,),
-    }.get(mix, ())
-    queries = 2 if mix in ("recall", "reading", "recall_facts", "recall_facts_long") else 1
-    asking = {"asking": KEYED_TASKS} if mix.startswith("recall_facts") else {}
+    m = MIXES[mix]
+    later = {"queries": m.queries, "asking": m.asking}
     return (
         COPY_STAGE,
-        *lookup,
-        Stage("tasks", tasks, 270, 768, (128, 256), 0.4, until, queries=queries, **asking),
-        Stage("long", tasks, 400, 0, (128, 256, 512), None, None, queries=queries, **asking),
+        *((m.lookup,) if m.lookup else ()),
+        Stage("tasks", m.tasks, 270, 768, (128, 256), 0.4, m.until, **later),
+        Stage("long", m.tasks, 400, 0, (128, 256, 512), None, None, **later),
     )
 
 
@@ -198,20 +203,12 @@ OTHER_QUESTIONS = {
     "kv_retrieval": infinitebench.kv_other_questions,
     "facts": facts.facts_other_questions,
 }
-PROMPT_KEY_SPANS = {
+KEY_SPANS = {  # (key start, key end, value start, value end) prompt byte offsets of a sample's key -> value pairs
     "niah_single": ruler.niah_key_spans,
     "niah_multikey": ruler.niah_key_spans,
     "kv_retrieval": infinitebench.kv_key_spans,
+    "facts": facts.facts_key_spans,
 }
-
-
-def key_spans(sample) -> list[tuple[int, int, int, int]]:
-    """(key start, key end, value start, value end) prompt byte offsets of every key -> value pair of a sample (none
-    for tasks without keys)."""
-    if sample.task == "facts":
-        return facts.facts_key_spans(sample)
-    spans = PROMPT_KEY_SPANS.get(sample.task)
-    return spans(sample.prompt_text.encode()) if spans else []
 
 
 def extra_segment(i: int) -> int:
@@ -268,7 +265,8 @@ def build_example(
     ctx = byte_ids(sample.prompt_text)  # the instruction stays at the start, where the engine keeps it
     text = sample.prompt_text.encode()
     asked = [(sample.question, sample.target, value_offsets(sample))]
-    pairs = key_spans(sample) if task != "facts" or task in asking else []
+    keyed = task in KEY_SPANS and (task != "facts" or task in asking)  # facts carry keys only when asked
+    pairs = KEY_SPANS[task](sample) if keyed else []
     value_at = {text[vs:ve]: vs for _, _, vs, ve in reversed(pairs)}  # a value where its key names it
     if queries > 1 and not full and task in asking:
         others = OTHER_QUESTIONS[task](sample)
