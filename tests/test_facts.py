@@ -15,6 +15,14 @@ from pdllm.tasks.facts import (
     TRAIN_CORES,
     TRAIN_QUESTIONS,
     VALUE_KINDS,
+    VARIED_CLOSERS,
+    VARIED_LEADS,
+    VARIED_MODIFIERS,
+    VARIED_QUESTIONS,
+    VARIED_RELATIONS,
+    VARIED_SOURCES,
+    VARIED_VALUE_FIRST,
+    facts_key_spans,
     make_value,
     template_pattern,
 )
@@ -28,8 +36,13 @@ def literal_fragments(template: str) -> list[str]:
     return [f.strip(" .,?:") for f in re.split(r"\{[sSv]\}", template) if len(f.strip(" .,?:")) >= 8]
 
 
+VARIED_PARTS = (
+    VARIED_RELATIONS + VARIED_MODIFIERS + VARIED_SOURCES + VARIED_VALUE_FIRST + VARIED_CLOSERS + VARIED_QUESTIONS
+) + VARIED_LEADS
+
+
 def test_heldout_families_share_no_phrase_with_the_trained_templates():
-    trained = " | ".join(TRAIN_CORES + TRAIN_COLON + TRAIN_QUESTIONS).lower()
+    trained = " | ".join(TRAIN_CORES + TRAIN_COLON + TRAIN_QUESTIONS + VARIED_PARTS).lower()
     fragments = [f for t in HELDOUT_CORES + HELDOUT_QUESTIONS for f in literal_fragments(t)]
     assert len(fragments) >= len(HELDOUT_CORES)  # every held-out family has a distinctive phrase
     assert not [f for f in fragments if f.lower() in trained]
@@ -38,13 +51,15 @@ def test_heldout_families_share_no_phrase_with_the_trained_templates():
 def test_training_data_never_contains_a_heldout_wording():
     rng = random.Random(0)
     texts, fact_rows = [], 0
-    for stage in curriculum("varied"):  # every stage, dense and chunked layouts, as the training stream builds them
+    stages = curriculum("varied") + curriculum("recall_wordings")
+    for stage in stages:  # every stage, dense and chunked layouts, as the training stream builds them
         for _ in range(6):
             batch = make_batch(rng, stage, 1024, 8192, (0.5, 0.0))
             for row in batch.ids.tolist():
                 texts.append(bytes(t for t in row if t < 256).decode("utf-8", "replace"))
-    for i in range(120):
-        e = build_example(random.Random(i), 900, i % 2 == 1, {"facts": 1.0})
+    for i in range(240):
+        wording = ("train", "varied")[i % 2]
+        e = build_example(random.Random(i), 900, i % 4 >= 2, {"facts": 1.0}, wording=wording, queries=3)
         texts.append(bytes(t for t in e.ids if t < 256).decode())
         fact_rows += 1
     assert fact_rows and any(p.search(t) for t in texts for p in TRAINED)  # the check sees the needles it should
@@ -57,6 +72,19 @@ def test_the_training_mix_cannot_draw_the_heldout_task():
     assert stages and all("heldout_wording" not in s.tasks for s in stages)
     with pytest.raises(ValueError, match="held out"):
         build_example(random.Random(0), 900, False, {"heldout_wording": 1.0})
+
+
+def test_the_varied_wording_is_a_grammar_whose_needles_still_name_subject_and_value():
+    needles, questions, untemplated = set(), set(), 0
+    for seed in range(300):
+        s = make_sample("facts", 1200, seed, wording="varied")
+        needles.update(s.meta["needles"])
+        questions.add(s.question)
+        untemplated += not any(p.search(n) for n in s.meta["needles"][:1] for p in TRAINED)
+        assert s.meta["subject"] in s.question.lower()
+        assert len(facts_key_spans(s)) == len(s.meta["facts"])  # every needle's subject and value are found
+    assert len(needles) > 1000 and len(questions) > 150  # hundreds of wordings, not a dozen
+    assert 150 < untemplated < 250  # two thirds of needles from the grammar, a third from the train templates
 
 
 def test_heldout_samples_use_only_heldout_wordings_with_distractors():

@@ -95,6 +95,46 @@ def test_ranking_loss_scores_chunks_exactly_as_the_decode_actor_does():
     torch.testing.assert_close(got[0], want, rtol=2e-2, atol=2e-3)  # summaries are stored as float16
 
 
+def test_ranking_across_rows_scores_every_rows_chunks_as_the_decode_actor_would():
+    spec = tiny_spec("llada", hidden=32, layers=3, heads=2, inner=64)
+    model = random_model(spec, seed=3)
+    lm = SimpleNamespace(model=model, spec=spec)
+    tasks = {"kv_retrieval": 0.5, "niah_multikey": 0.5}
+    examples = [build_example(random.Random(i), 700 + 200 * i, True, tasks, chunk_sizes=(128,)) for i in range(3)]
+    b = collate(examples)
+    kv = model(b.ids, b.pos, _masked(b), return_kv=True).kv
+    own, own_valid = ranking_scores(model, b, kv)
+    cross, valid = ranking_scores(model, b, kv, across_rows=True)
+    c = own.shape[1]
+    assert cross.shape == valid.shape == (3, 3 * c)
+    for row, e in enumerate(examples):
+        torch.testing.assert_close(cross[row, row * c : (row + 1) * c], own[row])
+        assert torch.equal(valid[row, row * c : (row + 1) * c], own_valid[row])
+        for n, other in enumerate(examples):
+            chunks = [[t for t, s in zip(other.ids, other.seg, strict=True) if s == k][1:] for k in range(c)]
+            chunks = [x for x in chunks if x]
+            encoded = encode_chunks(lm, chunks, MethodConfig(chunk_size=128), "m")
+            want = chunk_scores(lm, e.question, [x.summary for x in encoded])  # row's question, other's chunks
+            torch.testing.assert_close(cross[row, n * c : n * c + len(chunks)], want, rtol=2e-2, atol=2e-3)
+            if n != row:  # another row lends its chunks but its needle's (it may answer this question too)
+                lent = valid[row, n * c : (n + 1) * c]
+                assert not lent[other.needle_seg] and lent.sum() == len(chunks) - 1
+
+
+def test_the_ranking_loss_across_rows_targets_the_rows_own_needle_chunk():
+    spec = tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)
+    model = random_model(spec, seed=0)
+    rows = [build_example(random.Random(i), 600, True, {"kv_retrieval": 1.0}, (128,)) for i in range(3)]
+    b = collate(rows)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    plain, m_plain = diffusion_loss(model, b, 0.5, gen(), rank_weight=1.0)
+    across, m_across = diffusion_loss(model, b, 0.5, gen(), rank_weight=1.0, rank_across_rows=True)
+    assert m_across["rank"] > m_plain["rank"]  # more negatives: a random model's ranking loss can only rise
+    assert torch.isclose(plain - m_plain["rank"], across - m_across["rank"])  # the rest of the loss is the same
+    across.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_loss_is_finite_and_padding_weighs_less():
     spec = tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)
     model = random_model(spec, seed=0)
@@ -180,6 +220,15 @@ def test_smoke_train_on_the_varied_mix(tmp_path):
     assert main(["--smoke", "--mix", "varied", "--out", str(tmp_path), "--max-steps", "2", "--workers", "0"]) == 0
     meta = json.loads((tmp_path / "state.json").read_text())
     assert meta["args"]["mix"] == "varied" and meta["step"] == 2
+
+
+def test_smoke_train_on_the_recall_wordings_mix(tmp_path):
+    from pdllm.training.train import main
+
+    args = ["--smoke", "--mix", "recall_wordings", "--stage", "1", "--out", str(tmp_path), "--workers", "0"]
+    assert main([*args, "--max-steps", "2", "--chunked-frac", "1"]) == 0
+    log = json.loads((tmp_path / "state.json").read_text())["log"]
+    assert all("rank" in e for e in log)  # every batch chunked: each one ranked across its rows
 
 
 @pytest.mark.timeout(120)

@@ -72,6 +72,36 @@ HELDOUT_QUESTIONS = (
     "According to the notes, the {s} is what?",
     "Which value was agreed on for the {s}?",
 )
+# The `varied` wording (training only): needles and questions built from a grammar of parts, so a row's wording is
+# one of thousands and the model learns to bind a value to the subject named near it, in either order and across
+# other words, rather than a dozen sentences. None of its parts is a held-out phrase (tests/test_facts.py checks the
+# sentences it makes against the held-out families), and a share of its rows keep the `train` templates.
+VARIED_RELATIONS = (
+    "is", "was", "reads", "is listed as", "is recorded as", "comes out as", "is given as", "is marked as",
+    "is stored as", "remains", "is currently", "was changed to", "is set to", "turned out to be", "became",
+    "has the value", "is exactly", "was reset to", "is printed as", "is still",
+)  # fmt: skip
+VARIED_MODIFIERS = (
+    "", " for the office", " for this week", " on the form", " in the system", " of the north wing", " for guests",
+    " in use today", " on file", " for the trip", " that the team uses", " printed on the card",
+)  # fmt: skip
+VARIED_SOURCES = (
+    "Maria wrote that", "the memo says", "the manager confirmed that", "the clerk noted that", "someone mentioned that",
+    "the email states that", "Dr. Lee explained that", "the report shows that", "our admin said that",
+    "the sign on the door says", "a colleague pointed out that", "the latest update says",
+)  # fmt: skip
+VARIED_VALUE_FIRST = (
+    "{v} is what the {s} is", "{v} serves as the {s}", "{v} was picked as the {s}", "{v} has been assigned to the {s}",
+    "{v} is the {s} to use", "{v} -- that is the {s}", "{v} works as the {s}", "{v} was chosen for the {s}",
+)  # fmt: skip
+VARIED_CLOSERS = ("", " Use it when asked.", " It was checked twice.", " Nothing else applies.", " Please note it.")
+VARIED_QUESTIONS = (
+    "What is the {s}?", "What's the {s}?", "Please tell me the {s}.", "Do you know the {s}?", "Name the {s}.",
+    "What does the text say the {s} is?", "Can you find the {s}?", "The {s} is what value?", "Remind me of the {s}.",
+    "What did they write for the {s}?", "Which value is the {s}?", "Report the {s}.", "Which {s} is given?",
+    "What was recorded as the {s}?", "Look for the {s}: what is it?", "Say the {s}.",
+)  # fmt: skip
+VARIED_LEADS = ("", "Quick question: ", "Please help. ", "One more thing: ", "Based on the text, ", "Hi! ", "Now: ")
 VALUE_KINDS = ("digits", "word", "code", "uuid")
 WORDS = (
     "amber", "basalt", "cobalt", "dune", "ember", "falcon", "glacier", "harbor", "indigo", "juniper", "kestrel",
@@ -106,20 +136,38 @@ def make_value(rng: random.Random, kind: str) -> str:
 
 
 def _fill(template: str, subject: str, value: str) -> str:
+    """The sentence, capitalized unless it opens with the value (a value is copied byte for byte: 'amber' must not
+    become 'Amber', nor a UUID's first letter change)."""
     text = template.format(s=subject, S=subject[0].upper() + subject[1:], v=value)
-    return text[0].upper() + text[1:]
+    return text if template.startswith("{v}") else text[0].upper() + text[1:]
+
+
+def varied_core(rng: random.Random) -> str:
+    """One needle template of the `varied` grammar: subject first (with a modifier, maybe inside a source's clause) or
+    value first."""
+    if rng.random() < 0.25:
+        return rng.choice(VARIED_VALUE_FIRST) + "." + rng.choice(VARIED_CLOSERS)
+    core = "the {s}" + rng.choice(VARIED_MODIFIERS) + " " + rng.choice(VARIED_RELATIONS) + " {v}."
+    if rng.random() < 0.4:
+        core = rng.choice(VARIED_SOURCES) + " " + core
+    return core + rng.choice(VARIED_CLOSERS)
 
 
 def needle_text(rng: random.Random, subject: str, value: str, split: str) -> str:
-    """A needle sentence for (subject, value) in the wording of `split`."""
+    """A needle sentence for (subject, value) in the wording of `split`: `train` (the eval's trained templates),
+    `varied` (training: the grammar above, or the train templates for a third of needles) or `heldout`."""
     if split == "heldout":
         return _fill(rng.choice(OPENERS) + rng.choice(HELDOUT_CORES), subject, value)
+    if split == "varied" and rng.random() < 2 / 3:
+        return _fill(rng.choice(OPENERS) + varied_core(rng), subject, value)
     if rng.random() < 0.2:
         return _fill(rng.choice(TRAIN_COLON), subject, value)
     return _fill(rng.choice(OPENERS) + rng.choice(TRAIN_CORES) + rng.choice(CLOSERS), subject, value)
 
 
 def question_text(rng: random.Random, subject: str, split: str) -> str:
+    if split == "varied" and rng.random() < 2 / 3:
+        return _fill(rng.choice(VARIED_LEADS) + rng.choice(VARIED_QUESTIONS), subject, "")
     return _fill(rng.choice(HELDOUT_QUESTIONS if split == "heldout" else TRAIN_QUESTIONS), subject, "")
 
 

@@ -73,6 +73,7 @@ class Stage:
     keys: tuple[int, int] | None = None  # niah_multikey rows draw this many needles (None: the benchmark's 4)
     queries: int = 1  # questions per row of the `asking` tasks (build_example)
     asking: tuple[str, ...] = ASKED_TASKS  # ... and those tasks (KEYED_TASKS in the recall_facts mixes)
+    wording: str = "train"  # facts rows' needles and questions: "train" templates or the "varied" grammar (facts.py)
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
@@ -94,6 +95,10 @@ RECALL_FACTS_STAGE = dataclasses.replace(READING_RECALL_STAGE, tasks=RECALL_FACT
 # `recall_facts_long`: the same rows out to the training length, where kv's chunk is ranked among many and most of
 # a row's pairs lie in chunks the question does not need (recall_facts read kv at 2K, rarely at 8K and beyond).
 RECALL_FACTS_LONG_STAGE = dataclasses.replace(RECALL_FACTS_STAGE, min_len=600, max_len=0)
+# `recall_wordings`: recall_facts_long whose facts are worded by the `varied` grammar in every stage (held-out
+# wordings were read half the time at 2K: the model had learned a dozen sentences, not the binding of a value to
+# its subject), and whose ranking loss ranks each question against the chunks of every row of the batch.
+RECALL_WORDINGS_STAGE = dataclasses.replace(RECALL_FACTS_LONG_STAGE, wording="varied")
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class Mix:
     lookup: Stage | None = None
     queries: int = 1
     asking: tuple[str, ...] = ASKED_TASKS
+    wording: str = "train"
+    rank_across_rows: bool = False  # the ranking loss's negatives: the row's own chunks, or every row's (objective.py)
 
 
 MIXES = {
@@ -116,6 +123,9 @@ MIXES = {
     "reading": Mix(VARIED_TASKS, 0.9, READING_RECALL_STAGE, queries=2),
     "recall_facts": Mix(VARIED_TASKS, 0.9, RECALL_FACTS_STAGE, queries=2, asking=KEYED_TASKS),
     "recall_facts_long": Mix(VARIED_TASKS, 0.9, RECALL_FACTS_LONG_STAGE, queries=2, asking=KEYED_TASKS),
+    "recall_wordings": Mix(
+        VARIED_TASKS, 0.9, RECALL_WORDINGS_STAGE, 2, KEYED_TASKS, wording="varied", rank_across_rows=True
+    ),
 }
 
 
@@ -126,11 +136,12 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     a longer key -> value stage whose rows ask about several keys of one context, and two questions per lookup
     row after it) or `reading` (recall with its key -> value stage kept to 80% of the time) or `recall_facts`
     (reading whose rows of facts, keyed by subject, are asked several questions too, with more kv rows) or
-    `recall_facts_long` (its recall rows out to the training length)."""
+    `recall_facts_long` (its recall rows out to the training length) or `recall_wordings` (recall_facts_long with
+    facts in the `varied` grammar's wordings and the ranking loss across rows)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     m = MIXES[mix]
-    later = {"queries": m.queries, "asking": m.asking}
+    later = {"queries": m.queries, "asking": m.asking, "wording": m.wording}
     return (
         COPY_STAGE,
         *((m.lookup,) if m.lookup else ()),
@@ -235,6 +246,7 @@ def build_example(
     keys: tuple[int, int] | None = None,
     queries: int = 1,
     asking: tuple[str, ...] = ASKED_TASKS,
+    wording: str = "train",
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
@@ -242,7 +254,8 @@ def build_example(
     rows of the `asking` tasks (niah_multikey, kv_retrieval, facts; not dense-full rows) also ask about up to
     queries - 1 other keys of the same context, each question and answer placed where the engine places a lone one
     and attending only to the context and itself: answers that differ only by their key are what teach a small
-    model to match it. Facts rows carry their subjects as keys (the key and match losses) only when asked."""
+    model to match it. Facts rows carry their subjects as keys (the key and match losses) only when asked, and are
+    worded from `wording`'s templates (facts.py)."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task in HELDOUT_TASKS:
@@ -253,6 +266,8 @@ def build_example(
         kw["haystack"] = "noise" if rng.random() < 0.3 else "prose"
         if rng.random() < long_values:
             kw["digits"], gen = rng.randint(5, 32), LONG_VALUE_SPAN
+    if task == "facts":
+        kw["wording"] = wording
     if task == "niah_multikey" and keys is not None:
         kw["keys"] = rng.randint(*keys)
     length, seed = max(length, SHORTEST[task]), rng.getrandbits(48)
@@ -443,6 +458,7 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
             keys=stage.keys,
             queries=stage.queries,
             asking=stage.asking,
+            wording=stage.wording,
         )
         e.pretrain = rng.random() < fracs[1]
         examples.append(e)

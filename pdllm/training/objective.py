@@ -167,10 +167,15 @@ def unrotate(x: Tensor, positions: Tensor, rotary) -> Tensor:
 
 
 def ranking_scores(
-    model: DllmModel, batch: Batch, kv: list[tuple[Tensor, Tensor]], n_chunks: int | None = None
+    model: DllmModel,
+    batch: Batch,
+    kv: list[tuple[Tensor, Tensor]],
+    n_chunks: int | None = None,
+    across_rows: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does;
-    `n_chunks` (default: read off `batch.seg`) is C."""
+    `n_chunks` (default: read off `batch.seg`) is C. `across_rows`: each row's question against the chunks of
+    every row, [B, B * C] (row n's chunk c at column n * C + c; see cross_row_valid)."""
     layers = summary_layers(model.spec.num_layers)
     rot = model.rotary
     seg = batch.seg
@@ -183,16 +188,32 @@ def ranking_scores(
     model(batch.question, position_ids=qpos, context=cap, logits_from=None)
     qv = batch.question_valid[:, None, :, None].float()
     d = model.spec.head_dim
-    scores = 0
+    qs, means = [], []
     for i in layers:
         k = unrotate(kv[i][0], batch.pos, rot)  # [B, H, T, D]
-        means = torch.einsum("bhtd,btc->bchd", k, onehot.float()) / counts.clamp_min(1)[:, :, None, None]
+        m = torch.einsum("bhtd,btc->bchd", k, onehot.float()) / counts.clamp_min(1)[:, :, None, None]
         q = unrotate(cap.q[i], qpos, rot)  # [B, Hq, Q, D]
         q = (q * qv).sum(2) / qv.sum(2)  # mean over the question's tokens
-        hkv = means.shape[2]
-        q = q.view(q.shape[0], hkv, -1, d).sum(2)  # sum over each KV head's query group
-        scores = scores + torch.einsum("bhd,bchd->bc", q, means)
-    return scores / (len(layers) * math.sqrt(d)), counts > 0
+        qs.append(q.view(q.shape[0], m.shape[2], -1, d).sum(2))  # sum over each KV head's query group
+        means.append(m)
+    q, m = torch.stack(qs, 1), torch.stack(means, 2)  # [B, L, H, D], [B, C, L, H, D]
+    norm = len(layers) * math.sqrt(d)
+    if across_rows:
+        scores = torch.einsum("blhd,nclhd->bnc", q, m).flatten(1) / norm
+        return scores, cross_row_valid(counts > 0, batch.needle_seg)
+    return torch.einsum("blhd,bclhd->bc", q, m) / norm, counts > 0
+
+
+def cross_row_valid(valid: Tensor, needle_seg: Tensor) -> Tensor:
+    """[B, B * C]: the chunks a row's question is ranked against across rows: its own row's, and every other ranked
+    row's chunks but that row's needle chunk (another row's needle may answer this question's wording as well: a
+    pass key sentence answers every pass key question). Rows without a needle chunk (dense rows, chunked rows whose
+    needle was not found) lend no chunks."""
+    b, c = valid.shape
+    lends = valid & (needle_seg >= 0)[:, None]
+    lends = lends & (torch.arange(c, device=valid.device)[None, :] != needle_seg[:, None])
+    own = torch.eye(b, dtype=torch.bool, device=valid.device)[:, :, None]
+    return torch.where(own, valid[None, :, :], lends[None, :, :]).flatten(1)
 
 
 def diffusion_loss(
@@ -208,6 +229,7 @@ def diffusion_loss(
     match_weight: float = 0.0,
     pointer_at_layer: int | None = None,
     attention_class: type[MaskedAttention] = MaskedAttention,
+    rank_across_rows: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
     answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
@@ -215,7 +237,9 @@ def diffusion_loss(
     position from `first` on is scored and weighted (zero where not masked) rather than gathered by a boolean
     index, whose size the host would have to wait for. `pointer_at_layer`: the layer whose head 0 the pointer loss
     trains (default: pointer_layer, three quarters up). `attention_class`: how the masked attention is computed
-    (MaskedAttention, or flex.FlexMaskedAttention)."""
+    (MaskedAttention, or flex.FlexMaskedAttention). `rank_across_rows`: the ranking loss ranks each question's
+    needle chunk against every row's chunks (ranking_scores), so a batch of short rows trains the ranking among as
+    many chunks as a long document has; its accuracy metric stays the row's own top-1."""
     layout = layout or batch_layout(batch)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
     first = layout.first
@@ -253,12 +277,15 @@ def diffusion_loss(
         loss = loss + match_weight * match
         metrics |= {"match": match.detach(), "match_acc": match_acc}
     if ranked:
-        scores, valid = ranking_scores(model, batch, out.kv, layout.chunks)
-        rows = batch.needle_seg >= 0
+        scores, valid = ranking_scores(model, batch, out.kv, layout.chunks, rank_across_rows)
+        rows, target = batch.needle_seg >= 0, batch.needle_seg
         scores = RANK_BOUND * torch.tanh(scores.float() / RANK_BOUND)  # bounded: no reward for ever larger q.k
         scores = scores.masked_fill(~valid, float("-inf"))
-        rank = F.cross_entropy(scores, batch.needle_seg, ignore_index=-1)  # the mean over rows with a needle chunk
+        if rank_across_rows:
+            b = scores.shape[0]
+            target = torch.where(rows, target + torch.arange(b, device=target.device) * layout.chunks, -1)
+        rank = F.cross_entropy(scores, target, ignore_index=-1)  # the mean over rows with a needle chunk
         loss = loss + rank_weight * rank
-        top1 = ((scores.argmax(-1) == batch.needle_seg) & rows).sum() / rows.sum().clamp_min(1)
+        top1 = ((scores.argmax(-1) == target) & rows).sum() / rows.sum().clamp_min(1)
         metrics |= {"rank": rank.detach(), "rank_acc": top1}
     return loss, metrics

@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 match_weight=args.match_weight,
                 pointer_at_layer=args.pointer_layer,
                 attention_class=attention_class,
+                rank_across_rows=MIXES[args.mix].rank_across_rows,
             )
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):
