@@ -25,7 +25,7 @@ run_eval() {
 run_eval modes --task all --lengths "${EVAL_LENGTHS:-2048,8192,16384,32768}" --modes vanilla,prefix,sparse \
     --cell-seconds "$cell"
 if [ "${EXTRAS:-1}" != 0 ]; then
-    run_eval depth --task passkey,heldout_wording --lengths 2048 --modes vanilla,sparse --samples 2 \
+    run_eval depth --task passkey,heldout_wording --lengths 2048 --modes vanilla,sparse --samples 4 \
         --cell-seconds "$cell" --depth-sweep "$out/depth.png"
     run_eval nobos --task all --lengths 2048,16384 --modes sparse --no-bos --cell-seconds "$cell"
 fi

@@ -2,9 +2,10 @@
 # Reproduce the bundled model (pdllm/assets/pdllm-tiny-llada) on one GPU, seed 1234, as a chain of training runs:
 #   1. the official run from scratch, 5 minutes (copying, the answer formats, the chunk ranking);
 #   2. runs each from the previous one's export, one per [MIX:]MINUTES argument (default: the bundle's chain, reading
-#      7.5 and 5, recall_facts 4.8 and 5, then recall_facts_long 4.3; a bare number is a `reading` run): the recall
-#      stage (rows that ask about several keys of one context, with the pointer, key and match losses; recall_facts
-#      also asks facts rows about several subjects, recall_facts_long on rows to the training length) for 80% of each
+#      7.5 and 5, recall_facts 4.8 and 5, recall_facts_long 4.3, then recall_wordings 5.5 and 5.5; a bare number is a
+#      `reading` run): the recall stage (rows that ask about several keys of one context, with the pointer, key and
+#      match losses; recall_facts also asks facts rows about several subjects, recall_facts_long on rows to the
+#      training length, recall_wordings in a grammar's wordings, ranking across rows) for 80% of each
 #      run's time, then the tasks and long stages. Each run starts a fresh AdamW at lr 1e-3 with its own cosine, so
 #      one run of a chain is one device call of at most 10 minutes.
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
@@ -19,7 +20,7 @@ set -uo pipefail
 out=${1:?usage: reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(7.5 5 recall_facts:4.8 recall_facts:5 recall_facts_long:4.3)
+[ ${#runs[@]} -gt 0 ] || runs=(7.5 5 recall_facts:4.8 recall_facts:5 recall_facts_long:4.3 recall_wordings:5.5 recall_wordings:5.5)
 # shellcheck source=benchmarks/bare_checkout.sh
 source "$(dirname "$0")/bare_checkout.sh"
 pack() {

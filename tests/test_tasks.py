@@ -55,6 +55,19 @@ def test_needle_depth(task):
     assert needle_at[0] < 0.1 and 0.4 < needle_at[1] < 0.6 and needle_at[2] > 0.9
 
 
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_depth_sweep_moves_the_needle_of_the_sample_drawn_without_one(task):
+    """A sweep compares depths, so every depth must hold the same question, answer and wording (the held-out facts
+    templates differ in difficulty: a sweep that re-drew them would measure wordings, not depths). kv_retrieval's
+    values are drawn in key order, so moving its probe key moves which random UUID it maps to; its question stays."""
+    free = make_sample(task, 3000, seed=4)
+    for depth in (0.0, free.depth, 1.0):
+        fixed = make_sample(task, 3000, seed=4, depth=depth)
+        assert (fixed.question, fixed.meta) == (free.question, free.meta)
+        assert (fixed.answers == free.answers) or (task == "kv_retrieval" and depth != free.depth)
+        assert fixed.depth == depth and (fixed.context == free.context) == (depth == free.depth)
+
+
 def test_multikey_has_distractor_needles():
     s = make_sample("niah_multikey", 4000, seed=1)
     assert s.context.count("One of the special magic numbers for") == 4

@@ -18,7 +18,7 @@ import uuid
 
 from pdllm.prompt import QUESTION_TEMPLATE
 from pdllm.tasks.haystack import fill, insert_needles, noise_sentences, prose_sentences
-from pdllm.tasks.sample import Sample, TokenCounter
+from pdllm.tasks.sample import Sample, TokenCounter, needle_depth
 
 SUBJECTS = (
     "pass key", "vault code", "access code", "door code", "secret code", "ticket number", "order number",
@@ -190,7 +190,7 @@ def facts(
     values = [make_value(rng, kind)] + [make_value(rng, rng.choice(VALUE_KINDS)) for _ in subjects[1:]]
     while values[0] in values[1:]:
         values[0] = make_value(rng, kind)
-    depth = rng.random() if depth is None else depth
+    depth = needle_depth(rng, depth)
     depths = [depth] + [rng.random() for _ in subjects[1:]]
     needles = [needle_text(rng, s, v, wording) for s, v in zip(subjects, values, strict=True)]
     question = question_text(rng, subjects[0], wording)

@@ -14,7 +14,7 @@ import uuid
 
 from pdllm.prompt import QUESTION_TEMPLATE
 from pdllm.tasks.haystack import fill, insert_needles, noise_sentences, prose_sentences
-from pdllm.tasks.sample import Sample, TokenCounter
+from pdllm.tasks.sample import Sample, TokenCounter, needle_depth
 
 RETRIEVE_PREFIX = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -46,7 +46,7 @@ def _digit_task(
 ) -> Sample:
     rng = random.Random(f"{task}:{length}:{seed}")
     value = str(rng.randrange(10 ** (digits - 1), 10**digits))
-    depth = rng.random() if depth is None else depth
+    depth = needle_depth(rng, depth)
     needle = needle_fmt.format(value=value)
     budget = length - _fixed_cost(count, question, RETRIEVE_PREFIX + "\n\n", needle + " ")
     units = fill(_haystack(rng, haystack, split), budget, count)
@@ -94,7 +94,7 @@ def kv_retrieval(
     """A JSON object of random UUID pairs filled to `length`; the question names one key at `depth`."""
     rng = random.Random(f"kv_retrieval:{length}:{seed}")
     new_uuid = lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    depth = rng.random() if depth is None else depth
+    depth = needle_depth(rng, depth)
     probe_key = new_uuid()
     question = KV_QUESTION.format(key=probe_key)
     budget = length - _fixed_cost(count, question, KV_PREFIX + "\n\nJSON data:\n{}")

@@ -11,7 +11,7 @@ import re
 
 from pdllm.prompt import QUESTION_TEMPLATE
 from pdllm.tasks.haystack import fill, insert_needles, prose_sentences
-from pdllm.tasks.sample import Sample, TokenCounter
+from pdllm.tasks.sample import Sample, TokenCounter, needle_depth
 
 PREFIX = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -69,7 +69,7 @@ def niah(
     taken: set[str] = set()
     keys = [_key(rng, taken) for _ in range(num_keys)]
     values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
-    depth = rng.random() if depth is None else depth
+    depth = needle_depth(rng, depth)
     depths = [depth] + [rng.random() for _ in keys[1:]]
     needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
     question = QUESTION.format(key=keys[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,6 +12,13 @@ TokenCounter = Callable[[str], int]
 def byte_counter(text: str) -> int:
     """Tokens of the bundled byte-level tokenizer: one per UTF-8 byte."""
     return len(text.encode("utf-8"))
+
+
+def needle_depth(rng: random.Random, depth: float | None) -> float:
+    """The queried needle's depth: `depth` when given (a sweep), else a draw from `rng`. The draw happens either way,
+    so a sweep's sample at every depth holds the same needles, values and wording as the sample drawn without one."""
+    drawn = rng.random()
+    return drawn if depth is None else depth
 
 
 def tokenizer_counter(tokenizer) -> TokenCounter:
