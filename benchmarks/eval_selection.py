@@ -1,11 +1,15 @@
 """Chunk selection on the bundled model: top-K hit rate of the needle's chunk and answer accuracy, summary vs draft
-scoring, reuse vs joint selected KV, with the needle in the trained passkey wording and in other words.
+scoring, reuse vs joint selected KV, with the needle in the trained passkey wording, in other words, or of any task.
 
-Samples are InfiniteBench passkey prompts over held-out prose (the task's instruction kept apart); the "other"
-wording replaces the needle sentence and the question by a paraphrase the model never saw in training. A hit means
-a chunk holding part of the needle sentence is among the top-K. Every sample runs in every cell, chunk KV shared.
+"trained" and "other" samples are InfiniteBench passkey prompts over held-out prose (the task's instruction kept
+apart); "other" replaces the needle sentence and the question by a paraphrase the model never saw in training. Any
+task name (kv_retrieval, heldout_wording, ...) takes that task's own sample; its needle is the queried fact's
+sentence (facts tasks) or the answer's first place in the context (the rest: for kv_retrieval, the queried pair's
+value). A hit means a chunk holding part of the needle is among the top-K. Every sample runs in every cell, chunk KV
+shared.
 
     python benchmarks/eval_selection.py --cells 8192:4,32768:2 --out benchmarks/results/selection
+    python benchmarks/eval_selection.py --wordings kv_retrieval,heldout_wording --chunk-size 256 --cells 16384:8
 """
 
 from __future__ import annotations
@@ -32,17 +36,33 @@ from pdllm.tasks import make_sample, score, tokenizer_counter
 
 TRAINED = ("The pass key is {v}. Remember it. {v} is the pass key.", "What is the pass key?")
 OTHER = ("Keep this in mind: the secret code for the vault is {v}.", "What is the secret code for the vault?")
+PASSKEY_WORDINGS = ("trained", "other")
+
+
+def byte_span(context: str, text: str) -> tuple[int, int]:
+    """Byte offsets of the first `text` in `context` (chunks are cut in tokens, bytes for the bundled tokenizer)."""
+    start = len(context[: context.index(text)].encode())
+    return start, start + len(text.encode())
+
+
+def task_of(wording: str) -> str:
+    """The task whose metric scores a `wording` row."""
+    return "passkey" if wording in PASSKEY_WORDINGS else wording
 
 
 def sample_in(lm, length: int, seed: int, wording: str):
-    """(instruction, context, question, value, needle byte span) of one passkey sample in `wording`."""
-    s = make_sample("passkey", length, seed, tokenizer_counter(lm.tokenizer), haystack="prose", split="heldout")
+    """(instruction, context, question, value, needle byte span) of one sample in `wording`."""
+    count = tokenizer_counter(lm.tokenizer)
+    if wording not in PASSKEY_WORDINGS:
+        s = make_sample(wording, length, seed, count)
+        needle = s.meta["needles"][0] if "needles" in s.meta else s.answers[0]  # facts: the queried fact's sentence
+        return s.instruction, s.context, s.question, s.answers[0], byte_span(s.context, needle)
+    s = make_sample("passkey", length, seed, count, haystack="prose", split="heldout")
     value = s.answers[0]
     needle, question = TRAINED if wording == "trained" else OTHER
     trained_needle = TRAINED[0].format(v=value)
     context = s.context.replace(trained_needle, needle.format(v=value))
-    start = len(context[: context.index(needle.format(v=value))].encode())
-    return s.instruction, context, question, value, (start, start + len(needle.format(v=value).encode()))
+    return s.instruction, context, question, value, byte_span(context, needle.format(v=value))
 
 
 def answer(lm, req, chunks, picked, method, sampler, instruction) -> str:
@@ -85,7 +105,7 @@ def run(lm, cells, wordings, chunk, top_k, seed, partial: str | None = None) -> 
                         rows.append({
                             "length": length, "wording": wording, "sample": i, "scoring": scoring,
                             "selected_kv": selected_kv, "hit": bool(set(picked) & needle_chunks),
-                            "score": score("passkey", text, (value,)), "answer": text, "gold": value,
+                            "score": score(task_of(wording), text, (value,)), "answer": text, "gold": value,
                             "picked": picked, "needle_chunks": sorted(needle_chunks), "rank_ms": round(rank_ms, 1),
                         })  # fmt: skip
                 print(f"  {length} {wording} sample {i}: " + " ".join(
@@ -98,7 +118,7 @@ def run(lm, cells, wordings, chunk, top_k, seed, partial: str | None = None) -> 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["length  wording  scoring  n   hit%  acc% reuse  acc% joint  rank ms"]
+    lines = ["length  wording         scoring  n   hit%  acc% reuse  acc% joint  rank ms"]
     keys = sorted(
         {(r["length"], r["wording"], r["scoring"]) for r in rows},
         key=lambda k: (k[0], k[1] != "trained", k[2] != "summary"),
@@ -112,7 +132,7 @@ def table(rows: list[dict]) -> str:
         acc_j = 100 * sum(r["score"] for r in joint) / max(len(joint), 1)
         ms = sum(r["rank_ms"] for r in reuse) / len(reuse)
         lines.append(
-            f"{length:<7} {wording:<8} {scoring:<8} {len(reuse):<3} {hit:5.0f} {acc_r:10.0f} {acc_j:11.0f} {ms:8.0f}"
+            f"{length:<7} {wording:<15} {scoring:<8} {len(reuse):<3} {hit:5.0f} {acc_r:10.0f} {acc_j:11.0f} {ms:8.0f}"
         )
     return "\n".join(lines)
 
@@ -120,7 +140,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="8192:4,32768:2", help="length:samples per wording, comma separated")
-    ap.add_argument("--wordings", default="trained,other")
+    ap.add_argument("--wordings", default="trained,other", help="trained, other (passkey) or task names")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=7)
