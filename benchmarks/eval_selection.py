@@ -25,13 +25,14 @@ from pdllm.decode_node.engine import instruction_first
 
 from pdllm.assets import default_model_dir
 from pdllm.engine import engine_for
+from pdllm.evaluation.runner import sampler_for
 from pdllm.method import ChunkCache, MethodConfig, split_chunks
 from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
 from pdllm.method.ranking import rank
 from pdllm.models.loader import load_model
 from pdllm.prompt import encode_request
-from pdllm.sampler import SamplerConfig, strip_after_eos
+from pdllm.sampler import strip_after_eos
 from pdllm.tasks import make_sample, score, tokenizer_counter
 
 TRAINED = ("The pass key is {v}. Remember it. {v} is the pass key.", "What is the pass key?")
@@ -81,21 +82,23 @@ def answer(lm, req, chunks, picked, method, sampler, instruction) -> str:
     return lm.tokenizer.decode(strip_after_eos(out.tokens, spec.eos_token_ids, spec.mask_token_id))
 
 
-def run(lm, cells, wordings, chunk, top_k, seed, partial: str | None = None) -> list[dict]:
+def run(
+    lm, cells, wordings, chunk, top_k, seed, partial: str | None = None, scorings=("summary", "draft")
+) -> list[dict]:
     """Every row; after each sample the rows so far go to `partial` (a run cut short keeps what it measured)."""
-    sampler = SamplerConfig(gen_length=16, block_length=16, steps=16, threshold=0.9)
     rows = []
     for length, samples in cells:
         for wording in wordings:
             for i in range(samples):
                 instruction, context, question, value, (lo, hi) = sample_in(lm, length, seed * 1000 + i, wording)
+                sampler = sampler_for(task_of(wording), 0.9)  # pdllm eval's: the task's answer span, threshold 0.9
                 needle_chunks = set(range(lo // chunk, (hi - 1) // chunk + 1))
                 req = encode_request(lm.tokenizer, context, question, 1 << 20, instruction)
                 base = MethodConfig(chunk_size=chunk, top_k=top_k)
                 cache = ChunkCache()
                 chunks = cache.get_or_encode(lm, split_chunks(req.context_ids, chunk), base, lm.model_id).chunks
                 instr = instruction_kv(lm, req.instruction_ids, cache, lm.model_id)
-                for scoring in ("summary", "draft"):
+                for scoring in scorings:
                     t0 = time.perf_counter()
                     picked, _ = rank(lm, req.question_ids, chunks, replace(base, scoring=scoring), instr)
                     rank_ms = 1000 * (time.perf_counter() - t0)
@@ -108,8 +111,9 @@ def run(lm, cells, wordings, chunk, top_k, seed, partial: str | None = None) -> 
                             "score": score(task_of(wording), text, (value,)), "answer": text, "gold": value,
                             "picked": picked, "needle_chunks": sorted(needle_chunks), "rank_ms": round(rank_ms, 1),
                         })  # fmt: skip
+                latest = rows[-2 * len(scorings) :]
                 print(f"  {length} {wording} sample {i}: " + " ".join(
-                    f"{r['scoring'][0]}{r['selected_kv'][0]}={int(r['hit'])}/{r['score']:g}" for r in rows[-4:]
+                    f"{r['scoring'][0]}{r['selected_kv'][0]}={int(r['hit'])}/{r['score']:g}" for r in latest
                 ), flush=True)  # fmt: skip
                 if partial:
                     with open(partial, "w") as f:
@@ -143,6 +147,7 @@ def main() -> None:
     ap.add_argument("--wordings", default="trained,other", help="trained, other (passkey) or task names")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--scorings", default="summary,draft", help="draft costs minutes a sample on a CPU at 8K")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.txt")
@@ -150,7 +155,9 @@ def main() -> None:
     lm = load_model(default_model_dir(), device=args.device)
     cells = [tuple(int(x) for x in c.split(":")) for c in args.cells.split(",")]
     partial = args.out + ".partial.json" if args.out else None
-    rows = run(lm, cells, args.wordings.split(","), args.chunk_size, args.top_k, args.seed, partial)
+    rows = run(
+        lm, cells, args.wordings.split(","), args.chunk_size, args.top_k, args.seed, partial, args.scorings.split(",")
+    )
     text = table(rows)
     print(text)
     if args.out:

@@ -40,6 +40,7 @@ def test_the_needle_span_holds_the_queried_value_in_the_tokens_that_are_chunked(
 def test_a_task_row_is_scored_by_its_own_metric_and_counts_a_hit_only_on_the_needle_chunk(selection, bundled):
     rows = selection.run(bundled, [(1200, 1)], ["kv_retrieval"], chunk=256, top_k=2, seed=0)
     assert len(rows) == 4  # summary / draft scoring x reuse / joint KV
+    assert len(selection.run(bundled, [(1200, 1)], ["facts"], 256, 2, 0, scorings=("summary",))) == 2
     for r in rows:
         assert r["hit"] == bool(set(r["picked"]) & set(r["needle_chunks"]))
         assert r["score"] == score("kv_retrieval", r["answer"], (r["gold"],))
