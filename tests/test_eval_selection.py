@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from benchmark_scripts import load_benchmark
 
 from pdllm.assets import default_model_dir
 from pdllm.models.loader import load_model
@@ -15,11 +13,7 @@ from pdllm.tasks import score
 
 @pytest.fixture(scope="module")
 def selection():
-    path = Path(__file__).parents[1] / "benchmarks" / "eval_selection.py"
-    spec = importlib.util.spec_from_file_location("eval_selection", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("eval_selection")
 
 
 @pytest.fixture(scope="module")

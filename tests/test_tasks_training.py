@@ -514,14 +514,9 @@ def test_value_tokens_know_the_key_they_sit_under_and_the_key_loss_reads_it(chun
 
 
 def _pointer_probe():
-    import importlib.util
-    from pathlib import Path
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).parents[1] / "benchmarks" / "pointer_probe.py"
-    spec = importlib.util.spec_from_file_location("pointer_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pointer_probe")
 
 
 def test_the_pointer_probe_heads_see_positions_only_through_their_rotary_part():
