@@ -5,8 +5,8 @@ scoring, reuse vs joint selected KV, with the needle in the trained passkey word
 apart); "other" replaces the needle sentence and the question by a paraphrase the model never saw in training. Any
 task name (kv_retrieval, heldout_wording, ...) takes that task's own sample; its needle is the queried fact's
 sentence (facts tasks) or the answer's first place in the context (the rest: for kv_retrieval, the queried pair's
-value). A hit means a chunk holding part of the needle is among the top-K. Every sample runs in every cell, chunk KV
-shared.
+value). A hit means a chunk holding part of the needle is among the top-K, a whole hit that every chunk holding part
+of it is (a value cut by a chunk border needs both chunks). Every sample runs in every cell, chunk KV shared.
 
     python benchmarks/eval_selection.py --cells 8192:4,32768:2 --out benchmarks/results/selection
     python benchmarks/eval_selection.py --wordings kv_retrieval,heldout_wording --chunk-size 256 --cells 16384:8
@@ -108,6 +108,7 @@ def run(
                         rows.append({
                             "length": length, "wording": wording, "sample": i, "scoring": scoring,
                             "selected_kv": selected_kv, "hit": bool(set(picked) & needle_chunks),
+                            "whole_hit": needle_chunks <= set(picked),
                             "score": score(task_of(wording), text, (value,)), "answer": text, "gold": value,
                             "picked": picked, "needle_chunks": sorted(needle_chunks), "rank_ms": round(rank_ms, 1),
                         })  # fmt: skip
@@ -122,7 +123,7 @@ def run(
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["length  wording         scoring  n   hit%  acc% reuse  acc% joint  rank ms"]
+    lines = ["length  wording         scoring  n   hit%  whole%  acc% reuse  acc% joint  rank ms"]
     keys = sorted(
         {(r["length"], r["wording"], r["scoring"]) for r in rows},
         key=lambda k: (k[0], k[1] != "trained", k[2] != "summary"),
@@ -132,11 +133,13 @@ def table(rows: list[dict]) -> str:
         reuse = [r for r in cell if r["selected_kv"] == "reuse"]
         joint = [r for r in cell if r["selected_kv"] == "joint"]
         hit = 100 * sum(r["hit"] for r in reuse) / len(reuse)
+        whole = 100 * sum(r["whole_hit"] for r in reuse) / len(reuse)
         acc_r = 100 * sum(r["score"] for r in reuse) / len(reuse)
         acc_j = 100 * sum(r["score"] for r in joint) / max(len(joint), 1)
         ms = sum(r["rank_ms"] for r in reuse) / len(reuse)
         lines.append(
-            f"{length:<7} {wording:<15} {scoring:<8} {len(reuse):<3} {hit:5.0f} {acc_r:10.0f} {acc_j:11.0f} {ms:8.0f}"
+            f"{length:<7} {wording:<15} {scoring:<8} {len(reuse):<3} {hit:5.0f} {whole:7.0f}"
+            f" {acc_r:10.0f} {acc_j:11.0f} {ms:8.0f}"
         )
     return "\n".join(lines)
 

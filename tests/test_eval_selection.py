@@ -37,5 +37,6 @@ def test_a_task_row_is_scored_by_its_own_metric_and_counts_a_hit_only_on_the_nee
     assert len(selection.run(bundled, [(1200, 1)], ["facts"], 256, 2, 0, scorings=("summary",))) == 2
     for r in rows:
         assert r["hit"] == bool(set(r["picked"]) & set(r["needle_chunks"]))
+        assert r["whole_hit"] == set(r["needle_chunks"]).issubset(r["picked"]) and r["hit"] >= r["whole_hit"]
         assert r["score"] == score("kv_retrieval", r["answer"], (r["gold"],))
     assert "kv_retrieval" in selection.table(rows)
