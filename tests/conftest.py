@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `python -m pytest` puts the checkout's root first on sys.path, where the top-level folders kernels/ and proto/
+# shadow the PyPI packages of those names (transformers 5.25 imports `kernels`, the Hugging Face kernel hub, with its
+# models). The project is installed under pdllm (pdllm.kernels, pdllm.proto): nothing needs the root on the path.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
 
 
 @pytest.fixture(scope="session")
