@@ -26,7 +26,7 @@ from pdllm.decode_node.engine import instruction_first
 from pdllm.assets import default_model_dir
 from pdllm.engine import engine_for
 from pdllm.evaluation.runner import sampler_for
-from pdllm.method import ChunkCache, MethodConfig, split_chunks
+from pdllm.method import ChunkCache, MethodConfig, chunk_context
 from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
 from pdllm.method.ranking import rank
@@ -82,8 +82,26 @@ def answer(lm, req, chunks, picked, method, sampler, instruction) -> str:
     return lm.tokenizer.decode(strip_after_eos(out.tokens, spec.eos_token_ids, spec.mask_token_id))
 
 
+def chunks_holding(pieces: list[list[int]], lo: int, hi: int) -> set[int]:
+    """Indices of the chunks that hold any of tokens [lo, hi) of the context the chunks were cut from."""
+    out, start = set(), 0
+    for i, piece in enumerate(pieces):
+        if start < hi and lo < start + len(piece):
+            out.add(i)
+        start += len(piece)
+    return out
+
+
 def run(
-    lm, cells, wordings, chunk, top_k, seed, partial: str | None = None, scorings=("summary", "draft")
+    lm,
+    cells,
+    wordings,
+    chunk,
+    top_k,
+    seed,
+    partial: str | None = None,
+    scorings=("summary", "draft"),
+    chunking: str = "text",
 ) -> list[dict]:
     """Every row; after each sample the rows so far go to `partial` (a run cut short keeps what it measured)."""
     rows = []
@@ -92,11 +110,12 @@ def run(
             for i in range(samples):
                 instruction, context, question, value, (lo, hi) = sample_in(lm, length, seed * 1000 + i, wording)
                 sampler = sampler_for(task_of(wording), 0.9)  # pdllm eval's: the task's answer span, threshold 0.9
-                needle_chunks = set(range(lo // chunk, (hi - 1) // chunk + 1))
                 req = encode_request(lm.tokenizer, context, question, 1 << 20, instruction)
-                base = MethodConfig(chunk_size=chunk, top_k=top_k)
+                base = MethodConfig(chunk_size=chunk, top_k=top_k, chunking=chunking)
+                pieces = chunk_context(lm.tokenizer, req.context_ids, base)
+                needle_chunks = chunks_holding(pieces, lo, hi)
                 cache = ChunkCache()
-                chunks = cache.get_or_encode(lm, split_chunks(req.context_ids, chunk), base, lm.model_id).chunks
+                chunks = cache.get_or_encode(lm, pieces, base, lm.model_id).chunks
                 instr = instruction_kv(lm, req.instruction_ids, cache, lm.model_id)
                 for scoring in scorings:
                     t0 = time.perf_counter()
@@ -150,6 +169,7 @@ def main() -> None:
     ap.add_argument("--wordings", default="trained,other", help="trained, other (passkey) or task names")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--chunking", choices=["text", "fixed"], default="text", help="where chunks end (MethodConfig)")
     ap.add_argument("--scorings", default="summary,draft", help="draft costs minutes a sample on a CPU at 8K")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,9 +178,8 @@ def main() -> None:
     lm = load_model(default_model_dir(), device=args.device)
     cells = [tuple(int(x) for x in c.split(":")) for c in args.cells.split(",")]
     partial = args.out + ".partial.json" if args.out else None
-    rows = run(
-        lm, cells, args.wordings.split(","), args.chunk_size, args.top_k, args.seed, partial, args.scorings.split(",")
-    )
+    wordings, scorings = args.wordings.split(","), args.scorings.split(",")
+    rows = run(lm, cells, wordings, args.chunk_size, args.top_k, args.seed, partial, scorings, args.chunking)
     text = table(rows)
     print(text)
     if args.out:

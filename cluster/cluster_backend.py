@@ -35,7 +35,7 @@ class ClusterBackend:
         self.handle, self.router = handle, handle.router
         cfg = handle.config
         self.name = name or Path(cfg.model_dir).name
-        self.defaults = {"mode": MODES[0], "chunk_size": cfg.chunk_size, "top_k": cfg.top_k}
+        self.defaults = {"mode": MODES[0], "chunk_size": cfg.chunk_size, "chunking": cfg.chunking, "top_k": cfg.top_k}
         self.defaults.update(keep_ratio=cfg.keep_ratio, keep_question_kv=cfg.keep_question_kv)
         self.defaults.update(generation_defaults(cfg.model_dir))  # how the model decodes a request that does not say
         self._closed = False

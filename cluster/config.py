@@ -17,7 +17,7 @@ from pdllm.cluster.kv.collective_group import KV_TRANSPORTS
 from pdllm.decode_node.engine import EngineConfig, parse_buckets
 
 from pdllm.errors import PdllmError
-from pdllm.method.config import MIN_CHUNK_SIZE, MethodConfig
+from pdllm.method.config import CHUNKINGS, MIN_CHUNK_SIZE, MethodConfig
 
 RAY_LOCAL = "local"
 
@@ -45,6 +45,9 @@ class ClusterConfig:
     cpus_per_actor: float = 1.0
     # Context tokens per chunk (each encoded once as [BOS] + chunk): the unit of reuse and of selection.
     chunk_size: int = 512
+    # Where chunks end: "text" (at a sentence, clause or word border in each chunk's last half, so a sentence or a
+    # JSON pair is not cut in two) or "fixed" (every chunk_size tokens).
+    chunking: str = "text"
     # Chunks each question attends to (top-K by predicted relevance).
     top_k: int = 8
     # Fraction of each selected chunk's tokens kept per layer and KV head, in (0, 1].
@@ -120,6 +123,8 @@ class ClusterConfig:
             raise ConfigError(f"cpus_per_actor must be > 0, got {self.cpus_per_actor}")
         if self.chunk_size < MIN_CHUNK_SIZE:
             raise ConfigError(f"chunk_size must be >= {MIN_CHUNK_SIZE}, got {self.chunk_size}")
+        if self.chunking not in CHUNKINGS:
+            raise ConfigError(f"chunking must be one of {', '.join(CHUNKINGS)}, got {self.chunking!r}")
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -141,6 +146,7 @@ class ClusterConfig:
         """The default method parameters of requests that do not set their own."""
         return MethodConfig(
             chunk_size=self.chunk_size,
+            chunking=self.chunking,
             top_k=self.top_k,
             keep_ratio=self.keep_ratio,
             keep_question_kv=self.keep_question_kv,

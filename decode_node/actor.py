@@ -280,6 +280,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
             "selected_chunk_indices": picked,
             "scoring": cfg.scoring,
             "selected_kv": cfg.selected_kv,
+            "chunking": cfg.chunking,
             "fetched_local_cache": len(need) - where["node"] - where["remote"],
             "fetched_same_node": where["node"],
             "fetched_remote": where["remote"],

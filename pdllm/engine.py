@@ -22,7 +22,7 @@ from torch import Tensor
 
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, instruction_first
 from pdllm.errors import InvalidRequest
-from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
+from pdllm.method import ChunkCache, MethodConfig, chunk_context, chunk_id
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
@@ -210,7 +210,7 @@ def sparse_tokens(
 ) -> tuple[list[int], dict]:
     """Chunk (cached), rank, select, denoise on the engine; returns the raw generated tokens and the statistics."""
     t0 = time.perf_counter()
-    chunks = split_chunks(req.context_ids, method.chunk_size)
+    chunks = chunk_context(lm.tokenizer, req.context_ids, method)
     found = cache.get_or_encode(lm, chunks, method, lm.model_id)
     instruction = instruction_kv(lm, req.instruction_ids, cache, lm.model_id)
     t1 = time.perf_counter()
@@ -249,6 +249,7 @@ def sparse_tokens(
         "top_k_clamped": method.top_k > len(chunks),
         "selected_chunk_indices": picked,
         "chunk_size": method.chunk_size,
+        "chunking": method.chunking,
         "keep_ratio": method.keep_ratio,
         "use_bos": method.use_bos,
         "context_tokens_selected": sum(len(found.chunks[i].tokens) for i in picked),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fpdllm_api.proto\x12\x08pdllm.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xea\x04\n\x10GenerationParams\x12\x17\n\ngen_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x62lock_length\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\tthreshold\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04mode\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x17\n\nchunk_size\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x17\n\nkeep_ratio\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x16\n\tremasking\x18\n \x01(\tH\t\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\n\x88\x01\x01\x12\x14\n\x07scoring\x18\x0c \x01(\tH\x0b\x88\x01\x01\x12\x18\n\x0bselected_kv\x18\r \x01(\tH\x0c\x88\x01\x01\x12\x18\n\x0binstruction\x18\x0e \x01(\tH\r\x88\x01\x01\x12\x13\n\x06preset\x18\x0f \x01(\tH\x0e\x88\x01\x01\x12\x1d\n\x10keep_question_kv\x18\x10 \x01(\x08H\x0f\x88\x01\x01\x42\r\n\x0b_gen_lengthB\x0f\n\r_block_lengthB\x08\n\x06_stepsB\x0e\n\x0c_temperatureB\x0c\n\n_thresholdB\x07\n\x05_modeB\r\n\x0b_chunk_sizeB\x08\n\x06_top_kB\r\n\x0b_keep_ratioB\x0c\n\n_remaskingB\x07\n\x05_seedB\n\n\x08_scoringB\x0e\n\x0c_selected_kvB\x0e\n\x0c_instructionB\t\n\x07_presetB\x13\n\x11_keep_question_kv\"\x83\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x0c\x12\x10\n\x08question\x18\x02 \x01(\x0c\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdllm.v1.GenerationParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x97\x02\n\x0fGenerationStats\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x16\n\x0eprefill_chunks\x18\x03 \x01(\x05\x12\x15\n\rreused_chunks\x18\x04 \x01(\x05\x12\x17\n\x0fselected_chunks\x18\x05 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\x05\x12\x17\n\x0fquestion_tokens\x18\x07 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x08 \x01(\x05\x12\x15\n\rtotal_seconds\x18\t \x01(\x01\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12&\n\x05\x65xtra\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\"`\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12(\n\x05stats\x18\x03 \x01(\x0b\x32\x19.pdllm.v1.GenerationStats\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"k\n\x0fPrefillProgress\x12\x13\n\x0b\x64one_chunks\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_chunks\x18\x02 \x01(\x05\x12\x15\n\rreused_chunks\x18\x03 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x05\"_\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x14\n\x0cpartial_text\x18\x03 \x01(\t\x12\x17\n\x0funmasked_tokens\x18\x04 \x01(\x05\"\xd2\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06queued\x18\x02 \x01(\x0b\x32\x10.pdllm.v1.QueuedH\x00\x12,\n\x07prefill\x18\x03 \x01(\x0b\x32\x19.pdllm.v1.PrefillProgressH\x00\x12%\n\x04step\x18\x04 \x01(\x0b\x32\x15.pdllm.v1.DenoiseStepH\x00\x12+\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1a.pdllm.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x89\x01\n\x08\x42\x61tchJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x07\x63ontext\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0c\x64ocument_ref\x18\x03 \x01(\tH\x00\x12\x10\n\x08question\x18\x04 \x01(\x0c\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.pdllm.v1.GenerationParamsB\x08\n\x06source\"(\n\x08\x44ocument\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"\xa3\x01\n\x12SubmitBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12 \n\x04jobs\x18\x02 \x03(\x0b\x32\x12.pdllm.v1.BatchJob\x12%\n\tdocuments\x18\x03 \x03(\x0b\x32\x12.pdllm.v1.Document\x12\x32\n\x0e\x64\x65\x66\x61ult_params\x18\x04 \x01(\x0b\x32\x1a.pdllm.v1.GenerationParams\"\xa6\x01\n\x0b\x42\x61tchStatus\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0f\n\x07pending\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0c\n\x04\x64one\x18\x06 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x05\x12\x11\n\tcancelled\x18\x08 \x01(\x05\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\"L\n\x13SubmitBatchResponse\x12$\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x15.pdllm.v1.BatchStatus\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x81\x01\n\tJobResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.pdllm.v1.GenerationStats\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\"[\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_results\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\"s\n\x10GetBatchResponse\x12$\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x15.pdllm.v1.BatchStatus\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.pdllm.v1.JobResult\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x05\"#\n\x12ListBatchesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"=\n\x13ListBatchesResponse\x12&\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x15.pdllm.v1.BatchStatus\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"J\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\'\n\x06\x64\x65tail\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x12\n\x10ModelInfoRequest\"\x97\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05modes\x18\x04 \x03(\t\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\'\n\x06\x64\x65tail\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb4\x04\n\x05Pdllm\x12\x41\n\x08Generate\x12\x19.pdllm.v1.GenerateRequest\x1a\x1a.pdllm.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.pdllm.v1.GenerateRequest\x1a\x17.pdllm.v1.GenerateEvent0\x01\x12J\n\x0bSubmitBatch\x12\x1c.pdllm.v1.SubmitBatchRequest\x1a\x1d.pdllm.v1.SubmitBatchResponse\x12\x41\n\x08GetBatch\x12\x19.pdllm.v1.GetBatchRequest\x1a\x1a.pdllm.v1.GetBatchResponse\x12J\n\x0bListBatches\x12\x1c.pdllm.v1.ListBatchesRequest\x1a\x1d.pdllm.v1.ListBatchesResponse\x12\x42\n\x0b\x43\x61ncelBatch\x12\x1c.pdllm.v1.CancelBatchRequest\x1a\x15.pdllm.v1.BatchStatus\x12;\n\x06Health\x12\x17.pdllm.v1.HealthRequest\x1a\x18.pdllm.v1.HealthResponse\x12\x44\n\tModelInfo\x12\x1a.pdllm.v1.ModelInfoRequest\x1a\x1b.pdllm.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fpdllm_api.proto\x12\x08pdllm.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x8e\x05\n\x10GenerationParams\x12\x17\n\ngen_length\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x62lock_length\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x16\n\tthreshold\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04mode\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x17\n\nchunk_size\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x07\x88\x01\x01\x12\x17\n\nkeep_ratio\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x16\n\tremasking\x18\n \x01(\tH\t\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\n\x88\x01\x01\x12\x14\n\x07scoring\x18\x0c \x01(\tH\x0b\x88\x01\x01\x12\x18\n\x0bselected_kv\x18\r \x01(\tH\x0c\x88\x01\x01\x12\x18\n\x0binstruction\x18\x0e \x01(\tH\r\x88\x01\x01\x12\x13\n\x06preset\x18\x0f \x01(\tH\x0e\x88\x01\x01\x12\x1d\n\x10keep_question_kv\x18\x10 \x01(\x08H\x0f\x88\x01\x01\x12\x15\n\x08\x63hunking\x18\x11 \x01(\tH\x10\x88\x01\x01\x42\r\n\x0b_gen_lengthB\x0f\n\r_block_lengthB\x08\n\x06_stepsB\x0e\n\x0c_temperatureB\x0c\n\n_thresholdB\x07\n\x05_modeB\r\n\x0b_chunk_sizeB\x08\n\x06_top_kB\r\n\x0b_keep_ratioB\x0c\n\n_remaskingB\x07\n\x05_seedB\n\n\x08_scoringB\x0e\n\x0c_selected_kvB\x0e\n\x0c_instructionB\t\n\x07_presetB\x13\n\x11_keep_question_kvB\x0b\n\t_chunking\"\x83\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x0c\x12\x10\n\x08question\x18\x02 \x01(\x0c\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdllm.v1.GenerationParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x97\x02\n\x0fGenerationStats\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x16\n\x0eprefill_chunks\x18\x03 \x01(\x05\x12\x15\n\rreused_chunks\x18\x04 \x01(\x05\x12\x17\n\x0fselected_chunks\x18\x05 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x06 \x01(\x05\x12\x17\n\x0fquestion_tokens\x18\x07 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x08 \x01(\x05\x12\x15\n\rtotal_seconds\x18\t \x01(\x01\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12&\n\x05\x65xtra\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\"`\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12(\n\x05stats\x18\x03 \x01(\x0b\x32\x19.pdllm.v1.GenerationStats\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"k\n\x0fPrefillProgress\x12\x13\n\x0b\x64one_chunks\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_chunks\x18\x02 \x01(\x05\x12\x15\n\rreused_chunks\x18\x03 \x01(\x05\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x05\"_\n\x0b\x44\x65noiseStep\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x14\n\x0cpartial_text\x18\x03 \x01(\t\x12\x17\n\x0funmasked_tokens\x18\x04 \x01(\x05\"\xd2\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06queued\x18\x02 \x01(\x0b\x32\x10.pdllm.v1.QueuedH\x00\x12,\n\x07prefill\x18\x03 \x01(\x0b\x32\x19.pdllm.v1.PrefillProgressH\x00\x12%\n\x04step\x18\x04 \x01(\x0b\x32\x15.pdllm.v1.DenoiseStepH\x00\x12+\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1a.pdllm.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x89\x01\n\x08\x42\x61tchJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\x07\x63ontext\x18\x02 \x01(\x0cH\x00\x12\x16\n\x0c\x64ocument_ref\x18\x03 \x01(\tH\x00\x12\x10\n\x08question\x18\x04 \x01(\x0c\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.pdllm.v1.GenerationParamsB\x08\n\x06source\"(\n\x08\x44ocument\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\"\xa3\x01\n\x12SubmitBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12 \n\x04jobs\x18\x02 \x03(\x0b\x32\x12.pdllm.v1.BatchJob\x12%\n\tdocuments\x18\x03 \x03(\x0b\x32\x12.pdllm.v1.Document\x12\x32\n\x0e\x64\x65\x66\x61ult_params\x18\x04 \x01(\x0b\x32\x1a.pdllm.v1.GenerationParams\"\xa6\x01\n\x0b\x42\x61tchStatus\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0f\n\x07pending\x18\x04 \x01(\x05\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0c\n\x04\x64one\x18\x06 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x05\x12\x11\n\tcancelled\x18\x08 \x01(\x05\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\"L\n\x13SubmitBatchResponse\x12$\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x15.pdllm.v1.BatchStatus\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x81\x01\n\tJobResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12(\n\x05stats\x18\x04 \x01(\x0b\x32\x19.pdllm.v1.GenerationStats\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\"[\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_results\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x05\"s\n\x10GetBatchResponse\x12$\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x15.pdllm.v1.BatchStatus\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.pdllm.v1.JobResult\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x05\"#\n\x12ListBatchesRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"=\n\x13ListBatchesResponse\x12&\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x15.pdllm.v1.BatchStatus\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"J\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\'\n\x06\x64\x65tail\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x12\n\x10ModelInfoRequest\"\x97\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05modes\x18\x04 \x03(\t\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\'\n\x06\x64\x65tail\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct2\xb4\x04\n\x05Pdllm\x12\x41\n\x08Generate\x12\x19.pdllm.v1.GenerateRequest\x1a\x1a.pdllm.v1.GenerateResponse\x12\x46\n\x0eGenerateStream\x12\x19.pdllm.v1.GenerateRequest\x1a\x17.pdllm.v1.GenerateEvent0\x01\x12J\n\x0bSubmitBatch\x12\x1c.pdllm.v1.SubmitBatchRequest\x1a\x1d.pdllm.v1.SubmitBatchResponse\x12\x41\n\x08GetBatch\x12\x19.pdllm.v1.GetBatchRequest\x1a\x1a.pdllm.v1.GetBatchResponse\x12J\n\x0bListBatches\x12\x1c.pdllm.v1.ListBatchesRequest\x1a\x1d.pdllm.v1.ListBatchesResponse\x12\x42\n\x0b\x43\x61ncelBatch\x12\x1c.pdllm.v1.CancelBatchRequest\x1a\x15.pdllm.v1.BatchStatus\x12;\n\x06Health\x12\x17.pdllm.v1.HealthRequest\x1a\x18.pdllm.v1.HealthResponse\x12\x44\n\tModelInfo\x12\x1a.pdllm.v1.ModelInfoRequest\x1a\x1b.pdllm.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,51 +33,51 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdllm_api_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATIONPARAMS']._serialized_start=60
-  _globals['_GENERATIONPARAMS']._serialized_end=678
-  _globals['_GENERATEREQUEST']._serialized_start=681
-  _globals['_GENERATEREQUEST']._serialized_end=812
-  _globals['_GENERATIONSTATS']._serialized_start=815
-  _globals['_GENERATIONSTATS']._serialized_end=1094
-  _globals['_GENERATERESPONSE']._serialized_start=1096
-  _globals['_GENERATERESPONSE']._serialized_end=1192
-  _globals['_QUEUED']._serialized_start=1194
-  _globals['_QUEUED']._serialized_end=1220
-  _globals['_PREFILLPROGRESS']._serialized_start=1222
-  _globals['_PREFILLPROGRESS']._serialized_end=1329
-  _globals['_DENOISESTEP']._serialized_start=1331
-  _globals['_DENOISESTEP']._serialized_end=1426
-  _globals['_GENERATEEVENT']._serialized_start=1429
-  _globals['_GENERATEEVENT']._serialized_end=1639
-  _globals['_BATCHJOB']._serialized_start=1642
-  _globals['_BATCHJOB']._serialized_end=1779
-  _globals['_DOCUMENT']._serialized_start=1781
-  _globals['_DOCUMENT']._serialized_end=1821
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=1824
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=1987
-  _globals['_BATCHSTATUS']._serialized_start=1990
-  _globals['_BATCHSTATUS']._serialized_end=2156
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=2158
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=2234
-  _globals['_JOBRESULT']._serialized_start=2237
-  _globals['_JOBRESULT']._serialized_end=2366
-  _globals['_GETBATCHREQUEST']._serialized_start=2368
-  _globals['_GETBATCHREQUEST']._serialized_end=2459
-  _globals['_GETBATCHRESPONSE']._serialized_start=2461
-  _globals['_GETBATCHRESPONSE']._serialized_end=2576
-  _globals['_LISTBATCHESREQUEST']._serialized_start=2578
-  _globals['_LISTBATCHESREQUEST']._serialized_end=2613
-  _globals['_LISTBATCHESRESPONSE']._serialized_start=2615
-  _globals['_LISTBATCHESRESPONSE']._serialized_end=2676
-  _globals['_CANCELBATCHREQUEST']._serialized_start=2678
-  _globals['_CANCELBATCHREQUEST']._serialized_end=2716
-  _globals['_HEALTHREQUEST']._serialized_start=2718
-  _globals['_HEALTHREQUEST']._serialized_end=2733
-  _globals['_HEALTHRESPONSE']._serialized_start=2735
-  _globals['_HEALTHRESPONSE']._serialized_end=2809
-  _globals['_MODELINFOREQUEST']._serialized_start=2811
-  _globals['_MODELINFOREQUEST']._serialized_end=2829
-  _globals['_MODELINFORESPONSE']._serialized_start=2832
-  _globals['_MODELINFORESPONSE']._serialized_end=2983
-  _globals['_PDLLM']._serialized_start=2986
-  _globals['_PDLLM']._serialized_end=3550
+  _globals['_GENERATIONPARAMS']._serialized_end=714
+  _globals['_GENERATEREQUEST']._serialized_start=717
+  _globals['_GENERATEREQUEST']._serialized_end=848
+  _globals['_GENERATIONSTATS']._serialized_start=851
+  _globals['_GENERATIONSTATS']._serialized_end=1130
+  _globals['_GENERATERESPONSE']._serialized_start=1132
+  _globals['_GENERATERESPONSE']._serialized_end=1228
+  _globals['_QUEUED']._serialized_start=1230
+  _globals['_QUEUED']._serialized_end=1256
+  _globals['_PREFILLPROGRESS']._serialized_start=1258
+  _globals['_PREFILLPROGRESS']._serialized_end=1365
+  _globals['_DENOISESTEP']._serialized_start=1367
+  _globals['_DENOISESTEP']._serialized_end=1462
+  _globals['_GENERATEEVENT']._serialized_start=1465
+  _globals['_GENERATEEVENT']._serialized_end=1675
+  _globals['_BATCHJOB']._serialized_start=1678
+  _globals['_BATCHJOB']._serialized_end=1815
+  _globals['_DOCUMENT']._serialized_start=1817
+  _globals['_DOCUMENT']._serialized_end=1857
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=1860
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=2023
+  _globals['_BATCHSTATUS']._serialized_start=2026
+  _globals['_BATCHSTATUS']._serialized_end=2192
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=2194
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=2270
+  _globals['_JOBRESULT']._serialized_start=2273
+  _globals['_JOBRESULT']._serialized_end=2402
+  _globals['_GETBATCHREQUEST']._serialized_start=2404
+  _globals['_GETBATCHREQUEST']._serialized_end=2495
+  _globals['_GETBATCHRESPONSE']._serialized_start=2497
+  _globals['_GETBATCHRESPONSE']._serialized_end=2612
+  _globals['_LISTBATCHESREQUEST']._serialized_start=2614
+  _globals['_LISTBATCHESREQUEST']._serialized_end=2649
+  _globals['_LISTBATCHESRESPONSE']._serialized_start=2651
+  _globals['_LISTBATCHESRESPONSE']._serialized_end=2712
+  _globals['_CANCELBATCHREQUEST']._serialized_start=2714
+  _globals['_CANCELBATCHREQUEST']._serialized_end=2752
+  _globals['_HEALTHREQUEST']._serialized_start=2754
+  _globals['_HEALTHREQUEST']._serialized_end=2769
+  _globals['_HEALTHRESPONSE']._serialized_start=2771
+  _globals['_HEALTHRESPONSE']._serialized_end=2845
+  _globals['_MODELINFOREQUEST']._serialized_start=2847
+  _globals['_MODELINFOREQUEST']._serialized_end=2865
+  _globals['_MODELINFORESPONSE']._serialized_start=2868
+  _globals['_MODELINFORESPONSE']._serialized_end=3019
+  _globals['_PDLLM']._serialized_start=3022
+  _globals['_PDLLM']._serialized_end=3586
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerationParams(_message.Message):
-    __slots__ = ("gen_length", "block_length", "steps", "temperature", "threshold", "mode", "chunk_size", "top_k", "keep_ratio", "remasking", "seed", "scoring", "selected_kv", "instruction", "preset", "keep_question_kv")
+    __slots__ = ("gen_length", "block_length", "steps", "temperature", "threshold", "mode", "chunk_size", "top_k", "keep_ratio", "remasking", "seed", "scoring", "selected_kv", "instruction", "preset", "keep_question_kv", "chunking")
     GEN_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class GenerationParams(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     KEEP_QUESTION_KV_FIELD_NUMBER: _ClassVar[int]
+    CHUNKING_FIELD_NUMBER: _ClassVar[int]
     gen_length: int
     block_length: int
     steps: int
@@ -41,7 +42,8 @@ class GenerationParams(_message.Message):
     instruction: str
     preset: str
     keep_question_kv: bool
-    def __init__(self, gen_length: _Optional[int] = ..., block_length: _Optional[int] = ..., steps: _Optional[int] = ..., temperature: _Optional[float] = ..., threshold: _Optional[float] = ..., mode: _Optional[str] = ..., chunk_size: _Optional[int] = ..., top_k: _Optional[int] = ..., keep_ratio: _Optional[float] = ..., remasking: _Optional[str] = ..., seed: _Optional[int] = ..., scoring: _Optional[str] = ..., selected_kv: _Optional[str] = ..., instruction: _Optional[str] = ..., preset: _Optional[str] = ..., keep_question_kv: _Optional[bool] = ...) -> None: ...
+    chunking: str
+    def __init__(self, gen_length: _Optional[int] = ..., block_length: _Optional[int] = ..., steps: _Optional[int] = ..., temperature: _Optional[float] = ..., threshold: _Optional[float] = ..., mode: _Optional[str] = ..., chunk_size: _Optional[int] = ..., top_k: _Optional[int] = ..., keep_ratio: _Optional[float] = ..., remasking: _Optional[str] = ..., seed: _Optional[int] = ..., scoring: _Optional[str] = ..., selected_kv: _Optional[str] = ..., instruction: _Optional[str] = ..., preset: _Optional[str] = ..., keep_question_kv: _Optional[bool] = ..., chunking: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("context", "question", "params", "model", "request_id")

@@ -64,10 +64,10 @@ def test_generate_returns_answer_and_stats(client, backend):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_engine_mode_is_served_with_chunk_stats(client, mode):
-    params = {**SMALL, "mode": mode, "chunk_size": 32, "top_k": 2}
+    params = {**SMALL, "mode": mode, "chunk_size": 32, "chunking": "fixed", "top_k": 2}
     stats = client.generate(CONTEXT * 4, "What is the pass key?", params)["stats"]
     assert stats["mode"] == mode and stats["steps"] == 8
-    if mode == "sparse":  # 576 context tokens in chunks of 32: every chunk encoded once, two selected
+    if mode == "sparse":  # 576 context tokens in fixed chunks of 32: every chunk encoded once, two selected
         assert stats["prefill_chunks"] + stats["reused_chunks"] == 18 and stats["selected_chunks"] == 2
 
 
@@ -300,6 +300,22 @@ def test_instruction_scoring_and_presets_are_request_parameters(client):
         with pytest.raises(ApiError) as err:
             client.generate(CONTEXT, "What is the pass key?", {**SMALL, **bad})
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details
+    still_serving(client)
+
+
+def test_chunking_is_a_request_parameter_that_reaches_the_engine(client):
+    """Text chunks end at sentence borders (more, shorter chunks than fixed ones here); a bad value is refused."""
+    params = {**SMALL, "mode": "sparse", "chunk_size": 32, "top_k": 2}
+    text = client.generate(CONTEXT * 4, "What is the pass key?", params)["stats"]  # the default
+    fixed = client.generate(CONTEXT * 4, "What is the pass key?", {**params, "chunking": "fixed"})["stats"]
+    assert (text["chunking"], fixed["chunking"]) == ("text", "fixed")
+    assert fixed["chunks"] == -(-fixed["context_tokens"] // 32) < text["chunks"]
+    with pytest.raises(ApiError) as err:
+        client.generate(CONTEXT, "What is the pass key?", {**params, "chunking": "sentences"})
+    assert (
+        err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        and "chunking must be one of text, fixed" in err.value.details
+    )
     still_serving(client)
 
 

@@ -15,7 +15,7 @@ from pdllm.cluster.kv.jobs import PrefillJob
 from pdllm.cluster.runtime import start_cluster
 
 from pdllm.engine import generate
-from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
+from pdllm.method import ChunkCache, MethodConfig, chunk_context, chunk_id
 from pdllm.prompt import encode_request
 from pdllm.sampler import SamplerConfig
 
@@ -56,7 +56,7 @@ def test_answer_equals_the_in_process_sparse_answer(cluster, lm):
     assert (
         stats["chunks"]
         == want.stats["chunks"]
-        == len(split_chunks(encode_request(lm.tokenizer, DOC, "q").context_ids, 32))
+        == len(chunk_context(lm.tokenizer, encode_request(lm.tokenizer, DOC, "q").context_ids, METHOD))
     )
     assert stats["prefill_chunks"] == stats["chunks"] and stats["reused_chunks"] == 0
     assert stats["selected_chunks"] == METHOD.top_k and stats["request_id"] == "r1"
@@ -90,14 +90,14 @@ def test_concurrent_requests_for_one_new_document_prefill_each_chunk_once(cluste
     for t in threads:
         t.join(timeout=120)
     assert not errors and len(results) == 3
-    chunks = split_chunks(encode_request(lm.tokenizer, doc, "q").context_ids, METHOD.chunk_size)
+    chunks = chunk_context(lm.tokenizer, encode_request(lm.tokenizer, doc, "q").context_ids, METHOD)
     unique = {chunk_id(lm.model_id, c, METHOD.chunk_size, METHOD.use_bos) for c in chunks}
     assert sum(r["stats"]["prefill_chunks"] for r in results) == len(unique)
 
 
 def test_two_prefill_actors_racing_on_the_same_chunks_encode_each_once(cluster, lm):
     tokens = encode_request(lm.tokenizer, "A brand new text about racing actors. " * 6, "q").context_ids
-    chunks = split_chunks(tokens, METHOD.chunk_size)
+    chunks = chunk_context(lm.tokenizer, tokens, METHOD)
     job = PrefillJob.of(lm.model_id, chunks, METHOD)
     outs = ray.get([slot.handle.prefill.remote(job) for slot in cluster.router.prefill], timeout=60)
     encoded = [set(o.encoded) for o in outs]

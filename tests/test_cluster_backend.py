@@ -166,6 +166,7 @@ def test_health_and_model_info_render_as_pdllm_status_shows_them(client, server)
     assert info["defaults"] == {
         "mode": "sparse",
         "chunk_size": 32,
+        "chunking": "text",
         "top_k": 2,
         "keep_ratio": 1.0,
         "keep_question_kv": False,

@@ -17,7 +17,7 @@ from pdllm.method import ChunkCache, MethodConfig, chunk_id, encode_chunks, spli
 from pdllm.prompt import encode_request
 from pdllm.sampler import SamplerConfig
 
-METHOD = MethodConfig(chunk_size=32, top_k=2, keep_ratio=1.0)
+METHOD = MethodConfig(chunk_size=32, chunking="fixed", top_k=2, keep_ratio=1.0)  # whole chunks: the store's unit
 SAMPLER = SamplerConfig(gen_length=16, block_length=16, steps=8)
 DOC_A = " ".join(f"Alpha {i}: the vault number is {4000 + 13 * i}." for i in range(3))
 DOC_B = " ".join(f"Beta {i}: the river is {['Nile', 'Rhine', 'Po'][i % 3]} number {i}." for i in range(3))
@@ -47,6 +47,7 @@ def cluster(nodes, tiny_llada, lm):
         num_decode_actors=1,
         cpus_per_actor=0.5,
         chunk_size=METHOD.chunk_size,
+        chunking=METHOD.chunking,
         top_k=METHOD.top_k,
         keep_ratio=METHOD.keep_ratio,
         store_capacity_bytes=STORE_CHUNKS * chunk.nbytes(),

@@ -88,6 +88,7 @@ def test_bad_files_are_rejected_with_the_reason(tmp_path, text, message):
         ({"decode_gpus_per_actor": 1.5}, "decode_gpus_per_actor must be 0, a fraction"),
         ({"cpus_per_actor": 0}, "cpus_per_actor must be > 0"),
         ({"chunk_size": 8}, "chunk_size must be >= 16"),
+        ({"chunking": "sentences"}, "chunking must be one of text, fixed"),
         ({"keep_ratio": 0.0}, "keep_ratio must be in"),
         ({"redis_url": "localhost:6379"}, "redis_url must start with"),
         ({"store_capacity_bytes": -1}, "store_capacity_bytes must be >= 0"),

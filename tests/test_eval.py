@@ -82,3 +82,4 @@ def test_dense_baselines_past_the_models_length_are_reported_not_run(tmp_path, c
     assert "maximum length 4096" in rows["prefix"]["skipped"]
     assert rows["sparse"]["n"] == 1 and rows["sparse"]["accuracy"] is not None
     assert "n/a" in capsys.readouterr().out
+    assert doc["method"]["chunk_size"] == 256 and doc["method"]["chunking"] == "text"  # what ran, defaults included

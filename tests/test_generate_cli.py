@@ -10,9 +10,13 @@ from pdllm.cluster.api.in_process import InProcessBackend
 from pdllm.cluster.api.server import ApiServer, ApiServerConfig
 
 from pdllm.cli import main
+from pdllm.method import MethodConfig, chunk_context
+from pdllm.models.tokenizer import build_byte_tokenizer
+from pdllm.prompt import encode_request
 
 SMALL = ["--gen-length", "8", "--block-length", "8", "--steps", "8"]
 CONTEXT = "The pass key is 71432. Remember it. " * 6
+TOKENIZER = build_byte_tokenizer()  # the tiny models' tokenizer
 
 
 @pytest.mark.timeout(240)
@@ -28,7 +32,9 @@ def test_default_path_is_the_embedded_cluster(tiny_llada, capsys):
     stats = out["stats"]
     # the answer came from a decode actor, over chunks a prefill actor encoded for this request
     assert stats["decode_actor"].startswith("pdllm-decode-")
-    assert stats["chunks"] == stats["prefill_chunks"] >= 2 and stats["reused_chunks"] == 0
+    chunks = chunk_context(TOKENIZER, encode_request(TOKENIZER, CONTEXT, "q").context_ids, MethodConfig(chunk_size=32))
+    assert stats["chunks"] == len(chunks) == stats["prefill_chunks"] + stats["reused_chunks"]  # cut at text borders
+    assert stats["prefill_chunks"] == len({tuple(c) for c in chunks}) >= 2  # a repeated chunk is encoded once
     assert stats["selected_chunks"] == 2 and stats["generated_tokens"] == 8
     assert isinstance(out["answer"], str)
 
@@ -159,8 +165,13 @@ def test_presets_are_shown_in_help_and_explicit_flags_win(capsys):
     apply_preset(args)
     fill_defaults(args, None)
     assert (args.chunk_size, args.top_k, args.scoring, args.selected_kv) == (1024, 2, "draft", "joint")
+    assert args.chunking == "fixed"  # the paper cuts fixed chunks
     assert (args.gen_length, args.block_length, args.steps, args.threshold) == (32, 32, 32, 0.9)
     args = parser.parse_args(["generate", "--question", "q"])
     apply_preset(args)  # no preset: nothing set here; fill_defaults gives the built-in defaults, as before presets
     fill_defaults(args, None)
     assert (args.chunk_size, args.top_k, args.scoring, args.gen_length, args.threshold) == (512, 8, "summary", 64, None)
+    assert args.chunking == "text"
+    args = parser.parse_args(["generate", "--preset", "paper", "--chunking", "text", "--question", "q"])
+    apply_preset(args)
+    assert args.chunking == "text"  # the flag over the preset

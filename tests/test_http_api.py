@@ -128,9 +128,10 @@ def test_system_message_is_the_instruction_kept_before_the_context(oai, backend)
 def test_dllm_knobs_are_extra_fields(oai):
     knobs = {"block_length": 8, "steps": 8, "threshold": 0.9, "mode": "sparse", "chunk_size": 32, "top_k": 2}
     out = oai.chat.completions.create(model="tiny", messages=chat_messages(context=CONTEXT * 4), max_tokens=8,
-                                      extra_body={**knobs, "keep_ratio": 0.5})  # fmt: skip
+                                      extra_body={**knobs, "keep_ratio": 0.5, "chunking": "fixed"})  # fmt: skip
     stats = out.model_extra["pdllm"]
     assert stats["mode"] == "sparse" and stats["chunk_size"] == 32 and stats["top_k"] == 2
+    assert stats["chunking"] == "fixed"
     assert stats["keep_ratio"] == 0.5 and stats["selected_chunks"] == 2 and stats["steps"] <= 8
 
 

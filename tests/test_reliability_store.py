@@ -25,7 +25,7 @@ from pdllm.cluster.runtime import start_cluster
 from reliability_cluster import one_actor_per_node, role_nodes
 
 from pdllm.engine import generate
-from pdllm.method import ChunkCache, MethodConfig, chunk_id, split_chunks
+from pdllm.method import ChunkCache, MethodConfig, chunk_context, chunk_id
 from pdllm.prompt import encode_request
 from pdllm.sampler import SamplerConfig
 
@@ -74,7 +74,7 @@ def ask(backend, question: str, doc: str = DOC, params: dict = PARAMS) -> dict:
 
 
 def holder_of_doc(backend, lm, doc: str = DOC) -> set[str]:
-    chunks = split_chunks(encode_request(lm.tokenizer, doc, "q").context_ids, METHOD.chunk_size)
+    chunks = chunk_context(lm.tokenizer, encode_request(lm.tokenizer, doc, "q").context_ids, METHOD)
     ids = [chunk_id(lm.model_id, c, METHOD.chunk_size, True) for c in chunks]
     return {e.holder for e in backend.router.index.lookup(ids).values()}
 
@@ -134,7 +134,7 @@ def test_broken_transfers_are_retried_or_the_chunks_prefilled_on_another_holder(
 
 
 def _selected_chunks(lm, result: dict) -> list[list[int]]:
-    chunks = split_chunks(encode_request(lm.tokenizer, DOC, "q").context_ids, METHOD.chunk_size)
+    chunks = chunk_context(lm.tokenizer, encode_request(lm.tokenizer, DOC, "q").context_ids, METHOD)
     return [chunks[i] for i in result["stats"]["selected_chunk_indices"]]
 
 

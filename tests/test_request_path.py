@@ -30,7 +30,9 @@ def served(tiny_llada, tmp_path_factory):
         "max_queued_per_decode_actor": 5,
         "redis_data_dir": str(tmp_path_factory.mktemp("kv")),
     }
-    path = small_cluster_yaml(tmp_path_factory.mktemp("cfg"), tiny_llada, chunk_size=CHUNK, top_k=TOP_K, limits=limits)
+    path = small_cluster_yaml(
+        tmp_path_factory.mktemp("cfg"), tiny_llada, chunk_size=CHUNK, chunking="fixed", top_k=TOP_K, limits=limits
+    )
     backend = ClusterBackend.from_config(path)
     # limits above the defaults: a request within them must be served, not refused by a second default check
     api_limits = ApiLimits(max_top_k=4096, max_gen_length=2048)
@@ -69,7 +71,7 @@ def test_one_request_reads_the_index_once_hashes_once_checks_once(served):
     print("first request (every chunk new):", first)
     n_chunks = got["stats"]["chunks"]
     assert n_chunks > 1 and got["stats"]["prefill_chunks"] == n_chunks
-    # the YAML's chunking is the requests' default: chunks of CHUNK tokens, TOP_K of them selected
+    # the YAML's chunking is the requests' default: fixed chunks of CHUNK tokens, TOP_K of them selected
     assert n_chunks == -(-got["stats"]["context_tokens"] // CHUNK) and got["stats"]["selected_chunks"] == TOP_K
     router, prefill, decode = first["router"], first["prefill"], first["decode"]
     assert router.get("params.complete") == 1  # the server's check, with its limits; no second one

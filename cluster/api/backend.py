@@ -50,6 +50,7 @@ def method_kwargs(generate: Callable, params: dict) -> dict:
         return {}
     method = MethodConfig(
         chunk_size=params["chunk_size"],
+        chunking=params.get("chunking", "text"),
         top_k=params["top_k"],
         keep_ratio=params["keep_ratio"],
         scoring=params.get("scoring", "summary"),

@@ -12,9 +12,9 @@ Responses carry pdllm's generation statistics (chunks prefilled and reused, step
 whole before the context, never chunked or dropped by selection.
 `max_tokens` (`max_completion_tokens`) is the answer length; when it is given without `block_length` and `steps`,
 the block is the largest divisor of it not above the default block and one token is unmasked per step (the default
-schedule, scaled). The dLLM knobs (steps, block_length, threshold, top_k, chunk_size, keep_ratio, mode, remasking,
-scoring, selected_kv, preset, keep_question_kv) are accepted as extra fields. Every other field is either one of
-OpenAI's with a neutral value, or a 400 naming it.
+schedule, scaled). The dLLM knobs (steps, block_length, threshold, top_k, chunk_size, chunking, keep_ratio, mode,
+remasking, scoring, selected_kv, preset, keep_question_kv) are accepted as extra fields. Every other field is either
+one of OpenAI's with a neutral value, or a 400 naming it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pdllm.cluster.api.params import DEFAULT_PARAMS
 from pdllm.errors import InvalidRequest
 
 DLLM_FIELDS = (
-    "steps", "block_length", "threshold", "top_k", "chunk_size", "keep_ratio", "mode", "remasking", "scoring",
-    "selected_kv", "preset", "keep_question_kv",
+    "steps", "block_length", "threshold", "top_k", "chunk_size", "chunking", "keep_ratio", "mode", "remasking",
+    "scoring", "selected_kv", "preset", "keep_question_kv",
 )  # fmt: skip
 # OpenAI fields accepted only with the value that asks for nothing this server would not do.
 NEUTRAL = {

@@ -2,7 +2,8 @@
 
 Keys (all optional in a request; `complete_params` fills the defaults):
   gen_length, block_length, steps (ints), temperature (>= 0), threshold (None or (0, 1]; set: parallel decoding),
-  mode (a backend mode), chunk_size, top_k (ints), keep_ratio ((0, 1]), remasking, seed, scoring (summary | draft),
+  mode (a backend mode), chunk_size, top_k (ints), chunking (text | fixed), keep_ratio ((0, 1]), remasking, seed,
+  scoring (summary | draft),
   selected_kv (reuse | joint), instruction (text kept whole before the context), and preset (paper | fast: its
   values fill every key the request leaves unset, see pdllm.method.presets), keep_question_kv (bool).
 The same dict is what `GenerationBackend.generate` receives, so a cluster adapter maps it without translation.
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass, replace
 
 from pdllm.errors import InvalidRequest
+from pdllm.method.config import CHUNKINGS, SCORINGS, SELECTED_KVS
 from pdllm.models.generation_defaults import request_defaults
 from pdllm.observability.counters import count
 from pdllm.sampler import SamplerConfig
@@ -26,6 +28,7 @@ DEFAULT_PARAMS: dict = {
     "threshold": None,
     "mode": "vanilla",
     "chunk_size": 512,
+    "chunking": "text",
     "top_k": 8,
     "keep_ratio": 1.0,
     "remasking": "low_confidence",
@@ -146,7 +149,7 @@ def complete_params(params: dict | None, modes: tuple[str, ...], limits: ApiLimi
     out["keep_ratio"] = _float(out, "keep_ratio", 0.0, 1.0, open_lo=True)
     if out["threshold"] is not None:
         out["threshold"] = _float(out, "threshold", 0.0, 1.0, open_lo=True)
-    for key, choices in (("scoring", ("summary", "draft")), ("selected_kv", ("reuse", "joint"))):
+    for key, choices in (("scoring", SCORINGS), ("selected_kv", SELECTED_KVS), ("chunking", CHUNKINGS)):
         if out[key] not in choices:
             raise InvalidRequest(f"{key} must be one of {', '.join(choices)}, got {out[key]!r}")
     if not isinstance(out["keep_question_kv"], bool):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdllm.method import MethodConfig, chunk_id, split_chunks
+from pdllm.method import MethodConfig, chunk_context, chunk_id
 from pdllm.prompt import encode_request
 
 
@@ -29,7 +29,7 @@ def assemble(
     max_context_tokens: int,
 ) -> Assembled:
     req = encode_request(tokenizer, context, question, max_context_tokens, instruction)
-    pieces = split_chunks(req.context_ids, method.chunk_size)
+    pieces = chunk_context(tokenizer, req.context_ids, method)
     ids = [chunk_id(model_id, c, method.chunk_size, method.use_bos) for c in pieces]
     return Assembled(
         question_ids=req.question_ids,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from pdllm import progress
     from pdllm.commands.generate import _cuda, check_device
     from pdllm.evaluation.report import plot_depth, summarize, table
-    from pdllm.evaluation.runner import EvalConfig, run_eval
+    from pdllm.evaluation.runner import EvalConfig, method_config, run_eval
     from pdllm.models.loader import load_model
     from pdllm.tasks import TASKS
 
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "config": {k: v for k, v in vars(args).items() if k != "func"},
+            "method": dataclasses.asdict(method_config(cfg)) if any(m != "vanilla" for m in cfg.modes) else None,
             "model": args.model,
             "model_id": lm.model_id,
             "device": str(lm.model.device),

@@ -30,6 +30,7 @@ PRESET_DEFAULTS = {
     "steps": 64,
     "threshold": None,
     "chunk_size": 512,
+    "chunking": "text",
     "top_k": 8,
     "keep_ratio": 1.0,
     "scoring": "summary",
@@ -159,6 +160,7 @@ def check_request(args: argparse.Namespace, context: str, mode: str, max_length:
         "threshold": args.threshold,
         "mode": mode,
         "chunk_size": args.chunk_size,
+        "chunking": args.chunking,
         "top_k": args.top_k,
         "keep_ratio": args.keep_ratio,
         "seed": args.seed,
@@ -247,6 +249,13 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
         help="; ".join(f"{name}: {describe(name)}" for name in sorted(PRESETS)) + " (explicit flags override it)",
     )
     g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default 512; --example: 256)")
+    g.add_argument(
+        "--chunking",
+        choices=["text", "fixed"],
+        default=None,
+        help="where chunks end: text (default: at a sentence, clause or word border in each chunk's last half, so "
+        "a sentence or a JSON pair is not cut) or fixed (every --chunk-size tokens)",
+    )
     g.add_argument("--top-k", type=int, default=None, help="chunks kept per question (default 8; --example: 4)")
     g.add_argument("--keep-ratio", type=float, default=None, help="fraction of a kept chunk's tokens kept (sparse)")
     g.add_argument(
@@ -271,6 +280,7 @@ def method_from_args(args: argparse.Namespace):
 
     return MethodConfig(
         chunk_size=args.chunk_size,
+        chunking=args.chunking,
         top_k=args.top_k,
         keep_ratio=args.keep_ratio,
         use_bos=not args.no_bos,

@@ -6,7 +6,7 @@ The cluster's prefill and decode actors call the same functions: `encode_chunks`
 
 from pdllm.method.chunk_cache import ChunkCache
 from pdllm.method.chunk_kv import ChunkKV
-from pdllm.method.chunks import chunk_id, split_chunks
+from pdllm.method.chunks import chunk_context, chunk_id, split_chunks
 from pdllm.method.config import MethodConfig
 from pdllm.method.prefill import encode_chunks
 from pdllm.method.selection import chunk_scores, rank_chunks
@@ -15,6 +15,7 @@ __all__ = [
     "ChunkCache",
     "ChunkKV",
     "MethodConfig",
+    "chunk_context",
     "chunk_id",
     "chunk_scores",
     "encode_chunks",

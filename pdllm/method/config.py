@@ -9,12 +9,14 @@ from pdllm.errors import InvalidRequest
 MIN_CHUNK_SIZE = 16
 SCORINGS = ("summary", "draft")  # how chunks are ranked (selection.py: key summaries; draft_scoring.py: likelihood)
 SELECTED_KVS = ("reuse", "joint")  # how the selected chunks are attended (decode.py: cached KV; joint.py: re-encoded)
+CHUNKINGS = ("text", "fixed")  # where chunks end (chunks.split_chunks): at a text border near the size, or at it
 MAX_DRAFT_TOKENS = 64
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    chunk_size: int = 512  # context tokens per chunk (a BOS anchor is added in front of each)
+    chunk_size: int = 512  # context tokens per chunk, at most (a BOS anchor is added in front of each)
+    chunking: str = "text"  # "text": end each chunk at a sentence, clause or word border in its last half; "fixed"
     top_k: int = 8  # chunks kept per question; more than the document has is clamped (and reported)
     keep_ratio: float = 1.0  # fraction of each kept chunk's tokens kept per layer and KV head (BOS always kept)
     use_bos: bool = True  # the BOS anchor per chunk; off only for the ablation
@@ -38,6 +40,8 @@ class MethodConfig:
             raise InvalidRequest(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         if self.scoring not in SCORINGS:
             raise InvalidRequest(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.chunking not in CHUNKINGS:
+            raise InvalidRequest(f"chunking must be one of {', '.join(CHUNKINGS)}, got {self.chunking!r}")
         if self.selected_kv not in SELECTED_KVS:
             raise InvalidRequest(f"selected_kv must be one of {', '.join(SELECTED_KVS)}, got {self.selected_kv!r}")
         for name in ("draft_tokens", "draft_rounds"):

@@ -1,6 +1,7 @@
-"""Named settings: `paper` (the authors' best LongBench run with Dream: chunk 1024 with BOS inside it, top-4,
-draft scoring, joint selected KV, one 32-token block, threshold 0.9) and `fast` (ours: chunk 512, top-8, summary
-scoring, cached chunk KV reused). One table, read by the CLI (`pdllm generate --preset`) and the API (`preset`)."""
+"""Named settings: `paper` (the authors' best LongBench run with Dream: fixed chunks of 1024 with BOS inside them,
+top-4, draft scoring, joint selected KV, one 32-token block, threshold 0.9) and `fast` (ours: chunks of up to 512
+ending at text borders, top-8, summary scoring, cached chunk KV reused). One table, read by the CLI (`pdllm generate
+--preset`) and the API (`preset`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ PRESETS: dict[str, dict] = {
     "paper": {
         "mode": "sparse",
         "chunk_size": 1024,
+        "chunking": "fixed",
         "top_k": 4,
         "keep_ratio": 1.0,
         "scoring": "draft",
@@ -22,6 +24,7 @@ PRESETS: dict[str, dict] = {
     "fast": {
         "mode": "sparse",
         "chunk_size": 512,
+        "chunking": "text",
         "top_k": 8,
         "keep_ratio": 1.0,
         "scoring": "summary",
