@@ -222,10 +222,11 @@ def test_smoke_train_on_the_varied_mix(tmp_path):
     assert meta["args"]["mix"] == "varied" and meta["step"] == 2
 
 
-def test_smoke_train_on_the_recall_wordings_mix(tmp_path):
+@pytest.mark.parametrize("mix", ["recall_wordings", "recall_text"])
+def test_smoke_train_on_the_recall_wordings_mixes(tmp_path, mix):
     from pdllm.training.train import main
 
-    args = ["--smoke", "--mix", "recall_wordings", "--stage", "1", "--out", str(tmp_path), "--workers", "0"]
+    args = ["--smoke", "--mix", mix, "--stage", "1", "--out", str(tmp_path), "--workers", "0"]
     assert main([*args, "--max-steps", "2", "--chunked-frac", "1"]) == 0
     log = json.loads((tmp_path / "state.json").read_text())["log"]
     assert all("rank" in e for e in log)  # every batch chunked: each one ranked across its rows
@@ -597,3 +598,29 @@ def test_the_recall_facts_mix_asks_facts_questions_in_every_stage_after_copy():
     assert long[2:] == facts[2:]
     lengths = stage_lengths(random.Random(0), long[1], 2048, 32768)
     assert max(lengths) > 900 and min(lengths) >= 600
+
+
+def test_text_chunked_rows_are_cut_as_the_engine_cuts_and_point_at_what_they_copy():
+    """recall_text rows: chunks end where `chunking: text` ends them, and every index (pointers, needle chunk, keys)
+    follows the uneven chunks."""
+    from pdllm.method import MethodConfig, chunk_context
+    from pdllm.models.tokenizer import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    stage = curriculum("recall_text")[1]
+    assert stage.name == "recall" and stage.text_chunks == 0.8
+    assert all(s.text_chunks == 0.8 for s in curriculum("recall_text"))
+    assert all(s.text_chunks == 0 for s in curriculum("recall_wordings"))
+    rng, uneven = random.Random(3), 0
+    for _ in range(12):
+        e = build_example(rng, 1200, True, stage.tasks, (128,), keys=(3, 3), queries=3, asking=stage.asking,
+                          wording=stage.wording, text_chunks=1.0)  # fmt: skip
+        chunks = [[t for t, s in zip(e.ids, e.seg, strict=True) if s == c][1:] for c in range(max(e.seg) + 1)]
+        context = [t for c in chunks for t in c]
+        assert chunks == chunk_context(tok, context, MethodConfig(chunk_size=128))
+        uneven += len({len(c) for c in chunks[:-1]}) > 1
+        assert e.pointer and all(e.ids[a] == e.ids[p] for a, p in zip(e.pointer_at, e.pointer, strict=True))
+        gold = bytes(e.ids[e.answer_start : e.answer_start + e.core_len - 1]).decode().strip()
+        assert gold in bytes(chunks[e.needle_seg]).decode()  # the whole answer in the recorded chunk
+        assert all(e.seg[lo] == e.seg[hi - 1] for lo, hi in e.key_span)  # a key never spans two chunks
+    assert uneven >= 10

@@ -11,7 +11,10 @@ the answer, for the chunk-ranking loss. Prose comes from the training split only
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
+import itertools
 import multiprocessing
 import random
 from dataclasses import dataclass, field
@@ -21,7 +24,9 @@ import torch
 from torch import Tensor
 
 from pdllm.errors import InvalidRequest
-from pdllm.models.tokenizer import BOS, EOS, PAD, special_ids
+from pdllm.method.boundaries import TextBreaks
+from pdllm.method.chunks import split_chunks
+from pdllm.models.tokenizer import BOS, EOS, PAD, build_byte_tokenizer, special_ids
 from pdllm.prompt import QUESTION_TEMPLATE
 from pdllm.tasks import HELDOUT_TASKS, TASKS, byte_counter, facts, infinitebench, ruler
 
@@ -74,6 +79,7 @@ class Stage:
     queries: int = 1  # questions per row of the `asking` tasks (build_example)
     asking: tuple[str, ...] = ASKED_TASKS  # ... and those tasks (KEYED_TASKS in the recall_facts mixes)
     wording: str = "train"  # facts rows' needles and questions: "train" templates or the "varied" grammar (facts.py)
+    text_chunks: float = 0.0  # share of chunked rows cut as `chunking: text` serves them (at text borders)
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
@@ -113,6 +119,7 @@ class Mix:
     asking: tuple[str, ...] = ASKED_TASKS
     wording: str = "train"
     rank_across_rows: bool = False  # the ranking loss's negatives: the row's own chunks, or every row's (objective.py)
+    text_chunks: float = 0.0  # every stage's Stage.text_chunks
 
 
 MIXES = {
@@ -126,6 +133,9 @@ MIXES = {
     "recall_wordings": Mix(
         VARIED_TASKS, 0.9, RECALL_WORDINGS_STAGE, 2, KEYED_TASKS, wording="varied", rank_across_rows=True
     ),
+    "recall_text": Mix(
+        VARIED_TASKS, 0.9, RECALL_WORDINGS_STAGE, 2, KEYED_TASKS, "varied", rank_across_rows=True, text_chunks=0.8
+    ),
 }
 
 
@@ -137,17 +147,19 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     row after it) or `reading` (recall with its key -> value stage kept to 80% of the time) or `recall_facts`
     (reading whose rows of facts, keyed by subject, are asked several questions too, with more kv rows) or
     `recall_facts_long` (its recall rows out to the training length) or `recall_wordings` (recall_facts_long with
-    facts in the `varied` grammar's wordings and the ranking loss across rows)."""
+    facts in the `varied` grammar's wordings and the ranking loss across rows) or `recall_text` (recall_wordings
+    with 80% of its chunked rows cut at text borders, as `chunking: text` serves contexts)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     m = MIXES[mix]
     later = {"queries": m.queries, "asking": m.asking, "wording": m.wording}
-    return (
+    stages = (
         COPY_STAGE,
         *((m.lookup,) if m.lookup else ()),
         Stage("tasks", m.tasks, 270, 768, (128, 256), 0.4, m.until, **later),
         Stage("long", m.tasks, 400, 0, (128, 256, 512), None, None, **later),
     )
+    return tuple(dataclasses.replace(s, text_chunks=m.text_chunks) for s in stages) if m.text_chunks else stages
 
 
 CURRICULUM = curriculum("official")
@@ -171,6 +183,17 @@ class Example:
     extra: list[tuple[int, int, int]] = field(default_factory=list)  # other questions' answers: (start, core, len)
     key_from: list[int] = field(default_factory=list)  # value tokens (context and answers) whose key is known ...
     key_span: list[tuple[int, int]] = field(default_factory=list)  # ... and that key's index range [lo, hi)
+
+
+@functools.cache
+def byte_tokenizer():
+    """The byte tokenizer, built once per process (data-loader workers each keep their own)."""
+    return build_byte_tokenizer()
+
+
+def byte_breaks() -> TextBreaks:
+    """The byte tokenizer's text borders (training rows cut as `chunking: text` serves them)."""
+    return TextBreaks.of(byte_tokenizer())
 
 
 def byte_ids(text: str) -> list[int]:
@@ -247,6 +270,7 @@ def build_example(
     queries: int = 1,
     asking: tuple[str, ...] = ASKED_TASKS,
     wording: str = "train",
+    text_chunks: float = 0.0,
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
@@ -255,7 +279,8 @@ def build_example(
     queries - 1 other keys of the same context, each question and answer placed where the engine places a lone one
     and attending only to the context and itself: answers that differ only by their key are what teach a small
     model to match it. Facts rows carry their subjects as keys (the key and match losses) only when asked, and are
-    worded from `wording`'s templates (facts.py)."""
+    worded from `wording`'s templates (facts.py). `text_chunks` of the chunked rows end their chunks at text borders
+    (pdllm.method.chunks.split_chunks), the rest every `size` tokens."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task in HELDOUT_TASKS:
@@ -291,23 +316,26 @@ def build_example(
             asked.append((question, " " + value, (value_at.get(raw, text.find(raw)), 1, len(raw))))
     if not chunked:
         ids, pos, seg = [BOS_ID] + ctx, list(range(1 + len(ctx))), [0] * (1 + len(ctx))
-        index, needle_seg = (lambda p: 1 + p), -1
+        index, chunk_of, needle_seg = (lambda p: 1 + p), (lambda p: 0), -1
     else:
         size = rng.choice(chunk_sizes)
+        text_cut = text_chunks > 0 and rng.random() < text_chunks  # no draw for mixes without text chunks
+        pieces = split_chunks(ctx, size, byte_breaks() if text_cut else None)
+        starts = list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=0))
         ids, pos, seg = [], [], []
-        for c, lo in enumerate(range(0, len(ctx), size)):
-            piece = [BOS_ID] + ctx[lo : lo + size]
-            ids += piece
-            pos += list(range(len(piece)))
-            seg += [c] * len(piece)
-        index = lambda p: (p // size) * (size + 1) + 1 + p % size  # noqa: E731
+        for c, piece in enumerate(pieces):
+            ids += [BOS_ID] + piece
+            pos += list(range(1 + len(piece)))
+            seg += [c] * (1 + len(piece))
+        chunk_of = lambda p: bisect.bisect_right(starts, p) - 1  # noqa: E731
+        index = lambda p: p + chunk_of(p) + 1  # noqa: E731  (one BOS before each chunk up to p's)
         at = asked[0][2][0]
-        needle_seg = at // size if at >= 0 else -1
+        needle_seg = chunk_of(at) if at >= 0 else -1
     start = max(pos) + 1  # dense: right after the context; chunked: after the longest chunk, as the sparse decoder
     key_from, key_span = [], []
     for ks, ke, vs, ve in pairs:  # a value token and its key in the same chunk: the key it sits under
         for p in range(vs, ve):
-            if not chunked or ks // size == (ke - 1) // size == p // size:
+            if chunk_of(ks) == chunk_of(ke - 1) == chunk_of(p):
                 key_from.append(index(p))
                 key_span.append((index(ks), index(ke - 1) + 1))
     key_of = {text[vs:ve]: text[ks:ke] for ks, ke, vs, ve in pairs}
@@ -459,6 +487,7 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
             queries=stage.queries,
             asking=stage.asking,
             wording=stage.wording,
+            text_chunks=stage.text_chunks,
         )
         e.pretrain = rng.random() < fracs[1]
         examples.append(e)
