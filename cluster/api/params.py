@@ -3,9 +3,9 @@
 Keys (all optional in a request; `complete_params` fills the defaults):
   gen_length, block_length, steps (ints), temperature (>= 0), threshold (None or (0, 1]; set: parallel decoding),
   mode (a backend mode), chunk_size, top_k (ints), chunking (text | fixed), keep_ratio ((0, 1]), remasking, seed,
-  scoring (summary | draft),
-  selected_kv (reuse | joint), instruction (text kept whole before the context), and preset (paper | fast: its
-  values fill every key the request leaves unset, see pdllm.method.presets), keep_question_kv (bool).
+  scoring (summary | draft), selected_kv (reuse | joint), instruction (text kept whole before the context), and
+  preset (paper | fast: its values fill every key the request leaves unset, see pdllm.method.presets),
+  keep_question_kv (bool).
 The same dict is what `GenerationBackend.generate` receives, so a cluster adapter maps it without translation.
 """
 

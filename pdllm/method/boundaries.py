@@ -1,4 +1,4 @@
-"""Where a chunk may end: the strength of the border before each context token, read off the tokenizer's vocabulary.
+"""Where a chunk may end: the strength of the border before each context token, read off the tokenizer's own tokens.
 
 A fixed-size cut lands inside a sentence, a JSON pair or a value about as often as such a span is long against the
 chunk size, and the two halves are then ranked apart: a needle whose second half's chunk is not selected is lost.
