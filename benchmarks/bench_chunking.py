@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +39,6 @@ BATCH = 8  # encode_chunks' default batch, as the prefill actor runs it
 
 def documents(tokens: int) -> dict[str, str]:
     """Prose and a JSON of pairs, each about `tokens` bytes."""
-    import random
-
     prose = " ".join(fill(prose_sentences(random.Random(0), "heldout"), tokens, byte_counter))
     return {"prose": prose, "kv_json": make_sample("kv_retrieval", tokens, 0, byte_counter).context}
 
