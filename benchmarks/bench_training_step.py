@@ -3,9 +3,12 @@ batches per second with its workers, and the model step at the real shape: the s
 a host read of the gradient norm, so host and device time add up) against the step as train.py runs it now (fused
 AdamW that skips a non-finite update on the device), and on a GPU the device's busy time per step. Batches come in
 fresh shapes, as the curriculum makes them, then the same shapes again (warm), so a per-shape host cost shows as
-the difference. `--mix recall` steps with the recall run's losses (pointer, key, match and ranking).
+the difference. A mix other than official steps with the chain's losses (pointer, key, match and ranking, across
+rows where the mix ranks so). `--variants` adds ways to run the same step (FlexAttention over the segments, compiled
+layers, both), each checked against the eager SDPA step (loss, gradients) and then timed on the batches it ran.
 
     python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
+    python benchmarks/bench_training_step.py --mix recall --variants sdpa,flex,sdpa+compile,flex+compile
     python benchmarks/bench_training_step.py --device cpu --tokens 4096 --steps 4 --shape small
 
 Prints a table of ms per batch (or step) and the ratio old / new measured in the same run.
@@ -21,12 +24,13 @@ import time
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from pdllm.training.data import PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
+from pdllm.training.data import MIXES, PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
 from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss
 from pdllm.training.optim import make_optimizer, step_if_finite
-from pdllm.training.train import TRAIN_ATTENTION, build_model
+from pdllm.training.train import TRAIN_ATTENTION, build_model, compile_blocks
 
-RECALL_LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
+# the losses of every run of the bundle's chain after the official run (benchmarks/reproduce_bundle.sh)
+CHAIN_LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
 
 
 def tensor_collate(examples: list[Example]) -> Batch:
@@ -129,35 +133,59 @@ def step_ms(
     return 1000 * (time.perf_counter() - t0) / len(batches)
 
 
-def flex_check(model, batch: Batch, device: torch.device, losses: dict) -> dict:
-    """The loss and gradients of one step with FlexAttention against SDPA (bf16 autocast on the GPU, the same
-    masking draw): the largest gradient difference relative to that tensor's largest SDPA gradient."""
-    from pdllm.training.flex import FlexMaskedAttention
+VARIANTS = ("sdpa", "flex", "sdpa+compile", "flex+compile")
 
+
+def attention_of(variant: str):
+    """The attention class a variant's step runs (training.flex for flex)."""
+    if variant.startswith("flex"):
+        from pdllm.training.flex import FlexMaskedAttention
+
+        return FlexMaskedAttention
+    return MaskedAttention
+
+
+def set_compiled(model, on: bool) -> None:
+    """Compile the model's blocks as train.py --compile does, or put the eager methods back."""
+    for block in model.layers:
+        block.__dict__.pop("project", None)
+        block.__dict__.pop("finish", None)
+    if on:
+        compile_blocks(model)
+
+
+def variant_check(model, batch: Batch, device: torch.device, losses: dict, variant: str) -> dict:
+    """The loss and gradients of one step of `variant` against the eager SDPA step (bf16 autocast on the GPU, the
+    same masking draw): the largest gradient difference relative to that tensor's largest SDPA gradient."""
     runs = []
-    for attention_class in (MaskedAttention, FlexMaskedAttention):
+    for name in ("sdpa", variant):
+        set_compiled(model, name.endswith("+compile"))
         model.zero_grad(set_to_none=True)
         gen = torch.Generator(device=device).manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             with sdpa_kernel(TRAIN_ATTENTION):
-                loss, _ = diffusion_loss(model, batch.to(device), 0.1, gen, attention_class=attention_class, **losses)
+                attention = attention_of(name)
+                loss, _ = diffusion_loss(model, batch.to(device), 0.1, gen, attention_class=attention, **losses)
                 loss.backward()
         runs.append(
             (float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None})
         )
-    (loss, grads), (flex_loss, flex_grads) = runs
-    worst = max(float((flex_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads.items())
-    return {"sdpa_loss": loss, "flex_loss": flex_loss, "max_rel_grad_diff": worst}
+    set_compiled(model, False)
+    (loss, grads), (v_loss, v_grads) = runs
+    worst = max(float((v_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads.items())
+    return {"sdpa_loss": loss, "variant_loss": v_loss, "max_rel_grad_diff": worst}
 
 
-def device_ms(model, batches: list[Batch], device: torch.device, losses: dict, kernels: int = 0) -> float:
+def device_ms(
+    model, batches: list[Batch], device: torch.device, losses: dict, kernels: int = 0, attention_class=MaskedAttention
+) -> float:
     """GPU busy time per step (the sum of its kernels' times, from the profiler) of the step as train.py runs it:
     against the step's wall time it says whether the host or the device sets the pace. `kernels` > 0 prints that
     many of the kernels with the most device time, with their share of it."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step_ms(model, batches, device, True, losses)
+        step_ms(model, batches, device, True, losses, attention_class)
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:kernels]:
@@ -178,20 +206,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-batches", type=int, default=10)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--loader-seconds", type=float, default=4.0)
-    p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa", help="flex: also check and time it")
+    p.add_argument("--variants", default="sdpa",
+                   help=f"comma list of {', '.join(VARIANTS)}: each checked against SDPA and timed on the same batches "
+                   "(flex: training.flex; +compile: train.py --compile)")  # fmt: skip
     p.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time per stage")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.attention == "flex" and device.type != "cuda":
-        p.error("--attention flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    if any(v.startswith("flex") for v in variants) and device.type != "cuda":
+        p.error("--variants flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
     rows = data_ms(args.mix, args.tokens, args.length, args.data_batches)
     stages = curriculum(args.mix)
     for stage in (1, len(stages) - 1):
         rate = loader_rate(args.mix, args.tokens, args.length, args.workers, args.loader_seconds, stage)
         rows.append({"what": f"loader {args.workers} workers, {stages[stage].name}", "batches_per_s": rate})
     model = build_model(args.shape, device)
-    losses = RECALL_LOSSES if args.mix == "recall" else {"rank_weight": 0.2}
+    losses = {"rank_weight": 0.2} if args.mix == "official" else CHAIN_LOSSES
+    losses = losses | {"rank_across_rows": MIXES[args.mix].rank_across_rows}
     for stage in (1, len(stages) - 1):
         # two disjoint sets of fresh shapes (one per variant, so neither sees the other's shapes first), each run
         # cold and then again warm
@@ -213,18 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         name = stages[stage].name
         rows.append({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
         rows.append({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
-        if args.attention == "flex":
-            from pdllm.training.flex import FlexMaskedAttention
-
-            rows.append({"what": f"flex check {name}", **flex_check(model, sets[1][0], device, losses)})
+        for variant in [v for v in args.variants.split(",") if v and v != "sdpa"]:
+            check = variant_check(model, sets[1][0], device, losses, variant)
+            rows.append({"what": f"{variant} check {name}", **check})
+            set_compiled(model, variant.endswith("+compile"))
             t0 = time.perf_counter()
-            step_ms(model, sets[1][:1], device, True, losses, FlexMaskedAttention)
-            rows.append({"what": f"flex first step {name} (compiles)", "seconds": time.perf_counter() - t0})
-            # the batches the SDPA step ran, first new to flex (but for the one it compiled on), then again
-            flex_cold = step_ms(model, sets[1], device, True, losses, FlexMaskedAttention)
-            flex_warm = step_ms(model, sets[1], device, True, losses, FlexMaskedAttention)
-            rows.append({"what": f"step {name}, fresh shapes, sdpa/flex", "old_ms": new_cold, "new_ms": flex_cold})
-            rows.append({"what": f"step {name}, shapes seen, sdpa/flex", "old_ms": new_warm, "new_ms": flex_warm})
+            step_ms(model, sets[0][:4], device, True, losses, attention_of(variant))  # compiles, then dynamic shapes
+            rows.append({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
+            # the batches the SDPA step ran, new to this variant, then again
+            cold = step_ms(model, sets[1], device, True, losses, attention_of(variant))
+            warm = step_ms(model, sets[1], device, True, losses, attention_of(variant))
+            rows.append({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
+            rows.append({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
+            if device.type == "cuda":
+                busy = device_ms(model, sets[1], device, losses, 0, attention_of(variant))
+                rows.append({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
+            set_compiled(model, False)
         if device.type == "cuda":
             if args.kernels:
                 print(f"kernels of the {name} step (share of GPU time, ms per step, launches per step):")
@@ -234,19 +272,19 @@ def main(argv: list[str] | None = None) -> int:
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), torch "
         f"{torch.__version__}, shape {args.shape}, {args.tokens} tokens per batch, mix {args.mix}"
     )
-    print(f"{'what':<40} {'old ms':>9} {'new ms':>9} {'old/new':>8}")
+    print(f"{'what':<48} {'old ms':>9} {'new ms':>9} {'old/new':>8}")
     for r in rows:
         if "batches_per_s" in r:
-            print(f"{r['what']:<40} {r['batches_per_s']:>9.1f} batches/s")
+            print(f"{r['what']:<48} {r['batches_per_s']:>9.1f} batches/s")
         elif "max_rel_grad_diff" in r:
-            print(f"{r['what']:<40} loss {r['sdpa_loss']:.4f} / {r['flex_loss']:.4f}, "
+            print(f"{r['what']:<48} loss {r['sdpa_loss']:.4f} / {r['variant_loss']:.4f}, "
                   f"max gradient difference {r['max_rel_grad_diff']:.2e} of the largest")  # fmt: skip
         elif "seconds" in r:
-            print(f"{r['what']:<40} {r['seconds']:>9.1f} s")
+            print(f"{r['what']:<48} {r['seconds']:>9.1f} s")
         elif "device_ms" in r:
-            print(f"{r['what']:<40} {r['device_ms']:>9.1f} of {r['wall_ms']:.1f} ms wall")
+            print(f"{r['what']:<48} {r['device_ms']:>9.1f} of {r['wall_ms']:.1f} ms wall")
         else:
-            print(f"{r['what']:<40} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}")
+            print(f"{r['what']:<48} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(

@@ -20,6 +20,7 @@ from pdllm.decode_node.engine import DecodeEngine, EngineConfig
 
 from pdllm.engine import VanillaDenoiser
 from pdllm.method import ChunkCache, MethodConfig, encode_chunks, split_chunks
+from pdllm.method.chunks import chunk_id
 from pdllm.method.prefix import PrefixDenoiser, encode_prefix
 from pdllm.models.loader import LoadedModel
 from pdllm.models.tiny import random_model, tiny_spec
@@ -78,6 +79,23 @@ def test_chunk_kv_equals_encoding_bos_plus_chunk_alone_despite_batch_padding():
         torch.testing.assert_close(c.k, torch.stack([k[0] for k, _ in alone]), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c.v, torch.stack([v[0] for _, v in alone]), rtol=1e-5, atol=1e-5)
         assert c.summary.numel() * c.summary.element_size() < 4096
+
+
+def test_uneven_chunks_batch_by_length_and_come_back_in_order(monkeypatch):
+    lm = tiny_lm("llada")
+    cfg = MethodConfig(chunk_size=16)
+    lengths = [16, 5, 15, 6, 16, 4, 14, 7]  # a text cut's uneven chunks, long and short interleaved
+    chunks = [ids(n, 10 + i) for i, n in enumerate(lengths)]
+    widths = []
+    forward = lm.model.forward
+    monkeypatch.setattr(lm.model, "forward", lambda x, **kw: widths.append(x.shape[1]) or forward(x, **kw))
+    kvs = encode_chunks(lm, chunks, cfg, lm.model_id, batch_size=4)
+    assert widths == [1 + 7, 1 + 16]  # the four shortest, then the four longest: 9 pad positions, not 45
+    assert [c.tokens for c in kvs] == chunks
+    assert [c.chunk_id for c in kvs] == [chunk_id(lm.model_id, c, 16, True) for c in chunks]
+    for c in kvs:
+        alone = forward(torch.tensor([[lm.spec.bos_token_id] + c.tokens]), return_kv=True, logits_from=None).kv
+        torch.testing.assert_close(c.k, torch.stack([k[0] for k, _ in alone]), rtol=1e-5, atol=1e-5)
 
 
 class ContextBlindToQuestion:

@@ -11,7 +11,7 @@ import torch
 
 from pdllm.models.tiny import random_model, tiny_spec
 from pdllm.training.data import attention_mask, build_example, collate, curriculum, make_batch
-from pdllm.training.flex import FlexMaskedAttention, block_mask
+from pdllm.training.flex import FlexMaskedAttention, allowed, block_mask
 from pdllm.training.objective import MaskedAttention, diffusion_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU: the reference
@@ -42,9 +42,21 @@ def test_the_block_mask_of_chunked_rows_skips_the_blocks_between_chunks():
     rows = [build_example(rng, 2000, True, {"passkey": 1.0}, chunk_sizes=(128,)) for _ in range(2)]
     batch = collate(rows)  # 2K-token rows in 16 chunks of 128
     mask = attention_mask(batch.seg, batch.full)
-    blocks = block_mask(mask)
+    blocks = block_mask(batch.seg, batch.full)
     assert torch.equal(blocks.to_dense().bool().flatten(), _blocks_touched(mask).flatten())
     assert blocks.sparsity() > 70  # percent of the blocks SDPA computes that flex skips
+
+
+@pytest.mark.parametrize("layout,seed", [("chunked", 5), ("prefix", 8), ("full", 7)])
+def test_the_flex_rule_is_the_dense_mask_at_every_query_and_key(layout, seed):
+    stage = curriculum("reading")[1]  # several questions per row, padding
+    batch = make_batch(random.Random(seed), stage, 2048, 1500, (1.0 if layout == "chunked" else 0.0, 0.0))
+    assert bool(batch.full.all()) == (layout == "full") and batch.seg.shape[0] > 1
+    b, t = batch.seg.shape
+    rule = allowed(batch.seg, batch.full)
+    grid = torch.meshgrid(torch.arange(b), torch.arange(t), torch.arange(t), indexing="ij")
+    dense = rule(grid[0], None, grid[1], grid[2])
+    assert torch.equal(dense[:, None], attention_mask(batch.seg, batch.full))
 
 
 def _blocks_touched(mask: torch.Tensor, size: int = 128) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Chunked prefill: each chunk is encoded on its own as [BOS] + chunk at chunk-local positions, in padded batches.
 
-A chunk's KV then depends on nothing but its tokens, so one encoding serves every request that contains it.
+A chunk's KV then depends on nothing but its tokens, so one encoding serves every request that contains it. Batches
+are filled in order of chunk length, so chunks of a text cut (which end at borders, 50-100% of the chunk size) are
+padded to a neighbour of about their own length rather than to the longest of eight in document order.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from pdllm.method.selection import summarize_keys, summary_layers
 from pdllm.models.attention import SelfAttention
 
 
+def prefill_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the chunks each prefill batch encodes: by length, shortest first (stable, so equal lengths keep
+    document order), `batch_size` at a time."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    step = max(1, batch_size)
+    return [order[lo : lo + step] for lo in range(0, len(order), step)]
+
+
 @torch.no_grad()
 def encode_chunks(
     lm,
@@ -23,16 +33,16 @@ def encode_chunks(
     batch_size: int = 8,
     chunk_ids: list[str] | None = None,
 ) -> list[ChunkKV]:
-    """Encode `chunks` (token lists without BOS) once each; returns one ChunkKV per chunk, in order. `chunk_ids`: their
-    chunk ids when the caller has them already (each chunk is hashed once per request)."""
+    """Encode `chunks` (token lists without BOS) once each; returns one ChunkKV per chunk, in the order given.
+    `chunk_ids`: their chunk ids when the caller has them already (each chunk is hashed once per request)."""
     cfg.validate(lm.spec.max_position)
     model, spec = lm.model, lm.spec
     bos = [spec.bos_token_id] if cfg.use_bos and spec.bos_token_id is not None else []
     pad = spec.pad_token_id if spec.pad_token_id is not None else 0
     layers = summary_layers(spec.num_layers)
-    out: list[ChunkKV] = []
-    for lo in range(0, len(chunks), max(1, batch_size)):
-        batch = [bos + list(c) for c in chunks[lo : lo + batch_size]]
+    out: list[ChunkKV | None] = [None] * len(chunks)
+    for members in prefill_batches([len(c) for c in chunks], batch_size):
+        batch = [bos + list(chunks[i]) for i in members]
         longest = max(len(r) for r in batch)
         ids = torch.tensor([r + [pad] * (longest - len(r)) for r in batch], device=model.device)
         lengths = torch.tensor([len(r) for r in batch], device=model.device)
@@ -42,12 +52,10 @@ def encode_chunks(
         ).kv
         k_all = torch.stack([k for k, _ in kv], dim=1)  # [B, L, Hkv, T, D]
         v_all = torch.stack([v for _, v in kv], dim=1)
-        for b, row in enumerate(batch):
-            s, tokens = len(row), list(chunks[lo + b])
+        for b, (i, row) in enumerate(zip(members, batch, strict=True)):
+            s, tokens = len(row), list(chunks[i])
             k, v = k_all[b, :, :, :s].contiguous(), v_all[b, :, :, :s].contiguous()
             summary = summarize_keys([k[i] for i in layers], s, bool(bos), model.rotary)
-            cid = (
-                chunk_ids[lo + b] if chunk_ids is not None else chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos)
-            )
-            out.append(ChunkKV(chunk_id=cid, tokens=tokens, k=k, v=v, summary=summary, has_bos=bool(bos)))
-    return out
+            cid = chunk_ids[i] if chunk_ids is not None else chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos)
+            out[i] = ChunkKV(chunk_id=cid, tokens=tokens, k=k, v=v, summary=summary, has_bos=bool(bos))
+    return out  # type: ignore[return-value]  # prefill_batches covers every index once

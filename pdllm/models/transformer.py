@@ -51,6 +51,12 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, context: AttentionContext
     ) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.project(x, cos, sin)
+        return self.finish(x, context.attend(layer, q, k, v)), k, v
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention's q, k, v [B, H, T, D] of the residual stream x, RoPE applied to q and k. Tensors in,
+        tensors out, like `finish`: what training compiles (compile_blocks) while attention stays outside."""
         b, t, _ = x.shape
         h = self.attn_norm(x)
         if self.qkv is not None:
@@ -62,11 +68,13 @@ class Block(nn.Module):
         q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        att = context.attend(layer, q, k, v)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def finish(self, x: Tensor, att: Tensor) -> Tensor:
+        """The residual stream after the attention output `att` [B, H, T, D] and the MLP."""
+        b, _, t, _ = att.shape
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, -1))
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, k, v
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class DllmModel(nn.Module):

@@ -1,13 +1,14 @@
-"""Training attention that computes only the blocks the mask lets through: FlexAttention over the batch's mask.
+"""Training attention that computes only the blocks the chunk layout lets through: FlexAttention over the segments.
 
 PyTorch's memory-efficient kernel takes the boolean chunk mask as a dense bias and computes every (query, key)
 block; on an H200 it is half of a training step's GPU time (benchmarks/NOTES.md, "The bundle reads multi-key
 needles"). A chunked row is block-diagonal (each chunk sees only itself; only the questions and answers see every
-chunk), so most of its blocks hold nothing. FlexAttention turns the same mask into a block mask and skips the empty
-blocks. On a GPU it runs as one kernel compiled once for all batch shapes (torch.compile, dynamic shapes); on a CPU
-it runs PyTorch's reference implementation, which the tests check against SDPA. Opt-in (`train.py --attention
-flex`): on an H200 its gradients match SDPA's but its steps are not faster, 0.81-1.15x (benchmarks/NOTES.md, "Facts
-asked several questions").
+chunk), so most of its blocks hold nothing. FlexAttention skips the empty blocks. Its mask is a rule over the
+batch's segment ids (`allowed`, data.attention_mask's rule), not a dense [B, T, T] tensor: building the block mask
+then evaluates the rule once per block corner case, and the kernel reads two segment ids where a block is partly
+masked instead of a row of the dense mask (a first version read the dense mask and was no faster than SDPA). On a GPU
+it runs as one kernel compiled once for all batch shapes (torch.compile, dynamic shapes); on a CPU it runs PyTorch's
+reference implementation, which the tests check against SDPA.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from pdllm.training.data import PAD_SEGMENT, QUERY_SEGMENT, attention_mask
 from pdllm.training.objective import MaskedAttention
 
 
@@ -28,24 +30,40 @@ def _kernel(device_type: str):
     return torch.compile(flex_attention, dynamic=True) if device_type == "cuda" else flex_attention
 
 
-def block_mask(mask: Tensor) -> BlockMask:
-    """The FlexAttention block mask of a [B, 1, T, T] boolean attention mask (query q may attend key k)."""
-    dense = mask[:, 0]
+def allowed(seg: Tensor, full: Tensor):
+    """The mask rule of data.attention_mask as a FlexAttention mask_mod: may query q of row b see key k."""
 
-    def allowed(b, h, q, k):
-        return dense[b, q, k]
+    def rule(b, h, q, k):
+        sq, sk = seg[b, q], seg[b, k]
+        asking = (sq == QUERY_SEGMENT) | (sq < PAD_SEGMENT)  # a question or answer sees the whole context
+        sees = (sq == sk) | (asking & (sk >= 0)) | full[b]
+        return (sees & (sk != PAD_SEGMENT)) | (sq == PAD_SEGMENT)  # padding queries: any key, so no row is empty
 
-    t = dense.shape[-1]
-    return create_block_mask(allowed, dense.shape[0], None, t, t, device=mask.device)
+    return rule
+
+
+def block_mask(seg: Tensor, full: Tensor) -> BlockMask:
+    """The FlexAttention block mask of a batch's layout (segment ids [B, T], dense-context rows `full` [B])."""
+    b, t = seg.shape
+    return create_block_mask(allowed(seg, full), b, None, t, t, device=seg.device, _compile=seg.is_cuda)
 
 
 class FlexMaskedAttention(MaskedAttention):
-    """MaskedAttention (the same mask, captures and outputs for the auxiliary losses) whose softmax attention skips
-    the blocks the mask empties."""
+    """MaskedAttention (the same captures and outputs for the auxiliary losses) whose softmax attention skips the
+    blocks the layout empties. The dense mask is built only when an auxiliary loss reads it."""
 
-    def __init__(self, mask: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()) -> None:
-        super().__init__(mask, capture, outputs)
-        self.blocks = block_mask(mask)
+    def __init__(self, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()):
+        self.seg, self.full, self.capture, self.outputs = seg, full, capture, outputs
+        self.qk, self.head0 = {}, {}
+        self.blocks = block_mask(seg, full)
+
+    @classmethod
+    def of_batch(cls, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()):
+        return cls(seg, full, capture, outputs)
+
+    @functools.cached_property
+    def mask(self) -> Tensor:  # type: ignore[override]  # MaskedAttention's attribute, built on first read
+        return attention_mask(self.seg, self.full)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         kernel = _kernel(q.device.type)

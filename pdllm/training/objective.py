@@ -39,6 +39,11 @@ class MaskedAttention:
         self.qk: dict[int, tuple[Tensor, Tensor]] = {}
         self.head0: dict[int, Tensor] = {}
 
+    @classmethod
+    def of_batch(cls, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()):
+        """The attention of a batch whose layout is `seg` and `full` (data.attention_mask)."""
+        return cls(attention_mask(seg, full), capture, outputs)
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if layer in self.capture:
             self.qk[layer] = (q, k)
@@ -251,7 +256,7 @@ def diffusion_loss(
     point_layer = pointer_layer(layers) if pointer_at_layer is None else pointer_at_layer
     capture = ((point_layer,) if pointed else ()) + ((key_layer(layers),) if keyed else ())
     outputs = (key_layer(layers),) if matched else ()
-    attention = attention_class(attention_mask(batch.seg, batch.full), capture, outputs)
+    attention = attention_class.of_batch(batch.seg, batch.full, capture, outputs)
     out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
     target = batch.ids[:, first:]
     m = masked[:, first:]

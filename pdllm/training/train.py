@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pointer-layer", type=int, help="layer whose head 0 the pointer loss trains (default: 3/4 up)")
     p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
                    help="masked attention: SDPA, or FlexAttention skipping masked blocks (training.flex)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="compile each layer's projections and MLP (torch.compile; not the attention)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -154,6 +156,16 @@ def build_model(shape: str, device: torch.device) -> DllmModel:
     return model.to(device)
 
 
+def compile_blocks(model: DllmModel, backend: str = "inductor") -> None:
+    """Compile every layer's tensor-only parts (Block.project and Block.finish: norms, projections, RoPE, MLP), where
+    an eager step launches hundreds of small elementwise kernels; one compiled graph serves all layers, and new batch
+    shapes reuse it once it has seen two (dynamic shapes). The attention context stays eager: it keeps the auxiliary
+    losses' captures, and whole-model compilation with dynamic shapes drops them silently (seen on torch 2.13)."""
+    for block in model.layers:
+        block.project = torch.compile(block.project, backend=backend)
+        block.finish = torch.compile(block.finish, backend=backend)
+
+
 def init_from(model: DllmModel, checkpoint: Path) -> None:
     """Copy the weights of a checkpoint directory (save_checkpoint's layout) into `model`, which must have its
     shape. Bad input: one line naming --init-from."""
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         args.mix = resumed_mix(args.mix, meta)
     args.mix = args.mix or "official"
     stage = stage if args.stage is None else args.stage
+    if args.compile:
+        compile_blocks(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
     stream = ExampleStream(
