@@ -11,8 +11,9 @@
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
 # quick sparse eval at 2K (QUICK_EVAL_TASKS and QUICK_EVAL_LENGTHS change its cells). The full table follows with
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
-#   [FROM=MODEL] [PACK_TO=$OUT] [ATTENTION=flex] bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]
-# ATTENTION picks train.py's masked attention (default sdpa).
+#   [FROM=MODEL] [PACK_TO=$OUT] [TRAIN_FLAGS=...] bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]MINUTES ...]
+# TRAIN_FLAGS go to every training run, e.g. "--attention flex --compile" (train.py: how a step runs, not what it
+# computes).
 # FROM skips the official run and starts the chain's first run from that checkpoint (the bundle of commit b55cd10 is
 # the official run's output; a later run of the chain takes the run before it). With PACK_TO set (a device's $OUT,
 # which takes few files), the model is copied there and the logs packed into results.tgz after each step.
@@ -28,7 +29,8 @@ pack() {
     [ -d "$out/model" ] && mkdir -p "$PACK_TO/model" && cp "$out"/model/* "$PACK_TO/model/"
     tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude='ckpt*' --exclude=official --exclude="run*" .
 }
-train() { python3 -m pdllm.training.train --workers "${WORKERS:-12}" --seed 1234 "$@"; }
+# shellcheck disable=SC2086  # TRAIN_FLAGS is a list of flags
+train() { python3 -m pdllm.training.train --workers "${WORKERS:-12}" --seed 1234 ${TRAIN_FLAGS:-} "$@"; }
 start=${FROM:-}
 if [ -z "$start" ]; then
     train --out "$out/ckpt" --minutes 5 --total-minutes 5 --mix official 2>&1 | tee "$out/train_official_log.txt" |
@@ -43,8 +45,8 @@ for i in "${!runs[@]}"; do
     log=$out/train_run$((i + 1))_log.txt
     echo "run $((i + 1)): mix $mix, $minutes minutes, from $start" | tee "$log"
     train --out "$out/ckpt" --init-from "$start" --mix "$mix" --stage 1 --lr 1e-3 --minutes "$minutes" \
-        --total-minutes "$minutes" --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 \
-        --attention "${ATTENTION:-sdpa}" 2>&1 | tee -a "$log" | grep -E '"em"|saved|params' | tail -40
+        --total-minutes "$minutes" --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 2>&1 | tee -a "$log" |
+        grep -E '"em"|saved|params' | tail -40
     train --export "$out/ckpt" --out "$out/run$((i + 1))" --bundle "$out/run$((i + 1))" | tee -a "$log"
     rm -rf "$out/ckpt"  # optimizer state: not needed and too many files to bring back
     start=$out/run$((i + 1))

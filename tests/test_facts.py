@@ -9,6 +9,12 @@ import pytest
 
 from pdllm.tasks import TASKS, make_sample, score
 from pdllm.tasks.facts import (
+    BROAD_AGENTS,
+    BROAD_ASIDES,
+    BROAD_LINKS,
+    BROAD_REQUEST_ENDS,
+    BROAD_REQUESTS,
+    BROAD_VERBS,
     HELDOUT_CORES,
     HELDOUT_QUESTIONS,
     TRAIN_COLON,
@@ -39,10 +45,11 @@ def literal_fragments(template: str) -> list[str]:
 VARIED_PARTS = (
     VARIED_RELATIONS + VARIED_MODIFIERS + VARIED_SOURCES + VARIED_VALUE_FIRST + VARIED_CLOSERS + VARIED_QUESTIONS
 ) + VARIED_LEADS
+BROAD_PARTS = BROAD_AGENTS + BROAD_VERBS + BROAD_LINKS + BROAD_ASIDES + BROAD_REQUESTS + BROAD_REQUEST_ENDS
 
 
 def test_heldout_families_share_no_phrase_with_the_trained_templates():
-    trained = " | ".join(TRAIN_CORES + TRAIN_COLON + TRAIN_QUESTIONS + VARIED_PARTS).lower()
+    trained = " | ".join(TRAIN_CORES + TRAIN_COLON + TRAIN_QUESTIONS + VARIED_PARTS + BROAD_PARTS).lower()
     fragments = [f for t in HELDOUT_CORES + HELDOUT_QUESTIONS for f in literal_fragments(t)]
     assert len(fragments) >= len(HELDOUT_CORES)  # every held-out family has a distinctive phrase
     assert not [f for f in fragments if f.lower() in trained]
@@ -51,14 +58,14 @@ def test_heldout_families_share_no_phrase_with_the_trained_templates():
 def test_training_data_never_contains_a_heldout_wording():
     rng = random.Random(0)
     texts, fact_rows = [], 0
-    stages = curriculum("varied") + curriculum("recall_wordings")
+    stages = curriculum("varied") + curriculum("recall_wordings") + curriculum("recall_broad")
     for stage in stages:  # every stage, dense and chunked layouts, as the training stream builds them
         for _ in range(6):
             batch = make_batch(rng, stage, 1024, 8192, (0.5, 0.0))
             for row in batch.ids.tolist():
                 texts.append(bytes(t for t in row if t < 256).decode("utf-8", "replace"))
     for i in range(240):
-        wording = ("train", "varied")[i % 2]
+        wording = ("train", "varied", "broad")[i % 3]
         e = build_example(random.Random(i), 900, i % 4 >= 2, {"facts": 1.0}, wording=wording, queries=3)
         texts.append(bytes(t for t in e.ids if t < 256).decode())
         fact_rows += 1
@@ -85,6 +92,23 @@ def test_the_varied_wording_is_a_grammar_whose_needles_still_name_subject_and_va
         assert len(facts_key_spans(s)) == len(s.meta["facts"])  # every needle's subject and value are found
     assert len(needles) > 1000 and len(questions) > 150  # hundreds of wordings, not a dozen
     assert 150 < untemplated < 250  # two thirds of needles from the grammar, a third from the train templates
+
+
+def test_the_broad_wording_adds_value_inside_and_aside_orders_and_requests():
+    needles, questions, orders = set(), set(), {"inside": 0, "aside": 0}
+    for seed in range(300):
+        s = make_sample("facts", 1200, seed, wording="broad")
+        needles.update(s.meta["needles"])
+        questions.add(s.question)
+        assert s.meta["subject"] in s.question.lower()
+        assert len(facts_key_spans(s)) == len(s.meta["facts"])  # every needle's subject and value are found
+        for needle, (subject, value) in zip(s.meta["needles"], s.meta["facts"], strict=True):
+            at_value, at_subject = needle.find(value), needle.lower().find(subject)
+            orders["inside"] += 0 < at_value < at_subject and any(f" {v} " in needle for v in BROAD_VERBS)
+            orders["aside"] += any(f"{subject}, {a}, " in needle.lower() for a in BROAD_ASIDES)
+    assert len(needles) > 1000 and len(questions) > 200
+    assert orders["inside"] > 100 and orders["aside"] > 40  # of ~1000 needles: 28% inside, 12% aside
+    assert sum(any(q.startswith(r.split(" {s}")[0]) for r in BROAD_REQUESTS) for q in questions) > 40
 
 
 def test_heldout_samples_use_only_heldout_wordings_with_distractors():

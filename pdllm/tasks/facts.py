@@ -102,6 +102,32 @@ VARIED_QUESTIONS = (
     "What was recorded as the {s}?", "Look for the {s}: what is it?", "Say the {s}.",
 )  # fmt: skip
 VARIED_LEADS = ("", "Quick question: ", "Please help. ", "One more thing: ", "Based on the text, ", "Hi! ", "Now: ")
+# The `broad` wording (training only): the varied grammar, plus the orders it lacks, each built from parts: the
+# value inside the sentence with its subject after it (an agent, a verb, the value, a link to the subject), the
+# subject held apart from its value by an aside, and questions asked as a request. Held-out wordings were misread
+# most in the first of these orders (NOTES, "Broader wordings"); none of these parts is a held-out phrase
+# (tests/test_facts.py).
+BROAD_AGENTS = (
+    "the memo", "Sam", "I", "the printout", "our records", "the front desk", "the log", "the old card", "this page",
+    "Priya", "the handbook", "the sticky note",
+)  # fmt: skip
+BROAD_VERBS = (
+    "gives", "shows", "has", "records", "names", "keeps", "wrote down", "mentions", "puts", "noted", "prints",
+    "spells out",
+)  # fmt: skip
+BROAD_LINKS = (
+    "as the {s}", "for the {s}", "as the current {s}", "next to the {s}", "as the value of the {s}", "beside the {s}",
+    "against the {s}", "as our {s}",
+)  # fmt: skip
+BROAD_ASIDES = (
+    "as far as I know", "to be precise", "if memory serves", "for what it is worth", "since Monday", "in short",
+    "at least for now", "once more",
+)  # fmt: skip
+BROAD_REQUESTS = (
+    "Would you check the {s}", "Help me find the {s}", "Can you recall the {s}", "Please dig up the {s}",
+    "Go back and get the {s}", "Tell me quickly the {s}", "Search the notes for the {s}", "Hunt down the {s}",
+)  # fmt: skip
+BROAD_REQUEST_ENDS = ("?", ".", " -- what is it?", ". What does it say?", ", please.", " again?")
 VALUE_KINDS = ("digits", "word", "code", "uuid")
 WORDS = (
     "amber", "basalt", "cobalt", "dune", "ember", "falcon", "glacier", "harbor", "indigo", "juniper", "kestrel",
@@ -153,12 +179,24 @@ def varied_core(rng: random.Random) -> str:
     return core + rng.choice(VARIED_CLOSERS)
 
 
+def broad_core(rng: random.Random) -> str:
+    """One needle template of the `broad` orders: the value inside the sentence before its subject, or the subject
+    and its value apart, an aside between them."""
+    if rng.random() < 0.7:
+        agent, verb, link = rng.choice(BROAD_AGENTS), rng.choice(BROAD_VERBS), rng.choice(BROAD_LINKS)
+        return f"{agent} {verb} {{v}} {link}{rng.choice(VARIED_MODIFIERS)}.{rng.choice(VARIED_CLOSERS)}"
+    return f"the {{s}}, {rng.choice(BROAD_ASIDES)}, {rng.choice(VARIED_RELATIONS)} {{v}}.{rng.choice(VARIED_CLOSERS)}"
+
+
 def needle_text(rng: random.Random, subject: str, value: str, split: str) -> str:
     """A needle sentence for (subject, value) in the wording of `split`: `train` (the eval's trained templates),
-    `varied` (training: the grammar above, or the train templates for a third of needles) or `heldout`."""
+    `varied` (training: the grammar above, or the train templates for a third of needles), `broad` (training: the
+    broad orders for 40% of needles, else as varied) or `heldout`."""
+    if split == "broad" and rng.random() < 0.4:
+        return _fill(rng.choice(OPENERS) + broad_core(rng), subject, value)
     if split == "heldout":
         return _fill(rng.choice(OPENERS) + rng.choice(HELDOUT_CORES), subject, value)
-    if split == "varied" and rng.random() < 2 / 3:
+    if split in ("varied", "broad") and rng.random() < 2 / 3:
         return _fill(rng.choice(OPENERS) + varied_core(rng), subject, value)
     if rng.random() < 0.2:
         return _fill(rng.choice(TRAIN_COLON), subject, value)
@@ -166,7 +204,9 @@ def needle_text(rng: random.Random, subject: str, value: str, split: str) -> str
 
 
 def question_text(rng: random.Random, subject: str, split: str) -> str:
-    if split == "varied" and rng.random() < 2 / 3:
+    if split == "broad" and rng.random() < 0.3:
+        return _fill(rng.choice(BROAD_REQUESTS) + rng.choice(BROAD_REQUEST_ENDS), subject, "")
+    if split in ("varied", "broad") and rng.random() < 2 / 3:
         return _fill(rng.choice(VARIED_LEADS) + rng.choice(VARIED_QUESTIONS), subject, "")
     return _fill(rng.choice(HELDOUT_QUESTIONS if split == "heldout" else TRAIN_QUESTIONS), subject, "")
 
