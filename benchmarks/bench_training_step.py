@@ -167,9 +167,8 @@ def variant_check(model, batch: Batch, device: torch.device, losses: dict, varia
                 attention = attention_of(name)
                 loss, _ = diffusion_loss(model, batch.to(device), 0.1, gen, attention_class=attention, **losses)
                 loss.backward()
-        runs.append(
-            (float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None})
-        )
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((float(loss.detach()), grads))
     set_compiled(model, False)
     (loss, grads), (v_loss, v_grads) = runs
     worst = max(float((v_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads.items())
@@ -195,6 +194,25 @@ def device_ms(
     return total / 1000 / len(batches)
 
 
+def host_ops(model, batches: list[Batch], device: torch.device, losses: dict, top: int, attention_class) -> None:
+    """Print the `top` host-side operations by their own CPU time per step, and the waits on the device (a step
+    whose host waits on the GPU cannot run ahead of it: then host and device time add up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step_ms(model, batches, device, True, losses, attention_class)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"host time per step {total / 1000 / len(batches):.1f} ms; by operation (own time, calls per step):")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        ms = e.self_cpu_time_total / 1000 / len(batches)
+        print(f"  {e.self_cpu_time_total / total:6.1%} {ms:7.2f} ms/step {e.count / len(batches):7.1f}x  {e.key[:80]}")
+    waits = [e for e in events if any(w in e.key for w in ("Synchronize", "_local_scalar_dense", "cudaMemcpy"))]
+    for e in waits:
+        ms = e.cpu_time_total / 1000 / len(batches)
+        print(f"  wait: {e.key[:60]} {e.count / len(batches):.1f}x per step, {ms:.2f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -210,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma list of {', '.join(VARIANTS)}: each checked against SDPA and timed on the same batches "
                    "(flex: training.flex; +compile: train.py --compile)")  # fmt: skip
     p.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time per stage")
+    p.add_argument("--host-ops", type=int, default=0, help="print the N host operations with the most CPU time, per "
+                   "variant (what a step that the host paces spends its time on)")  # fmt: skip
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -262,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 busy = device_ms(model, sets[1], device, losses, 0, attention_of(variant))
                 rows.append({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
+            if args.host_ops:
+                print(f"host side of the {name} step, {variant}:")
+                host_ops(model, sets[1], device, losses, args.host_ops, attention_of(variant))
             set_compiled(model, False)
         if device.type == "cuda":
             if args.kernels:
