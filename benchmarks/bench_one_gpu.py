@@ -211,6 +211,16 @@ def measure(name: str, make, docs: list[str], args, budget_s: float | None) -> d
     return row
 
 
+def gpu_memory() -> dict | None:
+    """Free and total GPU memory, and what this process still reserves, in GiB: a decode actor derives its KV pool
+    from the free memory it finds, so memory the in-process backend left behind would shrink the cluster's pool."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    gib = lambda n: round(n / 2**30, 2)  # noqa: E731
+    return {"free_gib": gib(free), "total_gib": gib(total), "driver_reserved_gib": gib(torch.cuda.memory_reserved())}
+
+
 def save_partial(out: str | None, result: dict, rows: list[dict]) -> None:
     """Rows so far (a run cut short still leaves them)."""
     if out:
@@ -274,6 +284,8 @@ def render(result: dict) -> str:
             f"# {r['backend']}: start {r['start_s']} s, measured {r['total_s']} s, (requests, s) {counts}"
             + (f", skipped (budget) {r['skipped']}" if r.get("skipped") else "")
         )
+    if result.get("gpu_before_cluster"):
+        lines.append(f"# GPU memory when the cluster started (GiB): {result['gpu_before_cluster']}")
     if result.get("partial"):
         lines.append("# partial: the run stopped before every backend was measured (rows above are all it has)")
     return "\n".join(lines)  # fmt: skip
@@ -343,6 +355,7 @@ def main() -> None:
         docs = documents(3, args.context_tokens)
         device = "cpu" if args.smoke else "cuda"
         rows = [measure("in-process", lambda: InProcess(model, method, sampler, device, args), docs, args, None)]
+        result["gpu_before_cluster"] = gpu_memory()  # what the actors start beside (their pools derive from it)
         save_partial(args.out, result, rows)
         loopback_only()
         ray.init(
