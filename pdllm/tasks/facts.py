@@ -105,7 +105,8 @@ VARIED_LEADS = ("", "Quick question: ", "Please help. ", "One more thing: ", "Ba
 # The `broad` wording (training only): the varied grammar, plus the orders it lacks, each built from parts: the
 # value inside the sentence with its subject after it (an agent, a verb, the value, a link to the subject), the
 # subject held apart from its value by an aside, and questions asked as a request. Held-out wordings were misread
-# most in the first of these orders (NOTES, "Broader wordings"); none of these parts is a held-out phrase
+# most in the first of these orders; a 6-minute run on them did not read those better (benchmarks/NOTES.md, "Faster
+# training steps, prefill by length, broader wordings"). None of these parts is a held-out phrase
 # (tests/test_facts.py).
 BROAD_AGENTS = (
     "the memo", "Sam", "I", "the printout", "our records", "the front desk", "the log", "the old card", "this page",

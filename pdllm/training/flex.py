@@ -4,12 +4,13 @@ PyTorch's memory-efficient kernel takes the boolean chunk mask as a dense bias a
 block; on an H200 it is half of a training step's GPU time (benchmarks/NOTES.md, "The bundle reads multi-key
 needles"). A chunked row is block-diagonal (each chunk sees only itself; only the questions and answers see every
 chunk), so most of its blocks hold nothing. FlexAttention skips the empty blocks. Its mask is a rule over the
-batch's segment ids (`allowed`, data.attention_mask's rule), not a dense [B, T, T] tensor: building the block mask
-then evaluates the rule once per block corner case, and the kernel reads two segment ids where a block is partly
-masked instead of a row of the dense mask (a first version read the dense mask and was no faster than SDPA). On a GPU
+batch's segment ids (`allowed`, data.attention_mask's rule), not a dense [B, T, T] tensor: the block mask is built
+by evaluating the rule (compiled on the GPU), and where a block is partly masked the kernel reads two segment ids
+instead of the dense mask (a first version closed over the dense mask and was no faster than SDPA). On a GPU
 it runs as one kernel compiled once for all batch shapes (torch.compile, dynamic shapes); on a CPU it runs PyTorch's
 reference implementation, which the tests check against SDPA. On an H100 a recall-stage step takes 66.5 ms against
-SDPA's 82.0, and 54.6 ms with train.py --compile (benchmarks/NOTES.md, "Faster training steps"). Opt-in
+SDPA's 82.0, and 54.6 ms with train.py --compile (benchmarks/NOTES.md, "Faster training steps, prefill by
+length, broader wordings"). Opt-in
 (`--attention flex`): the bundle's chain was timed with SDPA.
 """
 
