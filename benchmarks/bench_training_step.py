@@ -11,7 +11,8 @@ layers, both), each checked against the eager SDPA step (loss, gradients) and th
     python benchmarks/bench_training_step.py --mix recall --variants sdpa,flex,sdpa+compile,flex+compile
     python benchmarks/bench_training_step.py --device cpu --tokens 4096 --steps 4 --shape small
 
-Prints a table of ms per batch (or step) and the ratio old / new measured in the same run.
+Prints a table of ms per batch (or step) and the ratio old / new measured in the same run; each row goes to stderr as
+it is measured, so a run cut short still shows what it measured.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 
 import torch
@@ -213,6 +215,20 @@ def host_ops(model, batches: list[Batch], device: torch.device, losses: dict, to
         print(f"  wait: {e.key[:60]} {e.count / len(batches):.1f}x per step, {ms:.2f} ms")
 
 
+def row_line(r: dict) -> str:
+    """One row of the table."""
+    if "batches_per_s" in r:
+        return f"{r['what']:<48} {r['batches_per_s']:>9.1f} batches/s"
+    if "max_rel_grad_diff" in r:
+        return (f"{r['what']:<48} loss {r['sdpa_loss']:.4f} / {r['variant_loss']:.4f}, "
+                f"max gradient difference {r['max_rel_grad_diff']:.2e} of the largest")  # fmt: skip
+    if "seconds" in r:
+        return f"{r['what']:<48} {r['seconds']:>9.1f} s"
+    if "device_ms" in r:
+        return f"{r['what']:<48} {r['device_ms']:>9.1f} of {r['wall_ms']:.1f} ms wall"
+    return f"{r['what']:<48} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -238,11 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     if any(v.startswith("flex") for v in variants) and device.type != "cuda":
         p.error("--variants flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
-    rows = data_ms(args.mix, args.tokens, args.length, args.data_batches)
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:  # progress on stderr as each row is measured; the table on stdout at the end
+        rows.append(row)
+        print(row_line(row), file=sys.stderr, flush=True)
+
+    for row in data_ms(args.mix, args.tokens, args.length, args.data_batches):
+        add(row)
     stages = curriculum(args.mix)
     for stage in (1, len(stages) - 1):
         rate = loader_rate(args.mix, args.tokens, args.length, args.workers, args.loader_seconds, stage)
-        rows.append({"what": f"loader {args.workers} workers, {stages[stage].name}", "batches_per_s": rate})
+        add({"what": f"loader {args.workers} workers, {stages[stage].name}", "batches_per_s": rate})
     model = build_model(args.shape, device)
     losses = {"rank_weight": 0.2} if args.mix == "official" else CHAIN_LOSSES
     losses = losses | {"rank_across_rows": MIXES[args.mix].rank_across_rows}
@@ -265,23 +288,23 @@ def main(argv: list[str] | None = None) -> int:
             step_ms(model, sets[1], device, True, losses),
         )
         name = stages[stage].name
-        rows.append({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
-        rows.append({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
+        add({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
+        add({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
         for variant in [v for v in args.variants.split(",") if v and v != "sdpa"]:
             check = variant_check(model, sets[1][0], device, losses, variant)
-            rows.append({"what": f"{variant} check {name}", **check})
+            add({"what": f"{variant} check {name}", **check})
             set_compiled(model, variant.endswith("+compile"))
             t0 = time.perf_counter()
             step_ms(model, sets[0][:4], device, True, losses, attention_of(variant))  # compiles, then dynamic shapes
-            rows.append({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
+            add({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
             # the batches the SDPA step ran, new to this variant, then again
             cold = step_ms(model, sets[1], device, True, losses, attention_of(variant))
             warm = step_ms(model, sets[1], device, True, losses, attention_of(variant))
-            rows.append({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
-            rows.append({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
+            add({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
+            add({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
             if device.type == "cuda":
                 busy = device_ms(model, sets[1], device, losses, 0, attention_of(variant))
-                rows.append({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
+                add({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
             if args.host_ops:
                 print(f"host side of the {name} step, {variant}:")
                 host_ops(model, sets[1], device, losses, args.host_ops, attention_of(variant))
@@ -290,24 +313,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.kernels:
                 print(f"kernels of the {name} step (share of GPU time, ms per step, launches per step):")
             busy = device_ms(model, sets[1], device, losses, args.kernels)
-            rows.append({"what": f"step {name}, GPU busy", "device_ms": busy, "wall_ms": new_warm})
+            add({"what": f"step {name}, GPU busy", "device_ms": busy, "wall_ms": new_warm})
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), torch "
         f"{torch.__version__}, shape {args.shape}, {args.tokens} tokens per batch, mix {args.mix}"
     )
     print(f"{'what':<48} {'old ms':>9} {'new ms':>9} {'old/new':>8}")
     for r in rows:
-        if "batches_per_s" in r:
-            print(f"{r['what']:<48} {r['batches_per_s']:>9.1f} batches/s")
-        elif "max_rel_grad_diff" in r:
-            print(f"{r['what']:<48} loss {r['sdpa_loss']:.4f} / {r['variant_loss']:.4f}, "
-                  f"max gradient difference {r['max_rel_grad_diff']:.2e} of the largest")  # fmt: skip
-        elif "seconds" in r:
-            print(f"{r['what']:<48} {r['seconds']:>9.1f} s")
-        elif "device_ms" in r:
-            print(f"{r['what']:<48} {r['device_ms']:>9.1f} of {r['wall_ms']:.1f} ms wall")
-        else:
-            print(f"{r['what']:<48} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}")
+        print(row_line(r))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
