@@ -27,6 +27,7 @@ from pdllm.assets import default_model_dir
 from pdllm.engine import engine_for
 from pdllm.evaluation.runner import sampler_for
 from pdllm.method import ChunkCache, MethodConfig, chunk_context
+from pdllm.method.config import CHUNKINGS
 from pdllm.method.instruction import instruction_kv
 from pdllm.method.joint import decode_joint
 from pdllm.method.ranking import rank
@@ -169,7 +170,7 @@ def main() -> None:
     ap.add_argument("--wordings", default="trained,other", help="trained, other (passkey) or task names")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=4)
-    ap.add_argument("--chunking", choices=["text", "fixed"], default="text", help="where chunks end (MethodConfig)")
+    ap.add_argument("--chunking", choices=CHUNKINGS, default="text", help="where chunks end (MethodConfig)")
     ap.add_argument("--scorings", default="summary,draft", help="draft costs minutes a sample on a CPU at 8K")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

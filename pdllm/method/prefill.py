@@ -52,10 +52,10 @@ def encode_chunks(
         ).kv
         k_all = torch.stack([k for k, _ in kv], dim=1)  # [B, L, Hkv, T, D]
         v_all = torch.stack([v for _, v in kv], dim=1)
-        for b, (i, row) in enumerate(zip(members, batch, strict=True)):
-            s, tokens = len(row), list(chunks[i])
+        for b, (at, row) in enumerate(zip(members, batch, strict=True)):
+            s, tokens = len(row), list(chunks[at])
             k, v = k_all[b, :, :, :s].contiguous(), v_all[b, :, :, :s].contiguous()
-            summary = summarize_keys([k[i] for i in layers], s, bool(bos), model.rotary)
-            cid = chunk_ids[i] if chunk_ids is not None else chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos)
-            out[i] = ChunkKV(chunk_id=cid, tokens=tokens, k=k, v=v, summary=summary, has_bos=bool(bos))
+            summary = summarize_keys([k[layer] for layer in layers], s, bool(bos), model.rotary)
+            cid = chunk_ids[at] if chunk_ids is not None else chunk_id(model_id, tokens, cfg.chunk_size, cfg.use_bos)
+            out[at] = ChunkKV(chunk_id=cid, tokens=tokens, k=k, v=v, summary=summary, has_bos=bool(bos))
     return out  # type: ignore[return-value]  # prefill_batches covers every index once
