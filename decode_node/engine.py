@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,6 +79,24 @@ def derive_pool_bytes(cfg: EngineConfig, device: torch.device) -> int:
     return gpu_cache_bytes(cfg.gpu_fraction, GPU_RESERVE_BYTES, device)
 
 
+def _drive(ref: weakref.ref) -> None:
+    """The engine's loop. It holds the engine while there is work, and nothing of it while idle, so an engine
+    its owner dropped is freed (pool included) and the loop ends, instead of the thread keeping it alive."""
+    torch.set_grad_enabled(False)
+    while True:
+        engine = ref()
+        if engine is None or engine._stop.is_set():
+            return
+        if engine._turn():
+            continue
+        signal = engine.scheduler.lock
+        with signal:  # work and stop are signalled under this lock: checking and waiting under it loses none
+            idle = not engine._has_work()
+            engine = None
+            if idle:
+                signal.wait(0.1)
+
+
 class EngineClosed(PdllmError):
     """The decode engine was shut down."""
 
@@ -112,18 +131,22 @@ class DecodeEngine:
             if self._thread is None or not self._thread.is_alive():
                 if self._stop.is_set():
                     raise EngineClosed("the decode engine was shut down")
-                self._thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
+                ref = weakref.ref(self)
+                self._thread = threading.Thread(target=_drive, args=(ref,), name="decode-engine", daemon=True)
                 self._thread.start()
 
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self._stop.is_set():
-            if self.ranker.run_pending():  # rank asks first: their jobs can join the next step
-                continue
-            if not self.scheduler.has_work():
-                self.scheduler.wait_for_work(0.1, also=self.ranker.has_pending)
-                continue
-            self.scheduler.step()
+    def _turn(self) -> bool:
+        """One pass of the loop: pending rank asks first (their jobs can join the next step), else a step; False
+        when there was nothing to do."""
+        if self.ranker.run_pending():
+            return True
+        if not self.scheduler.has_work():
+            return False
+        self.scheduler.step()
+        return True
+
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work() or self.ranker.has_pending()
 
     def close(self) -> None:
         self._stop.set()

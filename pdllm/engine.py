@@ -35,16 +35,23 @@ from pdllm.sampler import SamplerConfig, denoise, strip_after_eos
 
 MODES = ("vanilla", "prefix", "sparse")
 DEFAULT_CHUNK_CACHE = ChunkCache()  # process-wide: a chunk (or prefix) seen by any request is not encoded again
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its decode engine
+_ENGINE_ATTR = "_pdllm_decode_engine"  # where a model keeps its engine: the two live and die together
+_LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()  # every engine engine_for made that is still alive, for exit
 _ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(lm: LoadedModel, config: EngineConfig | None = None) -> DecodeEngine:
-    """The process's decode engine for `lm` (made on first use; `config` applies then only)."""
+    """The process's decode engine for `lm` (made on first use; `config` applies then only).
+
+    The model holds its engine, not a process-wide table: a table would keep every model it ever saw alive, with
+    its engine's pool (1 GiB on CPU), after its owner dropped the model. A model and its engine are freed together
+    once neither is referenced; `release_engine` frees the engine at once."""
     with _ENGINES_LOCK:
-        engine = _ENGINES.get(lm.model)
+        engine = lm.model.__dict__.get(_ENGINE_ATTR)
         if engine is None:
-            engine = _ENGINES[lm.model] = DecodeEngine(lm, config)
+            engine = DecodeEngine(lm, config)
+            lm.model.__dict__[_ENGINE_ATTR] = engine
+            _LIVE_ENGINES.add(engine)
         return engine
 
 
@@ -53,22 +60,23 @@ def release_engines() -> None:
     one still alive while the interpreter finalized aborted `pdllm generate --in-process` in 2 of 12 runs
     ("terminate called without an active exception", exit status 134), after it had printed its answer."""
     with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
-        _ENGINES.clear()
+        engines = list(_LIVE_ENGINES)
     for engine in engines:
-        engine.close()
+        release_engine(engine.lm)
 
 
 atexit.register(release_engines)
 
 
 def release_engine(lm: LoadedModel) -> None:
-    """Stop and forget the process's decode engine for `lm`, so its pool's memory can be freed (an engine holds
-    its model, so the registry alone would keep both alive)."""
+    """Stop and forget the decode engine of `lm`'s model, so its pool's memory is freed now (a later engine_for
+    makes a new one)."""
     with _ENGINES_LOCK:
-        engine = _ENGINES.pop(lm.model, None)
-    if engine is not None:
-        engine.close()
+        engine = lm.model.__dict__.pop(_ENGINE_ATTR, None)
+        if engine is None:
+            return
+        _LIVE_ENGINES.discard(engine)
+    engine.close()
 
 
 __all__ = ["MODES", "GenerationOutput", "MethodConfig", "generate"]

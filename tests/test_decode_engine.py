@@ -340,14 +340,14 @@ import atexit
 seen = {}
 atexit.register(lambda: print("loop alive at exit:", seen["engine"]._thread.is_alive(), flush=True))
 from pathlib import Path
-from pdllm.engine import _ENGINES, engine_for
+from pdllm.engine import _LIVE_ENGINES, engine_for
 from pdllm.models.loader import LoadedModel
 from pdllm.models.tiny import random_model, tiny_spec
 spec = tiny_spec("llada", layers=2)
 lm = LoadedModel(random_model(spec, 0), None, spec, Path("."), "tiny")
 seen["engine"] = engine = engine_for(lm)
 engine.start()
-print("loop alive before exit:", engine._thread.is_alive(), len(_ENGINES), flush=True)
+print("loop alive before exit:", engine._thread.is_alive(), len(_LIVE_ENGINES), flush=True)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert run.stdout.splitlines() == ["loop alive before exit: True 1", "loop alive at exit: False"]

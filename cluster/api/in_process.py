@@ -10,7 +10,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pdllm.cluster.api.backend import EventSink, method_kwargs
 from pdllm.cluster.api.params import ApiLimits, checked_params, sampler_from_params
 
-from pdllm.engine import MODES, engine_for, generate
+from pdllm.engine import MODES, engine_for, generate, release_engine
 from pdllm.errors import DeadlineExceeded
 from pdllm.models.generation_defaults import generation_defaults
 from pdllm.models.loader import load_model
@@ -26,10 +26,18 @@ class InProcessBackend:
     """`engine.generate` on one loaded model, in a pool of `concurrency` threads (requests beyond wait in it)."""
 
     def __init__(
-        self, lm, name: str | None = None, concurrency: int = 1, max_context_tokens: int = 131072, engine=None
+        self,
+        lm,
+        name: str | None = None,
+        concurrency: int = 1,
+        max_context_tokens: int = 131072,
+        engine=None,
+        owns_model: bool = False,
     ) -> None:
-        """`engine`: the decode engine's EngineConfig (applies if this process has no engine for `lm` yet)."""
-        self.lm = lm
+        """`engine`: the decode engine's EngineConfig (applies if this process has no engine for `lm` yet).
+        `owns_model`: `lm` was loaded for this backend alone, so `close` frees its engine (pool included); a
+        backend on a model others use leaves the model's engine to them."""
+        self.lm, self.owns_model = lm, owns_model
         self.name = name or lm.path.name
         self.modes = tuple(MODES)
         self.max_context_tokens = max_context_tokens
@@ -42,7 +50,7 @@ class InProcessBackend:
 
     @classmethod
     def from_directory(cls, model_dir: str, device: str = "cpu", **kwargs) -> InProcessBackend:
-        return cls(load_model(model_dir, device=device), **kwargs)
+        return cls(load_model(model_dir, device=device), owns_model=True, **kwargs)
 
     def generate(
         self,
@@ -144,3 +152,5 @@ class InProcessBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.owns_model:
+            release_engine(self.lm)  # jobs still running end with EngineClosed

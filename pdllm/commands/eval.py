@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pdllm import progress
     from pdllm.commands.generate import _cuda, check_device
+    from pdllm.engine import release_engine
     from pdllm.evaluation.report import plot_depth, summarize, table
     from pdllm.evaluation.runner import EvalConfig, method_config, run_eval
     from pdllm.models.loader import load_model
@@ -85,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     n_depths = len(depths) if depths else 1
     total = len(cfg.tasks) * len(cfg.lengths) * cfg.samples * n_depths * len(cfg.modes)
-    with progress.Bar("eval", total, "generations") as bar:
-        records = run_eval(lm, cfg, lambda n=1: bar.update_to(bar.n + n))
+    try:
+        with progress.Bar("eval", total, "generations") as bar:
+            records = run_eval(lm, cfg, lambda n=1: bar.update_to(bar.n + n))
+    finally:
+        release_engine(lm)  # the model was loaded for this run: its engine's pool is freed now
     rows = summarize(records)
     text = table(rows)
     print(text, file=sys.stderr if args.json == "-" else sys.stdout)

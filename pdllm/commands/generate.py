@@ -383,7 +383,7 @@ def model_dir(args: argparse.Namespace) -> str:
 def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
     from pdllm import progress
     from pdllm.cluster.api.params import sampler_from_params
-    from pdllm.engine import engine_for, generate
+    from pdllm.engine import engine_for, generate, release_engine
     from pdllm.models.loader import load_model
 
     engine = engine_config(args)
@@ -399,6 +399,7 @@ def _in_process(args, context: str, params: dict, method, mode: str) -> dict:
         )  # fmt: skip
     finally:
         shown.close()
+        release_engine(lm)  # the model was loaded for this answer: its pool is freed now, not at exit
     return {"answer": out.answer, "stats": out.stats}
 
 

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pdllm.commands.generate import _cuda, apply_preset, method_from_args, model_dir
+    from pdllm.engine import release_engine
     from pdllm.evaluation.longbench import TASKS, run_longbench
     from pdllm.models.loader import load_model
 
@@ -41,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     method = method_from_args(args)
     method.validate()
     lm = load_model(model_dir(args), device=args.device or ("cuda" if _cuda() else "cpu"))
-    records, scores = run_longbench(lm, args.data_dir, tasks, args.mode or "sparse", method, args.limit, args.threshold)
+    try:
+        mode = args.mode or "sparse"
+        records, scores = run_longbench(lm, args.data_dir, tasks, mode, method, args.limit, args.threshold)
+    finally:
+        release_engine(lm)  # the model was loaded for this run: its engine's pool is freed now
     for name, value in scores.items():
         print(f"{name:22} {value:6.2f}  ({sum(r['task'] == name for r in records)} records)")
     if scores:
