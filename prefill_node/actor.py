@@ -131,14 +131,15 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         return entry_of(chunk, self.store.holder, self.store.node, self.store.address, time.time())
 
     def _prefill(self, todo: dict[str, list[int]], cfg: MethodConfig) -> PrefillResult:
-        out, unheld = PrefillResult(), []
+        out, unheld, held = PrefillResult(), [], []
         for cid in todo:
-            held = self.store.get(cid)
-            if held is not None:  # its entry was dropped after a failed fetch (or never read): register it again
-                self.store.put(held)
-                out.entries[cid] = self._entry(held)
+            chunk = self.store.get(cid)
+            if chunk is not None:  # its entry was dropped after a failed fetch (or never read): register it again
+                held.append(chunk)
+                out.entries[cid] = self._entry(chunk)
             else:
                 unheld.append(cid)
+        self.store.put_all(held)
         owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
         states = self.index.claim_all(unheld, owner, self.limits.claim_ttl_s)
         mine = {cid: todo[cid] for cid in unheld if states[cid] == CLAIMED}
@@ -151,15 +152,13 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
                         self.lm, list(mine.values()), cfg, self.lm.model_id, self.limits.prefill_batch_size,
                         chunk_ids=list(mine),
                     )  # fmt: skip
-                for chunk in fresh:
-                    self.store.put(chunk)
-                    out.entries[chunk.chunk_id] = self._entry(chunk)
+                self.store.put_all(fresh)  # one index round trip for all of them
+                out.entries.update((chunk.chunk_id, self._entry(chunk)) for chunk in fresh)
                 self.encoded_total += len(fresh)
                 metrics.record_prefill(sum(len(t) for t in mine.values()), len(fresh))
                 out.encoded = list(mine)
         finally:
-            for cid in mine:
-                self.index.release(cid, owner)
+            self.index.release_all(list(mine), owner)
         return out
 
     def read_chunks(self, cids: list[str]) -> dict[str, ChunkKV]:

@@ -197,6 +197,36 @@ def test_store_evicts_lru_and_deletes_from_index(index):
     assert index.size() == 0 and store.usage()["used_bytes"] == 0
 
 
+def test_a_call_registers_all_its_chunks_and_releases_all_its_claims_in_one_round_trip_each(index):
+    chunks = [make_chunk(20 + i) for i in range(5)]
+    ids = [c.chunk_id for c in chunks]
+    assert index.claim(ids[4], "other:bb", ttl_s=60)  # another owner's claim: releasing ours leaves it
+    assert index.claim_all(ids[:4], "me:aa", ttl_s=60) == dict.fromkeys(ids[:4], "claimed")
+    before = counters.snapshot()
+    store = ChunkStore(10 * chunks[0].nbytes(), index, "prefill-0", "node-a", "127.0.0.1:1")
+    assert store.put_all(chunks[:4]) == []
+    assert index.release_all(ids, "me:aa") == 4
+    done = counters.difference(counters.snapshot(), before)
+    assert done == {"index.register": 1, "index.release": 1}
+    assert set(index.lookup(ids)) == set(ids[:4]) and index.ids() == set(ids[:4])
+    assert index.claimed(ids) == {**dict.fromkeys(ids[:4], False), ids[4]: True}
+    entry = index.lookup([ids[2]])[ids[2]]
+    assert (entry.holder, entry.length, entry.nbytes) == ("prefill-0", 17, chunks[2].nbytes())
+    assert torch.equal(entry.summary, chunks[2].summary)
+    before = counters.snapshot()
+    assert store.put_all([]) == [] and index.release_all([], "me:aa") == 0  # nothing to do: no round trip
+    assert counters.difference(counters.snapshot(), before) == {}
+
+
+def test_a_call_larger_than_the_store_registers_only_the_chunks_it_kept(index):
+    chunks = [make_chunk(30 + i) for i in range(4)]
+    store = ChunkStore(2 * chunks[0].nbytes(), index, "prefill-0", "node-a", "127.0.0.1:1")
+    assert store.put_all(chunks) == [chunks[0].chunk_id, chunks[1].chunk_id]  # evicted by the call's later chunks
+    assert index.ids() == {chunks[2].chunk_id, chunks[3].chunk_id} == set(store.ids())
+    with pytest.raises(StoreFull):  # one chunk larger than the store: nothing of the call is stored
+        ChunkStore(chunks[0].nbytes() - 1, index, "x", "n", "a").put_all(chunks[:1])
+
+
 @pytest.fixture
 def transfer(index):
     token = new_token()

@@ -79,7 +79,7 @@ def test_one_request_reads_the_index_once_hashes_once_checks_once(served):
     assert prefill.get("chunk_id", 0) == 0 and decode.get("chunk_id", 0) == 0
     assert index_reads(router) == 1  # the router's one read of the index
     assert prefill.get("index.lookup", 0) == 0 and prefill.get("index.claim") == 1  # claims in one round trip
-    assert prefill.get("index.register") == n_chunks
+    assert prefill.get("index.register") == 1 and prefill.get("index.release") == 1  # all chunks in one each
     assert index_reads(decode) == 0  # the job carries the entries the router read and the prefill actor wrote
 
     again = cost(backend, lambda: client.generate(doc, "What is the code of box 4?", **SMALL))

@@ -53,6 +53,14 @@ WAITING, CLAIMED, INDEXED = "waiting", "claimed", "indexed"
 CLAIM_STATES = (WAITING, CLAIMED, INDEXED)
 # Release a claim only if the caller still owns it.
 _RELEASE_IF_OWNER = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# The same for every key; returns how many were released.
+_RELEASE_ALL_IF_OWNER = """
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then n = n + redis.call('DEL', KEYS[i]) end
+end
+return n
+"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class ChunkIndex:
         self.r, self.prefix = client, prefix
         self._delete_if_holder = client.register_script(_DELETE_IF_HOLDER)
         self._release_if_owner = client.register_script(_RELEASE_IF_OWNER)
+        self._release_all_if_owner = client.register_script(_RELEASE_ALL_IF_OWNER)
         self._touch = client.register_script(_TOUCH)
         self._claim_all = client.register_script(_CLAIM_ALL)
 
@@ -96,26 +105,38 @@ class ChunkIndex:
 
     def register(self, chunk: ChunkKV, holder: str, node: str, address: str) -> IndexEntry:
         """Write `chunk`'s entry; returns it, so the writer can hand it on without a read."""
+        return self.register_all([chunk], holder, node, address)[chunk.chunk_id]
+
+    def register_all(self, chunks: list[ChunkKV], holder: str, node: str, address: str) -> dict[str, IndexEntry]:
+        """Write every chunk's entry in one round trip; returns the entries by id. One pipeline, not a transaction
+        (MULTI queues every summary before running any: slower for large documents). Redis runs a connection's
+        commands in order, so the entries are written before the id set names them and before the `ready`
+        messages wake a waiter that will read them."""
+        if not chunks:
+            return {}
         count("index.register")
-        entry = entry_of(chunk, holder, node, address, time.time())
-        mapping = {
-            "holder": holder,
-            "node": node,
-            "address": address,
-            "nbytes": entry.nbytes,
-            "dtype": entry.dtype,
-            "layout": LAYOUT,
-            "length": entry.length,
-            "created": entry.created,
-            "last_used": entry.last_used,
-            "summary": pack_tensor(chunk.summary),
-        }
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self._key(chunk.chunk_id), mapping=mapping)
-        pipe.sadd(self._ids, chunk.chunk_id)
-        pipe.publish(self._ready, chunk.chunk_id)
+        now, entries = time.time(), {}
+        pipe = self.r.pipeline(transaction=False)
+        for chunk in chunks:
+            entry = entries[chunk.chunk_id] = entry_of(chunk, holder, node, address, now)
+            mapping = {
+                "holder": holder,
+                "node": node,
+                "address": address,
+                "nbytes": entry.nbytes,
+                "dtype": entry.dtype,
+                "layout": LAYOUT,
+                "length": entry.length,
+                "created": entry.created,
+                "last_used": entry.last_used,
+                "summary": pack_tensor(chunk.summary),
+            }
+            pipe.hset(self._key(chunk.chunk_id), mapping=mapping)
+        pipe.sadd(self._ids, *entries)
+        for cid in entries:
+            pipe.publish(self._ready, cid)
         pipe.execute()
-        return entry
+        return entries
 
     def lookup(self, cids: list[str], summaries: bool = True) -> dict[str, IndexEntry]:
         """Entries of the indexed ids among `cids` (one round trip). `summaries=False` leaves the summaries (most
@@ -176,8 +197,15 @@ class ChunkIndex:
         return {c: CLAIM_STATES[int(s)] for c, s in zip(cids, got, strict=True)}
 
     def release(self, cid: str, owner: str) -> None:
+        self.release_all([cid], owner)
+
+    def release_all(self, cids: list[str], owner: str) -> int:
+        """Drop `owner`'s prefill claims on `cids` in one round trip (a claim another owner took since is left);
+        returns how many were dropped."""
+        if not cids:
+            return 0
         count("index.release")
-        self._release_if_owner(keys=[f"{self.prefix}:claim:{cid}"], args=[owner])
+        return int(self._release_all_if_owner(keys=[f"{self.prefix}:claim:{c}" for c in cids], args=[owner]))
 
     def release_claims_of(self, holder: str) -> int:
         """Drop every prefill claim taken by `holder` (owners are "holder:nonce"): its process died, so the chunks

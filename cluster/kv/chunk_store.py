@@ -37,25 +37,40 @@ class ChunkStore:
 
     def put(self, chunk: ChunkKV) -> list[str]:
         """Store and register `chunk`, evicting least recently used chunks first; returns the evicted ids."""
-        size = chunk.nbytes()
-        if size > self.capacity_bytes:
-            raise StoreFull(f"chunk {chunk.chunk_id[:12]} needs {size} bytes, the store holds {self.capacity_bytes}")
+        return self.put_all([chunk])
+
+    def put_all(self, chunks: list[ChunkKV]) -> list[str]:
+        """Store every chunk (evicting least recently used ones first) and register them in one index round trip;
+        returns the evicted ids. Nothing is stored if one chunk alone is larger than the store."""
+        for chunk in chunks:
+            if chunk.nbytes() > self.capacity_bytes:
+                raise StoreFull(
+                    f"chunk {chunk.chunk_id[:12]} needs {chunk.nbytes()} bytes, the store holds {self.capacity_bytes}"
+                )
         evicted = []
         with self._lock:
-            if chunk.chunk_id in self._entries:
-                self._entries.move_to_end(chunk.chunk_id)
-            else:
-                while self.used_bytes + size > self.capacity_bytes and self._entries:
-                    cid, old = self._entries.popitem(last=False)
-                    self.used_bytes -= old.nbytes()
-                    self.evictions += 1
-                    evicted.append(cid)
-                    if self.index is not None:
-                        self.index.remove(cid, self.holder)
-                self._entries[chunk.chunk_id] = chunk
-                self.used_bytes += size
+            for chunk in chunks:
+                evicted += self._insert(chunk)
+            held = [c for c in chunks if c.chunk_id in self._entries]  # not one a later chunk of the call evicted
             if self.index is not None:
-                self.index.register(chunk, self.holder, self.node, self.address)
+                self.index.register_all(held, self.holder, self.node, self.address)
+        return evicted
+
+    def _insert(self, chunk: ChunkKV) -> list[str]:
+        """Hold `chunk` as the most recently used, evicting (and unregistering) the least recently used to fit."""
+        if chunk.chunk_id in self._entries:
+            self._entries.move_to_end(chunk.chunk_id)
+            return []
+        evicted, size = [], chunk.nbytes()
+        while self.used_bytes + size > self.capacity_bytes and self._entries:
+            cid, old = self._entries.popitem(last=False)
+            self.used_bytes -= old.nbytes()
+            self.evictions += 1
+            evicted.append(cid)
+            if self.index is not None:
+                self.index.remove(cid, self.holder)
+        self._entries[chunk.chunk_id] = chunk
+        self.used_bytes += size
         return evicted
 
     def get(self, cid: str) -> ChunkKV | None:
