@@ -10,10 +10,8 @@ whole, the chunks are pool entries read through their selected rows.
 
 from __future__ import annotations
 
-import atexit
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,7 +34,6 @@ from pdllm.sampler import SamplerConfig, denoise, strip_after_eos
 MODES = ("vanilla", "prefix", "sparse")
 DEFAULT_CHUNK_CACHE = ChunkCache()  # process-wide: a chunk (or prefix) seen by any request is not encoded again
 _ENGINE_ATTR = "_pdllm_decode_engine"  # where a model keeps its engine: the two live and die together
-_LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()  # every engine engine_for made that is still alive, for exit
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -45,27 +42,13 @@ def engine_for(lm: LoadedModel, config: EngineConfig | None = None) -> DecodeEng
 
     The model holds its engine, not a process-wide table: a table would keep every model it ever saw alive, with
     its engine's pool (1 GiB on CPU), after its owner dropped the model. A model and its engine are freed together
-    once neither is referenced; `release_engine` frees the engine at once."""
+    once neither is referenced; `release_engine` frees the engine at once. (Every live engine is stopped at exit by
+    pdllm.decode_node.engine.)"""
     with _ENGINES_LOCK:
         engine = lm.model.__dict__.get(_ENGINE_ATTR)
         if engine is None:
-            engine = DecodeEngine(lm, config)
-            lm.model.__dict__[_ENGINE_ATTR] = engine
-            _LIVE_ENGINES.add(engine)
+            engine = lm.model.__dict__[_ENGINE_ATTR] = DecodeEngine(lm, config)
         return engine
-
-
-def release_engines() -> None:
-    """Stop and forget every decode engine of this process; runs at exit. An engine's loop is a daemon thread, and
-    one still alive while the interpreter finalized aborted `pdllm generate --in-process` in 2 of 12 runs
-    ("terminate called without an active exception", exit status 134), after it had printed its answer."""
-    with _ENGINES_LOCK:
-        engines = list(_LIVE_ENGINES)
-    for engine in engines:
-        release_engine(engine.lm)
-
-
-atexit.register(release_engines)
 
 
 def release_engine(lm: LoadedModel) -> None:
@@ -73,10 +56,8 @@ def release_engine(lm: LoadedModel) -> None:
     makes a new one)."""
     with _ENGINES_LOCK:
         engine = lm.model.__dict__.pop(_ENGINE_ATTR, None)
-        if engine is None:
-            return
-        _LIVE_ENGINES.discard(engine)
-    engine.close()
+    if engine is not None:
+        engine.close()
 
 
 __all__ = ["MODES", "GenerationOutput", "MethodConfig", "generate"]

@@ -330,24 +330,27 @@ def test_jobs_ranking_together_share_one_question_forward_and_rank_as_alone():
 
 def test_the_process_stops_its_engines_at_exit_before_the_interpreter_finalizes():
     """An engine's loop is a daemon thread; one left running while the interpreter finalized aborted
-    `pdllm generate --in-process` now and then (exit status 134). A handler registered before pdllm.engine's own
-    runs after it (atexit is last in, first out) and sees the loop already stopped."""
+    `pdllm generate --in-process` now and then (exit status 134). A handler registered before the engine module's
+    own runs after it (atexit is last in, first out) and sees every loop already stopped: the one engine_for made
+    and one made directly, as a decode actor makes its engine."""
     import subprocess
     import sys
 
     script = """
 import atexit
 seen = {}
-atexit.register(lambda: print("loop alive at exit:", seen["engine"]._thread.is_alive(), flush=True))
+atexit.register(lambda: print("loops alive at exit:", [e._thread.is_alive() for e in seen["engines"]], flush=True))
 from pathlib import Path
-from pdllm.engine import _LIVE_ENGINES, engine_for
+from pdllm.decode_node.engine import DecodeEngine, EngineConfig
+from pdllm.engine import engine_for
 from pdllm.models.loader import LoadedModel
 from pdllm.models.tiny import random_model, tiny_spec
 spec = tiny_spec("llada", layers=2)
 lm = LoadedModel(random_model(spec, 0), None, spec, Path("."), "tiny")
-seen["engine"] = engine = engine_for(lm)
-engine.start()
-print("loop alive before exit:", engine._thread.is_alive(), len(_LIVE_ENGINES), flush=True)
+seen["engines"] = engines = [engine_for(lm), DecodeEngine(lm, EngineConfig(pool_bytes=1 << 20))]
+for engine in engines:
+    engine.start()
+print("loops alive before exit:", [e._thread.is_alive() for e in engines], flush=True)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    assert run.stdout.splitlines() == ["loop alive before exit: True 1", "loop alive at exit: False"]
+    assert run.stdout.splitlines() == ["loops alive before exit: [True, True]", "loops alive at exit: [False, False]"]

@@ -11,9 +11,9 @@ import weakref
 from pathlib import Path
 
 from pdllm.cluster.api.in_process import InProcessBackend
+from pdllm.decode_node import engine as engine_mod
 from pdllm.decode_node.engine import EngineConfig
 
-from pdllm import engine as engine_mod
 from pdllm.cli import main
 from pdllm.engine import engine_for, release_engine
 from pdllm.models.loader import LoadedModel
@@ -29,7 +29,7 @@ def tiny_lm(seed: int = 0) -> LoadedModel:
 
 
 def live_engine_ids() -> set[int]:
-    return {id(e) for e in list(engine_mod._LIVE_ENGINES)}
+    return {id(e) for e in list(engine_mod._LIVE)}
 
 
 def test_an_engine_whose_model_is_dropped_is_freed_and_its_loop_ends():
