@@ -1,11 +1,12 @@
 """What a prefill actor's index writes cost per new document: one round trip per chunk against one per call.
 
-For each document size it times, against a real embedded Valkey on loopback, the writes a prefill call makes after
-encoding: claim every chunk (one script, as the actor does), then register each chunk's entry (its summary
-included) and release each claim, either per chunk (`ChunkIndex.register` / `release`, the path before
-2026-12-06) or for all chunks at once (`register_all` / `release_all`). The summary is fp16 [layers, kv heads,
-head_dim]: the bundled tiny model's shape and LLaDA-8B's (256 KiB a chunk, so larger documents are bound by bytes,
-not round trips). Loopback is the floor: a Redis on another machine adds its round-trip time per call.
+For each document size it times, against a real embedded Valkey on loopback, the index writes of a prefill call:
+claim every chunk (one script, as the actor does), store the encoded chunks in the node's `ChunkStore` (register
+each entry, its summary included, and unregister what the store evicts), release each claim; either per chunk
+(`ChunkStore.put` / `ChunkIndex.release`, the path before 2026-12-06) or for all chunks at once (`put_all` /
+`release_all`), into an empty store and into a full one (every chunk stored evicts one). The summary is fp16
+[layers, kv heads, head_dim]: the bundled tiny model's shape and LLaDA-8B's (256 KiB a chunk, so larger documents are
+bound by bytes, not round trips). Loopback is the floor: a Redis on another machine adds its round-trip time per call.
 
     python benchmarks/bench_index_writes.py --out benchmarks/results/index_writes_<date>_cpu.txt
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import redis
 import torch
 from pdllm.cluster.kv.chunk_index import ChunkIndex
+from pdllm.cluster.kv.chunk_store import ChunkStore
 from pdllm.cluster.kv.redis_server import EmbeddedRedis
 
 from pdllm.method.chunk_kv import ChunkKV
@@ -37,29 +39,39 @@ def document(n: int, summary_shape: tuple[int, int, int]) -> list[ChunkKV]:
     ]
 
 
-def per_chunk(index: ChunkIndex, chunks: list[ChunkKV], owner: str) -> None:
-    index.claim_all([c.chunk_id for c in chunks], owner, 60)
+def per_chunk(store: ChunkStore, chunks: list[ChunkKV], owner: str) -> None:
+    """The path before 2026-12-06: each chunk stored and registered (its evictions unregistered) on its own, each
+    claim released on its own."""
+    store.index.claim_all([c.chunk_id for c in chunks], owner, 60)
     for c in chunks:
-        index.register(c, "prefill-0", "node-a", "127.0.0.1:1")
+        store.put(c)
     for c in chunks:
-        index.release(c.chunk_id, owner)
+        store.index.release(c.chunk_id, owner)
 
 
-def batched(index: ChunkIndex, chunks: list[ChunkKV], owner: str) -> None:
-    index.claim_all([c.chunk_id for c in chunks], owner, 60)
-    index.register_all(chunks, "prefill-0", "node-a", "127.0.0.1:1")
-    index.release_all([c.chunk_id for c in chunks], owner)
+def batched(store: ChunkStore, chunks: list[ChunkKV], owner: str) -> None:
+    store.index.claim_all([c.chunk_id for c in chunks], owner, 60)
+    store.put_all(chunks)
+    store.index.release_all([c.chunk_id for c in chunks], owner)
 
 
-def timed_ms(index: ChunkIndex, write, n: int, shape, reps: int) -> float:
-    """Median over `reps` fresh documents (new ids each time, so every write lands on new keys)."""
+def timed_ms(index: ChunkIndex, write, n: int, shape, reps: int, full: bool) -> float:
+    """Median over `reps` fresh documents (new ids each time, so every write lands on new keys). `full`: the store
+    holds exactly one document and already holds one, so every call evicts (and unregisters) as many chunks as it
+    stores, as a busy prefill actor's store does."""
+    size = sum(c.nbytes() for c in document(n, shape))
+    store = ChunkStore(size, index, "prefill-0", "node-a", "127.0.0.1:1")
+    if full:
+        batched(store, document(n, shape), "warm:0")
     times = []
     for _ in range(reps):
         chunks = document(n, shape)
         t0 = time.perf_counter()
-        write(index, chunks, f"prefill-0:{uuid.uuid4().hex[:8]}")
+        write(store, chunks, f"prefill-0:{uuid.uuid4().hex[:8]}")
         times.append(1000 * (time.perf_counter() - t0))
-        index.r.flushdb()
+        if not full:
+            store.clear()
+    store.clear()
     return statistics.median(times)
 
 
@@ -75,19 +87,22 @@ def main() -> None:
         f"{args.reps}; embedded Valkey on loopback)",
         "# command: python benchmarks/bench_index_writes.py" + (f" --out {args.out}" if args.out else ""),
         f"# device: CPU, {os.cpu_count()} cores; redis-py {redis.__version__}",
-        "| summary shape | chunks | per chunk (ms) | one call (ms) | speedup | round trips |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| summary shape | store | chunks | per chunk (ms) | one call (ms) | speedup | round trips |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     with EmbeddedRedis() as server:
         index = ChunkIndex(server.client(socket_timeout=30), prefix="bench")
         for name, shape in SHAPES.items():
-            for n in sizes:
-                timed_ms(index, batched, n, shape, 2)  # warm: scripts loaded, connection open
-                old = timed_ms(index, per_chunk, n, shape, args.reps)
-                new = timed_ms(index, batched, n, shape, args.reps)
-                row = f"| {name} | {n} | {old:.2f} | {new:.2f} | {old / new:.1f}x | {1 + 2 * n} -> 3 |"
-                lines.append(row)
-                print(row, flush=True)
+            for full in (False, True):
+                for n in sizes:
+                    timed_ms(index, batched, n, shape, 2, full)  # warm: scripts loaded, connection open
+                    old = timed_ms(index, per_chunk, n, shape, args.reps, full)
+                    new = timed_ms(index, batched, n, shape, args.reps, full)
+                    trips = f"{1 + 3 * n} -> 4" if full else f"{1 + 2 * n} -> 3"
+                    state = "full" if full else "empty"
+                    row = f"| {name} | {state} | {n} | {old:.2f} | {new:.2f} | {old / new:.1f}x | {trips} |"
+                    lines.append(row)
+                    print(row, flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

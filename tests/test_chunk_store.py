@@ -223,8 +223,26 @@ def test_a_call_larger_than_the_store_registers_only_the_chunks_it_kept(index):
     store = ChunkStore(2 * chunks[0].nbytes(), index, "prefill-0", "node-a", "127.0.0.1:1")
     assert store.put_all(chunks) == [chunks[0].chunk_id, chunks[1].chunk_id]  # evicted by the call's later chunks
     assert index.ids() == {chunks[2].chunk_id, chunks[3].chunk_id} == set(store.ids())
+    small = ChunkStore(chunks[0].nbytes(), index, "x", "n", "a")
     with pytest.raises(StoreFull):  # one chunk larger than the store: nothing of the call is stored
-        ChunkStore(chunks[0].nbytes() - 1, index, "x", "n", "a").put_all(chunks[:1])
+        small.put_all([chunks[0], make_chunk(39, rows=40)])
+    assert len(small) == 0 and not index.holders().get("x")
+
+
+def test_a_call_into_a_full_store_unregisters_what_it_evicts_in_one_round_trip(index):
+    old, new = [make_chunk(40 + i) for i in range(3)], [make_chunk(50 + i) for i in range(2)]
+    store = ChunkStore(3 * old[0].nbytes(), index, "prefill-0", "node-a", "127.0.0.1:1")
+    store.put_all(old)
+    index.register(old[1], "prefill-9", "node-b", "127.0.0.1:9")  # another holder's entry now: not this store's
+    before = counters.snapshot()
+    assert store.put_all(new) == [old[0].chunk_id, old[1].chunk_id]
+    assert counters.difference(counters.snapshot(), before) == {"index.remove": 1, "index.register": 1}
+    assert index.ids() == {old[1].chunk_id, old[2].chunk_id, *(c.chunk_id for c in new)}
+    assert index.lookup([old[1].chunk_id])[old[1].chunk_id].holder == "prefill-9"  # left to its holder
+    before = counters.snapshot()
+    store.clear()  # shutdown: every entry of this store out, in one round trip
+    assert counters.difference(counters.snapshot(), before) == {"index.remove": 1}
+    assert index.ids() == {old[1].chunk_id} and index.remove_all([], "prefill-0") == 0
 
 
 @pytest.fixture

@@ -31,6 +31,16 @@ if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
 end
 return 0
 """
+# The same for many entries: KEYS are the entry keys then the id set, ARGV the holder then the ids; returns how many.
+_DELETE_ALL_IF_HOLDER = """
+local ids, n = KEYS[#KEYS], 0
+for i = 1, #KEYS - 1 do
+  if redis.call('HGET', KEYS[i], 'holder') == ARGV[1] then
+    redis.call('DEL', KEYS[i]); redis.call('SREM', ids, ARGV[i + 1]); n = n + 1
+  end
+end
+return n
+"""
 _TOUCH = """
 for _, k in ipairs(KEYS) do
   if redis.call('HEXISTS', k, 'holder') == 1 then redis.call('HSET', k, 'last_used', ARGV[1]) end
@@ -82,6 +92,7 @@ class ChunkIndex:
     def __init__(self, client: redis.Redis, prefix: str = "pdllm:kv") -> None:
         self.r, self.prefix = client, prefix
         self._delete_if_holder = client.register_script(_DELETE_IF_HOLDER)
+        self._delete_all_if_holder = client.register_script(_DELETE_ALL_IF_HOLDER)
         self._release_if_owner = client.register_script(_RELEASE_IF_OWNER)
         self._release_all_if_owner = client.register_script(_RELEASE_ALL_IF_OWNER)
         self._touch = client.register_script(_TOUCH)
@@ -168,6 +179,14 @@ class ChunkIndex:
         """Delete the entry if `holder` still holds it (eviction, or a reader that found the holder without it)."""
         count("index.remove")
         return bool(self._delete_if_holder(keys=[self._key(cid), self._ids], args=[holder, cid]))
+
+    def remove_all(self, cids: list[str], holder: str) -> int:
+        """`remove` for every id in one round trip (evictions of a call, a store's shutdown); returns how many."""
+        if not cids:
+            return 0
+        count("index.remove")
+        keys = [self._key(c) for c in cids] + [self._ids]
+        return int(self._delete_all_if_holder(keys=keys, args=[holder, *cids]))
 
     def size(self) -> int:
         return int(self.r.scard(self._ids))
@@ -276,9 +295,8 @@ class ChunkIndex:
             pipe = self.r.pipeline(transaction=False)
             for cid in part:
                 pipe.hget(self._key(cid), "holder")
-            for cid, owner in zip(part, pipe.execute(), strict=True):
-                if owner is not None and owner.decode() == holder:
-                    removed += self.remove(cid, holder)
+            owners = pipe.execute()
+            removed += self.remove_all([c for c, o in zip(part, owners, strict=True) if o == holder.encode()], holder)
         return removed
 
     def holders(self) -> dict[str, int]:

@@ -1,8 +1,9 @@
 """A node's chunk store: chunk KV in memory (GPU, or CPU here) under a byte capacity, least recently used evicted.
 
-The store and the Redis index change together: a chunk is registered right after it is stored, and an evicted
-chunk's index entry is deleted in the same step (only if this store is still its holder), so the index never
-points readers at KV that this store dropped on purpose. A reader can still race an eviction; it then gets
+The store and the Redis index change together: a call's chunks are registered right after they are stored, and the
+entries of the chunks the call evicted are deleted just before (only where this store is still the holder; one
+round trip each, whatever the number of chunks), so the index never points readers at KV that this store dropped on
+purpose. A reader can still race an eviction; it then gets
 "missing" from the transfer service and re-prefills the chunk.
 """
 
@@ -53,11 +54,13 @@ class ChunkStore:
                 evicted += self._insert(chunk)
             held = [c for c in chunks if c.chunk_id in self._entries]  # not one a later chunk of the call evicted
             if self.index is not None:
+                self.index.remove_all([c for c in evicted if c not in self._entries], self.holder)
                 self.index.register_all(held, self.holder, self.node, self.address)
         return evicted
 
     def _insert(self, chunk: ChunkKV) -> list[str]:
-        """Hold `chunk` as the most recently used, evicting (and unregistering) the least recently used to fit."""
+        """Hold `chunk` as the most recently used, evicting the least recently used to fit (the caller takes
+        their entries out of the index)."""
         if chunk.chunk_id in self._entries:
             self._entries.move_to_end(chunk.chunk_id)
             return []
@@ -67,8 +70,6 @@ class ChunkStore:
             self.used_bytes -= old.nbytes()
             self.evictions += 1
             evicted.append(cid)
-            if self.index is not None:
-                self.index.remove(cid, self.holder)
         self._entries[chunk.chunk_id] = chunk
         self.used_bytes += size
         return evicted
@@ -88,9 +89,8 @@ class ChunkStore:
     def clear(self) -> None:
         """Drop everything and its index entries (shutdown)."""
         with self._lock:
-            for cid in self._entries:
-                if self.index is not None:
-                    self.index.remove(cid, self.holder)
+            if self.index is not None:
+                self.index.remove_all(list(self._entries), self.holder)
             self._entries.clear()
             self.used_bytes = 0
 
