@@ -311,14 +311,13 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
     def _missing(self, cids: list[str], entries: dict[str, IndexEntry], where: dict) -> ChunksMissing:
         """The job's answer when chunks could not be had: their index entries are dropped (the holder no longer
         has them, or cannot send them) so the router prefills them again."""
-        holders = {}
+        by_holder: dict[str, list[str]] = {}
         for cid in cids:
-            if cid not in entries:  # not an indexed chunk (the instruction is the actor's own)
-                continue
-            holder = entries[cid].holder
-            self.index.remove(cid, holder)
-            holders[holder] = where["failed"].get(holder, "missing")
-        return ChunksMissing(cids, holders)
+            if cid in entries:  # not an indexed chunk: the instruction (the actor's own)
+                by_holder.setdefault(entries[cid].holder, []).append(cid)
+        for holder, lost in by_holder.items():
+            self.index.remove_all(lost, holder)  # one round trip per holder
+        return ChunksMissing(cids, {h: where["failed"].get(h, "missing") for h in by_holder})
 
     def _gather(self, need: list[str], entries: dict[str, IndexEntry], where: dict) -> dict[str, ChunkKV]:
         """KV of `need` (chunks not resident in the pool), from each holder over the path cluster/kv/kv_paths.py
