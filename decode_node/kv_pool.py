@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +76,8 @@ class KVPool:
         self.free: list[int] = list(range(self.num_pages - 1, RESERVED_PAGES - 1, -1))  # pop() takes low pages
         self.chunks: OrderedDict[str, PoolEntry] = OrderedDict()  # LRU order: oldest first
         self.cond = threading.Condition()
+        self._line: deque[int] = deque()  # tickets of jobs waiting for room, first come first
+        self._tickets = 0
         self.evictions = 0
         self.inserted = 0
 
@@ -98,6 +100,7 @@ class KVPool:
                 "free_pages": len(self.free),
                 "chunks": len(self.chunks),
                 "pinned_chunks": pinned,
+                "jobs_waiting_for_room": len(self._line),
                 "bytes": self.capacity_bytes,
                 "used_bytes": (self.num_pages - RESERVED_PAGES - len(self.free))
                 * self.capacity_bytes
@@ -150,28 +153,86 @@ class KVPool:
 
     def acquire(self, cids: list[str], fetch, timeout_s: float, clock=time.monotonic) -> list[str]:
         """Pin every chunk of `cids`, bringing the missing ones through `fetch(missing) -> {cid: ChunkKV}` (a
-        chunk it cannot bring is left out). Waits, up to `timeout_s`, while the pool is full of pinned chunks;
-        raises PoolFull after that. Returns the ids that could not be had (nothing of them is pinned)."""
+        chunk it cannot bring is left out). Returns the ids that could not be had (nothing of them is pinned).
+
+        While the pool has no room, the job waits in line (first come, first served) holding nothing: two jobs
+        that each kept their resident chunks pinned while waiting for room could each wait on the other to their
+        deadlines. A resident chunk evicted meanwhile is brought again. Raises PoolFull after `timeout_s`."""
         deadline = clock() + timeout_s
-        missing = self.pin_resident(cids)
-        resident = [c for c in dict.fromkeys(cids) if c not in missing]
+        got: dict[str, ChunkKV] = {}
+        tried: set[str] = set()  # ids already asked of `fetch`
+        ticket = self._join_line_if_waiting()
         try:
-            got = fetch(missing) if missing else {}
-        except BaseException:
+            while True:
+                self._wait_turn(ticket, deadline, clock)
+                missing = self.pin_resident(cids)
+                resident = [c for c in dict.fromkeys(cids) if c not in missing]
+                need = [c for c in missing if c not in got and c not in tried]
+                try:
+                    got.update(fetch(need) if need else {})
+                except BaseException:
+                    self.unpin(resident)
+                    raise
+                tried.update(need)
+                try:
+                    self.insert_pinned([got[c] for c in missing if c in got])
+                    return [c for c in missing if c not in got]
+                except PoolFull:
+                    self._refuse_if_never_fits(resident, [got[c] for c in missing if c in got])
+                    self.unpin(resident)  # hold nothing while waiting
+                    if ticket is None:
+                        ticket = self._join_line()
+                    with self.cond:
+                        if clock() >= deadline:
+                            raise
+                        self.cond.wait(min(deadline - clock(), 0.05))
+        finally:
+            self._leave_line(ticket)
+
+    def _refuse_if_never_fits(self, resident: list[str], fresh: list[ChunkKV]) -> None:
+        """PoolFull at once (not at the deadline) for a job whose chunks outnumber the pool's pages."""
+        with self.cond:
+            wanted = sum(len(self.chunks[c].pages) for c in resident)
+        wanted += sum(self.pages_for(c.length) for c in fresh)
+        usable = self.num_pages - RESERVED_PAGES
+        if wanted > usable:
             self.unpin(resident)
-            raise
-        absent = [c for c in missing if c not in got]
-        while True:
-            try:
-                self.insert_pinned([got[c] for c in missing if c in got])
-                return absent
-            except PoolFull:
-                with self.cond:
-                    left = deadline - clock()
-                    if left <= 0:
-                        self._unpin_locked(resident)
-                        raise
-                    self.cond.wait(min(left, 0.05))
+            raise PoolFull(
+                f"decode KV pool too small for this job: its chunks need {wanted} pages, the pool has {usable}; "
+                f"select fewer or smaller chunks, or give the pool more memory"
+            )
+
+    def _join_line(self) -> int:
+        with self.cond:
+            self._tickets += 1
+            self._line.append(self._tickets)
+            self.cond.notify_all()
+            return self._tickets
+
+    def _join_line_if_waiting(self) -> int | None:
+        """A place in line if jobs already wait for room (a newcomer does not pass them), else None."""
+        with self.cond:
+            return None if not self._line else self._join_line()
+
+    def _wait_turn(self, ticket: int | None, deadline: float, clock) -> None:
+        """Until `ticket` is first in line (None: not in line); PoolFull at the deadline."""
+        if ticket is None:
+            return
+        with self.cond:
+            while self._line[0] != ticket:
+                left = deadline - clock()
+                if left <= 0:
+                    raise PoolFull(
+                        f"decode KV pool full: {self._line.index(ticket)} job(s) still ahead in line at the "
+                        f"deadline; every resident chunk is in use"
+                    )
+                self.cond.wait(min(left, 0.05))
+
+    def _leave_line(self, ticket: int | None) -> None:
+        if ticket is not None:
+            with self.cond:
+                self._line.remove(ticket)
+                self.cond.notify_all()
 
     def unpin(self, cids: list[str]) -> None:
         with self.cond:

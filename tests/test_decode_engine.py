@@ -260,6 +260,85 @@ def test_a_full_pool_makes_a_submitter_wait_then_fail_with_the_cause():
     assert pool.snapshot()["pinned_chunks"] == 1
 
 
+def test_jobs_waiting_for_room_hold_nothing_so_two_cannot_wait_on_each_other():
+    """Two jobs each read one resident chunk and bring two more; the pool has room for one job's chunks once the
+    other's resident chunk is evicted. Each pins its resident chunk before either inserts, so, holding it while
+    waiting, each would wait for the other to its deadline. A waiter holds nothing: one job gets in, then the other."""
+    import threading
+
+    lm = tiny_lm("llada")
+    kvs, by_id = document(lm, n=7)  # chunks of 17 rows: 3 pages each
+    per_page = page_bytes(lm.spec, torch.float32, 8)
+    pool = KVPool(lm.spec, "cpu", torch.float32, (2 + 10) * per_page, page_rows=8)
+    pool.insert_pinned(kvs[:2])
+    pool.unpin([kvs[0].chunk_id, kvs[1].chunk_id])  # resident, unpinned: 6 pages used, 4 free
+    jobs = {"a": [kvs[0], kvs[2], kvs[3]], "b": [kvs[1], kvs[4], kvs[5]]}
+    both_pinned, out, first_fetch = threading.Barrier(2, timeout=30), {}, {"a": True, "b": True}
+
+    def fetch(name: str, need: list[str]) -> dict:
+        if first_fetch[name]:  # each job has pinned its resident chunk before either inserts
+            first_fetch[name] = False
+            both_pinned.wait()
+        return {c: by_id[c] for c in need}
+
+    def job(name: str) -> None:
+        cids = [c.chunk_id for c in jobs[name]]
+        try:
+            out[name] = pool.acquire(cids, lambda need: fetch(name, need), timeout_s=20.0)
+            for c in jobs[name]:
+                assert torch.equal(pool.chunk_keys(c.chunk_id, 1), c.k[1])
+            pool.unpin(cids)
+        except Exception as exc:  # reported below
+            out[name] = exc
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == {"a": [], "b": []}
+    assert pool.snapshot()["pinned_chunks"] == 0 and pool.evictions >= 2
+
+
+def test_a_newcomer_that_would_fit_does_not_pass_a_job_waiting_for_room():
+    import threading
+
+    lm = tiny_lm("llada")
+    kvs, by_id = document(lm, n=7)  # chunks of 17 rows: 3 pages each
+    per_page = page_bytes(lm.spec, torch.float32, 8)
+    pool = KVPool(lm.spec, "cpu", torch.float32, (2 + 12) * per_page, page_rows=8)
+    pool.insert_pinned(kvs[:3])  # another job reads 9 pages; 3 are free
+    bring = lambda need: {c: by_id[c] for c in need}  # noqa: E731
+    out = {}
+    first = threading.Thread(target=lambda: out.update(a=pool.acquire([kvs[3].chunk_id, kvs[4].chunk_id], bring, 60)))
+    first.start()  # needs 6 pages: waits in line
+    with pool.cond:
+        assert pool.cond.wait_for(lambda: len(pool._line) == 1, timeout=30)
+    assert pool.snapshot()["jobs_waiting_for_room"] == 1
+    ticks = iter(range(1000))
+    with pytest.raises(PoolFull, match="1 job"):  # 3 pages would fit, but it queues behind the first
+        pool.acquire([kvs[5].chunk_id], bring, 5, clock=lambda: next(ticks))
+    assert kvs[5].chunk_id not in pool
+    pool.unpin([c.chunk_id for c in kvs[:3]])
+    first.join(30)
+    assert out == {"a": []} and not pool._line
+    assert all(pool.entry(c.chunk_id).pins == 1 for c in kvs[3:5])
+
+
+def test_a_job_larger_than_the_pool_is_refused_at_once_naming_the_sizes():
+    lm = tiny_lm("llada")
+    kvs, by_id = document(lm, n=4)
+    per_page = page_bytes(lm.spec, torch.float32, 8)
+    pool = KVPool(lm.spec, "cpu", torch.float32, (2 + 8) * per_page, page_rows=8)
+    pool.insert_pinned([kvs[0]])
+    pool.unpin([kvs[0].chunk_id])
+    ticks = iter(range(3))  # a wait would read the clock more often than this
+    cids = [c.chunk_id for c in kvs[:3]]  # 9 pages, the pool has 8
+    with pytest.raises(PoolFull, match="need 9 pages, the pool has 8"):
+        pool.acquire(cids, lambda need: {c: by_id[c] for c in need}, 1e9, clock=lambda: next(ticks))
+    assert pool.snapshot()["pinned_chunks"] == 0 and not pool._line
+
+
 def test_engine_thread_serves_concurrent_generate_calls_in_shared_steps():
     from concurrent.futures import ThreadPoolExecutor
 
