@@ -101,6 +101,7 @@ class KVPool:
                 "chunks": len(self.chunks),
                 "pinned_chunks": pinned,
                 "jobs_waiting_for_room": len(self._line),
+                "jobs_waited_for_room": self._tickets,  # since the start
                 "bytes": self.capacity_bytes,
                 "used_bytes": (self.num_pages - RESERVED_PAGES - len(self.free))
                 * self.capacity_bytes
