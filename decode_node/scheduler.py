@@ -198,8 +198,15 @@ class Scheduler:
                 try:
                     rows = len(handle.job.question_ids) - (1 if state.shift else 0)
                     state.private_pages, state.kept_rows_planned = self.pool.alloc_rows(max(rows, 1))
-                except PoolFull:
-                    return  # waits at the head of the queue until a running job frees pages
+                except PoolFull as exc:
+                    if self.running:
+                        return  # waits at the head of the queue until a running job frees pages
+                    with self.lock:  # nothing runs that could free pages: waiting would only block the queue
+                        self.waiting.popleft()
+                    self._finish_unadmitted(
+                        handle, PoolFull(f"job {handle.job.job_id}: no room for its kept question KV ({exc})")
+                    )
+                    continue
             with self.lock:
                 self.waiting.popleft()
             state.admitted = time.perf_counter()
@@ -219,9 +226,10 @@ class Scheduler:
     def _expired(self, job: DecodeJob) -> bool:
         return job.deadline is not None and self.clock() >= job.deadline
 
-    def _finish_unadmitted(self, handle: JobHandle) -> None:
+    def _finish_unadmitted(self, handle: JobHandle, err: BaseException | None = None) -> None:
         job = handle.job
-        err = JobCancelled(f"job {job.job_id} cancelled before it started") if handle.cancelled else None
+        if err is None and handle.cancelled:
+            err = JobCancelled(f"job {job.job_id} cancelled before it started")
         err = err or JobExpired(f"job {job.job_id} passed its deadline while queued")
         self._release(job)
         handle.finish(None, err)

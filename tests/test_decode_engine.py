@@ -207,6 +207,23 @@ def test_kept_question_kv_equals_dense_reference_and_shrinks_the_span(family, kv
     assert alone(lm, kvs, by_id, plain) != expected  # the kept KV is stale after step 1: the option is visible
 
 
+def test_a_job_with_no_room_for_its_kept_question_kv_and_nothing_running_fails_and_unblocks_the_queue():
+    """Two jobs pin the whole pool; the first also wants pages for its kept question KV. Nothing runs that could
+    free any, so it fails at once, naming why, and the job behind it runs (it waited at the head before)."""
+    lm = tiny_lm("llada")
+    kvs, by_id = document(lm)  # chunks of 17 rows: 3 pages each
+    engine = new_engine(lm, pool_bytes=(2 + 6) * page_bytes(lm.spec, torch.float32, 8))
+    kept = Spec(ids(10, 9), [0], MethodConfig(chunk_size=16, keep_question_kv=True), LLADA)
+    plain = Spec(ids(10, 8), [1], MethodConfig(chunk_size=16), LLADA)
+    first = engine.scheduler.submit(prepare(engine, kvs, by_id, kept))
+    second = engine.scheduler.submit(prepare(engine, kvs, by_id, plain))
+    drive(engine, [first, second])
+    with pytest.raises(PoolFull, match="no room for its kept question KV"):
+        first.wait()
+    assert second.wait().tokens == alone(lm, kvs, by_id, plain)
+    assert engine.pool.snapshot()["pinned_chunks"] == 0
+
+
 def test_evicted_chunk_is_fetched_again_and_answers_the_same():
     lm = tiny_lm("llada")
     kvs, by_id = document(lm, n=6)
