@@ -313,7 +313,7 @@ class DecodeWorker(CollectiveMember):  # + collective_* methods: joins the KV gr
         has them, or cannot send them) so the router prefills them again."""
         by_holder: dict[str, list[str]] = {}
         for cid in cids:
-            if cid in entries:  # not an indexed chunk: the instruction (the actor's own)
+            if cid in entries:  # indexed chunks only (the instruction's KV is this actor's own)
                 by_holder.setdefault(entries[cid].holder, []).append(cid)
         for holder, lost in by_holder.items():
             self.index.remove_all(lost, holder)  # one round trip per holder

@@ -179,8 +179,14 @@ class KVPool:
                     self.insert_pinned([got[c] for c in missing if c in got])
                     return [c for c in missing if c not in got]
                 except PoolFull:
-                    self._refuse_if_never_fits(resident, [got[c] for c in missing if c in got])
+                    wanted = self._pages_of(resident, [got[c] for c in missing if c in got])
                     self.unpin(resident)  # hold nothing while waiting
+                    if wanted > self.num_pages - RESERVED_PAGES:  # would never fit: refused now, not at the deadline
+                        raise PoolFull(
+                            f"decode KV pool too small for this job: its chunks need {wanted} pages, the pool has "
+                            f"{self.num_pages - RESERVED_PAGES}; select fewer or smaller chunks, or give the pool "
+                            f"more memory"
+                        ) from None
                     if ticket is None:
                         ticket = self._join_line()
                     with self.cond:
@@ -190,18 +196,11 @@ class KVPool:
         finally:
             self._leave_line(ticket)
 
-    def _refuse_if_never_fits(self, resident: list[str], fresh: list[ChunkKV]) -> None:
-        """PoolFull at once (not at the deadline) for a job whose chunks outnumber the pool's pages."""
+    def _pages_of(self, resident: list[str], fresh: list[ChunkKV]) -> int:
+        """Pages a job's chunks take: the resident ones (pinned) as they lie, the fresh ones once written."""
         with self.cond:
-            wanted = sum(len(self.chunks[c].pages) for c in resident)
-        wanted += sum(self.pages_for(c.length) for c in fresh)
-        usable = self.num_pages - RESERVED_PAGES
-        if wanted > usable:
-            self.unpin(resident)
-            raise PoolFull(
-                f"decode KV pool too small for this job: its chunks need {wanted} pages, the pool has {usable}; "
-                f"select fewer or smaller chunks, or give the pool more memory"
-            )
+            held = sum(len(self.chunks[c].pages) for c in resident)
+        return held + sum(self.pages_for(c.length) for c in fresh)
 
     def _join_line(self) -> int:
         with self.cond:

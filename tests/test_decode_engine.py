@@ -16,7 +16,7 @@ import pytest
 import torch
 from pdllm.decode_node.engine import DecodeEngine, EngineConfig, MissingChunks
 from pdllm.decode_node.job import JobCancelled, JobExpired
-from pdllm.decode_node.kv_pool import KVPool, PoolFull, page_bytes
+from pdllm.decode_node.kv_pool import RESERVED_PAGES, KVPool, PoolFull, page_bytes
 
 from pdllm.method import MethodConfig, encode_chunks, split_chunks
 from pdllm.models.attention import DenseCachedAttention
@@ -39,6 +39,11 @@ def ids(n: int, seed: int) -> list[int]:
 def new_engine(lm, pool_bytes: int = 8 << 20, **kw) -> DecodeEngine:
     cfg = EngineConfig(max_batch=8, pool_bytes=pool_bytes, page_rows=8, max_span=96, max_block=16, max_selected=512)
     return DecodeEngine(lm, EngineConfig(**{**cfg.__dict__, **kw}))
+
+
+def paged_pool(lm, pages: int) -> KVPool:
+    """A CPU pool of `pages` usable pages of 8 rows (a 16-token chunk with its BOS takes 3)."""
+    return KVPool(lm.spec, "cpu", torch.float32, (RESERVED_PAGES + pages) * page_bytes(lm.spec, torch.float32, 8), 8)
 
 
 @dataclass
@@ -212,7 +217,7 @@ def test_a_job_with_no_room_for_its_kept_question_kv_and_nothing_running_fails_a
     free any, so it fails at once, naming why, and the job behind it runs (it waited at the head before)."""
     lm = tiny_lm("llada")
     kvs, by_id = document(lm)  # chunks of 17 rows: 3 pages each
-    engine = new_engine(lm, pool_bytes=(2 + 6) * page_bytes(lm.spec, torch.float32, 8))
+    engine = new_engine(lm, pool_bytes=(RESERVED_PAGES + 6) * page_bytes(lm.spec, torch.float32, 8))
     kept = Spec(ids(10, 9), [0], MethodConfig(chunk_size=16, keep_question_kv=True), LLADA)
     plain = Spec(ids(10, 8), [1], MethodConfig(chunk_size=16), LLADA)
     first = engine.scheduler.submit(prepare(engine, kvs, by_id, kept))
@@ -268,8 +273,7 @@ def test_pool_never_evicts_a_pinned_chunk_and_stays_within_its_bytes():
 def test_a_full_pool_makes_a_submitter_wait_then_fail_with_the_cause():
     lm = tiny_lm("llada")
     kvs, by_id = document(lm, n=3)
-    per_page = page_bytes(lm.spec, torch.float32, 8)
-    pool = KVPool(lm.spec, "cpu", torch.float32, (2 + 3) * per_page, page_rows=8)
+    pool = paged_pool(lm, 3)
     pool.insert_pinned([kvs[0]])
     ticks = iter(range(100))
     with pytest.raises(PoolFull, match="every resident chunk is in use"):
@@ -285,8 +289,7 @@ def test_jobs_waiting_for_room_hold_nothing_so_two_cannot_wait_on_each_other():
 
     lm = tiny_lm("llada")
     kvs, by_id = document(lm, n=7)  # chunks of 17 rows: 3 pages each
-    per_page = page_bytes(lm.spec, torch.float32, 8)
-    pool = KVPool(lm.spec, "cpu", torch.float32, (2 + 10) * per_page, page_rows=8)
+    pool = paged_pool(lm, 10)
     pool.insert_pinned(kvs[:2])
     pool.unpin([kvs[0].chunk_id, kvs[1].chunk_id])  # resident, unpinned: 6 pages used, 4 free
     jobs = {"a": [kvs[0], kvs[2], kvs[3]], "b": [kvs[1], kvs[4], kvs[5]]}
@@ -322,8 +325,7 @@ def test_a_newcomer_that_would_fit_does_not_pass_a_job_waiting_for_room():
 
     lm = tiny_lm("llada")
     kvs, by_id = document(lm, n=7)  # chunks of 17 rows: 3 pages each
-    per_page = page_bytes(lm.spec, torch.float32, 8)
-    pool = KVPool(lm.spec, "cpu", torch.float32, (2 + 12) * per_page, page_rows=8)
+    pool = paged_pool(lm, 12)
     pool.insert_pinned(kvs[:3])  # another job reads 9 pages; 3 are free
     bring = lambda need: {c: by_id[c] for c in need}  # noqa: E731
     out = {}
@@ -345,8 +347,7 @@ def test_a_newcomer_that_would_fit_does_not_pass_a_job_waiting_for_room():
 def test_a_job_larger_than_the_pool_is_refused_at_once_naming_the_sizes():
     lm = tiny_lm("llada")
     kvs, by_id = document(lm, n=4)
-    per_page = page_bytes(lm.spec, torch.float32, 8)
-    pool = KVPool(lm.spec, "cpu", torch.float32, (2 + 8) * per_page, page_rows=8)
+    pool = paged_pool(lm, 8)
     pool.insert_pinned([kvs[0]])
     pool.unpin([kvs[0].chunk_id])
     ticks = iter(range(3))  # a wait would read the clock more often than this

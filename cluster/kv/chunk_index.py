@@ -25,13 +25,8 @@ from pdllm.method.chunk_kv import ChunkKV
 from pdllm.observability.counters import count
 
 # Delete an entry only if the caller is still its holder (a newer holder's entry must survive a stale eviction).
-_DELETE_IF_HOLDER = """
-if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
-  redis.call('DEL', KEYS[1]); redis.call('SREM', KEYS[2], ARGV[2]); return 1
-end
-return 0
-"""
-# The same for many entries: KEYS are the entry keys then the id set, ARGV the holder then the ids; returns how many.
+# Delete each entry whose holder is ARGV[1] (KEYS: the entry keys, then the id set; ARGV[i + 1]: the id of KEYS[i]);
+# returns how many.
 _DELETE_ALL_IF_HOLDER = """
 local ids, n = KEYS[#KEYS], 0
 for i = 1, #KEYS - 1 do
@@ -91,7 +86,6 @@ class IndexEntry:
 class ChunkIndex:
     def __init__(self, client: redis.Redis, prefix: str = "pdllm:kv") -> None:
         self.r, self.prefix = client, prefix
-        self._delete_if_holder = client.register_script(_DELETE_IF_HOLDER)
         self._delete_all_if_holder = client.register_script(_DELETE_ALL_IF_HOLDER)
         self._release_if_owner = client.register_script(_RELEASE_IF_OWNER)
         self._release_all_if_owner = client.register_script(_RELEASE_ALL_IF_OWNER)
@@ -177,8 +171,7 @@ class ChunkIndex:
 
     def remove(self, cid: str, holder: str) -> bool:
         """Delete the entry if `holder` still holds it (eviction, or a reader that found the holder without it)."""
-        count("index.remove")
-        return bool(self._delete_if_holder(keys=[self._key(cid), self._ids], args=[holder, cid]))
+        return bool(self.remove_all([cid], holder))
 
     def remove_all(self, cids: list[str], holder: str) -> int:
         """`remove` for every id in one round trip (evictions of a call, a store's shutdown); returns how many."""

@@ -3,8 +3,8 @@
 The store and the Redis index change together: a call's chunks are registered right after they are stored, and the
 entries of the chunks the call evicted are deleted just before (only where this store is still the holder; one
 round trip each, whatever the number of chunks), so the index never points readers at KV that this store dropped on
-purpose. A reader can still race an eviction; it then gets
-"missing" from the transfer service and re-prefills the chunk.
+purpose. A reader can still race an eviction; it then gets "missing" from the transfer service and re-prefills the
+chunk.
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ instead of the dense mask (a first version closed over the dense mask and was no
 it runs as one kernel compiled once for all batch shapes (torch.compile, dynamic shapes); on a CPU it runs PyTorch's
 reference implementation, which the tests check against SDPA. On an H100 a recall-stage step takes 66.5 ms against
 SDPA's 82.0, and 54.6 ms with train.py --compile (benchmarks/NOTES.md, "Faster training steps, prefill by
-length, broader wordings"). Opt-in
-(`--attention flex`): the bundle's chain was timed with SDPA.
+length, broader wordings"). Opt-in (`--attention flex`): the bundle's chain was timed with SDPA.
 """
 
 from __future__ import annotations
