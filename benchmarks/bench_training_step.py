@@ -4,11 +4,12 @@ a host read of the gradient norm, so host and device time add up) against the st
 AdamW that skips a non-finite update on the device), and on a GPU the device's busy time per step. Batches come in
 fresh shapes, as the curriculum makes them, then the same shapes again (warm), so a per-shape host cost shows as
 the difference. A mix other than official steps with the chain's losses (pointer, key, match and ranking, across
-rows where the mix ranks so). `--variants` adds ways to run the same step (FlexAttention over the segments, compiled
-layers, both), each checked against the eager SDPA step (loss, gradients) and then timed on the batches it ran.
+rows where the mix ranks so). `--variants` adds ways to run the same step (FlexAttention over the segments; compiled
+blocks, +compile; all layers as one compiled region, +stack), each checked against the eager SDPA step (loss,
+gradients) and then timed on the batches it ran.
 
     python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
-    python benchmarks/bench_training_step.py --mix recall --variants sdpa,flex,sdpa+compile,flex+compile
+    python benchmarks/bench_training_step.py --mix recall --variants sdpa,flex,sdpa+compile,flex+compile,flex+stack
     python benchmarks/bench_training_step.py --device cpu --tokens 4096 --steps 4 --shape small
 
 Prints a table of ms per batch (or step) and the ratio old / new measured in the same run; each row goes to stderr as
@@ -29,6 +30,7 @@ from torch.nn.attention import sdpa_kernel
 from pdllm.training.data import MIXES, PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
 from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss
 from pdllm.training.optim import make_optimizer, step_if_finite
+from pdllm.training.stack import compile_stack
 from pdllm.training.train import TRAIN_ATTENTION, build_model, compile_blocks
 
 # the losses of every run of the bundle's chain after the official run (benchmarks/reproduce_bundle.sh)
@@ -135,7 +137,7 @@ def step_ms(
     return 1000 * (time.perf_counter() - t0) / len(batches)
 
 
-VARIANTS = ("sdpa", "flex", "sdpa+compile", "flex+compile")
+VARIANTS = ("sdpa", "flex", "sdpa+compile", "flex+compile", "sdpa+stack", "flex+stack")
 
 
 def attention_of(variant: str):
@@ -147,13 +149,17 @@ def attention_of(variant: str):
     return MaskedAttention
 
 
-def set_compiled(model, on: bool) -> None:
-    """Compile the model's blocks as train.py --compile does, or put the eager methods back."""
+def set_compiled(model, variant: str) -> None:
+    """Compile the model as the variant's train.py does (+compile: --compile blocks, +stack: --compile stack), or
+    put the eager methods back."""
     for block in model.layers:
         block.__dict__.pop("project", None)
         block.__dict__.pop("finish", None)
-    if on:
+    model.__dict__.pop("run_layers", None)
+    if variant.endswith("+compile"):
         compile_blocks(model)
+    elif variant.endswith("+stack"):
+        compile_stack(model)
 
 
 def variant_check(model, batch: Batch, device: torch.device, losses: dict, variant: str) -> dict:
@@ -161,7 +167,7 @@ def variant_check(model, batch: Batch, device: torch.device, losses: dict, varia
     same masking draw): the largest gradient difference relative to that tensor's largest SDPA gradient."""
     runs = []
     for name in ("sdpa", variant):
-        set_compiled(model, name.endswith("+compile"))
+        set_compiled(model, name)
         model.zero_grad(set_to_none=True)
         gen = torch.Generator(device=device).manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -171,7 +177,7 @@ def variant_check(model, batch: Batch, device: torch.device, losses: dict, varia
                 loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         runs.append((float(loss.detach()), grads))
-    set_compiled(model, False)
+    set_compiled(model, "sdpa")
     (loss, grads), (v_loss, v_grads) = runs
     worst = max(float((v_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads.items())
     return {"sdpa_loss": loss, "variant_loss": v_loss, "max_rel_grad_diff": worst}
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-seconds", type=float, default=4.0)
     p.add_argument("--variants", default="sdpa",
                    help=f"comma list of {', '.join(VARIANTS)}: each checked against SDPA and timed on the same batches "
-                   "(flex: training.flex; +compile: train.py --compile)")  # fmt: skip
+                   "(flex: training.flex; +compile: train.py --compile blocks; +stack: --compile stack)")  # fmt: skip
     p.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time per stage")
     p.add_argument("--host-ops", type=int, default=0, help="print the N host operations with the most CPU time, per "
                    "variant (what a step that the host paces spends its time on)")  # fmt: skip
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in [v for v in args.variants.split(",") if v and v != "sdpa"]:
             check = variant_check(model, sets[1][0], device, losses, variant)
             add({"what": f"{variant} check {name}", **check})
-            set_compiled(model, variant.endswith("+compile"))
+            set_compiled(model, variant)
             t0 = time.perf_counter()
             step_ms(model, sets[0][:4], device, True, losses, attention_of(variant))  # compiles, then dynamic shapes
             add({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
@@ -308,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.host_ops:
                 print(f"host side of the {name} step, {variant}:")
                 host_ops(model, sets[1], device, losses, args.host_ops, attention_of(variant))
-            set_compiled(model, False)
+            set_compiled(model, "sdpa")
         if device.type == "cuda":
             if args.kernels:
                 print(f"kernels of the {name} step (share of GPU time, ms per step, launches per step):")

@@ -4,6 +4,7 @@ decode actor ranks), the curriculum, the held-out probe, and a resumable CPU smo
 from __future__ import annotations
 
 import json
+import math
 import random
 from types import SimpleNamespace
 
@@ -211,6 +212,19 @@ def test_smoke_train_resume_export(tmp_path):
     assert main(["--export", str(tmp_path / "b"), "--out", str(tmp_path), "--bundle", str(tmp_path / "m")]) == 0
     lm = load_model(tmp_path / "m")
     assert lm.spec.family == "llada" and lm.spec.num_layers == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_run_planned_by_steps_ends_there_on_a_schedule_of_steps(tmp_path):
+    """--steps: the LR's cosine runs over the planned steps (not the wall clock), and the run stops at the last."""
+    from pdllm.training.train import main
+
+    assert main(["--smoke", "--out", str(tmp_path), "--steps", "5", "--workers", "0", "--lr", "1e-3"]) == 0
+    meta = json.loads((tmp_path / "state.json").read_text())
+    assert meta["step"] == 5 and meta["args"]["steps"] == 5
+    lrs = [e["lr"] for e in meta["log"]]  # step n's entry holds the LR step n - 1 ran at; warmup is 2 steps
+    cosine = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * n / 5))) for n in (2, 3, 4)]
+    assert lrs == pytest.approx([5e-4, 1e-3, *cosine], abs=1e-6)
 
 
 @pytest.mark.timeout(120)

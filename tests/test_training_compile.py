@@ -1,17 +1,19 @@
-"""Training with compiled layers (train.py --compile): the same loss and gradients as the eager step, over batches
-of new shapes and layouts, with every auxiliary loss. The CPU runs dynamo's tracing and autograd (aot_eager backend:
-no code generation, so the suite stays fast); the GPU's generated kernels are checked and timed by
-benchmarks/bench_training_step.py --variants."""
+"""Training with compiled layers (train.py --compile blocks, and --compile stack: all layers as one region): the same
+loss and gradients as the eager step, over batches of new shapes and layouts, with every auxiliary loss. The CPU runs
+dynamo's tracing and autograd (aot_eager backend: no code generation, so the suite stays fast); the GPU's generated
+kernels are checked and timed by benchmarks/bench_training_step.py --variants."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from pdllm.models.tiny import random_model, tiny_spec
 from pdllm.training.data import curriculum, make_batch
 from pdllm.training.objective import batch_layout, diffusion_loss
+from pdllm.training.stack import compile_stack
 from pdllm.training.train import compile_blocks
 
 LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
@@ -28,7 +30,8 @@ def _steps(model, batches):
     return out
 
 
-def test_compiled_blocks_train_as_the_eager_model_does():
+@pytest.mark.parametrize("compile_model", [compile_blocks, compile_stack], ids=["blocks", "stack"])
+def test_compiled_layers_train_as_the_eager_model_does(compile_model):
     stages = curriculum("recall_wordings")
     rng = random.Random(3)
     # chunked recall rows of several shapes (one of a single row), then dense rows of the long stage
@@ -39,7 +42,9 @@ def test_compiled_blocks_train_as_the_eager_model_does():
     eager = _steps(model, batches)
     keys = list(model.state_dict())
     torch._dynamo.reset()
-    compile_blocks(model, backend="aot_eager")
+    compile_model(model, backend="aot_eager")
+    if compile_model is compile_stack:  # every forward of the loss runs in the compiled region, none in the loop
+        model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
     compiled = _steps(model, batches)
     assert list(model.state_dict()) == keys  # checkpoints and exports are unchanged
     assert {"point", "key", "match", "rank"} <= set(eager[0][1])  # every auxiliary loss ran
@@ -48,3 +53,30 @@ def test_compiled_blocks_train_as_the_eager_model_does():
         torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(c_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_stack_runs_flex_attention_in_its_region():
+    """The stack's FlexAttention path (train.py --attention flex --compile stack) gives the eager loss; forward only:
+    PyTorch's FlexAttention has no backward on the CPU (the GPU's is checked by bench_training_step --variants)."""
+    from pdllm.training.flex import FlexMaskedAttention
+
+    stages = curriculum("recall_wordings")
+    rng = random.Random(4)
+    batches = [make_batch(rng, stages[1], 2048, tokens, (1.0, 0.0)) for tokens in (3000, 2500)]
+    model = random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64), seed=1)
+
+    def losses():
+        with torch.no_grad():
+            return [diffusion_loss(model, b, 0.1, torch.Generator().manual_seed(0), layout=batch_layout(b),
+                                   attention_class=FlexMaskedAttention, rank_across_rows=True, **LOSSES)
+                    for b in batches]  # fmt: skip
+
+    eager = losses()
+    torch._dynamo.reset()
+    compile_stack(model, backend="aot_eager")
+    model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
+    for (loss, metrics), (c_loss, c_metrics) in zip(eager, losses(), strict=True):
+        assert {"point", "key", "match", "rank"} <= set(metrics)
+        torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+        for name, value in metrics.items():
+            torch.testing.assert_close(c_metrics[name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -114,11 +114,7 @@ class DllmModel(nn.Module):
         context = context or SelfAttention()
         x = self.embed(input_ids)
         cos, sin = self.rotary.cos_sin(position_ids, x.dtype)
-        kv: list[tuple[Tensor, Tensor]] | None = [] if return_kv else None
-        for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, i, context)
-            if kv is not None:
-                kv.append((k, v))
+        x, kv = self.run_layers(x, cos, sin, context, return_kv)
         logits = None
         if logits_rows is not None:
             rows = x.gather(1, logits_rows[..., None].expand(-1, -1, x.shape[-1]))
@@ -126,6 +122,18 @@ class DllmModel(nn.Module):
         elif logits_from is not None:
             logits = self.lm_head(self.norm(x[:, logits_from:])).float()
         return ForwardOutput(logits=logits, kv=kv)
+
+    def run_layers(
+        self, x: Tensor, cos: Tensor, sin: Tensor, context: AttentionContext, return_kv: bool
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]] | None]:
+        """The residual stream after every layer, and each layer's (k, v) if asked. One layer at a time, each
+        attending through `context`; training swaps in one compiled graph of all layers (training.stack)."""
+        kv: list[tuple[Tensor, Tensor]] | None = [] if return_kv else None
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, i, context)
+            if kv is not None:
+                kv.append((k, v))
+        return x, kv
 
     def fuse_projections(self, on: bool = True) -> None:
         """Fused q/k/v and gate/up GEMMs in every layer (Block.fuse_projections); `on=False` undoes it."""

@@ -65,7 +65,7 @@ PAD_SEGMENT = -2  # padding; extra questions of a row take -3, -4, ... (extra_se
 class Stage:
     """One step of the curriculum: which tasks, how long the contexts, which chunk sizes. Training moves on to the
     next stage once the held-out exact match (probe.py) reaches `advance_at`, or at the latest when `until` of the
-    planned training time has passed (None: the last stage)."""
+    planned run (its time, or its steps: train.planned_frac) is done (None: the last stage)."""
 
     name: str
     tasks: dict[str, float]

@@ -9,8 +9,9 @@ by evaluating the rule (compiled on the GPU), and where a block is partly masked
 instead of the dense mask (a first version closed over the dense mask and was no faster than SDPA). On a GPU
 it runs as one kernel compiled once for all batch shapes (torch.compile, dynamic shapes); on a CPU it runs PyTorch's
 reference implementation, which the tests check against SDPA. On an H100 a recall-stage step takes 66.5 ms against
-SDPA's 82.0, and 54.6 ms with train.py --compile (benchmarks/NOTES.md, "Faster training steps, prefill by
-length, broader wordings"). Opt-in (`--attention flex`): the bundle's chain was timed with SDPA.
+SDPA's 82.0 (benchmarks/NOTES.md, "Faster training steps, prefill by length, broader wordings"), and 44.7 ms against
+81.0 with all layers one compiled region (train.py --compile; training.stack calls flex_attention inside that
+region). Opt-in (`--attention flex`); benchmarks/reproduce_bundle.sh runs its chain with it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
     python -m pdllm.training.train --out runs/tiny --resume runs/tiny --minutes 4
     python -m pdllm.training.train --out runs/more --init-from pdllm/assets/pdllm-tiny-llada --mix lookup --stage 1
     python -m pdllm.training.train --smoke --out /tmp/smoke               # a few CPU steps of a tiny config
-    python -m pdllm.training.train ... --attention flex --compile         # the same step, 1.5x faster on a GPU
+    python -m pdllm.training.train ... --attention flex --compile         # the same step, 1.8x faster on a GPU
+    python -m pdllm.training.train ... --steps 3000                       # planned by steps, not minutes
     python -m pdllm.training.train --export runs/tiny --bundle pdllm/assets/pdllm-tiny-llada
 
 The model is `DllmModel` with a LLaDA spec over the byte tokenizer; `--export` writes it with save_checkpoint (the
@@ -39,6 +40,7 @@ from pdllm.training.data import LONG_VALUE_SPAN, MIXES, ExampleStream, Stage, cu
 from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss, key_layer
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.probe import probe_accuracy, probe_batches
+from pdllm.training.stack import compile_stack
 from pdllm.training.state import load_state, save_state
 
 TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
@@ -65,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=9.0, help="stop and save after this much wall time")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (default: time limit only)")
     p.add_argument("--total-minutes", type=float, default=12.5, help="planned training time over all resumes (LR)")
+    p.add_argument("--steps", type=int, help="plan the run by steps instead of minutes: the LR's cosine and the "
+                   "stages' deadlines run over this many steps, and the run ends at it (--minutes still saves and "
+                   "stops early; --resume goes on)")  # fmt: skip
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--tokens-per-batch", type=int, default=32768)
@@ -81,8 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pointer-layer", type=int, help="layer whose head 0 the pointer loss trains (default: 3/4 up)")
     p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
                    help="masked attention: SDPA, or FlexAttention skipping masked blocks (training.flex)")  # fmt: skip
-    p.add_argument("--compile", action="store_true",
-                   help="compile each layer's projections and MLP (torch.compile; not the attention)")  # fmt: skip
+    p.add_argument("--compile", nargs="?", const="stack", choices=("blocks", "stack"),
+                   help="torch.compile all layers with their attention as one region (stack, the default: "
+                   "training.stack), or each layer's projections and MLP alone (blocks)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -91,9 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.tokens_per_batch, args.max_len = "smoke", 4096, 1024
-        args.max_steps = args.max_steps or 6
+        args.max_steps = args.max_steps or args.steps or 6
         args.workers, args.save_every, args.warmup, args.probe_every, args.probe_samples = 1, 3, 2, 2, 4
-    args.max_steps = args.max_steps or 10**9
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps {args.steps}: plan at least one step")
+    args.max_steps = args.max_steps or args.steps or 10**9
     if args.attention == "flex" and not torch.cuda.is_available():
         p.error("--attention flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
     if args.init_from and args.resume:
@@ -107,19 +115,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def planned_frac(step: int, seconds: float, args: argparse.Namespace) -> float:
+    """How much of the planned run is done: of its --steps when planned by steps (the same schedule on any GPU, so
+    a chain of runs is reproduced step for step), else of its --total-minutes (the step rate is unknown)."""
+    done = step / args.steps if args.steps else seconds / (60 * args.total_minutes)
+    return min(1.0, done)
+
+
 def lr_at(step: int, seconds: float, args: argparse.Namespace) -> float:
-    """Linear warmup over steps, then cosine to 10% over the planned training time (the step rate is unknown)."""
+    """Linear warmup over steps, then cosine to 10% over the planned run (planned_frac)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    frac = min(1.0, seconds / (60 * args.total_minutes))
+    frac = planned_frac(step, seconds, args)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def should_advance(stage: Stage, exact_match: float, time_frac: float) -> bool:
-    """Leave `stage` once the probe reaches its target, or once its share of the planned time is spent."""
+def should_advance(stage: Stage, exact_match: float, done_frac: float) -> bool:
+    """Leave `stage` once the probe reaches its target, or once its share of the planned run is done."""
     if stage.advance_at is None:
         return False
-    return exact_match >= stage.advance_at or (stage.until is not None and time_frac >= stage.until)
+    return exact_match >= stage.advance_at or (stage.until is not None and done_frac >= stage.until)
 
 
 def resumed_mix(asked: str | None, meta: dict) -> str:
@@ -223,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         args.mix = resumed_mix(args.mix, meta)
     args.mix = args.mix or "official"
     stage = stage if args.stage is None else args.stage
-    if args.compile:
+    if args.compile == "blocks":
         compile_blocks(model)
+    elif args.compile == "stack":
+        compile_stack(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
     stream = ExampleStream(
@@ -297,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 with sdpa_kernel(TRAIN_ATTENTION):
                     entry |= probe_accuracy(model, probes[stage], device)
                 entry["probe_s"] = round(time.time() - t_probe, 2)
-                if should_advance(stages[stage], entry["em"], entry["s"] / (60 * args.total_minutes)):
+                if should_advance(stages[stage], entry["em"], planned_frac(step, entry["s"], args)):
                     stage += 1
                     stream.stage.value = stage
                     entry["advance"] = stages[stage].name
