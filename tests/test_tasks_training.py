@@ -225,6 +225,13 @@ def test_a_run_planned_by_steps_ends_there_on_a_schedule_of_steps(tmp_path):
     lrs = [e["lr"] for e in meta["log"]]  # step n's entry holds the LR step n - 1 ran at; warmup is 2 steps
     cosine = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * n / 5))) for n in (2, 3, 4)]
     assert lrs == pytest.approx([5e-4, 1e-3, *cosine], abs=1e-6)
+    # cut short, then resumed without --steps: it goes on to its plan's end on the same schedule
+    cut = tmp_path / "cut"
+    smoke = ["--smoke", "--out", str(cut), "--workers", "0", "--lr", "1e-3"]
+    assert main([*smoke, "--steps", "5", "--max-steps", "3"]) == 0
+    assert main([*smoke, "--resume", str(cut)]) == 0
+    resumed = json.loads((cut / "state.json").read_text())
+    assert resumed["step"] == 5 and [e["lr"] for e in resumed["log"]] == pytest.approx(lrs, abs=1e-6)
 
 
 @pytest.mark.timeout(120)

@@ -147,6 +147,15 @@ def resumed_mix(asked: str | None, meta: dict) -> str:
     return asked or saved
 
 
+def resume_plan(args: argparse.Namespace, meta: dict) -> None:
+    """A resumed run planned by steps goes on to its planned step on the same schedule unless --steps says
+    otherwise (a run planned in minutes keeps its --total-minutes, as before)."""
+    planned = meta.get("args", {}).get("steps")
+    if args.steps is None and planned:
+        args.steps = planned
+        args.max_steps = min(args.max_steps, planned)  # where the plan ends, or an earlier --max-steps
+
+
 def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float, stage: int) -> dict:
     plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     return {
@@ -236,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = load_state(args.resume, model, opt)
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
         args.mix = resumed_mix(args.mix, meta)
+        resume_plan(args, meta)
     args.mix = args.mix or "official"
     stage = stage if args.stage is None else args.stage
     if args.compile == "blocks":
