@@ -26,11 +26,17 @@ from pdllm.training.data import PAD_SEGMENT, QUERY_SEGMENT, attention_mask
 from pdllm.training.objective import MaskedAttention
 
 
+def block_attention(q: Tensor, k: Tensor, v: Tensor, blocks: BlockMask) -> Tensor:
+    """FlexAttention under a block mask (GQA when k has fewer heads than q); what _kernel compiles, and what
+    training.stack calls inside its own compiled region."""
+    return flex_attention(q, k, v, block_mask=blocks, enable_gqa=k.shape[1] != q.shape[1])
+
+
 @functools.cache
 def _kernel(device_type: str):
-    """flex_attention compiled for the GPU (once per process: dynamic shapes, so new batch shapes do not recompile);
-    the eager reference elsewhere."""
-    return torch.compile(flex_attention, dynamic=True) if device_type == "cuda" else flex_attention
+    """block_attention compiled for the GPU (once per process: dynamic shapes, so new batch shapes do not
+    recompile); the eager reference elsewhere."""
+    return torch.compile(block_attention, dynamic=True) if device_type == "cuda" else block_attention
 
 
 def allowed(seg: Tensor, full: Tensor):
@@ -69,5 +75,4 @@ class FlexMaskedAttention(MaskedAttention):
         return attention_mask(self.seg, self.full)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        kernel = _kernel(q.device.type)
-        return kernel(q, k, v, block_mask=self.blocks, enable_gqa=k.shape[1] != q.shape[1])
+        return _kernel(q.device.type)(q, k, v, self.blocks)

@@ -54,7 +54,12 @@ class MaskedAttention:
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Softmax attention under the mask (PyTorch SDPA; flex.FlexMaskedAttention skips the masked blocks)."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+        return masked_attention(q, k, v, self.mask)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """SDPA under a boolean mask that broadcasts to [B, H, Tq, Tk] (GQA when k has fewer heads than q)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 @dataclass(frozen=True)

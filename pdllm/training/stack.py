@@ -20,24 +20,14 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
 from pdllm.method.selection import PaddedQueryCapture
 from pdllm.models.attention import AttentionContext
 from pdllm.models.transformer import Block, DllmModel
-from pdllm.training.flex import FlexMaskedAttention
-from pdllm.training.objective import MaskedAttention
+from pdllm.training.flex import FlexMaskedAttention, block_attention
+from pdllm.training.objective import MaskedAttention, masked_attention
 
 LayerOutputs = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
-
-
-def _dense(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
-
-
-def _flex(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _layers(layers, attend, x: Tensor, cos: Tensor, sin: Tensor, mask) -> LayerOutputs:
@@ -55,7 +45,7 @@ def _layers(layers, attend, x: Tensor, cos: Tensor, sin: Tensor, mask) -> LayerO
 
 def _dense_stack(layers) -> Callable[..., LayerOutputs]:
     def dense_layers(x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> LayerOutputs:
-        return _layers(layers, _dense, x, cos, sin, mask)
+        return _layers(layers, masked_attention, x, cos, sin, mask)
 
     return dense_layers
 
@@ -64,7 +54,7 @@ def _flex_stack(layers) -> Callable[..., LayerOutputs]:
     # its own code object, so its compiled graphs (a BlockMask input) and the dense ones (a mask tensor) are kept
     # apart: dynamo caches graphs per code object, and one shared cache recompiled at every switch of input type
     def flex_layers(x: Tensor, cos: Tensor, sin: Tensor, mask) -> LayerOutputs:
-        return _layers(layers, _flex, x, cos, sin, mask)
+        return _layers(layers, block_attention, x, cos, sin, mask)
 
     return flex_layers
 
