@@ -17,6 +17,10 @@ from pdllm.tasks.facts import (
     BROAD_VERBS,
     HELDOUT_CORES,
     HELDOUT_QUESTIONS,
+    OPEN_AGENTS,
+    OPEN_LINKS,
+    OPEN_STATES,
+    OPEN_VERBS,
     TRAIN_COLON,
     TRAIN_CORES,
     TRAIN_QUESTIONS,
@@ -46,6 +50,11 @@ VARIED_PARTS = (
     VARIED_RELATIONS + VARIED_MODIFIERS + VARIED_SOURCES + VARIED_VALUE_FIRST + VARIED_CLOSERS + VARIED_QUESTIONS
 ) + VARIED_LEADS
 BROAD_PARTS = BROAD_AGENTS + BROAD_VERBS + BROAD_LINKS + BROAD_ASIDES + BROAD_REQUESTS + BROAD_REQUEST_ENDS
+OPEN_PARTS = OPEN_AGENTS + OPEN_VERBS + OPEN_STATES + OPEN_LINKS
+
+
+def words(texts) -> set[str]:
+    return {w for t in texts for w in re.findall(r"[a-z]+", t.lower().replace("{s}", " ").replace("{v}", " "))}
 
 
 def test_heldout_families_share_no_phrase_with_the_trained_templates():
@@ -58,14 +67,15 @@ def test_heldout_families_share_no_phrase_with_the_trained_templates():
 def test_training_data_never_contains_a_heldout_wording():
     rng = random.Random(0)
     texts, fact_rows = [], 0
-    stages = curriculum("varied") + curriculum("recall_wordings") + curriculum("recall_broad")
+    mixes = ("varied", "recall_wordings", "recall_broad", "recall_open", "recall_notes")
+    stages = [s for mix in mixes for s in curriculum(mix)]
     for stage in stages:  # every stage, dense and chunked layouts, as the training stream builds them
         for _ in range(6):
             batch = make_batch(rng, stage, 1024, 8192, (0.5, 0.0))
             for row in batch.ids.tolist():
                 texts.append(bytes(t for t in row if t < 256).decode("utf-8", "replace"))
-    for i in range(240):
-        wording = ("train", "varied", "broad")[i % 3]
+    for i in range(320):
+        wording = ("train", "varied", "broad", "open")[i % 4]
         e = build_example(random.Random(i), 900, i % 4 >= 2, {"facts": 1.0}, wording=wording, queries=3)
         texts.append(bytes(t for t in e.ids if t < 256).decode())
         fact_rows += 1
@@ -109,6 +119,44 @@ def test_the_broad_wording_adds_value_inside_and_aside_orders_and_requests():
     assert len(needles) > 1000 and len(questions) > 200
     assert orders["inside"] > 100 and orders["aside"] > 40  # of ~1000 needles: 28% inside, 12% aside
     assert sum(any(q.startswith(r.split(" {s}")[0]) for r in BROAD_REQUESTS) for q in questions) > 40
+
+
+def test_the_open_wording_joins_a_value_before_its_subject_by_many_links_and_no_heldout_word():
+    heldout_only = words(HELDOUT_CORES + HELDOUT_QUESTIONS) - words(
+        TRAIN_CORES + TRAIN_COLON + TRAIN_QUESTIONS + VARIED_PARTS + BROAD_PARTS
+    )
+    assert {"notebook", "lists", "under", "settled", "whoever"} <= heldout_only  # the check sees the families' words
+    assert not words(OPEN_PARTS) & (heldout_only | {"below", "beneath", "underneath"})
+    links, value_first = set(), 0
+    for seed in range(300):
+        s = make_sample("facts", 1200, seed, wording="open")
+        assert s.meta["subject"] in s.question.lower()
+        assert len(facts_key_spans(s)) == len(s.meta["facts"])  # every needle's subject and value are found
+        for needle, (subject, value) in zip(s.meta["needles"], s.meta["facts"], strict=True):
+            at_value, at_subject = needle.find(value), needle.lower().find(subject)
+            between = needle[at_value + len(value) : at_subject].strip().lower()
+            if 0 <= at_value < at_subject and between.endswith(" the") or between == "the":
+                value_first += 1
+                links.update(link for link in OPEN_LINKS if between.endswith(f"{link} the"))
+    assert value_first > 200  # of ~1000 needles: ~30% value first by an open part, ~8% by broad, ~4% by varied
+    assert len(links) > 30
+
+
+def test_a_note_is_the_facts_alone_with_little_prose_and_the_recall_notes_mix_draws_them():
+    from pdllm.tasks.facts import FACT_PREFIX, facts
+
+    sizes = []
+    for seed in range(60):
+        s = facts(2000, seed, len, split="train", wording="open", task="facts", note=True)
+        assert FACT_PREFIX not in s.context and s.meta["needles"][0] in s.context
+        assert all(n in s.context for n in s.meta["needles"]) and 1 <= len(s.meta["facts"]) <= 5
+        assert len(facts_key_spans(s)) == len(s.meta["facts"])
+        sizes.append(len(s.context.encode()))
+    assert max(sizes) < 900 and min(sizes) < 100  # a sentence or a few, never the 2000 asked for
+    (stage,) = [s for s in curriculum("recall_notes") if s.name == "recall"]
+    rows = [build_example(random.Random(i), 1200, False, {"facts": 1.0}, notes=stage.notes) for i in range(200)]
+    short = sum(len(e.ids) < 600 for e in rows)
+    assert stage.notes == 0.2 and 20 < short < 70  # a fifth of facts rows
 
 
 def test_heldout_samples_use_only_heldout_wordings_with_distractors():

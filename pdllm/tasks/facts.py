@@ -11,6 +11,7 @@ word of the answer after punctuation (but not dashes) is blanked.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import string
@@ -129,6 +130,32 @@ BROAD_REQUESTS = (
     "Go back and get the {s}", "Tell me quickly the {s}", "Search the notes for the {s}", "Hunt down the {s}",
 )  # fmt: skip
 BROAD_REQUEST_ENDS = ("?", ".", " -- what is it?", ". What does it say?", ", please.", " again?")
+# The `open` wording (training only): broad, with the value-before-subject order built from open sets of parts. The
+# bundle read a value before its subject only when "is" or "as" joined them ("{v} is under the {s}" 12 of 12 at 2K,
+# "... {v} for the {s}" 8, "... {v} beside the {s}" 6): it had learned a few links, not that a value binds to the
+# subject its sentence names (benchmarks/NOTES.md, "Held-out wordings: the link, not the order"). Here any of dozens
+# of links joins them, after an agent's verb, after a verb of state, or fronted before the subject. No part holds a
+# word of a held-out family that the trained templates lack, nor a synonym of "under" (tests/test_facts.py), so the
+# held-out families still measure wordings never seen.
+OPEN_AGENTS = BROAD_AGENTS + (
+    "the clerk", "the binder", "the whiteboard", "Alex", "the spreadsheet", "the form", "our wiki", "the receipt",
+    "the ledger", "the diary", "Jordan", "the label", "the briefing", "the phone", "the welcome letter", "the memo pad",
+)  # fmt: skip
+OPEN_VERBS = BROAD_VERBS + (
+    "files", "stores", "enters", "logs", "marks", "holds", "writes", "sets", "tags", "places", "carries",
+    "jotted down", "typed", "saved", "scribbled", "posted", "pinned", "copied", "registered", "filled in", "left",
+    "quotes", "displays", "reports",
+)  # fmt: skip
+OPEN_STATES = (
+    "sits", "goes", "stays", "was put", "is kept", "was filed", "is written", "appears", "was entered", "stands",
+    "was logged", "shows up", "belongs", "is noted", "was typed", "is pinned", "was saved", "is printed",
+)  # fmt: skip
+OPEN_LINKS = (
+    "as", "for", "next to", "beside", "against", "with", "near", "by", "on", "in", "at", "alongside", "opposite",
+    "after", "above", "over", "behind", "inside", "within", "to", "into", "across from", "in the box for",
+    "in the slot for", "on the line for", "in the row for", "in the field for", "as the value of", "in front of",
+    "close to", "right after", "tied to", "linked to", "paired with", "filed with", "marked for", "attached to",
+)  # fmt: skip
 VALUE_KINDS = ("digits", "word", "code", "uuid")
 WORDS = (
     "amber", "basalt", "cobalt", "dune", "ember", "falcon", "glacier", "harbor", "indigo", "juniper", "kestrel",
@@ -189,15 +216,30 @@ def broad_core(rng: random.Random) -> str:
     return f"the {{s}}, {rng.choice(BROAD_ASIDES)}, {rng.choice(VARIED_RELATIONS)} {{v}}.{rng.choice(VARIED_CLOSERS)}"
 
 
+def open_core(rng: random.Random) -> str:
+    """One needle template of the `open` order: the value before its subject, joined by any of OPEN_LINKS, after an
+    agent's verb or a verb of state, or the link and subject fronted before the agent and the value."""
+    link = f"{rng.choice(OPEN_LINKS)} the {{s}}{rng.choice(VARIED_MODIFIERS)}"
+    closer, r = rng.choice(VARIED_CLOSERS), rng.random()
+    if r < 0.5:
+        return f"{rng.choice(OPEN_AGENTS)} {rng.choice(OPEN_VERBS)} {{v}} {link}.{closer}"
+    if r < 0.75:
+        return f"{{v}} {rng.choice(OPEN_STATES)} {link}.{closer}"
+    return f"{link}, {rng.choice(OPEN_AGENTS)} {rng.choice(OPEN_VERBS)} {{v}}.{closer}"
+
+
 def needle_text(rng: random.Random, subject: str, value: str, split: str) -> str:
     """A needle sentence for (subject, value) in the wording of `split`: `train` (the eval's trained templates),
     `varied` (training: the grammar above, or the train templates for a third of needles), `broad` (training: the
-    broad orders for 40% of needles, else as varied) or `heldout`."""
-    if split == "broad" and rng.random() < 0.4:
+    broad orders for 40% of needles, else as varied), `open` (training: the open order for 40% of needles, else as
+    broad) or `heldout`."""
+    if split == "open" and rng.random() < 0.4:
+        return _fill(rng.choice(OPENERS) + open_core(rng), subject, value)
+    if split in ("broad", "open") and rng.random() < 0.4:
         return _fill(rng.choice(OPENERS) + broad_core(rng), subject, value)
     if split == "heldout":
         return _fill(rng.choice(OPENERS) + rng.choice(HELDOUT_CORES), subject, value)
-    if split in ("varied", "broad") and rng.random() < 2 / 3:
+    if split in ("varied", "broad", "open") and rng.random() < 2 / 3:
         return _fill(rng.choice(OPENERS) + varied_core(rng), subject, value)
     if rng.random() < 0.2:
         return _fill(rng.choice(TRAIN_COLON), subject, value)
@@ -205,9 +247,9 @@ def needle_text(rng: random.Random, subject: str, value: str, split: str) -> str
 
 
 def question_text(rng: random.Random, subject: str, split: str) -> str:
-    if split == "broad" and rng.random() < 0.3:
+    if split in ("broad", "open") and rng.random() < 0.3:
         return _fill(rng.choice(BROAD_REQUESTS) + rng.choice(BROAD_REQUEST_ENDS), subject, "")
-    if split in ("varied", "broad") and rng.random() < 2 / 3:
+    if split in ("varied", "broad", "open") and rng.random() < 2 / 3:
         return _fill(rng.choice(VARIED_LEADS) + rng.choice(VARIED_QUESTIONS), subject, "")
     return _fill(rng.choice(HELDOUT_QUESTIONS if split == "heldout" else TRAIN_QUESTIONS), subject, "")
 
@@ -222,9 +264,13 @@ def facts(
     kinds: tuple[str, ...] = VALUE_KINDS,
     task: str = "facts",
     haystack: str | None = None,
+    note: bool = False,
 ) -> Sample:
     """One queried fact at `depth` plus 1-4 distractor facts, all worded from `wording`'s templates; `split` picks
-    the prose. The value kind cycles through `kinds` with the seed, so n consecutive seeds cover every kind."""
+    the prose. The value kind cycles through `kinds` with the seed, so n consecutive seeds cover every kind.
+    `note` (training): a user's short note instead of a document, the needles alone in any order with up to two
+    prose sentences, no preface, whatever `length` asks (a model that only ever read documents of hundreds of
+    tokens misread "The vault code is 4471-KESTREL." asked alone)."""
     rng = random.Random(f"{task}:{length}:{seed}")
     kind = kinds[seed % len(kinds)]
     subjects = rng.sample(SUBJECTS, rng.randint(2, 5))
@@ -236,10 +282,16 @@ def facts(
     needles = [needle_text(rng, s, v, wording) for s, v in zip(subjects, values, strict=True)]
     question = question_text(rng, subjects[0], wording)
     haystack = haystack or ("noise" if rng.random() < 0.2 else "prose")
-    fixed = 1 + count(QUESTION_TEMPLATE.format(question=question)) + count(FACT_PREFIX + "\n\n")
-    fixed += sum(count(n + " ") for n in needles)
-    units = fill(noise_sentences() if haystack == "noise" else prose_sentences(rng, split), length - fixed, count)
-    context = FACT_PREFIX + "\n\n" + " ".join(insert_needles(units, list(zip(depths, needles, strict=True))))
+    if note:  # 1-5 facts: a note may hold just the one asked about
+        keep = rng.randint(1, len(subjects))
+        subjects, values, depths, needles = subjects[:keep], values[:keep], depths[:keep], needles[:keep]
+        units = list(itertools.islice(prose_sentences(rng, split), rng.randint(0, 2)))
+        context = " ".join(insert_needles(units, list(zip(depths, needles, strict=True))))
+    else:
+        fixed = 1 + count(QUESTION_TEMPLATE.format(question=question)) + count(FACT_PREFIX + "\n\n")
+        fixed += sum(count(n + " ") for n in needles)
+        units = fill(noise_sentences() if haystack == "noise" else prose_sentences(rng, split), length - fixed, count)
+        context = FACT_PREFIX + "\n\n" + " ".join(insert_needles(units, list(zip(depths, needles, strict=True))))
     meta = {
         "kind": kind,
         "subject": subjects[0],

@@ -78,8 +78,9 @@ class Stage:
     keys: tuple[int, int] | None = None  # niah_multikey rows draw this many needles (None: the benchmark's 4)
     queries: int = 1  # questions per row of the `asking` tasks (build_example)
     asking: tuple[str, ...] = ASKED_TASKS  # ... and those tasks (KEYED_TASKS in the recall_facts mixes)
-    wording: str = "train"  # facts rows' needles and questions: "train" templates, "varied" or "broad" (facts.py)
+    wording: str = "train"  # facts rows' needles and questions: "train" templates, "varied", "broad", "open" (facts)
     text_chunks: float = 0.0  # share of chunked rows cut as `chunking: text` serves them (at text borders)
+    notes: float = 0.0  # share of facts rows that are a user's short note, not a document (facts.facts `note`)
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
@@ -109,6 +110,13 @@ RECALL_WORDINGS_STAGE = dataclasses.replace(RECALL_FACTS_LONG_STAGE, wording="va
 # the sentence before its subject, a subject and value held apart; questions asked as requests). Held-out wordings
 # were misread most in the first of those orders.
 RECALL_BROAD_STAGE = dataclasses.replace(RECALL_FACTS_LONG_STAGE, wording="broad")
+# `recall_open`: recall_wordings in the `open` wording (broad, with the value before its subject joined by any of
+# dozens of links: the bundle had learned only "is" and "as" there).
+RECALL_OPEN_STAGE = dataclasses.replace(RECALL_FACTS_LONG_STAGE, wording="open")
+# `recall_notes`: recall_open with a fifth of its facts rows a user's short note (1-5 facts, up to two sentences of
+# prose, no preface): recall_open had read only documents of 600+ tokens for its last 5500 steps and misread
+# "The vault code is 4471-KESTREL." asked alone.
+RECALL_NOTES_STAGE = dataclasses.replace(RECALL_OPEN_STAGE, notes=0.2)
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,7 @@ class Mix:
     wording: str = "train"
     rank_across_rows: bool = False  # the ranking loss's negatives: the row's own chunks, or every row's (objective.py)
     text_chunks: float = 0.0  # every stage's Stage.text_chunks
+    notes: float = 0.0  # the tasks stages' Stage.notes
 
 
 MIXES = {
@@ -141,6 +150,10 @@ MIXES = {
         VARIED_TASKS, 0.9, RECALL_WORDINGS_STAGE, 2, KEYED_TASKS, "varied", rank_across_rows=True, text_chunks=0.8
     ),
     "recall_broad": Mix(VARIED_TASKS, 0.9, RECALL_BROAD_STAGE, 2, KEYED_TASKS, "broad", rank_across_rows=True),
+    "recall_open": Mix(VARIED_TASKS, 0.9, RECALL_OPEN_STAGE, 2, KEYED_TASKS, "open", rank_across_rows=True),
+    "recall_notes": Mix(
+        VARIED_TASKS, 0.9, RECALL_NOTES_STAGE, 2, KEYED_TASKS, "open", rank_across_rows=True, notes=0.2
+    ),
 }
 
 
@@ -154,11 +167,13 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     `recall_facts_long` (its recall rows out to the training length) or `recall_wordings` (recall_facts_long with
     facts in the `varied` grammar's wordings and the ranking loss across rows) or `recall_text` (recall_wordings
     with 80% of its chunked rows cut at text borders, as `chunking: text` serves contexts) or `recall_broad`
-    (recall_wordings in the `broad` wording: more sentence orders)."""
+    (recall_wordings in the `broad` wording: more sentence orders) or `recall_open` (in the `open` wording: a value
+    before its subject joined by any of dozens of links) or `recall_notes` (recall_open with a fifth of its facts
+    rows a user's short note)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     m = MIXES[mix]
-    later = {"queries": m.queries, "asking": m.asking, "wording": m.wording}
+    later = {"queries": m.queries, "asking": m.asking, "wording": m.wording, "notes": m.notes}
     stages = (
         COPY_STAGE,
         *((m.lookup,) if m.lookup else ()),
@@ -277,6 +292,7 @@ def build_example(
     asking: tuple[str, ...] = ASKED_TASKS,
     wording: str = "train",
     text_chunks: float = 0.0,
+    notes: float = 0.0,
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
@@ -285,8 +301,8 @@ def build_example(
     queries - 1 other keys of the same context, each question and answer placed where the engine places a lone one
     and attending only to the context and itself: answers that differ only by their key are what teach a small
     model to match it. Facts rows carry their subjects as keys (the key and match losses) only when asked, and are
-    worded from `wording`'s templates (facts.py). `text_chunks` of the chunked rows end their chunks at text borders
-    (pdllm.method.chunks.split_chunks), the rest every `size` tokens."""
+    worded from `wording`'s templates (facts.py), `notes` of them a short note. `text_chunks` of the chunked rows end
+    their chunks at text borders (pdllm.method.chunks.split_chunks), the rest every `size` tokens."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task in HELDOUT_TASKS:
@@ -299,6 +315,8 @@ def build_example(
             kw["digits"], gen = rng.randint(5, 32), LONG_VALUE_SPAN
     if task == "facts":
         kw["wording"] = wording
+        if notes and rng.random() < notes:  # no draw for mixes without notes
+            kw["note"] = True
     if task == "niah_multikey" and keys is not None:
         kw["keys"] = rng.randint(*keys)
     length, seed = max(length, SHORTEST[task]), rng.getrandbits(48)
@@ -494,6 +512,7 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
             asking=stage.asking,
             wording=stage.wording,
             text_chunks=stage.text_chunks,
+            notes=stage.notes,
         )
         e.pretrain = rng.random() < fracs[1]
         examples.append(e)
