@@ -5,14 +5,17 @@
 # benchmarks/results: the official run of 2026-11-30 and the runs of 2026-12-02, timed then on an H200):
 #   1. the official run from scratch, OFFICIAL_STEPS (default 3425) steps (copying, the answer formats, the ranking);
 #   2. runs each from the previous one's export, one per [MIX:]STEPS argument (default: the bundle's chain, reading
-#      4394 and 2933, recall_facts 2894 and 3176, recall_facts_long 2886, then recall_wordings 3225 and 3468; a bare
-#      number is a `reading` run): the recall stage (rows that ask about several keys of one context, with the
-#      pointer, key and match losses; recall_facts also asks facts rows about several subjects, recall_facts_long on
-#      rows to the training length, recall_wordings in a grammar's wordings, ranking across rows) for 80% of each
-#      run, then the tasks and long stages. Each run starts a fresh AdamW at lr 1e-3 with its own cosine.
-# 26,401 steps in all; at the 47-64 ms a step of TRAIN_FLAGS' default (FlexAttention, all layers one compiled region)
-# measured on an H100, with compiling, probes and exports, about 29 minutes (benchmarks/NOTES.md, "Training steps as
-# one graph"; not yet run end to end).
+#      4394 and 2933, recall_facts 2894 and 3176, recall_facts_long 2886, recall_wordings 3225 and 3468, recall_open
+#      5500, then recall_notes 2000; a bare number is a `reading` run): the recall stage (rows that ask about several
+#      keys of one context, with the pointer, key and match losses; recall_facts also asks facts rows about several
+#      subjects, recall_facts_long on rows to the training length, recall_wordings in a grammar's wordings, ranking
+#      across rows, recall_open with a value before its subject joined by any of dozens of links, recall_notes with
+#      a fifth of facts rows a short note) for 80% of each run, then the tasks and long stages. Each run starts a
+#      fresh AdamW at lr 1e-3 with its own cosine.
+# 33,901 steps in all; at the 47-75 ms a step of TRAIN_FLAGS' default (FlexAttention, all layers one compiled region)
+# measured on an H100, with compiling, probes and exports, about 40 minutes (benchmarks/NOTES.md, "Held-out
+# wordings: the link, not the order"; the last two runs were made by this script, 9.4 and 4.2 minutes; the chain has
+# not been run end to end).
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
 # quick sparse eval at 2K (QUICK_EVAL_TASKS and QUICK_EVAL_LENGTHS change its cells). The full table follows with
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
@@ -26,7 +29,8 @@ set -uo pipefail
 out=${1:?usage: reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(4394 2933 recall_facts:2894 recall_facts:3176 recall_facts_long:2886 recall_wordings:3225 recall_wordings:3468)
+[ ${#runs[@]} -gt 0 ] || runs=(4394 2933 recall_facts:2894 recall_facts:3176 recall_facts_long:2886 recall_wordings:3225 recall_wordings:3468
+    recall_open:5500 recall_notes:2000)
 # shellcheck source=benchmarks/bare_checkout.sh
 source "$(dirname "$0")/bare_checkout.sh"
 pack() {
