@@ -13,6 +13,7 @@ from pdllm.cli import main
 from pdllm.method import MethodConfig, chunk_context
 from pdllm.models.tokenizer import build_byte_tokenizer
 from pdllm.prompt import encode_request
+from pdllm.tasks import TASKS
 
 SMALL = ["--gen-length", "8", "--block-length", "8", "--steps", "8"]
 CONTEXT = "The pass key is 71432. Remember it. " * 6
@@ -79,7 +80,7 @@ def test_example_input_reports_expected_answer_and_score(tiny_llada, capsys):
     assert out["stats"]["mode"] == "sparse"
 
 
-@pytest.mark.parametrize("task", ["passkey", "number_string", "niah_single", "niah_multikey", "kv_retrieval"])
+@pytest.mark.parametrize("task", list(TASKS))  # the five official families, facts, held-out wordings, value kinds
 def test_examples_answer_right_with_the_bundled_model_by_default(task, capsys):
     assert main(["generate", "--in-process", "--example", task, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
