@@ -74,10 +74,28 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+WHOLE_FILE_BYTES = 64 << 20  # weight files up to this size are hashed whole; larger ones by SAMPLED_BLOCKS blocks
+SAMPLED_BLOCKS = 64
+BLOCK_BYTES = 1 << 16
+
+
 def fingerprint(path: Path, files: list[Path]) -> str:
+    """The model's id: its config and the content of its weights, whatever directory holds them. Names and sizes
+    alone are not enough: a retrained checkpoint of the same shape has both, and its chunk KV must never be served
+    for the old one's (chunk ids carry this id). A file over WHOLE_FILE_BYTES is read at SAMPLED_BLOCKS evenly
+    spaced blocks, its header included (4 MiB, not the gigabytes of an 8B model's shard): new weights change every
+    block, so a sample tells them apart."""
     h = hashlib.sha256((path / "config.json").read_bytes())
     for f in files:
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            if size <= WHOLE_FILE_BYTES:
+                h.update(fh.read())
+                continue
+            for i in range(SAMPLED_BLOCKS):
+                fh.seek(i * (size - BLOCK_BYTES) // (SAMPLED_BLOCKS - 1))
+                h.update(fh.read(BLOCK_BYTES))
     return h.hexdigest()[:16]
 
 
