@@ -59,10 +59,11 @@ def main() -> None:
     args = p.parse_args()
     lengths = tuple(int(n) for n in args.lengths.split(","))
     templates = tuple(args.templates) or TEMPLATES
-    print(f"{'template':44s} " + " ".join(f"{n:>7d}" for n in lengths) + "   seconds  misses (gold, answer)")
+    width = max(len(t) for t in templates)
+    print(f"{'template':{width}s} " + " ".join(f"{n:>7d}" for n in lengths) + "   seconds  misses (gold, answer)")
     for template, cells, misses, seconds in probe(args.model, templates, lengths, args.samples, args.device):
         row = " ".join(f"{right:>4.0f}/{n:<2d}" for right, n in cells.values())
-        print(f"{template:44s} {row} {seconds:8.0f}  {misses}", flush=True)
+        print(f"{template:{width}s} {row} {seconds:8.0f}  {misses}", flush=True)
 
 
 if __name__ == "__main__":
