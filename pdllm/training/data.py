@@ -113,10 +113,6 @@ RECALL_BROAD_STAGE = dataclasses.replace(RECALL_FACTS_LONG_STAGE, wording="broad
 # `recall_open`: recall_wordings in the `open` wording (broad, with the value before its subject joined by any of
 # dozens of links: the bundle had learned only "is" and "as" there).
 RECALL_OPEN_STAGE = dataclasses.replace(RECALL_FACTS_LONG_STAGE, wording="open")
-# `recall_notes`: recall_open with a fifth of its facts rows a user's short note (1-5 facts, up to two sentences of
-# prose, no preface): recall_open had read only documents of 600+ tokens for its last 5500 steps and misread
-# "The vault code is 4471-KESTREL." asked alone.
-RECALL_NOTES_STAGE = dataclasses.replace(RECALL_OPEN_STAGE, notes=0.2)
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ class Mix:
     wording: str = "train"
     rank_across_rows: bool = False  # the ranking loss's negatives: the row's own chunks, or every row's (objective.py)
     text_chunks: float = 0.0  # every stage's Stage.text_chunks
-    notes: float = 0.0  # the tasks stages' Stage.notes
+    notes: float = 0.0  # every stage's Stage.notes
 
 
 MIXES = {
@@ -151,9 +147,10 @@ MIXES = {
     ),
     "recall_broad": Mix(VARIED_TASKS, 0.9, RECALL_BROAD_STAGE, 2, KEYED_TASKS, "broad", rank_across_rows=True),
     "recall_open": Mix(VARIED_TASKS, 0.9, RECALL_OPEN_STAGE, 2, KEYED_TASKS, "open", rank_across_rows=True),
-    "recall_notes": Mix(
-        VARIED_TASKS, 0.9, RECALL_NOTES_STAGE, 2, KEYED_TASKS, "open", rank_across_rows=True, notes=0.2
-    ),
+    # recall_open with a fifth of its facts rows a user's short note (1-5 facts, up to two sentences of prose, no
+    # preface): recall_open had read only documents of 600+ tokens for its last 5500 steps and misread "The vault
+    # code is 4471-KESTREL." asked alone
+    "recall_notes": Mix(VARIED_TASKS, 0.9, RECALL_OPEN_STAGE, 2, KEYED_TASKS, "open", rank_across_rows=True, notes=0.2),
 }
 
 
@@ -173,14 +170,15 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     m = MIXES[mix]
-    later = {"queries": m.queries, "asking": m.asking, "wording": m.wording, "notes": m.notes}
+    later = {"queries": m.queries, "asking": m.asking, "wording": m.wording}
     stages = (
         COPY_STAGE,
         *((m.lookup,) if m.lookup else ()),
         Stage("tasks", m.tasks, 270, 768, (128, 256), 0.4, m.until, **later),
         Stage("long", m.tasks, 400, 0, (128, 256, 512), None, None, **later),
     )
-    return tuple(dataclasses.replace(s, text_chunks=m.text_chunks) for s in stages) if m.text_chunks else stages
+    every = {k: v for k, v in (("text_chunks", m.text_chunks), ("notes", m.notes)) if v}
+    return tuple(dataclasses.replace(s, **every) for s in stages) if every else stages
 
 
 CURRICULUM = curriculum("official")
