@@ -91,7 +91,8 @@ def fingerprint(path: Path, files: list[Path]) -> str:
         h.update(f"{f.name}:{size}".encode())
         with f.open("rb") as fh:
             if size <= WHOLE_FILE_BYTES:
-                h.update(fh.read())
+                for block in iter(lambda: fh.read(BLOCK_BYTES), b""):  # 64 KiB at a time: no copy of the file
+                    h.update(block)
                 continue
             for i in range(SAMPLED_BLOCKS):
                 fh.seek(i * (size - BLOCK_BYTES) // (SAMPLED_BLOCKS - 1))
