@@ -1,0 +1,70 @@
+"""The bundle's reproduction script checks the official run before building the chain on it (runlog), retrying it
+with the next seed and stopping with a named cause when it did not learn; smoke-shaped runs on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdllm.training.runlog import main as runlog_main
+from pdllm.training.runlog import read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+SCRIPT = ROOT / "benchmarks" / "reproduce_bundle.sh"
+
+
+def test_runlog_reads_the_bundles_official_run_and_the_one_that_did_not_learn():
+    bundle = read_log(RESULTS / "eval_2026-11-30_h200_training_log.txt")
+    assert bundle.last_probe["em"] == pytest.approx(0.391) and bundle.last_probe["step"] == 3400
+    assert [a["advance"] for a in bundle.advances] == ["tasks", "long"]
+    failed = read_log(RESULTS / "train_2026-12-06_h100_short_chain_official_log.txt")
+    assert failed.last_probe["em"] == 0.0 and "to tasks at step 1100" in failed.describe()
+    assert runlog_main([str(RESULTS / "eval_2026-11-30_h200_training_log.txt"), "--min-em", "0.2"]) == 0
+    assert runlog_main([str(RESULTS / "train_2026-12-06_h100_short_chain_official_log.txt"), "--min-em", "0.2"]) == 1
+
+
+def test_runlog_passes_a_run_without_probes_and_names_a_missing_log(tmp_path, capsys):
+    log = tmp_path / "log.txt"
+    log.write_text('model smoke\n{"step": 1, "stage": 0, "loss": 5.0}\nsaved step 1\n')
+    assert read_log(log).last_probe is None
+    assert runlog_main([str(log), "--min-em", "0.5"]) == 0
+    assert "no probe" in capsys.readouterr().out
+    assert runlog_main([str(tmp_path / "missing.txt")]) == 2
+    assert "no such log" in capsys.readouterr().err
+
+
+def run_script(out: Path, min_probe: str, *runs: str) -> subprocess.CompletedProcess:
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3: this interpreter
+        "TRAIN_FLAGS": "--smoke",
+        "OFFICIAL_STEPS": "2",
+        "OFFICIAL_MIN_PROBE": min_probe,
+        "QUICK_EVAL_SECONDS": "0",
+    }
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out), *runs], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_an_official_run_under_the_floor_is_tried_again_with_the_next_seed_then_the_script_stops(tmp_path):
+    done = run_script(tmp_path, "1.1", "reading:2")  # no run reaches exact match 1.1
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "the official run ended under probe 1.1 in 2 tries" in done.stderr
+    logs = sorted(p.name for p in tmp_path.glob("train_*_log.txt"))
+    assert logs == ["train_official_try1_log.txt", "train_official_try2_log.txt"]  # the chain did not start
+    assert "seed 1235" in (tmp_path / "train_official_try2_log.txt").read_text().splitlines()[0]
+    assert "left on its deadline" in (tmp_path / "train_official_try1_log.txt").read_text()
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_official_run_over_the_floor_goes_on_to_the_chain(tmp_path):
+    done = run_script(tmp_path, "0", "reading:2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "try 1 of 2, seed 1234" in (tmp_path / "train_official_log.txt").read_text()
+    assert not list(tmp_path.glob("train_official_try*"))
+    assert (tmp_path / "train_run1_log.txt").is_file() and (tmp_path / "model" / "config.json").is_file()
