@@ -12,7 +12,8 @@
 #      subjects, recall_facts_long on rows to the training length, recall_wordings in a grammar's wordings, ranking
 #      across rows, recall_open with a value before its subject joined by any of dozens of links, recall_notes with
 #      a fifth of facts rows a short note) for 80% of each run, then the tasks and long stages. Each run starts a
-#      fresh AdamW at lr 1e-3 with its own cosine.
+#      fresh AdamW at lr 1e-3 with its own cosine. The runs share one process (pdllm/training/chain.py: the model,
+#      its compiled graphs and CUDA stay up; the weights the same as separate runs joined by exports).
 # 33,901 steps in all; at the 47-53 ms a step of TRAIN_FLAGS' default (FlexAttention, all layers one compiled region)
 # measured on an H100 when the script ran as one command (a shorter chain, official + reading:4394 +
 # recall_notes:10000, 17,819 steps in 19.1 minutes with compiling, probes and exports), about 37 minutes
@@ -29,7 +30,7 @@
 # what it computes; "" runs eager SDPA, as the bundle's runs did).
 # FROM skips the official run and starts the chain's first run from that checkpoint (a later run of the chain takes
 # the run before it), so a chain can be split over device calls of at most 10 minutes. With PACK_TO set (a device's
-# $OUT, which takes few files), the model is copied there and the logs packed into results.tgz after each step.
+# $OUT, which takes few files), the latest export is copied there and the logs packed into results.tgz after each run.
 set -uo pipefail
 out=${1:?usage: reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]}
 shift
@@ -38,9 +39,10 @@ runs=("$@")
     recall_open:5500 recall_notes:2000)
 # shellcheck source=benchmarks/bare_checkout.sh
 source "$(dirname "$0")/bare_checkout.sh"
-pack() {
+pack() {  # [MODEL_DIR]: the export to bring back (default OUT_DIR/model)
     [ -n "${PACK_TO:-}" ] || return 0
-    [ -d "$out/model" ] && mkdir -p "$PACK_TO/model" && cp "$out"/model/* "$PACK_TO/model/"
+    local model=${1:-$out/model}
+    [ -d "$model" ] && mkdir -p "$PACK_TO/model" && cp "$model"/* "$PACK_TO/model/"
     tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude='ckpt*' --exclude=official --exclude="run*" .
 }
 # shellcheck disable=SC2086  # TRAIN_FLAGS is a list of flags
@@ -70,21 +72,21 @@ if [ -z "$start" ]; then
     done
     seed=1234
     train --export "$out/ckpt" --out "$out/official" --bundle "$out/official" | tee -a "$log"
+    rm -rf "$out/ckpt"
     start=$out/official
+    pack "$start"
 fi
-for i in "${!runs[@]}"; do
-    steps=${runs[$i]##*:}
-    mix=reading
-    [[ ${runs[$i]} == *:* ]] && mix=${runs[$i]%%:*}
-    log=$out/train_run$((i + 1))_log.txt
-    echo "run $((i + 1)): mix $mix, $steps steps, from $start" | tee "$log"
-    train --out "$out/ckpt" --init-from "$start" --mix "$mix" --stage 1 --lr 1e-3 --steps "$steps" \
-        --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 2>&1 | tee -a "$log" |
-        grep -E '"em"|saved|params' | tail -40
-    train --export "$out/ckpt" --out "$out/run$((i + 1))" --bundle "$out/run$((i + 1))" | tee -a "$log"
-    rm -rf "$out/ckpt"  # optimizer state: not needed and too many files to bring back
-    start=$out/run$((i + 1))
-done
+# the runs in one process (training.chain: the model, its compiled graphs and CUDA stay up between runs), each
+# run's log in train_run{i}_log.txt and its export in run{i}, packed after each run
+export -f pack
+export out PACK_TO
+# shellcheck disable=SC2016,SC2086  # RUN_DIR is the chain's, set for each run; TRAIN_FLAGS is a list of flags
+python3 -m pdllm.training.chain --out "$out" --from "$start" --after-run 'pack "$RUN_DIR"' "${runs[@]}" -- \
+    --workers "${WORKERS:-12}" --seed 1234 --minutes 60 ${TRAIN_FLAGS---attention flex --compile stack} \
+    --stage 1 --lr 1e-3 --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 2>&1 |
+    grep -E '"em"|saved|params|deadline|exported|^run ' | tail -60
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "reproduce_bundle: the chain failed (its logs: $out/train_run*_log.txt)" >&2; exit 1; }
+start=$out/run${#runs[@]}
 rm -rf "$out/model" && cp -r "$start" "$out/model"
 pack
 quick_tasks=${QUICK_EVAL_TASKS:-passkey,number_string,niah_single,niah_multikey,kv_retrieval}

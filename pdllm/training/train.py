@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         export(args.export, args.bundle or args.out, args.export_dtype)
         return 0
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = train_device()
     torch.manual_seed(args.seed)
     model = build_model(args.shape, device)
     opt = make_optimizer(model, args.lr)
@@ -256,12 +256,38 @@ def main(argv: list[str] | None = None) -> int:
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
         args.mix = resumed_mix(args.mix, meta)
         resume_plan(args, meta)
+    compile_model(model, args.compile)
+    train_run(model, opt, args, device, step, log, before, stage)
+    return 0
+
+
+def train_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compile_model(model: DllmModel, how: str | None) -> None:
+    """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack)."""
+    if how == "blocks":
+        compile_blocks(model)
+    elif how == "stack":
+        compile_stack(model)
+
+
+def train_run(
+    model: DllmModel,
+    opt: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    device: torch.device,
+    step: int = 0,
+    log: list | None = None,
+    before: float = 0.0,
+    stage: int = 0,
+) -> None:
+    """One run's training loop, from `step` (a resumed run's) to its planned end or time limit, saved to
+    args.out; the model comes prepared (weights, compilation), so a chain of runs can share one (training.chain)."""
+    log = [] if log is None else log
     args.mix = args.mix or "official"
     stage = stage if args.stage is None else args.stage
-    if args.compile == "blocks":
-        compile_blocks(model)
-    elif args.compile == "stack":
-        compile_stack(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
     stream = ExampleStream(
@@ -351,7 +377,6 @@ def main(argv: list[str] | None = None) -> int:
             save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
     save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
     print(f"saved step {step} (stage {stage}) to {args.out} after {time.time() - t_start:.0f}s", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

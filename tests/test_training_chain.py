@@ -1,0 +1,62 @@
+"""A chain of training runs in one process (training.chain) equals the same runs as separate train.py processes
+joined by exports, weight for weight; smoke-shaped runs on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from pdllm.training import chain, train
+
+# the flags reproduce_bundle.sh gives every run after the official one, on the smoke shape
+FLAGS = ["--smoke", "--seed", "1234", "--stage", "1", "--lr", "1e-3"]
+FLAGS += ["--pointer-weight", "0.5", "--key-weight", "0.5", "--match-weight", "0.5"]
+RUNS = [("reading", 2), ("recall_notes", 2)]
+
+
+def weights(model_dir):
+    out = {}
+    for f in sorted(model_dir.glob("model*.safetensors")):
+        out |= load_file(str(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    d = tmp_path_factory.mktemp("official")
+    assert train.main(["--smoke", "--out", str(d / "ckpt"), "--steps", "1"]) == 0
+    assert train.main(["--export", str(d / "ckpt"), "--out", str(d / "model")]) == 0
+    return d / "model"
+
+
+def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, tmp_path):
+    begin = start
+    for i, (mix, steps) in enumerate(RUNS, 1):
+        ckpt = tmp_path / "separate" / f"ckpt{i}"
+        run = ["--out", str(ckpt), "--init-from", str(begin), "--mix", mix, "--steps", str(steps)]
+        assert train.main([*FLAGS, *run]) == 0
+        begin = tmp_path / "separate" / f"run{i}"
+        assert train.main(["--export", str(ckpt), "--out", str(begin)]) == 0
+    out = tmp_path / "chain"
+    out.mkdir()
+    marker = tmp_path / "after_runs.txt"
+    last = chain.run_chain(out, start, RUNS, FLAGS, after_run=f"echo done >> {marker}")
+    assert last == out / "run2" and marker.read_text().split() == ["done", "done"]
+    separate, chained = weights(begin), weights(last)
+    assert separate.keys() == chained.keys()
+    assert all((separate[k] == chained[k]).all() for k in separate), "the chain's weights differ from separate runs"
+    assert weights(out / "run1") != {} and not (out / "ckpt").exists()
+    log = (out / "train_run2_log.txt").read_text()
+    assert log.startswith("run 2: mix recall_notes, 2 steps") and "exported step 2" in log
+
+
+def test_bad_runs_and_flags_the_chain_sets_are_refused_by_name(start, tmp_path, capsys):
+    assert chain.parse_run("recall_open:5500") == ("recall_open", 5500) and chain.parse_run("7") == ("reading", 7)
+    with pytest.raises(ValueError, match="'reading:x'"):
+        chain.parse_run("reading:x")
+    with pytest.raises(SystemExit):
+        chain.main(["--out", str(tmp_path), "--from", str(start), "reading:0"])
+    assert "positive number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        chain.main(["--out", str(tmp_path), "--from", str(start), "reading:2", "--", "--smoke", "--mix", "lookup"])
+    assert "--mix after --" in capsys.readouterr().err
