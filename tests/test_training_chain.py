@@ -29,7 +29,7 @@ def start(tmp_path_factory):
     return d / "model"
 
 
-def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, tmp_path):
+def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, tmp_path, capsys):
     begin = start
     for i, (mix, steps) in enumerate(RUNS, 1):
         ckpt = tmp_path / "separate" / f"ckpt{i}"
@@ -40,12 +40,13 @@ def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, 
     out = tmp_path / "chain"
     out.mkdir()
     marker = tmp_path / "after_runs.txt"
-    last = chain.run_chain(out, start, RUNS, FLAGS, after_run=f"echo done >> {marker}")
-    assert last == out / "run2" and marker.read_text().split() == ["done", "done"]
+    last = chain.run_chain(out, start, RUNS, FLAGS, after_run=f'echo "$RUN_DIR" >> {marker}; exit 3')
+    assert last == out / "run2" and marker.read_text().split() == [str(out / "run1"), str(out / "run2")]
     separate, chained = weights(begin), weights(last)
     assert separate.keys() == chained.keys()
     assert all((separate[k] == chained[k]).all() for k in separate), "the chain's weights differ from separate runs"
     assert weights(out / "run1") != {} and not (out / "ckpt").exists()
+    assert "--after-run exited 3 after run1; going on" in capsys.readouterr().err  # a failed pack stops no run
     log = (out / "train_run2_log.txt").read_text()
     assert log.startswith("run 2: mix recall_notes, 2 steps") and "exported step 2" in log
 

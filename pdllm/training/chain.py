@@ -88,8 +88,19 @@ def run_chain(out: Path, start: Path, runs: list[tuple[str, int]], flags: list[s
         shutil.rmtree(out / "ckpt")  # optimizer state: each run starts a fresh AdamW
         start = out / f"run{i}"
         if after_run:
-            subprocess.run(["bash", "-c", after_run], env=os.environ | {"RUN_DIR": str(start)}, check=True, timeout=600)
+            after(after_run, start)
     return start
+
+
+def after(command: str, run_dir: Path) -> None:
+    """Run the --after-run command for a finished run; its failure is reported and the chain goes on (packing
+    results is not worth the runs still to come)."""
+    try:
+        done = subprocess.run(["bash", "-c", command], env=os.environ | {"RUN_DIR": str(run_dir)}, timeout=600)
+        if done.returncode:
+            print(f"chain: --after-run exited {done.returncode} after {run_dir.name}; going on", file=sys.stderr)
+    except subprocess.TimeoutExpired:
+        print(f"chain: --after-run ran past 600 s after {run_dir.name}; going on", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
