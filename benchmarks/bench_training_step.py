@@ -5,8 +5,8 @@ AdamW that skips a non-finite update on the device), and on a GPU the device's b
 fresh shapes, as the curriculum makes them, then the same shapes again (warm), so a per-shape host cost shows as
 the difference. A mix other than official steps with the chain's losses (pointer, key, match and ranking, across
 rows where the mix ranks so). `--variants` adds ways to run the same step (FlexAttention over the segments; compiled
-blocks, +compile; all layers as one compiled region, +stack), each checked against the eager SDPA step (loss,
-gradients) and then timed on the batches it ran.
+blocks, +compile; all layers as one compiled region, +stack; and the loss's parts, +stack+losses), each checked
+against the eager SDPA step (loss, gradients) and then timed on the batches it ran.
 
     python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
     python benchmarks/bench_training_step.py --mix recall --variants sdpa,flex,sdpa+compile,flex+compile,flex+stack
@@ -19,6 +19,7 @@ it is measured, so a run cut short still shows what it measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -28,7 +29,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from pdllm.training.data import MIXES, PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
-from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss
+from pdllm.training.objective import MaskedAttention, batch_layout, compile_losses, diffusion_loss
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.stack import compile_stack
 from pdllm.training.train import TRAIN_ATTENTION, build_model, compile_blocks
@@ -97,7 +98,9 @@ def data_ms(mix: str, tokens: int, length: int, n: int) -> list[dict]:
 def loader_rate(mix: str, tokens: int, length: int, workers: int, seconds: float, stage: int) -> float:
     """Batches per second the DataLoader delivers with `workers` processes (nothing consumes them)."""
     stream = ExampleStream(1234, tokens, length, 0.5, 0, 0.0, stage, mix)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+    )
     it = iter(loader)
     for _ in range(workers):  # every worker started and warm
         next(it)
@@ -137,7 +140,16 @@ def step_ms(
     return 1000 * (time.perf_counter() - t0) / len(batches)
 
 
-VARIANTS = ("sdpa", "flex", "sdpa+compile", "flex+compile", "sdpa+stack", "flex+stack")
+VARIANTS = (
+    "sdpa",
+    "flex",
+    "sdpa+compile",
+    "flex+compile",
+    "sdpa+stack",
+    "flex+stack",
+    "sdpa+stack+losses",
+    "flex+stack+losses",
+)
 
 
 def attention_of(variant: str):
@@ -150,16 +162,26 @@ def attention_of(variant: str):
 
 
 def set_compiled(model, variant: str) -> None:
-    """Compile the model as the variant's train.py does (+compile: --compile blocks, +stack: --compile stack), or
-    put the eager methods back."""
+    """Compile the model as the variant's train.py does (+compile: --compile blocks, +stack and +stack+losses:
+    --compile stack), or put the eager methods back."""
     for block in model.layers:
         block.__dict__.pop("project", None)
         block.__dict__.pop("finish", None)
     model.__dict__.pop("run_layers", None)
     if variant.endswith("+compile"):
         compile_blocks(model)
-    elif variant.endswith("+stack"):
+    elif "+stack" in variant:
         compile_stack(model)
+
+
+def losses_of(variant: str, losses: dict) -> dict:
+    """The loss weights, plus the compiled loss parts for a +losses variant (train.py --compile stack+losses)."""
+    return losses | {"terms": compiled_terms()} if variant.endswith("+losses") else losses
+
+
+@functools.cache
+def compiled_terms():
+    return compile_losses()
 
 
 def variant_check(model, batch: Batch, device: torch.device, losses: dict, variant: str) -> dict:
@@ -173,7 +195,8 @@ def variant_check(model, batch: Batch, device: torch.device, losses: dict, varia
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             with sdpa_kernel(TRAIN_ATTENTION):
                 attention = attention_of(name)
-                loss, _ = diffusion_loss(model, batch.to(device), 0.1, gen, attention_class=attention, **losses)
+                kwargs = losses_of(name, losses)
+                loss, _ = diffusion_loss(model, batch.to(device), 0.1, gen, attention_class=attention, **kwargs)
                 loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         runs.append((float(loss.detach()), grads))
@@ -298,22 +321,23 @@ def main(argv: list[str] | None = None) -> int:
         add({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
         for variant in [v for v in args.variants.split(",") if v and v != "sdpa"]:
             check = variant_check(model, sets[1][0], device, losses, variant)
+            vlosses = losses_of(variant, losses)
             add({"what": f"{variant} check {name}", **check})
             set_compiled(model, variant)
             t0 = time.perf_counter()
-            step_ms(model, sets[0][:4], device, True, losses, attention_of(variant))  # compiles, then dynamic shapes
+            step_ms(model, sets[0][:4], device, True, vlosses, attention_of(variant))  # compiles, then dynamic shapes
             add({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
             # the batches the SDPA step ran, new to this variant, then again
-            cold = step_ms(model, sets[1], device, True, losses, attention_of(variant))
-            warm = step_ms(model, sets[1], device, True, losses, attention_of(variant))
+            cold = step_ms(model, sets[1], device, True, vlosses, attention_of(variant))
+            warm = step_ms(model, sets[1], device, True, vlosses, attention_of(variant))
             add({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
             add({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
             if device.type == "cuda":
-                busy = device_ms(model, sets[1], device, losses, 0, attention_of(variant))
+                busy = device_ms(model, sets[1], device, vlosses, 0, attention_of(variant))
                 add({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
             if args.host_ops:
                 print(f"host side of the {name} step, {variant}:")
-                host_ops(model, sets[1], device, losses, args.host_ops, attention_of(variant))
+                host_ops(model, sets[1], device, vlosses, args.host_ops, attention_of(variant))
             set_compiled(model, "sdpa")
         if device.type == "cuda":
             if args.kernels:

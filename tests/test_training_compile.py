@@ -1,7 +1,8 @@
-"""Training with compiled layers (train.py --compile blocks, and --compile stack: all layers as one region): the same
-loss and gradients as the eager step, over batches of new shapes and layouts, with every auxiliary loss. The CPU runs
-dynamo's tracing and autograd (aot_eager backend: no code generation, so the suite stays fast); the GPU's generated
-kernels are checked and timed by benchmarks/bench_training_step.py --variants."""
+"""Training with compiled layers (train.py --compile blocks; --compile stack: all layers as one region; --compile
+stack+losses: the loss's tensor-only parts too): the same loss and gradients as the eager step, over batches of new
+shapes and layouts, with every auxiliary loss. The CPU runs dynamo's tracing and autograd (aot_eager backend: no code
+generation, so the suite stays fast); the GPU's generated kernels are checked and timed by
+benchmarks/bench_training_step.py --variants."""
 
 from __future__ import annotations
 
@@ -9,28 +10,37 @@ import random
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from pdllm.models.tiny import random_model, tiny_spec
 from pdllm.training.data import curriculum, make_batch
-from pdllm.training.objective import batch_layout, diffusion_loss
+from pdllm.training.objective import LossTerms, batch_layout, compile_losses, diffusion_loss
 from pdllm.training.stack import compile_stack
 from pdllm.training.train import compile_blocks
 
 LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
 
 
-def _steps(model, batches):
+def _steps(model, batches, terms=LossTerms()):
     out = []
     for batch in batches:
         model.zero_grad(set_to_none=True)
         loss, metrics = diffusion_loss(model, batch, 0.1, torch.Generator().manual_seed(0), layout=batch_layout(batch),
-                                       rank_across_rows=True, **LOSSES)  # fmt: skip
+                                       rank_across_rows=True, terms=terms, **LOSSES)  # fmt: skip
         loss.backward()
         out.append((loss.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))
     return out
 
 
-@pytest.mark.parametrize("compile_model", [compile_blocks, compile_stack], ids=["blocks", "stack"])
+def compile_stack_and_losses(model, backend):
+    """train.py --compile stack+losses: the stack, and the loss parts the step passes to diffusion_loss."""
+    compile_stack(model, backend)
+    return compile_losses(backend)
+
+
+@pytest.mark.parametrize(
+    "compile_model", [compile_blocks, compile_stack, compile_stack_and_losses], ids=["blocks", "stack", "stack+losses"]
+)
 def test_compiled_layers_train_as_the_eager_model_does(compile_model):
     stages = curriculum("recall_wordings")
     rng = random.Random(3)
@@ -42,10 +52,13 @@ def test_compiled_layers_train_as_the_eager_model_does(compile_model):
     eager = _steps(model, batches)
     keys = list(model.state_dict())
     torch._dynamo.reset()
-    compile_model(model, backend="aot_eager")
-    if compile_model is compile_stack:  # every forward of the loss runs in the compiled region, none in the loop
+    counters.clear()
+    terms = compile_model(model, backend="aot_eager") or LossTerms()
+    if compile_model is not compile_blocks:  # every forward of the loss runs in the compiled region, none in the loop
         model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
-    compiled = _steps(model, batches)
+    compiled = _steps(model, batches, terms)
+    if compile_model is compile_stack_and_losses:  # each loss part ran as one graph: none broke into eager pieces
+        assert not counters["graph_break"] and counters["frames"]["ok"] >= 6
     assert list(model.state_dict()) == keys  # checkpoints and exports are unchanged
     assert {"point", "key", "match", "rank"} <= set(eager[0][1])  # every auxiliary loss ran
     for (loss, metrics, grads), (c_loss, c_metrics, c_grads) in zip(eager, compiled, strict=True):

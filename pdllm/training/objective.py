@@ -14,6 +14,7 @@ actor ranks by point at the needle.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -182,36 +183,50 @@ def ranking_scores(
     kv: list[tuple[Tensor, Tensor]],
     n_chunks: int | None = None,
     across_rows: bool = False,
+    summary: Callable[..., Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does;
     `n_chunks` (default: read off `batch.seg`) is C. `across_rows`: each row's question against the chunks of
-    every row, [B, B * C] (row n's chunk c at column n * C + c; see cross_row_valid)."""
+    every row, [B, B * C] (row n's chunk c at column n * C + c; see cross_row_valid). `summary`: summary_scores,
+    or a compiled copy of it (LossTerms)."""
     layers = summary_layers(model.spec.num_layers)
-    rot = model.rotary
     seg = batch.seg
     n_chunks = int(seg.max()) + 1 if n_chunks is None else n_chunks
     content = (seg >= 0) & (batch.ids != BOS_ID)
     onehot = (seg[:, :, None] == torch.arange(n_chunks, device=seg.device)) & content[:, :, None]  # [B, T, C]
-    counts = onehot.sum(1)  # [B, C]
     cap = PaddedQueryCapture(batch.question_valid, layers)
     qpos = torch.arange(batch.question.shape[1], device=seg.device).expand_as(batch.question)
     model(batch.question, position_ids=qpos, context=cap, logits_from=None)
-    qv = batch.question_valid[:, None, :, None].float()
-    d = model.spec.head_dim
+    keys, queries = [kv[i][0] for i in layers], [cap.q[i] for i in layers]
+    scores = (summary or summary_scores)(model.rotary, keys, queries, batch.pos, qpos, onehot, batch.question_valid,
+                                         across_rows)  # fmt: skip
+    counts = onehot.sum(1)  # [B, C]
+    return scores, cross_row_valid(counts > 0, batch.needle_seg) if across_rows else counts > 0
+
+
+def summary_scores(
+    rotary, keys: list[Tensor], queries: list[Tensor], pos: Tensor, qpos: Tensor, onehot: Tensor, qvalid: Tensor,
+    across_rows: bool,
+) -> Tensor:  # fmt: skip
+    """The chunk scores of ranking_scores from the summary layers' keys [B, H, T, D] (rotated at `pos`) and the
+    question's queries [B, Hq, Q, D] (at `qpos`): q . mean(k) un-rotated, summed over layers and each KV head's
+    query group, over len(layers) * sqrt(D). [B, C], or [B, B * C] across rows."""
+    counts = onehot.sum(1)  # [B, C]
+    qv = qvalid[:, None, :, None].float()
+    d = keys[0].shape[-1]
     qs, means = [], []
-    for i in layers:
-        k = unrotate(kv[i][0], batch.pos, rot)  # [B, H, T, D]
+    for k, q in zip(keys, queries, strict=True):
+        k = unrotate(k, pos, rotary)  # [B, H, T, D]
         m = torch.einsum("bhtd,btc->bchd", k, onehot.float()) / counts.clamp_min(1)[:, :, None, None]
-        q = unrotate(cap.q[i], qpos, rot)  # [B, Hq, Q, D]
+        q = unrotate(q, qpos, rotary)  # [B, Hq, Q, D]
         q = (q * qv).sum(2) / qv.sum(2)  # mean over the question's tokens
         qs.append(q.view(q.shape[0], m.shape[2], -1, d).sum(2))  # sum over each KV head's query group
         means.append(m)
     q, m = torch.stack(qs, 1), torch.stack(means, 2)  # [B, L, H, D], [B, C, L, H, D]
-    norm = len(layers) * math.sqrt(d)
+    norm = len(keys) * math.sqrt(d)
     if across_rows:
-        scores = torch.einsum("blhd,nclhd->bnc", q, m).flatten(1) / norm
-        return scores, cross_row_valid(counts > 0, batch.needle_seg)
-    return torch.einsum("blhd,bclhd->bc", q, m) / norm, counts > 0
+        return torch.einsum("blhd,nclhd->bnc", q, m).flatten(1) / norm
+    return torch.einsum("blhd,bclhd->bc", q, m) / norm
 
 
 def cross_row_valid(valid: Tensor, needle_seg: Tensor) -> Tensor:
@@ -224,6 +239,51 @@ def cross_row_valid(valid: Tensor, needle_seg: Tensor) -> Tensor:
     lends = lends & (torch.arange(c, device=valid.device)[None, :] != needle_seg[:, None])
     own = torch.eye(b, dtype=torch.bool, device=valid.device)[:, :, None]
     return torch.where(own, valid[None, :, :], lends[None, :, :]).flatten(1)
+
+
+def answer_loss(logits: Tensor, target: Tensor, scale: Tensor, core: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, accuracy): the masked-diffusion cross-entropy over every scored position, weighted by `scale` [B, T']
+    (1/t, the padding weight and the row's norm; 0 where not masked), summed per batch row; and the accuracy on
+    the masked answer-text tokens `core`."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    loss = (ce.view_as(target) * scale).sum() / target.shape[0]
+    hits = ((logits.argmax(-1) == target) & core).sum()
+    return loss, hits / core.sum().clamp_min(1)
+
+
+def rank_loss(scores: Tensor, valid: Tensor, needle_seg: Tensor, chunks: int, across_rows: bool):
+    """(loss, top-1 accuracy) of the chunk ranking: cross-entropy of the bounded scores against each row's needle
+    chunk (its column across rows), over the rows that have one."""
+    rows, target = needle_seg >= 0, needle_seg
+    scores = RANK_BOUND * torch.tanh(scores.float() / RANK_BOUND)  # bounded: no reward for ever larger q.k
+    scores = scores.masked_fill(~valid, float("-inf"))
+    if across_rows:
+        b = scores.shape[0]
+        target = torch.where(rows, target + torch.arange(b, device=target.device) * chunks, -1)
+    loss = F.cross_entropy(scores, target, ignore_index=-1)  # the mean over rows with a needle chunk
+    top1 = ((scores.argmax(-1) == target) & rows).sum() / rows.sum().clamp_min(1)
+    return loss, top1
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The tensor-only parts of diffusion_loss, which compile_losses compiles: an eager step launches each of
+    their few hundred small kernels (forward and backward) from the host, which sets a GPU step's pace."""
+
+    answer: Callable = answer_loss
+    pointer: Callable = pointer_loss
+    key: Callable = key_loss
+    match: Callable = match_loss
+    summary: Callable = summary_scores
+    rank: Callable = rank_loss
+
+
+def compile_losses(backend: str = "inductor") -> LossTerms:
+    """LossTerms each compiled (dynamic shapes: batches come in hundreds of shapes); train.py --compile
+    stack+losses."""
+    terms = LossTerms()
+    fields = ("answer", "pointer", "key", "match", "summary", "rank")
+    return LossTerms(**{f: torch.compile(getattr(terms, f), backend=backend, dynamic=True) for f in fields})
 
 
 def diffusion_loss(
@@ -240,6 +300,7 @@ def diffusion_loss(
     pointer_at_layer: int | None = None,
     attention_class: type[MaskedAttention] = MaskedAttention,
     rank_across_rows: bool = False,
+    terms: LossTerms = LossTerms(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, metrics) for one batch. Metrics (detached tensors): the diffusion loss, the accuracy on masked
     answer-text tokens and, for chunked batches with rank_weight > 0, the ranking loss and its top-1 accuracy.
@@ -249,7 +310,8 @@ def diffusion_loss(
     trains (default: pointer_layer, three quarters up). `attention_class`: how the masked attention is computed
     (MaskedAttention, or flex.FlexMaskedAttention). `rank_across_rows`: the ranking loss ranks each question's
     needle chunk against every row's chunks (ranking_scores), so a batch of short rows trains the ranking among as
-    many chunks as a long document has; its accuracy metric stays the row's own top-1."""
+    many chunks as a long document has; its accuracy metric stays the row's own top-1. `terms`: the loss parts
+    (LossTerms; compile_losses for compiled ones)."""
     layout = layout or batch_layout(batch)
     noisy, masked, t, eligible = mask_tokens(batch, model.spec.mask_token_id, eps, generator)
     first = layout.first
@@ -267,35 +329,24 @@ def diffusion_loss(
     m = masked[:, first:]
     w = torch.where(batch.core | ~batch.answer, 1.0, pad_weight)  # padding of the answer span weighs less
     norm = (w * eligible).sum(-1).clamp_min(1e-6)  # per row
-    logits = out.logits
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     scale = (w / (t[:, None] * norm[:, None]))[:, first:] * m
-    loss = (ce.view_as(target) * scale).sum() / batch.ids.shape[0]
-    core = batch.core[:, first:] & m
-    hits = ((logits.argmax(-1) == target) & core).sum()
-    metrics = {"diff": loss.detach(), "acc": hits / core.sum().clamp_min(1)}
+    loss, acc = terms.answer(out.logits, target, scale, batch.core[:, first:] & m)
+    metrics = {"diff": loss.detach(), "acc": acc}
     if pointed:
-        point, point_acc = pointer_loss(batch, attention.qk[point_layer], attention.mask)
+        point, point_acc = terms.pointer(batch, attention.qk[point_layer], attention.mask)
         loss = loss + pointer_weight * point
         metrics |= {"point": point.detach(), "point_acc": point_acc}
     if keyed:
-        gather, mass = key_loss(batch, attention.qk[key_layer(layers)], attention.mask)
+        gather, mass = terms.key(batch, attention.qk[key_layer(layers)], attention.mask)
         loss = loss + key_weight * gather
         metrics |= {"key": gather.detach(), "key_mass": mass.detach()}
     if matched:
-        match, match_acc = match_loss(batch, attention.head0[key_layer(layers)])
+        match, match_acc = terms.match(batch, attention.head0[key_layer(layers)])
         loss = loss + match_weight * match
         metrics |= {"match": match.detach(), "match_acc": match_acc}
     if ranked:
-        scores, valid = ranking_scores(model, batch, out.kv, layout.chunks, rank_across_rows)
-        rows, target = batch.needle_seg >= 0, batch.needle_seg
-        scores = RANK_BOUND * torch.tanh(scores.float() / RANK_BOUND)  # bounded: no reward for ever larger q.k
-        scores = scores.masked_fill(~valid, float("-inf"))
-        if rank_across_rows:
-            b = scores.shape[0]
-            target = torch.where(rows, target + torch.arange(b, device=target.device) * layout.chunks, -1)
-        rank = F.cross_entropy(scores, target, ignore_index=-1)  # the mean over rows with a needle chunk
+        scores, valid = ranking_scores(model, batch, out.kv, layout.chunks, rank_across_rows, terms.summary)
+        rank, top1 = terms.rank(scores, valid, batch.needle_seg, layout.chunks, rank_across_rows)
         loss = loss + rank_weight * rank
-        top1 = ((scores.argmax(-1) == target) & rows).sum() / rows.sum().clamp_min(1)
         metrics |= {"rank": rank.detach(), "rank_acc": top1}
     return loss, metrics

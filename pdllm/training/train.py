@@ -37,7 +37,14 @@ from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import LONG_VALUE_SPAN, MIXES, ExampleStream, Stage, curriculum
-from pdllm.training.objective import MaskedAttention, batch_layout, diffusion_loss, key_layer
+from pdllm.training.objective import (
+    LossTerms,
+    MaskedAttention,
+    batch_layout,
+    compile_losses,
+    diffusion_loss,
+    key_layer,
+)
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.stack import compile_stack
@@ -86,9 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pointer-layer", type=int, help="layer whose head 0 the pointer loss trains (default: 3/4 up)")
     p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
                    help="masked attention: SDPA, or FlexAttention skipping masked blocks (training.flex)")  # fmt: skip
-    p.add_argument("--compile", nargs="?", const="stack", choices=("blocks", "stack"),
+    p.add_argument("--compile", nargs="?", const="stack", choices=("blocks", "stack", "stack+losses"),
                    help="torch.compile all layers with their attention as one region (stack, the default: "
-                   "training.stack), or each layer's projections and MLP alone (blocks)")  # fmt: skip
+                   "training.stack), or each layer's projections and MLP alone (blocks); stack+losses also the "
+                   "loss's tensor-only parts (objective.compile_losses)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -266,10 +274,11 @@ def train_device() -> torch.device:
 
 
 def compile_model(model: DllmModel, how: str | None) -> None:
-    """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack)."""
+    """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack; the loss
+    parts are compiled by train_run, compile_losses)."""
     if how == "blocks":
         compile_blocks(model)
-    elif how == "stack":
+    elif how in ("stack", "stack+losses"):
         compile_stack(model)
 
 
@@ -309,6 +318,7 @@ def train_run(
         from pdllm.training.flex import FlexMaskedAttention
 
         attention_class = FlexMaskedAttention
+    terms = compile_losses() if args.compile == "stack+losses" else LossTerms()
     t_start, t_log = time.time(), time.time()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -334,6 +344,7 @@ def train_run(
                 pointer_at_layer=args.pointer_layer,
                 attention_class=attention_class,
                 rank_across_rows=MIXES[args.mix].rank_across_rows,
+                terms=terms,
             )
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):
