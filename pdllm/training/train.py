@@ -141,8 +141,8 @@ def lr_at(step: int, seconds: float, args: argparse.Namespace) -> float:
 def advance_reason(stage: Stage, exact_match: float, done_frac: float) -> str | None:
     """Why `stage` is left now: "probe" once the probe reaches its target, else "deadline" once its share of the
     planned run is done; None to stay. A stage left on its deadline hands on a skill its probe did not see learned
-    (the copy stage's phase change came at 31% of one official run and not by then in another: benchmarks/NOTES.md,
-    "The reproduction script end to end")."""
+    (the copy stage's phase change came just before its deadline in one official run and not by it in another:
+    benchmarks/NOTES.md, "The reproduction script end to end")."""
     if stage.advance_at is None:
         return None
     if exact_match >= stage.advance_at:
