@@ -45,12 +45,10 @@ pack() {  # [MODEL_DIR]: the export to bring back (default OUT_DIR/model)
     [ -d "$model" ] && mkdir -p "$PACK_TO/model" && cp "$model"/* "$PACK_TO/model/"
     tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude='ckpt*' --exclude=official --exclude="run*" .
 }
-# shellcheck disable=SC2086  # TRAIN_FLAGS is a list of flags
-seed=1234
-train() {
-    python3 -m pdllm.training.train --workers "${WORKERS:-12}" --seed "$seed" --minutes 60 \
-        ${TRAIN_FLAGS---attention flex --compile stack} "$@"
-}
+# every training run's flags (the official run's seed is set per try; the chain's runs take 1234)
+# shellcheck disable=SC2206  # TRAIN_FLAGS is a list of flags
+run_flags=(--workers "${WORKERS:-12}" --minutes 60 ${TRAIN_FLAGS---attention flex --compile stack})
+train() { python3 -m pdllm.training.train "${run_flags[@]}" "$@"; }
 start=${FROM:-}
 if [ -z "$start" ]; then
     tries=${OFFICIAL_TRIES:-2}
@@ -58,7 +56,7 @@ if [ -z "$start" ]; then
         seed=$((1233 + try))
         log=$out/train_official_log.txt
         mkdir -p "$out" && echo "official run, try $try of $tries, seed $seed" >"$log"
-        train --out "$out/ckpt" --steps "${OFFICIAL_STEPS:-3425}" --mix official 2>&1 | tee -a "$log" |
+        train --seed "$seed" --out "$out/ckpt" --steps "${OFFICIAL_STEPS:-3425}" --mix official 2>&1 | tee -a "$log" |
             grep -E '"em"|saved|params|deadline' | tail -20
         python3 -m pdllm.training.runlog "$log" --min-em "${OFFICIAL_MIN_PROBE:-0.2}" && break
         mv "$log" "$out/train_official_try${try}_log.txt"
@@ -70,7 +68,6 @@ if [ -z "$start" ]; then
             exit 2
         fi
     done
-    seed=1234
     train --export "$out/ckpt" --out "$out/official" --bundle "$out/official" | tee -a "$log"
     rm -rf "$out/ckpt"
     start=$out/official
@@ -80,10 +77,9 @@ fi
 # run's log in train_run{i}_log.txt and its export in run{i}, packed after each run
 export -f pack
 export out PACK_TO
-# shellcheck disable=SC2016,SC2086  # RUN_DIR is the chain's, set for each run; TRAIN_FLAGS is a list of flags
+# shellcheck disable=SC2016  # RUN_DIR is the chain's, set for each run
 python3 -m pdllm.training.chain --out "$out" --from "$start" --after-run 'pack "$RUN_DIR"' "${runs[@]}" -- \
-    --workers "${WORKERS:-12}" --seed 1234 --minutes 60 ${TRAIN_FLAGS---attention flex --compile stack} \
-    --stage 1 --lr 1e-3 --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 2>&1 |
+    "${run_flags[@]}" --seed 1234 --stage 1 --lr 1e-3 --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 2>&1 |
     grep -E '"em"|saved|params|deadline|exported|^run ' | tail -60
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "reproduce_bundle: the chain failed (its logs: $out/train_run*_log.txt)" >&2; exit 1; }
 start=$out/run${#runs[@]}

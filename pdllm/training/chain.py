@@ -67,7 +67,7 @@ def set_rng_state(state: tuple) -> None:
 def run_chain(out: Path, start: Path, runs: list[tuple[str, int]], flags: list[str], after_run: str | None) -> Path:
     """Train `runs` one after another from checkpoint `start`; returns the last run's export."""
     device = train_device()
-    model, fresh_process = None, None
+    model, terms, fresh_process = None, None, None
     for i, (mix, steps) in enumerate(runs, 1):
         args = parse_args([*flags, "--out", str(out / "ckpt"), "--mix", mix, "--steps", str(steps)])
         with open(out / f"train_run{i}_log.txt", "w") as log:
@@ -79,11 +79,11 @@ def run_chain(out: Path, start: Path, runs: list[tuple[str, int]], flags: list[s
                     model = build_model(args.shape, device)
                     fresh_process = rng_state(device)  # what a new train.py process holds when its loop starts
                     init_from(model, start)
-                    compile_model(model, args.compile)
+                    terms = compile_model(model, args.compile)
                 else:
                     set_rng_state(fresh_process)
                 args.init_from = start  # for the run's record (state.json), as a separate run would have it
-                train_run(model, make_optimizer(model, args.lr), args, device)
+                train_run(model, make_optimizer(model, args.lr), args, device, terms)
                 export(out / "ckpt", out / f"run{i}")
         shutil.rmtree(out / "ckpt")  # optimizer state: each run starts a fresh AdamW
         start = out / f"run{i}"

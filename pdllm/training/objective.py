@@ -13,6 +13,7 @@ actor ranks by point at the needle.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -281,9 +282,8 @@ class LossTerms:
 def compile_losses(backend: str = "inductor") -> LossTerms:
     """LossTerms each compiled (dynamic shapes: batches come in hundreds of shapes); train.py --compile
     stack+losses."""
-    terms = LossTerms()
-    fields = ("answer", "pointer", "key", "match", "summary", "rank")
-    return LossTerms(**{f: torch.compile(getattr(terms, f), backend=backend, dynamic=True) for f in fields})
+    parts = dataclasses.fields(LossTerms)
+    return LossTerms(**{f.name: torch.compile(f.default, backend=backend, dynamic=True) for f in parts})
 
 
 def diffusion_loss(

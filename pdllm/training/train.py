@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
         args.mix = resumed_mix(args.mix, meta)
         resume_plan(args, meta)
-    compile_model(model, args.compile)
-    train_run(model, opt, args, device, step, log, before, stage)
+    terms = compile_model(model, args.compile)
+    train_run(model, opt, args, device, terms, step, log, before, stage)
     return 0
 
 
@@ -273,13 +273,14 @@ def train_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compile_model(model: DllmModel, how: str | None) -> None:
-    """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack; the loss
-    parts are compiled by train_run, compile_losses)."""
+def compile_model(model: DllmModel, how: str | None) -> LossTerms:
+    """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack); returns
+    the loss parts the step runs, compiled for stack+losses (compile_losses), else eager."""
     if how == "blocks":
         compile_blocks(model)
     elif how in ("stack", "stack+losses"):
         compile_stack(model)
+    return compile_losses() if how == "stack+losses" else LossTerms()
 
 
 def train_run(
@@ -287,13 +288,15 @@ def train_run(
     opt: torch.optim.Optimizer,
     args: argparse.Namespace,
     device: torch.device,
+    terms: LossTerms,
     step: int = 0,
     log: list | None = None,
     before: float = 0.0,
     stage: int = 0,
 ) -> None:
     """One run's training loop, from `step` (a resumed run's) to its planned end or time limit, saved to
-    args.out; the model comes prepared (weights, compilation), so a chain of runs can share one (training.chain)."""
+    args.out; the model comes prepared (weights, compilation) with its loss parts (compile_model), so a chain of
+    runs can share one (training.chain)."""
     log = [] if log is None else log
     args.mix = args.mix or "official"
     stage = stage if args.stage is None else args.stage
@@ -318,7 +321,6 @@ def train_run(
         from pdllm.training.flex import FlexMaskedAttention
 
         attention_class = FlexMaskedAttention
-    terms = compile_losses() if args.compile == "stack+losses" else LossTerms()
     t_start, t_log = time.time(), time.time()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
