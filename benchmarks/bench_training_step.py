@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="sdpa",
                    help=f"comma list of {', '.join(VARIANTS)}: each checked against SDPA and timed on the same batches "
                    "(flex: training.flex; +compile: train.py --compile blocks; +stack: --compile stack)")  # fmt: skip
-    p.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time per stage")
+    p.add_argument(
+        "--kernels", type=int, default=0, help="print the N kernels with the most GPU time, per stage and variant"
+    )
     p.add_argument("--host-ops", type=int, default=0, help="print the N host operations with the most CPU time, per "
                    "variant (what a step that the host paces spends its time on)")  # fmt: skip
     p.add_argument("--json", help="write the rows here")
@@ -333,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             add({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
             add({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
             if device.type == "cuda":
-                busy = device_ms(model, sets[1], device, vlosses, 0, attention_of(variant))
+                if args.kernels:
+                    print(f"kernels of the {name} step, {variant} (share of GPU time, ms per step, launches per step):")
+                busy = device_ms(model, sets[1], device, vlosses, args.kernels, attention_of(variant))
                 add({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
             if args.host_ops:
                 print(f"host side of the {name} step, {variant}:")

@@ -1,5 +1,6 @@
-"""The bundle's reproduction script checks the official run before building the chain on it (runlog), retrying it
-with the next seed and stopping with a named cause when it did not learn; smoke-shaped runs on the CPU."""
+"""The bundle's reproduction script checks the official run before building the chain on it (a try stopped where it
+missed its copy stage, or ended under the probe floor, runlog), retrying it with the next seed and stopping with a
+named cause when no try learned; official_seeds.sh trains several seeds at once. Smoke-shaped runs on the CPU."""
 
 from __future__ import annotations
 
@@ -38,14 +39,23 @@ def test_runlog_passes_a_run_without_probes_and_names_a_missing_log(tmp_path, ca
     assert "no such log" in capsys.readouterr().err
 
 
-def run_script(out: Path, min_probe: str, *runs: str) -> subprocess.CompletedProcess:
-    env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3: this interpreter
-        "TRAIN_FLAGS": "--smoke",
-        "OFFICIAL_STEPS": "2",
+def script_env(**env_vars: str) -> dict[str, str]:
+    """The benchmark scripts' environment here: this interpreter first on PATH (they call python3), smoke-shaped
+    runs of two planned steps, then `env_vars`."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "TRAIN_FLAGS": "--smoke", "OFFICIAL_STEPS": "2", **env_vars}
+
+
+def run_script(out: Path, min_probe: str, *runs: str, **env_vars: str) -> subprocess.CompletedProcess:
+    """The script on smoke-shaped runs, two tries at most; its copy stage is not required unless asked
+    (OFFICIAL_REQUIRE), since a smoke run never reaches the copy target."""
+    defaults = {
         "OFFICIAL_MIN_PROBE": min_probe,
+        "OFFICIAL_TRIES": "2",
+        "OFFICIAL_REQUIRE": "",
         "QUICK_EVAL_SECONDS": "0",
     }
+    env = script_env(**(defaults | env_vars))
     return subprocess.run(
         ["bash", str(SCRIPT), str(out), *runs], env=env, capture_output=True, text=True, timeout=300, check=False
     )
@@ -54,12 +64,30 @@ def run_script(out: Path, min_probe: str, *runs: str) -> subprocess.CompletedPro
 def test_an_official_run_under_the_floor_is_tried_again_with_the_next_seed_then_the_script_stops(tmp_path):
     done = run_script(tmp_path, "1.1", "reading:2")  # no run reaches exact match 1.1
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "the official run ended under probe 1.1 in 2 tries" in done.stderr
+    assert "missed its copy phase change or ended under probe 1.1 in 2 tries" in done.stderr
     logs = sorted(p.name for p in tmp_path.glob("train_*_log.txt"))
     assert logs == ["train_official_try1_log.txt", "train_official_try2_log.txt"]  # the chain did not start
     assert "seed 1235" in (tmp_path / "train_official_try2_log.txt").read_text().splitlines()[0]
     assert "left on its deadline" in (tmp_path / "train_official_try1_log.txt").read_text()
     assert not (tmp_path / "model").exists()
+
+
+def test_a_try_that_leaves_the_copy_stage_below_target_stops_there_and_the_next_seed_trains(tmp_path):
+    # 10 planned steps: the copy stage's deadline (0.3 of the plan) is met at the probe of step 4
+    done = run_script(tmp_path, "0", "reading:2", OFFICIAL_REQUIRE="copy", OFFICIAL_STEPS="10")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "missed its copy phase change or ended under probe 0 in 2 tries" in done.stderr
+    for try_log in ("train_official_try1_log.txt", "train_official_try2_log.txt"):
+        text = (tmp_path / try_log).read_text()
+        assert "saved step 4 (stage 0)" in text and "stopped: --require copy" in text
+    assert not (tmp_path / "train_run1_log.txt").exists()
+
+
+def test_an_official_run_that_fails_stops_the_script_without_another_try(tmp_path):
+    done = run_script(tmp_path, "0", "reading:2", TRAIN_FLAGS="--smoke --shape no-such-shape")
+    assert done.returncode == 1 and "the official run failed (exit 2" in done.stderr
+    assert "try 1 of 2" in (tmp_path / "train_official_log.txt").read_text()
+    assert not list(tmp_path.glob("train_official_try*"))
 
 
 def test_an_official_run_over_the_floor_goes_on_to_the_chain(tmp_path):
@@ -68,3 +96,16 @@ def test_an_official_run_over_the_floor_goes_on_to_the_chain(tmp_path):
     assert "try 1 of 2, seed 1234" in (tmp_path / "train_official_log.txt").read_text()
     assert not list(tmp_path.glob("train_official_try*"))
     assert (tmp_path / "train_run1_log.txt").is_file() and (tmp_path / "model" / "config.json").is_file()
+
+
+def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_path):
+    env = script_env(WORKERS="0")
+    script = ROOT / "benchmarks" / "official_seeds.sh"
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path), "7", "8"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = done.stdout.splitlines()
+    assert [r.split(":")[0] for r in reports] == ["train_official_seed7_log.txt", "train_official_seed8_log.txt"]
+    assert all("to tasks at step 2 (deadline" in r for r in reports)
+    assert (tmp_path / "ckpt7" / "state.json").is_file() and (tmp_path / "ckpt8" / "state.json").is_file()

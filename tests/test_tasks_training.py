@@ -237,6 +237,26 @@ def test_a_run_planned_by_steps_ends_there_on_a_schedule_of_steps(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_required_stage_left_below_its_target_stops_the_run_there(tmp_path, capsys):
+    """--require copy: the official run stops (exit 3, state saved) at the probe that leaves its copy stage on the
+    deadline below target, instead of training later stages on a model that did not learn to copy."""
+    from pdllm.training.train import REQUIRED_STAGE_MISSED, main
+
+    smoke = ["--smoke", "--workers", "0", "--steps", "10"]  # the copy deadline, 0.3 of 10 steps, at step 4's probe
+    with pytest.raises(SystemExit) as stopped:
+        main([*smoke, "--out", str(tmp_path / "a"), "--require", "copy"])
+    assert stopped.value.code == REQUIRED_STAGE_MISSED == 3
+    meta = json.loads((tmp_path / "a" / "state.json").read_text())
+    assert (meta["step"], meta["stage"]) == (4, 0) and "advance" not in meta["log"][-1]
+    assert "stopped: --require copy" in capsys.readouterr().err
+    assert main([*smoke, "--out", str(tmp_path / "b"), "--require", "long"]) == 0  # the last stage is never left
+    assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 10
+    with pytest.raises(SystemExit) as refused:
+        main([*smoke, "--out", str(tmp_path / "c"), "--require", "cpoy"])
+    assert refused.value.code == 2 and "--require cpoy: no such stage" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
 def test_smoke_train_on_the_varied_mix(tmp_path):
     from pdllm.training.train import main
 

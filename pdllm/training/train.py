@@ -8,6 +8,7 @@
     python -m pdllm.training.train --smoke --out /tmp/smoke               # a few CPU steps of a tiny config
     python -m pdllm.training.train ... --attention flex --compile         # the same step, 1.8x faster on a GPU
     python -m pdllm.training.train ... --steps 3000                       # planned by steps, not minutes
+    python -m pdllm.training.train ... --require copy                     # stop (exit 3) if copy ends below target
     python -m pdllm.training.train --export runs/tiny --bundle pdllm/assets/pdllm-tiny-llada
 
 The model is `DllmModel` with a LLaDA spec over the byte tokenizer; `--export` writes it with save_checkpoint (the
@@ -50,6 +51,9 @@ from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.stack import compile_stack
 from pdllm.training.state import load_state, save_state
 
+# train.py's exit status when a --require stage was left on its deadline below its target (the run stopped there;
+# benchmarks/reproduce_bundle.sh trains the official run again with the next seed)
+REQUIRED_STAGE_MISSED = 3
 TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 SHAPES = {
     "bundle": dict(hidden=256, layers=8, heads=8, inner=704, max_position=4096),
@@ -97,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile all layers with their attention as one region (stack, the default: "
                    "training.stack), or each layer's projections and MLP alone (blocks); stack+losses also the "
                    "loss's tensor-only parts (objective.compile_losses)")  # fmt: skip
+    p.add_argument("--require", action="append", default=[], metavar="STAGE",
+                   help="stop the run (exit 3, state saved) when STAGE is left on its deadline with its probe below "
+                   "target: the later stages do not learn what it did not (the official run's copy stage)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -114,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--attention flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
     if args.init_from and args.resume:
         p.error("--init-from and --resume exclude each other (a resumed run has its own weights)")
+    stage_names = {s.name for mix in MIXES for s in curriculum(mix)}
+    for name in args.require:
+        if name not in stage_names:
+            p.error(f"--require {name}: no such stage (stages: {', '.join(sorted(stage_names))})")
     layers = SHAPES[args.shape]["layers"]
     if args.pointer_layer is not None and not 0 <= args.pointer_layer < layers:
         p.error(f"--pointer-layer {args.pointer_layer}: the {args.shape} shape has layers 0-{layers - 1}")
@@ -322,6 +333,7 @@ def train_run(
 
         attention_class = FlexMaskedAttention
     t_start, t_log = time.time(), time.time()
+    missed = None  # a --require stage left below its target: the run stops there
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for batch in loader:
@@ -378,7 +390,8 @@ def train_run(
                     left = stages[stage]
                     print(f"stage {left.name} left on its deadline at step {step} with probe {entry['em']:.3f}, "
                           f"below its target {left.advance_at}", file=sys.stderr, flush=True)  # fmt: skip
-                if reason:
+                    missed = left.name if left.name in args.require else None
+                if reason and not missed:
                     stage += 1
                     stream.stage.value = stage
                     entry["advance"] = stages[stage].name
@@ -386,10 +399,16 @@ def train_run(
             log.append(entry)
             print(json.dumps(entry), flush=True)
             sums, counts, t_log = {}, {}, time.time()
+            if missed:
+                break
         if step % args.save_every == 0:
             save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
     save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
     print(f"saved step {step} (stage {stage}) to {args.out} after {time.time() - t_start:.0f}s", flush=True)
+    if missed:
+        print(f"stopped: --require {missed}, and the stage was left below its target (exit {REQUIRED_STAGE_MISSED})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(REQUIRED_STAGE_MISSED)
 
 
 if __name__ == "__main__":
