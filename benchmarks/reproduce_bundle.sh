@@ -28,9 +28,12 @@
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
 # quick sparse eval at 2K (QUICK_EVAL_TASKS and QUICK_EVAL_LENGTHS change its cells). The full table follows with
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
-#   [FROM=MODEL] [PACK_TO=$OUT] [TRAIN_FLAGS=...] bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]
+#   [FROM=MODEL] [PACK_TO=$OUT] [TRAIN_FLAGS=...] [CHAIN_FLAGS=...] \
+#       bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]
 # TRAIN_FLAGS go to every training run (default "--attention flex --compile stack"; train.py: how a step runs, not
-# what it computes; "" runs eager SDPA, as the bundle's runs did).
+# what it computes; "" runs eager SDPA, as the bundle's runs did). CHAIN_FLAGS go to the chain's runs only, after
+# their own flags, so they override them (a recipe to try: "--tokens-per-batch 65536" with half of each run's steps,
+# benchmarks/NOTES.md, "The official run's copy phase change").
 # FROM skips the official run and starts the chain's first run from that checkpoint (a later run of the chain takes
 # the run before it), so a chain can be split over device calls of at most 10 minutes. With PACK_TO set (a device's
 # $OUT, which takes few files), the latest export is copied there and the logs packed into results.tgz after each run.
@@ -89,9 +92,10 @@ fi
 # run's log in train_run{i}_log.txt and its export in run{i}, packed after each run
 export -f pack
 export out PACK_TO
-# shellcheck disable=SC2016  # RUN_DIR is the chain's, set for each run
+# shellcheck disable=SC2016,SC2086  # RUN_DIR is the chain's, set for each run; CHAIN_FLAGS is a list of flags
 python3 -m pdllm.training.chain --out "$out" --from "$start" --after-run 'pack "$RUN_DIR"' "${runs[@]}" -- \
-    "${run_flags[@]}" --seed 1234 --stage 1 --lr 1e-3 --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 2>&1 |
+    "${run_flags[@]}" --seed 1234 --stage 1 --lr 1e-3 --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 \
+    ${CHAIN_FLAGS-} 2>&1 |
     grep -E '"em"|saved|params|deadline|exported|^run ' | tail -60
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "reproduce_bundle: the chain failed (its logs: $out/train_run*_log.txt)" >&2; exit 1; }
 start=$out/run${#runs[@]}

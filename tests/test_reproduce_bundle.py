@@ -91,11 +91,13 @@ def test_an_official_run_that_fails_stops_the_script_without_another_try(tmp_pat
 
 
 def test_an_official_run_over_the_floor_goes_on_to_the_chain(tmp_path):
-    done = run_script(tmp_path, "0", "reading:2")
+    done = run_script(tmp_path, "0", "reading:2", CHAIN_FLAGS="--max-steps 1")  # the chain's runs only
     assert done.returncode == 0, done.stderr[-2000:]
     assert "try 1 of 2, seed 1234" in (tmp_path / "train_official_log.txt").read_text()
     assert not list(tmp_path.glob("train_official_try*"))
     assert (tmp_path / "train_run1_log.txt").is_file() and (tmp_path / "model" / "config.json").is_file()
+    assert "saved step 2 " in (tmp_path / "train_official_log.txt").read_text()
+    assert "saved step 1 " in (tmp_path / "train_run1_log.txt").read_text()
 
 
 def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_path):
