@@ -30,7 +30,7 @@ from pdllm.training.data import (
 )
 from pdllm.training.objective import diffusion_loss, mask_tokens, ranking_scores
 from pdllm.training.probe import exact_match, probe_batches
-from pdllm.training.train import advance_reason, should_advance
+from pdllm.training.train import advance_reason
 
 
 def test_chunked_layout_matches_what_sparse_decoding_sees():
@@ -156,8 +156,7 @@ def test_curriculum_starts_on_digit_copying_and_ends_on_every_task_at_the_traini
     assert set(last.tasks) == official and last.max_len == 0 and 512 in last.chunk_sizes and last.advance_at is None
     varied = curriculum("varied")
     assert varied[0] == first and set(varied[-1].tasks) == official | {"facts"}  # same copy stage, facts added
-    assert should_advance(first, first.advance_at, 0.0) and not should_advance(first, 0.0, 0.0)
-    assert should_advance(first, 0.0, first.until) and not should_advance(last, 1.0, 1.0)
+    assert advance_reason(first, first.advance_at, 0.0) == "probe" and advance_reason(last, 1.0, 1.0) is None
     assert advance_reason(first, first.advance_at, first.until) == "probe"  # the probe wins when both hold
     assert advance_reason(first, 0.0, first.until) == "deadline" and advance_reason(first, 0.0, 0.0) is None
     stream = ExampleStream(0, 4096, 1024, 0.5)

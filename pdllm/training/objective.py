@@ -178,13 +178,39 @@ def unrotate(x: Tensor, positions: Tensor, rotary) -> Tensor:
     return apply_rotary(x.float(), cos, -sin)
 
 
+def summary_scores(
+    rotary, keys: list[Tensor], queries: list[Tensor], pos: Tensor, qpos: Tensor, onehot: Tensor, counts: Tensor,
+    qvalid: Tensor, across_rows: bool,
+) -> Tensor:  # fmt: skip
+    """The chunk scores of ranking_scores from the summary layers' keys [B, H, T, D] (rotated at `pos`) and the
+    question's queries [B, Hq, Q, D] (at `qpos`): q . mean(k) un-rotated, summed over layers and each KV head's
+    query group, over len(layers) * sqrt(D). `onehot` [B, T, C] marks each chunk's content tokens, `counts` [B, C]
+    their number. [B, C], or [B, B * C] across rows."""
+    qv = qvalid[:, None, :, None].float()
+    d = keys[0].shape[-1]
+    member, sizes = onehot.float(), counts.clamp_min(1)[:, :, None, None]
+    qs, means = [], []
+    for k, q in zip(keys, queries, strict=True):
+        k = unrotate(k, pos, rotary)  # [B, H, T, D]
+        m = torch.einsum("bhtd,btc->bchd", k, member) / sizes
+        q = unrotate(q, qpos, rotary)  # [B, Hq, Q, D]
+        q = (q * qv).sum(2) / qv.sum(2)  # mean over the question's tokens
+        qs.append(q.view(q.shape[0], m.shape[2], -1, d).sum(2))  # sum over each KV head's query group
+        means.append(m)
+    q, m = torch.stack(qs, 1), torch.stack(means, 2)  # [B, L, H, D], [B, C, L, H, D]
+    norm = len(keys) * math.sqrt(d)
+    if across_rows:
+        return torch.einsum("blhd,nclhd->bnc", q, m).flatten(1) / norm
+    return torch.einsum("blhd,bclhd->bc", q, m) / norm
+
+
 def ranking_scores(
     model: DllmModel,
     batch: Batch,
     kv: list[tuple[Tensor, Tensor]],
     n_chunks: int | None = None,
     across_rows: bool = False,
-    summary: Callable[..., Tensor] | None = None,
+    summary: Callable[..., Tensor] = summary_scores,
 ) -> tuple[Tensor, Tensor]:
     """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does;
     `n_chunks` (default: read off `batch.seg`) is C. `across_rows`: each row's question against the chunks of
@@ -195,39 +221,13 @@ def ranking_scores(
     n_chunks = int(seg.max()) + 1 if n_chunks is None else n_chunks
     content = (seg >= 0) & (batch.ids != BOS_ID)
     onehot = (seg[:, :, None] == torch.arange(n_chunks, device=seg.device)) & content[:, :, None]  # [B, T, C]
+    counts = onehot.sum(1)  # [B, C]
     cap = PaddedQueryCapture(batch.question_valid, layers)
     qpos = torch.arange(batch.question.shape[1], device=seg.device).expand_as(batch.question)
     model(batch.question, position_ids=qpos, context=cap, logits_from=None)
     keys, queries = [kv[i][0] for i in layers], [cap.q[i] for i in layers]
-    scores = (summary or summary_scores)(model.rotary, keys, queries, batch.pos, qpos, onehot, batch.question_valid,
-                                         across_rows)  # fmt: skip
-    counts = onehot.sum(1)  # [B, C]
+    scores = summary(model.rotary, keys, queries, batch.pos, qpos, onehot, counts, batch.question_valid, across_rows)
     return scores, cross_row_valid(counts > 0, batch.needle_seg) if across_rows else counts > 0
-
-
-def summary_scores(
-    rotary, keys: list[Tensor], queries: list[Tensor], pos: Tensor, qpos: Tensor, onehot: Tensor, qvalid: Tensor,
-    across_rows: bool,
-) -> Tensor:  # fmt: skip
-    """The chunk scores of ranking_scores from the summary layers' keys [B, H, T, D] (rotated at `pos`) and the
-    question's queries [B, Hq, Q, D] (at `qpos`): q . mean(k) un-rotated, summed over layers and each KV head's
-    query group, over len(layers) * sqrt(D). [B, C], or [B, B * C] across rows."""
-    counts = onehot.sum(1)  # [B, C]
-    qv = qvalid[:, None, :, None].float()
-    d = keys[0].shape[-1]
-    qs, means = [], []
-    for k, q in zip(keys, queries, strict=True):
-        k = unrotate(k, pos, rotary)  # [B, H, T, D]
-        m = torch.einsum("bhtd,btc->bchd", k, onehot.float()) / counts.clamp_min(1)[:, :, None, None]
-        q = unrotate(q, qpos, rotary)  # [B, Hq, Q, D]
-        q = (q * qv).sum(2) / qv.sum(2)  # mean over the question's tokens
-        qs.append(q.view(q.shape[0], m.shape[2], -1, d).sum(2))  # sum over each KV head's query group
-        means.append(m)
-    q, m = torch.stack(qs, 1), torch.stack(means, 2)  # [B, L, H, D], [B, C, L, H, D]
-    norm = len(keys) * math.sqrt(d)
-    if across_rows:
-        return torch.einsum("blhd,nclhd->bnc", q, m).flatten(1) / norm
-    return torch.einsum("blhd,bclhd->bc", q, m) / norm
 
 
 def cross_row_valid(valid: Tensor, needle_seg: Tensor) -> Tensor:

@@ -161,11 +161,6 @@ def advance_reason(stage: Stage, exact_match: float, done_frac: float) -> str | 
     return "deadline" if stage.until is not None and done_frac >= stage.until else None
 
 
-def should_advance(stage: Stage, exact_match: float, done_frac: float) -> bool:
-    """Leave `stage` once the probe reaches its target, or once its share of the planned run is done."""
-    return advance_reason(stage, exact_match, done_frac) is not None
-
-
 def resumed_mix(asked: str | None, meta: dict) -> str:
     """The mix a resumed run trains on: its own unless another is asked for. Its stage number indexes that mix's
     curriculum, so resuming into a different mix by omission would train other tasks under the same stage number."""
