@@ -14,9 +14,9 @@ from torch._dynamo.utils import counters
 
 from pdllm.models.tiny import random_model, tiny_spec
 from pdllm.training.data import curriculum, make_batch
-from pdllm.training.objective import LossTerms, batch_layout, compile_losses, diffusion_loss
+from pdllm.training.objective import LossTerms, batch_layout, diffusion_loss
 from pdllm.training.stack import compile_stack
-from pdllm.training.train import compile_blocks
+from pdllm.training.train import compile_model
 
 LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
 
@@ -32,16 +32,8 @@ def _steps(model, batches, terms=LossTerms()):
     return out
 
 
-def compile_stack_and_losses(model, backend):
-    """train.py --compile stack+losses: the stack, and the loss parts the step passes to diffusion_loss."""
-    compile_stack(model, backend)
-    return compile_losses(backend)
-
-
-@pytest.mark.parametrize(
-    "compile_model", [compile_blocks, compile_stack, compile_stack_and_losses], ids=["blocks", "stack", "stack+losses"]
-)
-def test_compiled_layers_train_as_the_eager_model_does(compile_model):
+@pytest.mark.parametrize("how", ["blocks", "stack", "stack+losses"])
+def test_compiled_layers_train_as_the_eager_model_does(how):
     stages = curriculum("recall_wordings")
     rng = random.Random(3)
     # chunked recall rows of several shapes (one of a single row), then dense rows of the long stage
@@ -53,11 +45,11 @@ def test_compiled_layers_train_as_the_eager_model_does(compile_model):
     keys = list(model.state_dict())
     torch._dynamo.reset()
     counters.clear()
-    terms = compile_model(model, backend="aot_eager") or LossTerms()
-    if compile_model is not compile_blocks:  # every forward of the loss runs in the compiled region, none in the loop
+    terms = compile_model(model, how, backend="aot_eager")  # as train.py --compile HOW does
+    if how != "blocks":  # every forward of the loss runs in the compiled region, none in the loop
         model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
     compiled = _steps(model, batches, terms)
-    if compile_model is compile_stack_and_losses:  # each loss part ran as one graph: none broke into eager pieces
+    if how == "stack+losses":  # each loss part ran as one graph: none broke into eager pieces
         assert not counters["graph_break"] and counters["frames"]["ok"] >= 6
     assert list(model.state_dict()) == keys  # checkpoints and exports are unchanged
     assert {"point", "key", "match", "rank"} <= set(eager[0][1])  # every auxiliary loss ran

@@ -279,14 +279,14 @@ def train_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compile_model(model: DllmModel, how: str | None) -> LossTerms:
+def compile_model(model: DllmModel, how: str | None, backend: str = "inductor") -> LossTerms:
     """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack); returns
     the loss parts the step runs, compiled for stack+losses (compile_losses), else eager."""
     if how == "blocks":
-        compile_blocks(model)
+        compile_blocks(model, backend)
     elif how in ("stack", "stack+losses"):
-        compile_stack(model)
-    return compile_losses() if how == "stack+losses" else LossTerms()
+        compile_stack(model, backend)
+    return compile_losses(backend) if how == "stack+losses" else LossTerms()
 
 
 def train_run(
