@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evaluation table of a model on one GPU: vanilla / prefix / sparse on every task (the five official families,
-# facts in held-out wordings, facts with non-digit values), 8 samples a cell, at 1x-16x the training length, then
-# the depth sweep and the no-BOS ablation, then prefix / sparse at 64x (131072 tokens; vanilla re-encoding 128K tokens
+# facts in held-out wordings, facts with non-digit values), SAMPLES (default 8) samples a cell, at 1x-16x the training
+# length, then the depth sweep and the no-BOS ablation, then prefix / sparse at 64x (131072 tokens; vanilla re-encoding 128K tokens
 # at every step does not fit a session's device time). Top-4 chunks of 256 tokens.
 #   [PACK_TO=$OUT] bash benchmarks/eval_table.sh MODEL_DIR OUT_DIR [CELL_SECONDS]
 # EVAL_LENGTHS (default 2048,8192,16384,32768) sets the first evaluation's lengths; LONG_EVAL=0 skips the 128K one,
@@ -18,7 +18,7 @@ pack() { [ -z "${PACK_TO:-}" ] || tar -czf "$PACK_TO/eval.tgz" -C "$out" .; }
 run_eval() {
     local name=$1
     shift
-    python3 -m pdllm.cli eval --model "$model" --method '{"chunk_size": 256, "top_k": 4}' --samples 8 \
+    python3 -m pdllm.cli eval --model "$model" --method '{"chunk_size": 256, "top_k": 4}' --samples "${SAMPLES:-8}" \
         --json "$out/eval_$name.json" "$@" 2>"$out/eval_$name.err" | tee "$out/eval_$name.txt"
     pack
 }

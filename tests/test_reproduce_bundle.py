@@ -1,6 +1,7 @@
-"""The bundle's reproduction script checks the official run before building the chain on it (a try stopped where it
-missed its copy stage, or ended under the probe floor, runlog), retrying it with the next seed and stopping with a
-named cause when no try learned; official_seeds.sh trains several seeds at once. Smoke-shaped runs on the CPU."""
+"""The bundle's reproduction script checks the official run before building the chain on it: tries in rounds of several
+seeds at once, each stopped where it missed its copy stage or passed it, those that passed going on alone until one
+ends over the probe floor (runlog); it stops with a named cause when no try learned. official_seeds.sh trains several
+seeds at once. Smoke-shaped runs on the CPU."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def run_script(out: Path, min_probe: str, *runs: str, **env_vars: str) -> subpro
 
 
 def test_an_official_run_under_the_floor_is_tried_again_with_the_next_seed_then_the_script_stops(tmp_path):
-    done = run_script(tmp_path, "1.1", "reading:2")  # no run reaches exact match 1.1
+    done = run_script(tmp_path, "1.1", "reading:2", OFFICIAL_AT_ONCE="1")  # no run reaches exact match 1.1
     assert done.returncode == 2, done.stderr[-2000:]
     assert "missed its copy phase change or ended under probe 1.1 in 2 tries" in done.stderr
     logs = sorted(p.name for p in tmp_path.glob("train_*_log.txt"))
@@ -86,18 +87,37 @@ def test_a_try_that_leaves_the_copy_stage_below_target_stops_there_and_the_next_
 def test_an_official_run_that_fails_stops_the_script_without_another_try(tmp_path):
     done = run_script(tmp_path, "0", "reading:2", TRAIN_FLAGS="--smoke --shape no-such-shape")
     assert done.returncode == 1 and "the official run failed (exit 2" in done.stderr
-    assert "try 1 of 2" in (tmp_path / "train_official_log.txt").read_text()
-    assert not list(tmp_path.glob("train_official_try*"))
+    assert f"its log: {tmp_path}/train_official_try1_log.txt" in done.stderr
+    assert "try 1 of 2" in (tmp_path / "train_official_try1_log.txt").read_text()
+    assert not (tmp_path / "train_official_log.txt").exists() and not (tmp_path / "train_run1_log.txt").exists()
 
 
 def test_an_official_run_over_the_floor_goes_on_to_the_chain(tmp_path):
     done = run_script(tmp_path, "0", "reading:2", CHAIN_FLAGS="--max-steps 1")  # the chain's runs only
     assert done.returncode == 0, done.stderr[-2000:]
     assert "try 1 of 2, seed 1234" in (tmp_path / "train_official_log.txt").read_text()
-    assert not list(tmp_path.glob("train_official_try*"))
+    # both tries trained at once, each to its end (no stage required); the first over the floor is the official run
+    assert [p.name for p in tmp_path.glob("train_official_try*")] == ["train_official_try2_log.txt"]
+    assert not list(tmp_path.glob("ckpt*"))
     assert (tmp_path / "train_run1_log.txt").is_file() and (tmp_path / "model" / "config.json").is_file()
     assert "saved step 2 " in (tmp_path / "train_official_log.txt").read_text()
     assert "saved step 1 " in (tmp_path / "train_run1_log.txt").read_text()
+
+
+def test_tries_at_once_stop_after_their_round_stage_and_the_first_that_passed_goes_on_alone(tmp_path):
+    # 10 planned steps: each try leaves its copy stage (on its deadline: not required here) at step 4's probe
+    done = run_script(
+        tmp_path, "0", "reading:2", OFFICIAL_STEPS="10", OFFICIAL_ROUND_STAGE="copy", CHAIN_FLAGS="--max-steps 1"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tries 1-2 of 2 at once (seeds 1234-1235), each until it leaves its copy stage or ends" in done.stdout
+    assert "try 1 goes on alone from its copy stage" in done.stdout and "try 2 goes on" not in done.stdout
+    official = (tmp_path / "train_official_log.txt").read_text()
+    assert "saved step 4 (stage 1)" in official and "stopped after stage copy" in official
+    assert "saved step 10 (stage" in official and "exported" in official
+    other = (tmp_path / "train_official_try2_log.txt").read_text()
+    assert "seed 1235" in other and "saved step 4 (stage 1)" in other and "saved step 10" not in other
+    assert not list(tmp_path.glob("ckpt*")) and (tmp_path / "model" / "config.json").is_file()
 
 
 def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_path):

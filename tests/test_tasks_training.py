@@ -256,6 +256,26 @@ def test_a_required_stage_left_below_its_target_stops_the_run_there(tmp_path, ca
 
 
 @pytest.mark.timeout(120)
+def test_a_run_stopped_after_a_stage_is_resumed_from_there_to_its_planned_end(tmp_path, capsys):
+    """--stop-after copy: the run saves and stops (exit 0) at the probe that leaves the copy stage, in the next stage,
+    and --resume trains on from that step to the end of the run's plan."""
+    from pdllm.training.train import main
+
+    run = tmp_path / "run"
+    smoke = ["--smoke", "--workers", "0", "--steps", "10", "--out", str(run)]  # copy is left at step 4's probe
+    assert main([*smoke, "--stop-after", "copy"]) == 0
+    meta = json.loads((run / "state.json").read_text())
+    assert (meta["step"], meta["stage"]) == (4, 1) and meta["log"][-1]["advance"] == "tasks"
+    assert f"stopped after stage copy (--stop-after); --resume {run} goes on" in capsys.readouterr().out
+    assert main([*smoke, "--resume", str(run)]) == 0
+    resumed = json.loads((run / "state.json").read_text())
+    assert resumed["step"] == 10 and [e["step"] for e in resumed["log"]][:5] == [1, 2, 3, 4, 5]
+    with pytest.raises(SystemExit) as refused:
+        main([*smoke, "--stop-after", "cpoy"])
+    assert refused.value.code == 2 and "--stop-after cpoy: no such stage" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
 def test_smoke_train_on_the_varied_mix(tmp_path):
     from pdllm.training.train import main
 

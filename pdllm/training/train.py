@@ -9,6 +9,7 @@
     python -m pdllm.training.train ... --attention flex --compile         # the same step, 1.8x faster on a GPU
     python -m pdllm.training.train ... --steps 3000                       # planned by steps, not minutes
     python -m pdllm.training.train ... --require copy                     # stop (exit 3) if copy ends below target
+    python -m pdllm.training.train ... --stop-after copy                  # save and stop once copy is left; --resume
     python -m pdllm.training.train --export runs/tiny --bundle pdllm/assets/pdllm-tiny-llada
 
 The model is `DllmModel` with a LLaDA spec over the byte tokenizer; `--export` writes it with save_checkpoint (the
@@ -104,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--require", action="append", default=[], metavar="STAGE",
                    help="stop the run (exit 3, state saved) when STAGE is left on its deadline with its probe below "
                    "target: the later stages do not learn what it did not (the official run's copy stage)")  # fmt: skip
+    p.add_argument("--stop-after", metavar="STAGE",
+                   help="save and stop (exit 0) once STAGE is left, for --resume to go on: several seeds then "
+                   "train at once up to a required stage, and one that passed goes on alone")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -122,9 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init_from and args.resume:
         p.error("--init-from and --resume exclude each other (a resumed run has its own weights)")
     stage_names = {s.name for mix in MIXES for s in curriculum(mix)}
-    for name in args.require:
-        if name not in stage_names:
-            p.error(f"--require {name}: no such stage (stages: {', '.join(sorted(stage_names))})")
+    for flag, name in [*(("--require", n) for n in args.require), ("--stop-after", args.stop_after)]:
+        if name is not None and name not in stage_names:
+            p.error(f"{flag} {name}: no such stage (stages: {', '.join(sorted(stage_names))})")
     layers = SHAPES[args.shape]["layers"]
     if args.pointer_layer is not None and not 0 <= args.pointer_layer < layers:
         p.error(f"--pointer-layer {args.pointer_layer}: the {args.shape} shape has layers 0-{layers - 1}")
@@ -329,6 +333,7 @@ def train_run(
         attention_class = FlexMaskedAttention
     t_start, t_log = time.time(), time.time()
     missed = None  # a --require stage left below its target: the run stops there
+    stopped = False  # the --stop-after stage was left: the run stops there, to be resumed
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for batch in loader:
@@ -387,6 +392,7 @@ def train_run(
                           f"below its target {left.advance_at}", file=sys.stderr, flush=True)  # fmt: skip
                     missed = left.name if left.name in args.require else None
                 if reason and not missed:
+                    stopped = stages[stage].name == args.stop_after
                     stage += 1
                     stream.stage.value = stage
                     entry["advance"] = stages[stage].name
@@ -394,12 +400,14 @@ def train_run(
             log.append(entry)
             print(json.dumps(entry), flush=True)
             sums, counts, t_log = {}, {}, time.time()
-            if missed:
+            if missed or stopped:
                 break
         if step % args.save_every == 0:
             save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
     save_state(args.out, model, opt, run_meta(step, args, log, before + time.time() - t_start, stage))
     print(f"saved step {step} (stage {stage}) to {args.out} after {time.time() - t_start:.0f}s", flush=True)
+    if stopped:
+        print(f"stopped after stage {args.stop_after} (--stop-after); --resume {args.out} goes on", flush=True)
     if missed:
         print(f"stopped: --require {missed}, and the stage was left below its target (exit {REQUIRED_STAGE_MISSED})",
               file=sys.stderr, flush=True)  # fmt: skip
