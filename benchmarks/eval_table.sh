@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The evaluation table of a model on one GPU: vanilla / prefix / sparse on every task (the five official families,
 # facts in held-out wordings, facts with non-digit values), SAMPLES (default 8) samples a cell, at 1x-16x the training
-# length, then the depth sweep and the no-BOS ablation, then prefix / sparse at 64x (131072 tokens; vanilla re-encoding 128K tokens
-# at every step does not fit a session's device time). Top-4 chunks of 256 tokens.
+# length, then the depth sweep and the no-BOS ablation, then prefix / sparse at 64x (131072 tokens; vanilla
+# re-encoding 128K tokens at every step does not fit a session's device time). Top-4 chunks of 256 tokens.
 #   [PACK_TO=$OUT] bash benchmarks/eval_table.sh MODEL_DIR OUT_DIR [CELL_SECONDS]
 # EVAL_LENGTHS (default 2048,8192,16384,32768) sets the first evaluation's lengths; LONG_EVAL=0 skips the 128K one,
 # EXTRAS=0 the depth sweep and the ablation. Each evaluation writes OUT_DIR/eval_*.{txt,json} as it finishes; with
