@@ -64,6 +64,10 @@ start=${FROM:-}
 if [ -z "$start" ]; then
     tries=${OFFICIAL_TRIES:-8}
     at_once=${OFFICIAL_AT_ONCE:-4}
+    if ! [ "$at_once" -ge 1 ] 2>/dev/null; then
+        echo "reproduce_bundle: OFFICIAL_AT_ONCE=$at_once: the tries a round trains at once, 1 or more" >&2
+        exit 1
+    fi
     steps=${OFFICIAL_STEPS:-3425}
     # shellcheck disable=SC2206  # OFFICIAL_REQUIRE is a list of stage names
     required=(${OFFICIAL_REQUIRE-copy})

@@ -120,6 +120,13 @@ def test_tries_at_once_stop_after_their_round_stage_and_the_first_that_passed_go
     assert not list(tmp_path.glob("ckpt*")) and (tmp_path / "model" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("at_once", ["0", "four"])
+def test_a_round_size_that_is_not_a_positive_count_is_refused_before_any_training(tmp_path, at_once):
+    done = run_script(tmp_path, "0", "reading:2", OFFICIAL_AT_ONCE=at_once)
+    assert done.returncode == 1 and f"OFFICIAL_AT_ONCE={at_once}: the tries a round trains at once" in done.stderr
+    assert not list(tmp_path.glob("train_*_log.txt"))
+
+
 def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_path):
     env = script_env(WORKERS="0")
     script = ROOT / "benchmarks" / "official_seeds.sh"
