@@ -53,7 +53,7 @@ from pdllm.training.stack import compile_stack
 from pdllm.training.state import load_state, save_state
 
 # train.py's exit status when a --require stage was left on its deadline below its target (the run stopped there;
-# benchmarks/reproduce_bundle.sh trains the official run again with the next seed)
+# benchmarks/reproduce_bundle.sh counts the try as a miss and trains other seeds)
 REQUIRED_STAGE_MISSED = 3
 TRAIN_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 SHAPES = {
