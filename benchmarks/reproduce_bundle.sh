@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduce the bundled model (pdllm/assets/pdllm-tiny-llada) on one GPU as a chain of training runs (seed 1234; the
-# official run's seed is the first of 1234, 1235, ... that learns to copy, below), each planned by steps (train.py --steps: the LR's cosine and the stage deadlines run over the run's steps), so the
-# chain keeps the bundle's schedule step for step on any GPU (not its weights bit for bit: GPU kernels do not repeat
-# exactly, and the runs diverge); the step counts are those the bundle's runs made (their logs in
+# official run's seed is the first of 1234, 1235, ... that learns to copy, below), each planned by steps (train.py
+# --steps: the LR's cosine and the stage deadlines run over the run's steps), so the chain keeps the bundle's
+# schedule step for step on any GPU (not its weights bit for bit: GPU kernels do not repeat exactly, and the runs
+# diverge); the step counts are those the bundle's runs made (their logs in
 # benchmarks/results: the official run of 2026-11-30 and the runs of 2026-12-02, timed then on an H200):
 #   1. the official run from scratch, OFFICIAL_STEPS (default 3425) steps (copying, the answer formats, the ranking);
 #   2. runs each from the previous one's export, one per [MIX:]STEPS argument (default: the bundle's chain, reading
@@ -14,11 +15,13 @@
 #      a fifth of facts rows a short note) for 80% of each run, then the tasks and long stages. Each run starts a
 #      fresh AdamW at lr 1e-3 with its own cosine. The runs share one process (pdllm/training/chain.py: the model,
 #      its compiled graphs and CUDA stay up; the weights the same as separate runs joined by exports).
-# 33,901 steps in all; at the 47-53 ms a step of TRAIN_FLAGS' default (FlexAttention, all layers one compiled region)
-# measured on an H100 when the script ran as one command (a shorter chain, official + reading:4394 +
-# recall_notes:10000, 17,819 steps in 19.1 minutes with compiling, probes and exports), about 37 minutes
-# (benchmarks/NOTES.md, "The reproduction script end to end"; the full chain has not been run end to end).
-# The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 4 of 14 runs
+# 33,901 steps in all; at the 47-53 ms a step of FlexAttention with all layers one compiled region, measured on an
+# H100 when the script ran as one command (a shorter chain, official + reading:4394 + recall_notes:10000, 17,819
+# steps in 19.1 minutes with compiling, probes and exports), about 37 minutes (benchmarks/NOTES.md, "The
+# reproduction script end to end"; the full chain has not been run end to end). At 64K tokens a batch and half the
+# steps (CHAIN_FLAGS below) the chain's first five runs took 12.1 minutes on an H100, 67-81 ms a step, about 21 for
+# the nine by those times, and their probes tracked the bundle's chain (NOTES, "The chain at 64K tokens a batch").
+# The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 5 of 22 runs
 # reached, each by step 1100; those that left the stage without it ended at probe 0.0, and two followed to step 1800
 # never reached it (benchmarks/NOTES.md, "The official run's copy phase change" and "The official run in rounds"). So
 # the official run is tried in rounds of OFFICIAL_AT_ONCE (default 4) seeds at once on the GPU (1234, 1235, ...;
@@ -35,10 +38,11 @@
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
 #   [FROM=MODEL] [PACK_TO=$OUT] [TRAIN_FLAGS=...] [CHAIN_FLAGS=...] \
 #       bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]
-# TRAIN_FLAGS go to every training run (default "--attention flex --compile stack"; train.py: how a step runs, not
-# what it computes; "" runs eager SDPA, as the bundle's runs did). CHAIN_FLAGS go to the chain's runs only, after
-# their own flags, so they override them (a recipe to try: "--tokens-per-batch 65536" with half of each run's steps,
-# benchmarks/NOTES.md, "The official run's copy phase change").
+# TRAIN_FLAGS go to every training run (default: benchmarks/train_defaults.sh, FlexAttention with the layers and
+# the loss's parts compiled; train.py: how a step runs, not what it computes; "" runs eager SDPA, as the bundle's
+# runs did). CHAIN_FLAGS go to the chain's runs only, after their own flags, so they override them (a recipe on
+# trial: "--tokens-per-batch 65536" with half of each run's steps, benchmarks/NOTES.md, "The chain at 64K tokens a
+# batch").
 # FROM skips the official run and starts the chain's first run from that checkpoint (a later run of the chain takes
 # the run before it), so a chain can be split over device calls of at most 10 minutes. With PACK_TO set (a device's
 # $OUT, which takes few files), the latest export is copied there and the logs packed into results.tgz after each run.
@@ -50,6 +54,8 @@ runs=("$@")
     recall_open:5500 recall_notes:2000)
 # shellcheck source=benchmarks/bare_checkout.sh
 source "$(dirname "$0")/bare_checkout.sh"
+# shellcheck source=benchmarks/train_defaults.sh
+source benchmarks/train_defaults.sh
 pack() {  # [MODEL_DIR]: the export to bring back (default OUT_DIR/model)
     [ -n "${PACK_TO:-}" ] || return 0
     local model=${1:-$out/model}
@@ -58,7 +64,7 @@ pack() {  # [MODEL_DIR]: the export to bring back (default OUT_DIR/model)
 }
 # every training run's flags (the official run's seed is set per try; the chain's runs take 1234)
 # shellcheck disable=SC2206  # TRAIN_FLAGS is a list of flags
-run_flags=(--workers "${WORKERS:-12}" --minutes 60 ${TRAIN_FLAGS---attention flex --compile stack})
+run_flags=(--workers "${WORKERS:-12}" --minutes 60 ${TRAIN_FLAGS-$DEFAULT_TRAIN_FLAGS})
 train() { python3 -m pdllm.training.train "${run_flags[@]}" "$@"; }
 start=${FROM:-}
 if [ -z "$start" ]; then

@@ -138,3 +138,20 @@ def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_pat
     assert [r.split(":")[0] for r in reports] == ["train_official_seed7_log.txt", "train_official_seed8_log.txt"]
     assert all("to tasks at step 2 (deadline" in r for r in reports)
     assert (tmp_path / "ckpt7" / "state.json").is_file() and (tmp_path / "ckpt8" / "state.json").is_file()
+
+
+def test_the_scripts_default_train_flags_are_flags_train_py_takes(monkeypatch):
+    """The flags the training scripts run with when TRAIN_FLAGS is unset (benchmarks/train_defaults.sh) parse as
+    train.py's, so a typo there fails here and not on a GPU after a machine start (parsed as on a GPU: train.py
+    refuses FlexAttention where there is none)."""
+    import torch
+
+    from pdllm.training.train import parse_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    read = subprocess.run(
+        ["bash", "-c", 'source benchmarks/train_defaults.sh && printf "%s" "$DEFAULT_TRAIN_FLAGS"'],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    args = parse_args(["--out", "unused", *read.stdout.split()])
+    assert (args.attention, args.compile) == ("flex", "stack+losses")
