@@ -1,5 +1,6 @@
-"""Chunk selection on the bundled model: top-K hit rate of the needle's chunk and answer accuracy, summary vs draft
-scoring, reuse vs joint selected KV, with the needle in the trained passkey wording, in other words, or of any task.
+"""Chunk selection on a model (default: the bundled one): top-K hit rate of the needle's chunk and answer accuracy.
+Summary vs draft scoring, reuse vs joint selected KV, with the needle in the trained passkey wording, in other words,
+or of any task.
 
 "trained" and "other" samples are InfiniteBench passkey prompts over held-out prose (the task's instruction kept
 apart); "other" replaces the needle sentence and the question by a paraphrase the model never saw in training. Any
@@ -166,6 +167,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--cells", default="8192:4,32768:2", help="length:samples per wording, comma separated")
     ap.add_argument("--wordings", default="trained,other", help="trained, other (passkey) or task names")
     ap.add_argument("--chunk-size", type=int, default=512)
@@ -176,7 +178,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.txt")
     args = ap.parse_args()
-    lm = load_model(default_model_dir(), device=args.device)
+    lm = load_model(args.model or default_model_dir(), device=args.device)
     cells = [tuple(int(x) for x in c.split(":")) for c in args.cells.split(",")]
     partial = args.out + ".partial.json" if args.out else None
     wordings, scorings = args.wordings.split(","), args.scorings.split(",")
@@ -188,7 +190,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
         with open(args.out + ".json", "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)
         with open(args.out + ".txt", "w") as f:
             f.write(f"# python benchmarks/eval_selection.py {flags}  (model {lm.model_id[:12]}, {args.device})\n")
             f.write(text + "\n")

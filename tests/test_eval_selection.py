@@ -6,6 +6,7 @@ import pytest
 from benchmark_scripts import load_benchmark
 
 from pdllm.assets import default_model_dir
+from pdllm.errors import CheckpointError
 from pdllm.models.loader import load_model
 from pdllm.prompt import encode_request
 from pdllm.tasks import score
@@ -40,3 +41,27 @@ def test_a_task_row_is_scored_by_its_own_metric_and_counts_a_hit_only_on_the_nee
         assert r["whole_hit"] == set(r["needle_chunks"]).issubset(r["picked"]) and r["hit"] >= r["whole_hit"]
         assert r["score"] == score("kv_retrieval", r["answer"], (r["gold"],))
     assert "kv_retrieval" in selection.table(rows)
+
+
+def test_main_reads_the_model_it_is_given_and_names_it_in_its_table(selection, tmp_path, monkeypatch, capsys):
+    model = str(default_model_dir())
+    argv = ["eval_selection.py", "--model", model, "--cells", "1200:1", "--wordings", "kv_retrieval"]
+    argv += [
+        "--scorings",
+        "summary",
+        "--chunk-size",
+        "256",
+        "--top-k",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    monkeypatch.setattr("sys.argv", argv)
+    selection.main()
+    header = (tmp_path / "s.txt").read_text().splitlines()[0]
+    assert f"--model {model} " in header and "kv_retrieval" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", argv[:1] + ["--model", str(tmp_path / "none")] + argv[3:])
+    with pytest.raises(CheckpointError, match="none does not exist"):  # named, not the bundle used instead
+        selection.main()
