@@ -19,8 +19,9 @@
 # H100 when the script ran as one command (a shorter chain, official + reading:4394 + recall_notes:10000, 17,819
 # steps in 19.1 minutes with compiling, probes and exports), about 37 minutes (benchmarks/NOTES.md, "The
 # reproduction script end to end"; the full chain has not been run end to end). At 64K tokens a batch and half the
-# steps (CHAIN_FLAGS below) the chain's first five runs took 12.1 minutes on an H100, 67-81 ms a step, about 21 for
-# the nine by those times, and their probes tracked the bundle's chain (NOTES, "The chain at 64K tokens a batch").
+# steps (CHAIN_FLAGS below) the chain's first five runs took 12.1 minutes on an H100, 67-81 ms a step (about 21
+# minutes for all nine by those times); their probes tracked the bundle's chain, but the fifth run's model ranked
+# kv_retrieval's chunk less well beyond 2K (NOTES, "The chain at 64K tokens a batch").
 # The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 5 of 22 runs
 # reached, each by step 1100; those that left the stage without it ended at probe 0.0, and two followed to step 1800
 # never reached it (benchmarks/NOTES.md, "The official run's copy phase change" and "The official run in rounds"). So
