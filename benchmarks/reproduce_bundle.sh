@@ -63,9 +63,10 @@ pack() {  # [MODEL_DIR]: the export to bring back (default OUT_DIR/model)
     [ -d "$model" ] && mkdir -p "$PACK_TO/model" && cp "$model"/* "$PACK_TO/model/"
     tar -czf "$PACK_TO/results.tgz" -C "$out" --exclude=model --exclude='ckpt*' --exclude=official --exclude="run*" .
 }
+workers=${WORKERS:-12}  # loader workers of a run alone (a round's tries share them)
 # every training run's flags (the official run's seed is set per try; the chain's runs take 1234)
 # shellcheck disable=SC2206  # TRAIN_FLAGS is a list of flags
-run_flags=(--workers "${WORKERS:-12}" --minutes 60 ${TRAIN_FLAGS-$DEFAULT_TRAIN_FLAGS})
+run_flags=(--workers "$workers" --minutes 60 ${TRAIN_FLAGS-$DEFAULT_TRAIN_FLAGS})
 train() { python3 -m pdllm.training.train "${run_flags[@]}" "$@"; }
 start=${FROM:-}
 if [ -z "$start" ]; then
@@ -85,8 +86,8 @@ if [ -z "$start" ]; then
     round_stage=${OFFICIAL_ROUND_STAGE-$round_stage}
     split=()  # the tries of a round stop once this stage is left (train.py --stop-after), to go on one at a time
     [ -z "$round_stage" ] || split=(--stop-after "$round_stage")
-    share=$((${WORKERS:-12} / at_once))  # the loader workers of one try in a round
-    [ "$share" -ge 1 ] || [ "${WORKERS:-12}" = 0 ] || share=1
+    share=$((workers / at_once))  # the loader workers of one try in a round
+    [ "$share" -ge 1 ] || [ "$workers" = 0 ] || share=1
     official=""
     try=0
     while [ -z "$official" ] && [ "$try" -lt "$tries" ]; do

@@ -46,18 +46,7 @@ def test_a_task_row_is_scored_by_its_own_metric_and_counts_a_hit_only_on_the_nee
 def test_main_reads_the_model_it_is_given_and_names_it_in_its_table(selection, tmp_path, monkeypatch, capsys):
     model = str(default_model_dir())
     argv = ["eval_selection.py", "--model", model, "--cells", "1200:1", "--wordings", "kv_retrieval"]
-    argv += [
-        "--scorings",
-        "summary",
-        "--chunk-size",
-        "256",
-        "--top-k",
-        "2",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "s"),
-    ]
+    argv += "--scorings summary --chunk-size 256 --top-k 2 --device cpu".split() + ["--out", str(tmp_path / "s")]
     monkeypatch.setattr("sys.argv", argv)
     selection.main()
     header = (tmp_path / "s.txt").read_text().splitlines()[0]
