@@ -47,6 +47,49 @@ def test_the_block_mask_of_chunked_rows_skips_the_blocks_between_chunks():
     assert blocks.sparsity() > 70  # percent of the blocks SDPA computes that flex skips
 
 
+def test_a_padding_query_block_computes_one_block_not_its_row():
+    """Padding queries see themselves alone (data.attention_mask), so a query block of padding costs one block."""
+    rng = random.Random(3)
+    rows = [build_example(rng, n, True, {"passkey": 1.0}, chunk_sizes=(128,)) for n in (2000, 1200)]
+    batch = collate(rows)  # the short row is padded by more than 600 tokens: several query blocks of padding
+    blocks = block_mask(batch.seg, batch.full)
+    per_query_block = blocks.kv_num_blocks + (blocks.full_kv_num_blocks if blocks.full_kv_num_blocks is not None else 0)
+    first_padding_block = -(-len(rows[1].ids) // 128)
+    assert first_padding_block < per_query_block.shape[-1] - 1
+    assert per_query_block[1, 0, first_padding_block:].tolist() == [1] * (
+        per_query_block.shape[-1] - first_padding_block
+    )
+    assert per_query_block[1, 0, :first_padding_block].min() >= 1
+
+
+def test_what_padding_queries_see_changes_no_loss_or_gradient():
+    """The outputs at padding positions are never scored: with padding queries seeing every key (the rule before)
+    the loss, its metrics and every gradient are those of the rule now (eager SDPA, CPU backward)."""
+    stage = curriculum("reading")[1]
+    batch = make_batch(random.Random(6), stage, 2048, 1500, (1.0, 0.0))
+    padding = batch.seg == -2
+    assert padding.any()
+
+    class SeesAll(MaskedAttention):
+        @classmethod
+        def of_batch(cls, seg, full, capture=(), outputs=()):
+            return cls(attention_mask(seg, full) | padding[:, None, :, None], capture, outputs)
+
+    results = []
+    for attention_class in (MaskedAttention, SeesAll):
+        model = random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64), seed=1)
+        loss, metrics = diffusion_loss(model, batch, 0.1, torch.Generator().manual_seed(0),
+                                       attention_class=attention_class, **LOSSES)  # fmt: skip
+        loss.backward()
+        results.append((loss, metrics, [p.grad for p in model.parameters()]))
+    (loss, metrics, grads), (all_loss, all_metrics, all_grads) = results
+    torch.testing.assert_close(all_loss, loss)
+    for name, value in metrics.items():
+        torch.testing.assert_close(all_metrics[name], value, msg=name)
+    for grad, all_grad in zip(grads, all_grads, strict=True):
+        torch.testing.assert_close(all_grad, grad)
+
+
 @pytest.mark.parametrize("layout,seed", [("chunked", 5), ("prefix", 8), ("full", 7)])
 def test_the_flex_rule_is_the_dense_mask_at_every_query_and_key(layout, seed):
     stage = curriculum("reading")[1]  # several questions per row, padding

@@ -470,7 +470,7 @@ def key_tensors(examples: list[Example]) -> tuple[Tensor, Tensor, Tensor]:
 
 def attention_mask(seg: Tensor, full: Tensor | None = None) -> Tensor:
     """[B, 1, T, T] bool: query q may attend key k. Context sees its own segment (all of it in `full` rows); a
-    question and its answer see the whole context and themselves (not a row's other questions)."""
+    question and its answer see the whole context and themselves (not a row's other questions); no one sees padding."""
     valid = seg != PAD_SEGMENT
     same = seg[:, :, None] == seg[:, None, :]
     asking = (seg == QUERY_SEGMENT) | (seg < PAD_SEGMENT)
@@ -478,7 +478,9 @@ def attention_mask(seg: Tensor, full: Tensor | None = None) -> Tensor:
     if full is not None:
         query = query | full[:, None, None]
     allowed = (same | query) & valid[:, None, :]
-    allowed |= ~valid[:, :, None]  # padding queries attend to anything valid-free: keep rows non-empty
+    # a padding query sees itself alone: its row is not empty, and FlexAttention (training.flex, the same rule)
+    # computes one block for it, not the row's every block; what it reads is never scored
+    allowed |= ~valid[:, :, None] & torch.eye(seg.shape[1], dtype=torch.bool, device=seg.device)
     return allowed[:, None]
 
 

@@ -46,7 +46,7 @@ def allowed(seg: Tensor, full: Tensor):
         sq, sk = seg[b, q], seg[b, k]
         asking = (sq == QUERY_SEGMENT) | (sq < PAD_SEGMENT)  # a question or answer sees the whole context
         sees = (sq == sk) | (asking & (sk >= 0)) | full[b]
-        return (sees & (sk != PAD_SEGMENT)) | (sq == PAD_SEGMENT)  # padding queries: any key, so no row is empty
+        return (sees & (sk != PAD_SEGMENT)) | ((sq == PAD_SEGMENT) & (q == k))  # padding: itself, one block
 
     return rule
 
