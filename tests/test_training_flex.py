@@ -72,8 +72,8 @@ def test_what_padding_queries_see_changes_no_loss_or_gradient():
 
     class SeesAll(MaskedAttention):
         @classmethod
-        def of_batch(cls, seg, full, capture=(), outputs=()):
-            return cls(attention_mask(seg, full) | padding[:, None, :, None], capture, outputs)
+        def of_batch(cls, seg, full, capture=(), outputs=(), tokens=None):
+            return cls(attention_mask(seg, full) | padding[:, None, :, None], capture, outputs, tokens)
 
     results = []
     for attention_class in (MaskedAttention, SeesAll):

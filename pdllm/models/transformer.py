@@ -57,14 +57,21 @@ class Block(nn.Module):
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The attention's q, k, v [B, H, T, D] of the residual stream x, RoPE applied to q and k. Tensors in,
         tensors out, like `finish`: what training compiles (compile_blocks) while attention stays outside."""
-        b, t, _ = x.shape
+        return self.heads(*self.project_tokens(x), cos, sin)
+
+    def project_tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of each token of x [..., hidden], heads side by side [..., H * D]: per token, so training can
+        run it on a batch's tokens without their padding (training.stack)."""
         h = self.attn_norm(x)
         if self.qkv is not None:
             sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
             q, k, v = nn.functional.linear(h, *self.qkv).split(sizes, dim=-1)
-            v = v.clone()  # v is returned (chunk KV): its own storage, not a view pinning the whole q/k/v output
-        else:
-            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+            return q, k, v.clone()  # v is returned (chunk KV): its own storage, not a view pinning q/k/v's output
+        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+
+    def heads(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """project_tokens' q, k, v [B, T, H * D] as [B, H, T, D], RoPE applied to q and k."""
+        b, t, _ = q.shape
         q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -73,7 +80,11 @@ class Block(nn.Module):
     def finish(self, x: Tensor, att: Tensor) -> Tensor:
         """The residual stream after the attention output `att` [B, H, T, D] and the MLP."""
         b, _, t, _ = att.shape
-        x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, -1))
+        return self.finish_tokens(x, att.transpose(1, 2).reshape(b, t, -1))
+
+    def finish_tokens(self, x: Tensor, att: Tensor) -> Tensor:
+        """The residual stream of each token after its attention output `att` [..., H * D] and the MLP."""
+        x = x + self.o_proj(att)
         return x + self.mlp(self.mlp_norm(x))
 
 

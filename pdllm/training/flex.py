@@ -61,14 +61,20 @@ class FlexMaskedAttention(MaskedAttention):
     """MaskedAttention (the same captures and outputs for the auxiliary losses) whose softmax attention skips the
     blocks the layout empties. The dense mask is built only when an auxiliary loss reads it."""
 
-    def __init__(self, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()):
-        self.seg, self.full, self.capture, self.outputs = seg, full, capture, outputs
+    def __init__(
+        self, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = (),
+        tokens: Tensor | None = None,
+    ):  # fmt: skip
+        self.seg, self.full, self.capture, self.outputs, self.tokens = seg, full, capture, outputs, tokens
         self.qk, self.head0 = {}, {}
         self.blocks = block_mask(seg, full)
 
     @classmethod
-    def of_batch(cls, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()):
-        return cls(seg, full, capture, outputs)
+    def of_batch(
+        cls, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = (),
+        tokens: Tensor | None = None,
+    ):  # fmt: skip
+        return cls(seg, full, capture, outputs, tokens)
 
     @functools.cached_property
     def mask(self) -> Tensor:  # type: ignore[override]  # MaskedAttention's attribute, built on first read

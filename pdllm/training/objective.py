@@ -34,17 +34,24 @@ MATCH_TEMPERATURE = 0.1  # cosines enter the match loss scaled by 1/0.1
 class MaskedAttention:
     """An AttentionContext that applies a fixed [B, 1, T, T] boolean mask (chunk structure and padding); keeps the
     rotated queries and keys of the layers in `capture` (the pointer and key losses read them) and head 0's output
-    of the layers in `outputs` (the match loss reads it)."""
+    of the layers in `outputs` (the match loss reads it). `tokens`: the batch's flat positions that are not padding
+    (BatchLayout.tokens, on the device), for a forward that runs its per-token parts on those alone
+    (training.stack); None: all of them."""
 
-    def __init__(self, mask: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()) -> None:
-        self.mask, self.capture, self.outputs = mask, capture, outputs
+    def __init__(
+        self, mask: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = (), tokens: Tensor | None = None
+    ) -> None:
+        self.mask, self.capture, self.outputs, self.tokens = mask, capture, outputs, tokens
         self.qk: dict[int, tuple[Tensor, Tensor]] = {}
         self.head0: dict[int, Tensor] = {}
 
     @classmethod
-    def of_batch(cls, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = ()):
+    def of_batch(
+        cls, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = (),
+        tokens: Tensor | None = None,
+    ):  # fmt: skip
         """The attention of a batch whose layout is `seg` and `full` (data.attention_mask)."""
-        return cls(attention_mask(seg, full), capture, outputs)
+        return cls(attention_mask(seg, full), capture, outputs, tokens)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if layer in self.capture:
@@ -74,6 +81,7 @@ class BatchLayout:
     chunks: int  # chunks of the longest chunked row
     pointed: bool = False  # some answer token copies a known context token: the pointer loss can run
     keyed: bool = False  # some value token has a known key: the key loss can run
+    tokens: Tensor | None = None  # [N] the flat positions (row * T + t) that are not padding; None: no padding
 
 
 def batch_layout(batch: Batch) -> BatchLayout:
@@ -82,7 +90,9 @@ def batch_layout(batch: Batch) -> BatchLayout:
     ranked = bool((batch.needle_seg >= 0).any())
     pointed = bool((batch.pointer >= 0).any())
     keyed = bool((batch.key_hi > batch.key_lo).any())
-    return BatchLayout(first, ranked, int(batch.seg.max()) + 1, pointed, keyed)
+    real = (batch.seg != PAD_SEGMENT).flatten()
+    tokens = None if bool(real.all()) else real.nonzero()[:, 0]
+    return BatchLayout(first, ranked, int(batch.seg.max()) + 1, pointed, keyed, tokens)
 
 
 def key_layer(num_layers: int) -> int:
@@ -323,7 +333,8 @@ def diffusion_loss(
     point_layer = pointer_layer(layers) if pointer_at_layer is None else pointer_at_layer
     capture = ((point_layer,) if pointed else ()) + ((key_layer(layers),) if keyed else ())
     outputs = (key_layer(layers),) if matched else ()
-    attention = attention_class.of_batch(batch.seg, batch.full, capture, outputs)
+    tokens = None if layout.tokens is None else layout.tokens.to(batch.ids.device, non_blocking=True)
+    attention = attention_class.of_batch(batch.seg, batch.full, capture, outputs, tokens)
     out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
     target = batch.ids[:, first:]
     m = masked[:, first:]

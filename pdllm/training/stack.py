@@ -30,22 +30,41 @@ from pdllm.training.objective import MaskedAttention, masked_attention
 LayerOutputs = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 
 
-def _layers(layers, attend, x: Tensor, cos: Tensor, sin: Tensor, mask) -> LayerOutputs:
+def _layers(layers, attend, x: Tensor, cos: Tensor, sin: Tensor, mask, tokens: Tensor | None) -> LayerOutputs:
+    """Every layer over x [B, T, hidden]. With `tokens` (the flat positions row * T + t that are not padding) the
+    per-token parts (norms, projections, MLP) run on those tokens alone, [N, hidden]: padding is 14-32% of a
+    64K-token batch's positions, which the projections and MLP would multiply for nothing. Attention, and every
+    output, keep the padded [B, ., T, .] layout (zeros where padding is)."""
+    b, t, _ = x.shape
+    if tokens is not None:
+        x = x.flatten(0, 1).index_select(0, tokens)
     qs, ks, vs, heads = [], [], [], []
     for layer in layers:
-        q, k, v = Block.project(layer, x, cos, sin)
+        if tokens is None:
+            q, k, v = Block.project(layer, x, cos, sin)
+        else:
+            q, k, v = Block.heads(layer, *(_padded(p, tokens, b, t) for p in Block.project_tokens(layer, x)), cos, sin)
         out = attend(q, k, v, mask)
-        x = Block.finish(layer, x, out)
+        if tokens is None:
+            x = Block.finish(layer, x, out)
+        else:
+            x = Block.finish_tokens(layer, x, out.transpose(1, 2).flatten(0, 1).flatten(1).index_select(0, tokens))
         qs.append(q)
         ks.append(k)
         vs.append(v)
         heads.append(out[:, 0])
-    return x, qs, ks, vs, heads
+    return (x if tokens is None else _padded(x, tokens, b, t)), qs, ks, vs, heads
+
+
+def _padded(rows: Tensor, tokens: Tensor, b: int, t: int) -> Tensor:
+    """[B, T, C]: `rows` [N, C] at the flat positions `tokens`, zeros elsewhere (index_copy: its gradient is a
+    gather, no atomic adds)."""
+    return rows.new_zeros(b * t, rows.shape[-1]).index_copy(0, tokens, rows).view(b, t, -1)
 
 
 def _dense_stack(layers) -> Callable[..., LayerOutputs]:
-    def dense_layers(x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> LayerOutputs:
-        return _layers(layers, masked_attention, x, cos, sin, mask)
+    def dense_layers(x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, tokens: Tensor | None) -> LayerOutputs:
+        return _layers(layers, masked_attention, x, cos, sin, mask, tokens)
 
     return dense_layers
 
@@ -53,8 +72,8 @@ def _dense_stack(layers) -> Callable[..., LayerOutputs]:
 def _flex_stack(layers) -> Callable[..., LayerOutputs]:
     # its own code object, so its compiled graphs (a BlockMask input) and the dense ones (a mask tensor) are kept
     # apart: dynamo caches graphs per code object, and one shared cache recompiled at every switch of input type
-    def flex_layers(x: Tensor, cos: Tensor, sin: Tensor, mask) -> LayerOutputs:
-        return _layers(layers, block_attention, x, cos, sin, mask)
+    def flex_layers(x: Tensor, cos: Tensor, sin: Tensor, mask, tokens: Tensor | None) -> LayerOutputs:
+        return _layers(layers, block_attention, x, cos, sin, mask, tokens)
 
     return flex_layers
 
@@ -64,8 +83,9 @@ class CompiledStack:
     (MaskedAttention, FlexMaskedAttention, PaddedQueryCapture), the model's own loop for any other. Shapes are
     dynamic from the first batch: the curriculum's batches come in hundreds of shapes."""
 
-    def __init__(self, model: DllmModel, backend: str = "inductor") -> None:
+    def __init__(self, model: DllmModel, backend: str = "inductor", pack: bool = True) -> None:
         self.plain = DllmModel.run_layers.__get__(model)
+        self.pack = pack  # per-token parts on the batch's tokens alone (False: on every position, padding too)
         self.dense = torch.compile(_dense_stack(model.layers), backend=backend, dynamic=True)
         self.flex = torch.compile(_flex_stack(model.layers), backend=backend, dynamic=True)
 
@@ -73,11 +93,11 @@ class CompiledStack:
         self, x: Tensor, cos: Tensor, sin: Tensor, context: AttentionContext, return_kv: bool
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]] | None]:
         if isinstance(context, FlexMaskedAttention):
-            x, qs, ks, vs, heads = self.flex(x, cos, sin, context.blocks)
+            x, qs, ks, vs, heads = self.flex(x, cos, sin, context.blocks, context.tokens if self.pack else None)
         elif isinstance(context, MaskedAttention):
-            x, qs, ks, vs, heads = self.dense(x, cos, sin, context.mask)
+            x, qs, ks, vs, heads = self.dense(x, cos, sin, context.mask, context.tokens if self.pack else None)
         elif isinstance(context, PaddedQueryCapture) and context.valid is not None:
-            x, qs, ks, vs, heads = self.dense(x, cos, sin, context.valid[:, None, None, :])
+            x, qs, ks, vs, heads = self.dense(x, cos, sin, context.valid[:, None, None, :], None)
         else:
             return self.plain(x, cos, sin, context, return_kv)
         if isinstance(context, MaskedAttention):
@@ -88,7 +108,8 @@ class CompiledStack:
         return x, list(zip(ks, vs, strict=True)) if return_kv else None
 
 
-def compile_stack(model: DllmModel, backend: str = "inductor") -> None:
-    """Run the training forwards of `model` as one compiled region each (CompiledStack). The model's parameters and
-    state dict are unchanged: checkpoints and exports read the same."""
-    model.run_layers = CompiledStack(model, backend)
+def compile_stack(model: DllmModel, backend: str = "inductor", pack: bool = True) -> None:
+    """Run the training forwards of `model` as one compiled region each (CompiledStack; `pack`: its per-token parts
+    on the batch's tokens alone). The model's parameters and state dict are unchanged: checkpoints and exports read
+    the same."""
+    model.run_layers = CompiledStack(model, backend, pack)
