@@ -5,8 +5,8 @@ AdamW that skips a non-finite update on the device), and on a GPU the device's b
 fresh shapes, as the curriculum makes them, then the same shapes again (warm), so a per-shape host cost shows as
 the difference. A mix other than official steps with the chain's losses (pointer, key, match and ranking, across
 rows where the mix ranks so). `--variants` adds ways to run the same step (FlexAttention over the segments; compiled
-blocks, +compile; all layers as one compiled region, +stack; and the loss's parts, +stack+losses; +padded: the
-stack's per-token parts over every position, padding too, as before they ran on the tokens alone), each checked
+blocks, +compile; all layers as one compiled region, +stack; and the loss's parts, +stack+losses; +packed: the
+stack's per-token parts on the batch's tokens alone, not its padding, train.py --pack-tokens), each checked
 against the eager SDPA step (loss, gradients) and then timed on the batches it ran.
 
     python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
@@ -150,7 +150,7 @@ VARIANTS = (
     "flex+stack",
     "sdpa+stack+losses",
     "flex+stack+losses",
-    "flex+stack+losses+padded",
+    "flex+stack+losses+packed",
 )
 
 
@@ -173,7 +173,7 @@ def set_compiled(model, variant: str) -> None:
     if variant.endswith("+compile"):
         compile_blocks(model)
     elif "+stack" in variant:
-        compile_stack(model, pack="+padded" not in variant)
+        compile_stack(model, pack=variant.endswith("+packed"))
 
 
 def losses_of(variant: str, losses: dict) -> dict:

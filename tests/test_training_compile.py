@@ -32,16 +32,16 @@ def _steps(model, batches, terms=LossTerms()):
     return out
 
 
-@pytest.mark.parametrize("how", ["blocks", "stack", "stack+losses", "stack padded"])
+@pytest.mark.parametrize("how", ["blocks", "stack", "stack+losses", "stack+losses packed"])
 def test_compiled_layers_train_as_the_eager_model_does(how):
-    """`stack padded`: the stack with its per-token parts over every position (bench_training_step's +padded)."""
+    """`packed`: the stack's per-token parts on the batch's tokens alone (train.py --pack-tokens)."""
     stages = curriculum("recall_wordings")
     rng = random.Random(3)
     # chunked recall rows of several shapes (one of a single row), then dense rows of the long stage
     batches = [make_batch(rng, stages[1], 2048, tokens, (1.0, 0.0)) for tokens in (3000, 2500, 900)]
     batches += [make_batch(rng, stages[-1], 2048, 3000, (0.0, 0.0)) for _ in range(2)]
     assert len({b.ids.shape for b in batches}) == len(batches) and min(b.ids.shape[0] for b in batches) == 1
-    # every batch has padding (a row is padded to a multiple of 8): the stack runs its per-token parts on the
+    # every batch has padding (a row is padded to a multiple of 8): a packed stack runs its per-token parts on the
     # batch's tokens alone (the questions' forward for the ranking loss runs them on every position)
     assert all(batch_layout(b).tokens is not None for b in batches)
     model = random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64), seed=1)
@@ -49,11 +49,8 @@ def test_compiled_layers_train_as_the_eager_model_does(how):
     keys = list(model.state_dict())
     torch._dynamo.reset()
     counters.clear()
-    if how == "stack padded":
-        compile_stack(model, "aot_eager", pack=False)
-        terms = LossTerms()
-    else:
-        terms = compile_model(model, how, backend="aot_eager")  # as train.py --compile HOW does
+    how, _, packed = how.partition(" ")
+    terms = compile_model(model, how, backend="aot_eager", pack=bool(packed))  # as train.py --compile HOW does
     if how != "blocks":  # every forward of the loss runs in the compiled region, none in the loop
         model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
     compiled = _steps(model, batches, terms)
@@ -93,3 +90,12 @@ def test_stack_runs_flex_attention_in_its_region():
         torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
         for name, value in metrics.items():
             torch.testing.assert_close(c_metrics[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pack_tokens_is_a_flag_of_the_compiled_stack(capsys):
+    from pdllm.training.train import parse_args
+
+    assert parse_args(["--smoke", "--out", "x", "--compile", "stack+losses", "--pack-tokens"]).pack_tokens
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--smoke", "--out", "x", "--compile", "blocks", "--pack-tokens"])
+    assert refused.value.code == 2 and "--pack-tokens packs the compiled stack" in capsys.readouterr().err

@@ -31,10 +31,11 @@ LayerOutputs = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tens
 
 
 def _layers(layers, attend, x: Tensor, cos: Tensor, sin: Tensor, mask, tokens: Tensor | None) -> LayerOutputs:
-    """Every layer over x [B, T, hidden]. With `tokens` (the flat positions row * T + t that are not padding) the
-    per-token parts (norms, projections, MLP) run on those tokens alone, [N, hidden]: padding is 14-32% of a
-    64K-token batch's positions, which the projections and MLP would multiply for nothing. Attention, and every
-    output, keep the padded [B, ., T, .] layout (zeros where padding is)."""
+    """Every layer over x [B, T, hidden]. With `tokens` (the flat positions row * T + t that are not padding; train.py
+    --pack-tokens) the per-token parts (norms, projections, MLP) run on those tokens alone, [N, hidden]: padding is
+    14-32% of a 64K-token batch's positions, which the projections and MLP would multiply for nothing. Attention,
+    and every output, keep the padded [B, ., T, .] layout (zeros where padding is). Opt-in until a GPU has timed it
+    (bench_training_step.py's +packed variants)."""
     b, t, _ = x.shape
     if tokens is not None:
         x = x.flatten(0, 1).index_select(0, tokens)
@@ -83,7 +84,7 @@ class CompiledStack:
     (MaskedAttention, FlexMaskedAttention, PaddedQueryCapture), the model's own loop for any other. Shapes are
     dynamic from the first batch: the curriculum's batches come in hundreds of shapes."""
 
-    def __init__(self, model: DllmModel, backend: str = "inductor", pack: bool = True) -> None:
+    def __init__(self, model: DllmModel, backend: str = "inductor", pack: bool = False) -> None:
         self.plain = DllmModel.run_layers.__get__(model)
         self.pack = pack  # per-token parts on the batch's tokens alone (False: on every position, padding too)
         self.dense = torch.compile(_dense_stack(model.layers), backend=backend, dynamic=True)
@@ -108,7 +109,7 @@ class CompiledStack:
         return x, list(zip(ks, vs, strict=True)) if return_kv else None
 
 
-def compile_stack(model: DllmModel, backend: str = "inductor", pack: bool = True) -> None:
+def compile_stack(model: DllmModel, backend: str = "inductor", pack: bool = False) -> None:
     """Run the training forwards of `model` as one compiled region each (CompiledStack; `pack`: its per-token parts
     on the batch's tokens alone). The model's parameters and state dict are unchanged: checkpoints and exports read
     the same."""

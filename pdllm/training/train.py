@@ -102,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile all layers with their attention as one region (stack, the default: "
                    "training.stack), or each layer's projections and MLP alone (blocks); stack+losses also the "
                    "loss's tensor-only parts (objective.compile_losses)")  # fmt: skip
+    p.add_argument("--pack-tokens", action="store_true",
+                   help="with --compile stack: the layers' norms, projections and MLP run on the batch's tokens alone, "
+                   "not its padding (training.stack; the same loss and gradients)")  # fmt: skip
     p.add_argument("--require", action="append", default=[], metavar="STAGE",
                    help="stop the run (exit 3, state saved) when STAGE is left on its deadline with its probe below "
                    "target: the later stages do not learn what it did not (the official run's copy stage)")  # fmt: skip
@@ -125,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--attention flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
     if args.init_from and args.resume:
         p.error("--init-from and --resume exclude each other (a resumed run has its own weights)")
+    if args.pack_tokens and args.compile not in ("stack", "stack+losses"):
+        p.error("--pack-tokens packs the compiled stack's tokens: give it with --compile stack or stack+losses")
     stage_names = {s.name for mix in MIXES for s in curriculum(mix)}
     for flag, name in [*(("--require", n) for n in args.require), ("--stop-after", args.stop_after)]:
         if name is not None and name not in stage_names:
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
         args.mix = resumed_mix(args.mix, meta)
         resume_plan(args, meta)
-    terms = compile_model(model, args.compile)
+    terms = compile_model(model, args.compile, pack=args.pack_tokens)
     train_run(model, opt, args, device, terms, step, log, before, stage)
     return 0
 
@@ -283,13 +288,14 @@ def train_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compile_model(model: DllmModel, how: str | None, backend: str = "inductor") -> LossTerms:
-    """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack); returns
-    the loss parts the step runs, compiled for stack+losses (compile_losses), else eager."""
+def compile_model(model: DllmModel, how: str | None, backend: str = "inductor", pack: bool = False) -> LossTerms:
+    """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack; `pack`:
+    its per-token parts on the batch's tokens alone, --pack-tokens); returns the loss parts the step runs, compiled
+    for stack+losses (compile_losses), else eager."""
     if how == "blocks":
         compile_blocks(model, backend)
     elif how in ("stack", "stack+losses"):
-        compile_stack(model, backend)
+        compile_stack(model, backend, pack)
     return compile_losses(backend) if how == "stack+losses" else LossTerms()
 
 
