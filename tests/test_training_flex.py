@@ -119,3 +119,18 @@ def test_training_with_flex_attention_without_a_gpu_is_one_line_error(monkeypatc
         main(["--smoke", "--out", str(tmp_path), "--attention", "flex"])
     assert exit_.value.code == 2 and "--attention flex needs a GPU" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_padding_blocks_counts_fewer_blocks_now_than_when_padding_saw_every_key():
+    """benchmarks/padding_blocks.py: its rule before is the rule now plus every key for a padding query."""
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("padding_blocks")
+    batch = make_batch(random.Random(9), curriculum("reading")[1], 2048, 1500, (1.0, 0.0))
+    b, t = batch.seg.shape
+    grid = torch.meshgrid(torch.arange(b), torch.arange(t), torch.arange(t), indexing="ij")
+    before = bench.padding_sees_all(batch.seg, batch.full)(grid[0], None, grid[1], grid[2])
+    padding = batch.seg == -2
+    assert torch.equal(before, attention_mask(batch.seg, batch.full)[:, 0] | padding[:, :, None])
+    row = bench.count("recall_facts", "recall", 8192, 2048, 2, 1234)
+    assert 0 < row["padding_share"] < 1 and 0 < row["blocks_now"] < row["blocks_before"]
