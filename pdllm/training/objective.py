@@ -35,8 +35,8 @@ class MaskedAttention:
     """An AttentionContext that applies a fixed [B, 1, T, T] boolean mask (chunk structure and padding); keeps the
     rotated queries and keys of the layers in `capture` (the pointer and key losses read them) and head 0's output
     of the layers in `outputs` (the match loss reads it). `tokens`: the batch's flat positions that are not padding
-    (BatchLayout.tokens, on the device), for a forward that runs its per-token parts on those alone
-    (training.stack); None: all of them."""
+    (BatchLayout.tokens, on the CPU), for a forward that runs its per-token parts on those alone (training.stack,
+    which moves them to the device only then); None: all of them."""
 
     def __init__(
         self, mask: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = (), tokens: Tensor | None = None
@@ -333,8 +333,7 @@ def diffusion_loss(
     point_layer = pointer_layer(layers) if pointer_at_layer is None else pointer_at_layer
     capture = ((point_layer,) if pointed else ()) + ((key_layer(layers),) if keyed else ())
     outputs = (key_layer(layers),) if matched else ()
-    tokens = None if layout.tokens is None else layout.tokens.to(batch.ids.device, non_blocking=True)
-    attention = attention_class.of_batch(batch.seg, batch.full, capture, outputs, tokens)
+    attention = attention_class.of_batch(batch.seg, batch.full, capture, outputs, layout.tokens)
     out = model(noisy, batch.pos, attention, return_kv=ranked, logits_from=first)
     target = batch.ids[:, first:]
     m = masked[:, first:]

@@ -33,7 +33,7 @@ LayerOutputs = tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tens
 def _layers(layers, attend, x: Tensor, cos: Tensor, sin: Tensor, mask, tokens: Tensor | None) -> LayerOutputs:
     """Every layer over x [B, T, hidden]. With `tokens` (the flat positions row * T + t that are not padding; train.py
     --pack-tokens) the per-token parts (norms, projections, MLP) run on those tokens alone, [N, hidden]: padding is
-    14-32% of a 64K-token batch's positions, which the projections and MLP would multiply for nothing. Attention,
+    15-31% of a 64K-token batch's positions, which the projections and MLP would multiply for nothing. Attention,
     and every output, keep the padded [B, ., T, .] layout (zeros where padding is). Opt-in until a GPU has timed it
     (bench_training_step.py's +packed variants)."""
     b, t, _ = x.shape
@@ -93,10 +93,13 @@ class CompiledStack:
     def __call__(
         self, x: Tensor, cos: Tensor, sin: Tensor, context: AttentionContext, return_kv: bool
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]] | None]:
+        tokens = getattr(context, "tokens", None) if self.pack else None
+        if tokens is not None:  # read on the CPU copy of the batch (BatchLayout.tokens): the copy waits on nothing
+            tokens = tokens.to(x.device, non_blocking=True)
         if isinstance(context, FlexMaskedAttention):
-            x, qs, ks, vs, heads = self.flex(x, cos, sin, context.blocks, context.tokens if self.pack else None)
+            x, qs, ks, vs, heads = self.flex(x, cos, sin, context.blocks, tokens)
         elif isinstance(context, MaskedAttention):
-            x, qs, ks, vs, heads = self.dense(x, cos, sin, context.mask, context.tokens if self.pack else None)
+            x, qs, ks, vs, heads = self.dense(x, cos, sin, context.mask, tokens)
         elif isinstance(context, PaddedQueryCapture) and context.valid is not None:
             x, qs, ks, vs, heads = self.dense(x, cos, sin, context.valid[:, None, None, :], None)
         else:
