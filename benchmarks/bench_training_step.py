@@ -123,9 +123,10 @@ def step_ms(
     gen = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    pack = getattr(model.run_layers, "pack", False)  # a +packed variant's stack (training.stack.CompiledStack)
     t0 = time.perf_counter()
     for cpu_batch in batches:
-        layout = batch_layout(cpu_batch)
+        layout = batch_layout(cpu_batch, pack)
         batch = cpu_batch.to(device)
         with amp, sdpa_kernel(TRAIN_ATTENTION):
             loss, _ = diffusion_loss(model, batch, 0.1, gen, layout=layout, attention_class=attention_class, **losses)

@@ -25,7 +25,8 @@ def _steps(model, batches, terms=LossTerms()):
     out = []
     for batch in batches:
         model.zero_grad(set_to_none=True)
-        loss, metrics = diffusion_loss(model, batch, 0.1, torch.Generator().manual_seed(0), layout=batch_layout(batch),
+        layout = batch_layout(batch, pack=True)  # the packed positions, which a stack that does not pack ignores
+        loss, metrics = diffusion_loss(model, batch, 0.1, torch.Generator().manual_seed(0), layout=layout,
                                        rank_across_rows=True, terms=terms, **LOSSES)  # fmt: skip
         loss.backward()
         out.append((loss.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -43,7 +44,8 @@ def test_compiled_layers_train_as_the_eager_model_does(how):
     assert len({b.ids.shape for b in batches}) == len(batches) and min(b.ids.shape[0] for b in batches) == 1
     # every batch has padding (a row is padded to a multiple of 8): a packed stack runs its per-token parts on the
     # batch's tokens alone (the questions' forward for the ranking loss runs them on every position)
-    assert all(batch_layout(b).tokens is not None for b in batches)
+    assert all(batch_layout(b, pack=True).tokens is not None for b in batches)
+    assert all(batch_layout(b).tokens is None for b in batches)  # a step that does not pack does not search
     model = random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64), seed=1)
     eager = _steps(model, batches)
     keys = list(model.state_dict())

@@ -345,7 +345,7 @@ def train_run(
     for batch in loader:
         if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
             break
-        layout = batch_layout(batch)  # on the CPU copy: the step then never waits on the GPU
+        layout = batch_layout(batch, args.pack_tokens)  # on the CPU copy: the step then never waits on the GPU
         batch = batch.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
