@@ -31,6 +31,7 @@ from pdllm.cluster.kv.jobs import PrefillJob, PrefillResult
 from pdllm.cluster.kv.transfer_server import TransferFault, serve
 
 from pdllm.devices import gpu_cache_bytes, pick_device
+from pdllm.errors import InvalidRequest
 from pdllm.method import MethodConfig, encode_chunks
 from pdllm.method.chunk_kv import ChunkKV
 from pdllm.models.loader import load_model
@@ -139,7 +140,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
                 out.entries[cid] = self._entry(chunk)
             else:
                 unheld.append(cid)
-        self.store.put_all(held)
+        evicted = self.store.put_all(held)
         owner = f"{self.name}:{uuid.uuid4().hex[:8]}"
         states = self.index.claim_all(unheld, owner, self.limits.claim_ttl_s)
         mine = {cid: todo[cid] for cid in unheld if states[cid] == CLAIMED}
@@ -152,14 +153,26 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
                         self.lm, list(mine.values()), cfg, self.lm.model_id, self.limits.prefill_batch_size,
                         chunk_ids=list(mine),
                     )  # fmt: skip
-                self.store.put_all(fresh)  # one index round trip for all of them
+                evicted += self.store.put_all(fresh)  # one index round trip for all of them
                 out.entries.update((chunk.chunk_id, self._entry(chunk)) for chunk in fresh)
                 self.encoded_total += len(fresh)
                 metrics.record_prefill(sum(len(t) for t in mine.values()), len(fresh))
                 out.encoded = list(mine)
         finally:
             self.index.release_all(list(mine), owner)
+        self._check_fits(todo, evicted)
         return out
+
+    def _check_fits(self, todo: dict[str, list[int]], evicted: list[str]) -> None:
+        """A document whose chunks do not fit this store evicts its own chunks while they are stored: say so now,
+        rather than hand the router entries of KV that is gone (it would prefill and decode again, in vain)."""
+        own = [cid for cid in evicted if cid in todo]
+        if own:
+            raise InvalidRequest(
+                f"the context's {len(todo)} chunks do not fit prefill actor {self.name}'s chunk store "
+                f"({self.store.capacity_bytes} bytes; storing them evicted {len(own)} of them): raise "
+                f"store_capacity_bytes in the cluster config, or send a shorter context"
+            )
 
     def read_chunks(self, cids: list[str]) -> dict[str, ChunkKV]:
         """Same-node reads (through Ray's shared-memory object store, no network); absent ids are left out."""

@@ -13,6 +13,7 @@ from pdllm.cluster.runtime import start_cluster
 from ray.cluster_utils import Cluster
 
 from pdllm.engine import generate
+from pdllm.errors import InvalidRequest
 from pdllm.method import ChunkCache, MethodConfig, chunk_id, encode_chunks, split_chunks
 from pdllm.prompt import encode_request
 from pdllm.sampler import SamplerConfig
@@ -94,6 +95,22 @@ def test_eviction_under_a_small_store_keeps_the_index_consistent_and_answers_rig
     again = router.generate(DOC_A, q_a, METHOD, SAMPLER)
     assert again["stats"]["prefill_chunks"] > 0  # the evicted chunks were prefilled again
     assert again["answer"] == reference(lm, DOC_A, q_a)
+
+
+def test_a_context_larger_than_the_store_is_refused_by_name_and_the_store_still_serves(cluster, lm):
+    """Its chunks would evict each other while stored: one clear error, not rounds of re-prefilling in vain."""
+    router = cluster.router
+    doc = " ".join(f"Delta {i}: the bell tone is {['low', 'high'][i % 2]} number {i}." for i in range(8))
+    n = len(split_chunks(encode_request(lm.tokenizer, doc, "q").context_ids, METHOD.chunk_size))
+    assert n > STORE_CHUNKS
+    refetches = router.status()["faults"]["refetch_retries"]
+    with pytest.raises(InvalidRequest, match=f"context's {n} chunks do not fit .* store_capacity_bytes"):
+        router.generate(doc, "Which tone is the bell of Delta 3?", METHOD, SAMPLER)
+    assert router.status()["faults"]["refetch_retries"] == refetches  # no decode ran on entries of evicted KV
+    status = router.status()
+    assert status["index_size"] == status["store"]["chunks"] <= STORE_CHUNKS
+    question = "What is the vault number of Alpha 0?"
+    assert router.generate(DOC_A, question, METHOD, SAMPLER)["answer"] == reference(lm, DOC_A, question)
 
 
 def test_stale_index_entries_of_a_dead_holder_are_re_prefilled(cluster, lm):
