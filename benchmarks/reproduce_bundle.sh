@@ -28,10 +28,11 @@
 # the official run is tried in rounds of OFFICIAL_AT_ONCE (default 4) seeds at once on the GPU (1234, 1235, ...;
 # OFFICIAL_TRIES in all, default 8), each try with WORKERS / OFFICIAL_AT_ONCE loader workers. A try that leaves a
 # stage of OFFICIAL_REQUIRE (default "copy"; "" none) below its target stops there (train.py --require, exit 3, about
-# 1,100 steps); one that passes it stops after it too (train.py --stop-after OFFICIAL_ROUND_STAGE, default the last
-# required stage; "" trains each try to its end). Then the tries that passed go on alone to the run's end, in seed
-# order (train.py --resume), until one ends with its last held-out probe at OFFICIAL_MIN_PROBE (default 0.2; the
-# bundle's official run ended at 0.39): that one is the official run. Every try's log is kept
+# 1,100 steps). The first to leave OFFICIAL_ROUND_STAGE (default the last required stage) trains on in place to the
+# run's end (train.py --mark-after tells the script; no restart, no second compile) and the round's other tries are
+# stopped; "" trains each try to its end. A try that ends with its last held-out probe at OFFICIAL_MIN_PROBE
+# (default 0.2; the bundle's official run ended at 0.39) is the official run (of a round's tries that all ended, the
+# first in seed order); else the next round. Every try's log is kept
 # (train_official_try{N}_log.txt; the official one's becomes train_official_log.txt). When no try is left, the script
 # stops (exit 2) saying so; a try that fails otherwise stops it at once (exit 1).
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
@@ -84,8 +85,12 @@ if [ -z "$start" ]; then
     round_stage=""  # default: the last required stage
     [ ${#required[@]} = 0 ] || round_stage=${required[${#required[@]} - 1]}
     round_stage=${OFFICIAL_ROUND_STAGE-$round_stage}
-    split=()  # the tries of a round stop once this stage is left (train.py --stop-after), to go on one at a time
-    [ -z "$round_stage" ] || split=(--stop-after "$round_stage")
+    failed_try() {  # TRY STATUS: a try that failed otherwise than by a missed stage stops the script, the round with it
+        kill "${pids[@]}" 2>/dev/null
+        wait
+        echo "reproduce_bundle: the official run failed (exit $2; its log: $out/train_official_try${1}_log.txt)" >&2
+        exit 1
+    }
     share=$((workers / at_once))  # the loader workers of one try in a round
     [ "$share" -ge 1 ] || [ "$workers" = 0 ] || share=1
     official=""
@@ -95,48 +100,62 @@ if [ -z "$start" ]; then
         pids=()
         while [ "$try" -lt "$tries" ] && [ ${#pids[@]} -lt "$at_once" ]; do
             try=$((try + 1))
+            mark=()  # the try writes left$try once its round stage is left, and goes on (train.py --mark-after)
+            [ -z "$round_stage" ] || mark=(--mark-after "$round_stage" "$out/left$try")
+            rm -f "$out/left$try"
             echo "official run, try $try of $tries, seed $((1233 + try))" >"$out/train_official_try${try}_log.txt"
             python3 -m pdllm.training.train "${run_flags[@]}" --workers "$share" --seed $((1233 + try)) \
                 --out "$out/ckpt$try" --steps "$steps" --mix official ${require[@]+"${require[@]}"} \
-                ${split[@]+"${split[@]}"} >>"$out/train_official_try${try}_log.txt" 2>&1 &
+                ${mark[@]+"${mark[@]}"} >>"$out/train_official_try${try}_log.txt" 2>&1 &
             pids+=($!)
         done
         echo "official run: tries $first-$try of $tries at once (seeds $((1233 + first))-$((1233 + try)))," \
-            "each until it ${round_stage:+leaves its $round_stage stage or }ends" \
+            "${round_stage:+the first to leave its $round_stage stage going on alone, or }each to its end" \
             "(logs: $out/train_official_try*_log.txt)"
-        passed=()
+        # watch the round: a try that fails stops the script at once; the first to leave its round stage trains on
+        # in place (train.py --mark-after), the others stopped; else every try ends, its own outcome
+        ahead="" statuses=()
+        while :; do
+            for i in "${!pids[@]}"; do
+                [ -n "$round_stage" ] && [ -e "$out/left$((first + i))" ] && ahead=$((first + i)) && break 2
+            done
+            running=0
+            for i in "${!pids[@]}"; do
+                [ -z "${statuses[$i]:-}" ] || continue
+                if kill -0 "${pids[$i]}" 2>/dev/null; then running=1; continue; fi
+                wait "${pids[$i]}"
+                statuses[i]=$?
+                [ "${statuses[$i]}" = 0 ] || [ "${statuses[$i]}" = 3 ] || failed_try $((first + i)) "${statuses[$i]}"
+            done
+            [ "$running" = 1 ] || break
+            sleep 2
+        done
+        if [ -n "$ahead" ]; then
+            for i in "${!pids[@]}"; do [ $((first + i)) = "$ahead" ] || kill "${pids[$i]}" 2>/dev/null; done
+            echo "official run: try $ahead left its $round_stage stage at step $(cat "$out/left$ahead") and trains" \
+                "on; the round's other tries are stopped"
+            for i in "${!pids[@]}"; do
+                [ $((first + i)) = "$ahead" ] && continue
+                [ -n "${statuses[$i]:-}" ] || wait "${pids[$i]}" 2>/dev/null
+                statuses[i]=stopped
+            done
+            i=$((ahead - first))
+            if [ -z "${statuses[$i]:-}" ]; then  # not ended yet (a try that ended was waited for above)
+                wait "${pids[$i]}"
+                statuses[i]=$?
+                [ "${statuses[$i]}" = 0 ] || [ "${statuses[$i]}" = 3 ] || failed_try "$ahead" "${statuses[$i]}"
+            fi
+        fi
         for i in "${!pids[@]}"; do
             t=$((first + i))
-            wait "${pids[$i]}"
-            status=$?
+            [ "${statuses[$i]}" = stopped ] && continue
             grep -E 'deadline|"advance"|stopped|saved' "$out/train_official_try${t}_log.txt" | cut -c1-160 |
                 sed "s/^/  try $t: /"
-            if [ "$status" = 0 ]; then
-                passed+=("$t")
-            elif [ "$status" != 3 ]; then  # 3: a required stage missed (train.py REQUIRED_STAGE_MISSED)
-                kill "${pids[@]}" 2>/dev/null
-                wait
-                echo "reproduce_bundle: the official run failed (exit $status; its log:" \
-                    "$out/train_official_try${t}_log.txt)" >&2
-                exit 1
-            fi
+            [ "${statuses[$i]}" = 0 ] || continue  # 3: a required stage missed (train.py REQUIRED_STAGE_MISSED)
+            python3 -m pdllm.training.runlog "$out/train_official_try${t}_log.txt" \
+                --min-em "${OFFICIAL_MIN_PROBE:-0.2}" && official=$t && break
         done
-        for t in ${passed[@]+"${passed[@]}"}; do
-            log=$out/train_official_try${t}_log.txt
-            if [ ${#split[@]} -gt 0 ]; then  # the try goes on alone from where its round stopped it
-                echo "official run: try $t goes on alone from its $round_stage stage"
-                train --seed $((1233 + t)) --resume "$out/ckpt$t" --out "$out/ckpt$t" --steps "$steps" \
-                    --mix official ${require[@]+"${require[@]}"} 2>&1 | tee -a "$log" |
-                    grep -E '"em"|saved|deadline|stopped' | tail -20
-                status=${PIPESTATUS[0]}
-                [ "$status" = 3 ] && continue  # a required stage after the round's missed
-                if [ "$status" != 0 ]; then
-                    echo "reproduce_bundle: the official run failed (exit $status; its log: $log)" >&2
-                    exit 1
-                fi
-            fi
-            python3 -m pdllm.training.runlog "$log" --min-em "${OFFICIAL_MIN_PROBE:-0.2}" && official=$t && break
-        done
+        rm -f "$out"/left*
         for t in $(seq "$first" "$try"); do [ "$t" = "$official" ] || rm -rf "$out/ckpt$t"; done
     done
     if [ -z "$official" ]; then

@@ -6,6 +6,7 @@ seeds at once. Smoke-shaped runs on the CPU."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,10 +86,11 @@ def test_a_try_that_leaves_the_copy_stage_below_target_stops_there_and_the_next_
 
 
 def test_an_official_run_that_fails_stops_the_script_without_another_try(tmp_path):
-    done = run_script(tmp_path, "0", "reading:2", TRAIN_FLAGS="--smoke --shape no-such-shape")
+    done = run_script(tmp_path, "0", "reading:2", OFFICIAL_AT_ONCE="1", TRAIN_FLAGS="--smoke --shape no-such-shape")
     assert done.returncode == 1 and "the official run failed (exit 2" in done.stderr
     assert f"its log: {tmp_path}/train_official_try1_log.txt" in done.stderr
     assert "try 1 of 2" in (tmp_path / "train_official_try1_log.txt").read_text()
+    assert not (tmp_path / "train_official_try2_log.txt").exists()
     assert not (tmp_path / "train_official_log.txt").exists() and not (tmp_path / "train_run1_log.txt").exists()
 
 
@@ -104,20 +106,24 @@ def test_an_official_run_over_the_floor_goes_on_to_the_chain(tmp_path):
     assert "saved step 1 " in (tmp_path / "train_run1_log.txt").read_text()
 
 
-def test_tries_at_once_stop_after_their_round_stage_and_the_first_that_passed_goes_on_alone(tmp_path):
+def test_the_first_try_of_a_round_to_leave_its_round_stage_trains_on_in_place_and_the_others_stop(tmp_path):
     # 10 planned steps: each try leaves its copy stage (on its deadline: not required here) at step 4's probe
     done = run_script(
         tmp_path, "0", "reading:2", OFFICIAL_STEPS="10", OFFICIAL_ROUND_STAGE="copy", CHAIN_FLAGS="--max-steps 1"
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "tries 1-2 of 2 at once (seeds 1234-1235), each until it leaves its copy stage or ends" in done.stdout
-    assert "try 1 goes on alone from its copy stage" in done.stdout and "try 2 goes on" not in done.stdout
+    assert "tries 1-2 of 2 at once (seeds 1234-1235), the first to leave its copy stage going on alone" in done.stdout
+    ahead = re.search(r"try (\d) left its copy stage at step 4 and trains on", done.stdout)
+    assert ahead, done.stdout[-2000:]
     official = (tmp_path / "train_official_log.txt").read_text()
-    assert "saved step 4 (stage 1)" in official and "stopped after stage copy" in official
-    assert "saved step 10 (stage" in official and "exported" in official
-    other = (tmp_path / "train_official_try2_log.txt").read_text()
-    assert "seed 1235" in other and "saved step 4 (stage 1)" in other and "saved step 10" not in other
-    assert not list(tmp_path.glob("ckpt*")) and (tmp_path / "model" / "config.json").is_file()
+    assert f"try {ahead[1]} of 2" in official.splitlines()[0]
+    # one process from step 0 to the plan's end: no stop, no resume
+    assert "saved step 10 (stage" in official and "exported" in official and "stopped" not in official
+    assert official.count("model smoke") == 1
+    other = 3 - int(ahead[1])
+    assert f"seed {1233 + other}" in (tmp_path / f"train_official_try{other}_log.txt").read_text()  # its log kept
+    assert not list(tmp_path.glob("ckpt*")) and not list(tmp_path.glob("left*"))
+    assert (tmp_path / "model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("at_once", ["0", "four"])

@@ -276,6 +276,24 @@ def test_a_run_stopped_after_a_stage_is_resumed_from_there_to_its_planned_end(tm
 
 
 @pytest.mark.timeout(120)
+def test_a_run_marks_the_step_it_left_a_stage_at_and_trains_on(tmp_path, capsys):
+    """--mark-after copy FILE: FILE holds the step of the probe that left the copy stage, and the run goes on to the
+    end of its plan (a script watching several tries stops the others)."""
+    from pdllm.training.train import main
+
+    run, mark = tmp_path / "run", tmp_path / "left"
+    smoke = ["--smoke", "--workers", "0", "--steps", "10", "--out", str(run)]  # copy is left at step 4's probe
+    assert main([*smoke, "--mark-after", "copy", str(mark)]) == 0
+    assert mark.read_text() == "4\n" and not list(tmp_path.glob("*.part"))
+    assert json.loads((run / "state.json").read_text())["step"] == 10
+    assert main([*smoke, "--mark-after", "long", str(tmp_path / "never")]) == 0  # the last stage is never left
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit) as refused:
+        main([*smoke, "--mark-after", "cpoy", str(mark)])
+    assert refused.value.code == 2 and "--mark-after cpoy: no such stage" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
 def test_smoke_train_on_the_varied_mix(tmp_path):
     from pdllm.training.train import main
 

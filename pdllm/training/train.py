@@ -10,6 +10,7 @@
     python -m pdllm.training.train ... --steps 3000                       # planned by steps, not minutes
     python -m pdllm.training.train ... --require copy                     # stop (exit 3) if copy ends below target
     python -m pdllm.training.train ... --stop-after copy                  # save and stop once copy is left; --resume
+    python -m pdllm.training.train ... --mark-after copy FILE             # write FILE once copy is left, go on
     python -m pdllm.training.train --export runs/tiny --bundle pdllm/assets/pdllm-tiny-llada
 
 The model is `DllmModel` with a LLaDA spec over the byte tokenizer; `--export` writes it with save_checkpoint (the
@@ -111,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after", metavar="STAGE",
                    help="save and stop (exit 0) once STAGE is left, for --resume to go on: several seeds then "
                    "train at once up to a required stage, and one that passed goes on alone")  # fmt: skip
+    p.add_argument("--mark-after", nargs=2, metavar=("STAGE", "FILE"),
+                   help="write FILE (the step) once STAGE is left and go on: a script training several seeds at "
+                   "once up to a required stage stops the others when one passed it, and that one trains on "
+                   "in place (no restart, no second compile)")  # fmt: skip
     p.add_argument("--probe-every", type=int, default=100, help="steps between held-out exact-match probes")
     p.add_argument("--probe-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=6)
@@ -131,7 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.pack_tokens and args.compile not in ("stack", "stack+losses"):
         p.error("--pack-tokens packs the compiled stack's tokens: give it with --compile stack or stack+losses")
     stage_names = {s.name for mix in MIXES for s in curriculum(mix)}
-    for flag, name in [*(("--require", n) for n in args.require), ("--stop-after", args.stop_after)]:
+    marked = args.mark_after[0] if args.mark_after else None
+    for flag, name in [*(("--require", n) for n in args.require), ("--stop-after", args.stop_after),
+                       ("--mark-after", marked)]:  # fmt: skip
         if name is not None and name not in stage_names:
             p.error(f"{flag} {name}: no such stage (stages: {', '.join(sorted(stage_names))})")
     layers = SHAPES[args.shape]["layers"]
@@ -156,6 +163,13 @@ def lr_at(step: int, seconds: float, args: argparse.Namespace) -> float:
         return args.lr * (step + 1) / args.warmup
     frac = planned_frac(step, seconds, args)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def mark_left(path: Path, step: int) -> None:
+    """Write `path` whole or not at all (a watcher polling for it never reads half a file)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(f"{step}\n")
+    part.replace(path)
 
 
 def advance_reason(stage: Stage, exact_match: float, done_frac: float) -> str | None:
@@ -399,6 +413,8 @@ def train_run(
                     missed = left.name if left.name in args.require else None
                 if reason and not missed:
                     stopped = stages[stage].name == args.stop_after
+                    if args.mark_after and stages[stage].name == args.mark_after[0]:
+                        mark_left(Path(args.mark_after[1]), step)
                     stage += 1
                     stream.stage.value = stage
                     entry["advance"] = stages[stage].name
