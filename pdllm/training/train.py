@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop the run (exit 3, state saved) when STAGE is left on its deadline with its probe below "
                    "target: the later stages do not learn what it did not (the official run's copy stage)")  # fmt: skip
     p.add_argument("--stop-after", metavar="STAGE",
-                   help="save and stop (exit 0) once STAGE is left, for --resume to go on: several seeds then "
-                   "train at once up to a required stage, and one that passed goes on alone")  # fmt: skip
+                   help="save and stop (exit 0) once STAGE is left, for --resume to go on later (in another "
+                   "process: it compiles again)")  # fmt: skip
     p.add_argument("--mark-after", nargs=2, metavar=("STAGE", "FILE"),
                    help="write FILE (the step) once STAGE is left and go on: a script training several seeds at "
                    "once up to a required stage stops the others when one passed it, and that one trains on "
