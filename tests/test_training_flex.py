@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdllm.models.tiny import random_model, tiny_spec
-from pdllm.training.data import attention_mask, build_example, collate, curriculum, make_batch
+from pdllm.training.data import PAD_SEGMENT, attention_mask, build_example, collate, curriculum, make_batch
 from pdllm.training.flex import FlexMaskedAttention, allowed, block_mask
 from pdllm.training.objective import MaskedAttention, diffusion_loss
 
@@ -67,7 +67,7 @@ def test_what_padding_queries_see_changes_no_loss_or_gradient():
     the loss, its metrics and every gradient are those of the rule now (eager SDPA, CPU backward)."""
     stage = curriculum("reading")[1]
     batch = make_batch(random.Random(6), stage, 2048, 1500, (1.0, 0.0))
-    padding = batch.seg == -2
+    padding = batch.seg == PAD_SEGMENT
     assert padding.any()
 
     class SeesAll(MaskedAttention):
@@ -130,7 +130,7 @@ def test_padding_blocks_counts_fewer_blocks_now_than_when_padding_saw_every_key(
     b, t = batch.seg.shape
     grid = torch.meshgrid(torch.arange(b), torch.arange(t), torch.arange(t), indexing="ij")
     before = bench.padding_sees_all(batch.seg, batch.full)(grid[0], None, grid[1], grid[2])
-    padding = batch.seg == -2
+    padding = batch.seg == PAD_SEGMENT
     assert torch.equal(before, attention_mask(batch.seg, batch.full)[:, 0] | padding[:, :, None])
     row = bench.count("recall_facts", "recall", 8192, 2048, 2, 1234)
     assert 0 < row["padding_share"] < 1 and 0 < row["blocks_now"] < row["blocks_before"]
