@@ -132,6 +132,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         return entry_of(chunk, self.store.holder, self.store.node, self.store.address, time.time())
 
     def _prefill(self, todo: dict[str, list[int]], cfg: MethodConfig) -> PrefillResult:
+        self._refuse_oversized(todo)
         out, unheld, held = PrefillResult(), [], []
         for cid in todo:
             chunk = self.store.get(cid)
@@ -163,16 +164,27 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         self._check_fits(todo, evicted)
         return out
 
+    def _refuse_oversized(self, todo: dict[str, list[int]]) -> None:
+        """Before any claim or encode: a context whose KV rows alone (a lower bound: no BOS rows, no summaries)
+        exceed this store can never be held, so encoding it would be work thrown away."""
+        itemsize = next(self.lm.model.parameters()).element_size()
+        need = sum(len(tokens) for tokens in todo.values()) * self.lm.spec.kv_bytes_per_token(itemsize)
+        if need > self.store.capacity_bytes:
+            raise InvalidRequest(self._too_large(len(todo), f"their KV needs at least {need} bytes"))
+
     def _check_fits(self, todo: dict[str, list[int]], evicted: list[str]) -> None:
         """A document whose chunks do not fit this store evicts its own chunks while they are stored: say so now,
         rather than hand the router entries of KV that is gone (it would prefill and decode again, in vain)."""
         own = [cid for cid in evicted if cid in todo]
         if own:
-            raise InvalidRequest(
-                f"the context's {len(todo)} chunks do not fit prefill actor {self.name}'s chunk store "
-                f"({self.store.capacity_bytes} bytes; storing them evicted {len(own)} of them): raise "
-                f"store_capacity_bytes in the cluster config, or send a shorter context"
-            )
+            raise InvalidRequest(self._too_large(len(todo), f"storing them evicted {len(own)} of them"))
+
+    def _too_large(self, chunks: int, why: str) -> str:
+        return (
+            f"the context's {chunks} chunks do not fit prefill actor {self.name}'s chunk store "
+            f"({self.store.capacity_bytes} bytes; {why}): raise store_capacity_bytes in the cluster config, "
+            f"or send a shorter context"
+        )
 
     def read_chunks(self, cids: list[str]) -> dict[str, ChunkKV]:
         """Same-node reads (through Ray's shared-memory object store, no network); absent ids are left out."""

@@ -97,20 +97,46 @@ def test_eviction_under_a_small_store_keeps_the_index_consistent_and_answers_rig
     assert again["answer"] == reference(lm, DOC_A, q_a)
 
 
-def test_a_context_larger_than_the_store_is_refused_by_name_and_the_store_still_serves(cluster, lm):
-    """Its chunks would evict each other while stored: one clear error, not rounds of re-prefilling in vain."""
+def encoded_total(router) -> int:
+    return sum(a["encoded_total"] for a in router.status()["actors"] if a["kind"] == "prefill")
+
+
+def refused_for_size(router, lm, doc: str, question: str, why: str) -> int:
+    """`doc` is refused by a message naming its chunks, the store and `why`; no decode runs on entries of evicted
+    KV, the index still matches the store, and the next request is answered. Returns the chunks it encoded."""
+    n = len(split_chunks(encode_request(lm.tokenizer, doc, "q").context_ids, METHOD.chunk_size))
+    refetches, encoded = router.status()["faults"]["refetch_retries"], encoded_total(router)
+    with pytest.raises(InvalidRequest, match=f"context's {n} chunks do not fit .*{why}.* store_capacity_bytes"):
+        router.generate(doc, question, METHOD, SAMPLER)
+    status = router.status()
+    assert status["faults"]["refetch_retries"] == refetches  # no decode ran on entries of evicted KV
+    assert status["index_size"] == status["store"]["chunks"] <= STORE_CHUNKS
+    encoded = encoded_total(router) - encoded
+    question = "What is the vault number of Alpha 0?"
+    assert router.generate(DOC_A, question, METHOD, SAMPLER)["answer"] == reference(lm, DOC_A, question)
+    return encoded
+
+
+def test_a_context_larger_than_the_store_is_refused_by_name_before_it_is_encoded(cluster, lm):
+    """Its KV rows alone exceed the store: one clear error before any encode, not rounds of re-prefilling."""
     router = cluster.router
     doc = " ".join(f"Delta {i}: the bell tone is {['low', 'high'][i % 2]} number {i}." for i in range(8))
     n = len(split_chunks(encode_request(lm.tokenizer, doc, "q").context_ids, METHOD.chunk_size))
-    assert n > STORE_CHUNKS
-    refetches = router.status()["faults"]["refetch_retries"]
-    with pytest.raises(InvalidRequest, match=f"context's {n} chunks do not fit .* store_capacity_bytes"):
-        router.generate(doc, "Which tone is the bell of Delta 3?", METHOD, SAMPLER)
-    assert router.status()["faults"]["refetch_retries"] == refetches  # no decode ran on entries of evicted KV
-    status = router.status()
-    assert status["index_size"] == status["store"]["chunks"] <= STORE_CHUNKS
-    question = "What is the vault number of Alpha 0?"
-    assert router.generate(DOC_A, question, METHOD, SAMPLER)["answer"] == reference(lm, DOC_A, question)
+    assert n > STORE_CHUNKS + 1
+    assert refused_for_size(router, lm, doc, "Which tone is the bell of Delta 3?", "needs at least") == 0
+
+
+def test_a_context_that_fits_only_without_its_anchors_is_refused_once_stored(cluster, lm):
+    """Its tokens alone fit the store, but with a BOS row and a summary per chunk they do not: the chunks evict each
+    other while stored, and the actor says so rather than hand the router entries of KV that is gone."""
+    rows = STORE_CHUNKS * (METHOD.chunk_size + 1)  # the store, in K/V rows (less its summaries)
+    doc, n_tokens = "Epsilon:", 0
+    while n_tokens <= rows - 4:  # a context a few tokens under the store's rows, in one more chunk than it holds
+        doc += f" {'abcdefghijklmnopqrstuvwxyz'[len(doc) % 26]}"  # no two chunks alike
+        n_tokens = len(encode_request(lm.tokenizer, doc, "q").context_ids)
+    assert rows - 4 < n_tokens <= rows
+    assert len(split_chunks(encode_request(lm.tokenizer, doc, "q").context_ids, METHOD.chunk_size)) == STORE_CHUNKS + 1
+    assert refused_for_size(cluster.router, lm, doc, "What is Epsilon?", "evicted") == STORE_CHUNKS + 1
 
 
 def test_stale_index_entries_of_a_dead_holder_are_re_prefilled(cluster, lm):
