@@ -48,19 +48,23 @@ def questions(n: int, seed: int, vocab: int) -> list[list[int]]:
 
 
 class Document:
-    """One prefilled document: its chunk KV (what a prefill actor's store holds) and, optionally, its prefix."""
+    """One prefilled document: its chunk KV (what a prefill actor's store holds) or, once `to_prefix` ran, its prefix
+    KV. One at a time: with both resident (and the weights), a 78 GiB card at 32K left the sparse engine a pool of
+    one job's chunks (C=8 ran at batch 1, H100) and the prefix engine none that holds the prefix."""
 
-    def __init__(self, lm: LoadedModel, tokens: int, with_prefix: bool) -> None:
-        ids = torch.randint(0, 30000, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    def __init__(self, lm: LoadedModel, tokens: int) -> None:
+        self.ids = torch.randint(0, 30000, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
         t0 = time.perf_counter()
-        self.kvs = encode_chunks(lm, split_chunks(ids, CHUNK), MethodConfig(chunk_size=CHUNK), lm.model_id)
+        self.kvs = encode_chunks(lm, split_chunks(self.ids, CHUNK), MethodConfig(chunk_size=CHUNK), lm.model_id)
         sync()
         self.prefill_s = time.perf_counter() - t0
         self.by_id = {c.chunk_id: c for c in self.kvs}
         self.prefix = None
-        if with_prefix:
-            cache = _OneEntry()
-            self.prefix, _ = prefix_kv(lm, EncodedRequest(ids, []), MethodConfig(), cache)
+
+    def to_prefix(self, lm: LoadedModel) -> None:
+        """For the prefix baseline, which runs last: the chunk KV freed, the whole context's KV encoded."""
+        self.kvs, self.by_id = [], {}
+        self.prefix, _ = prefix_kv(lm, EncodedRequest(self.ids, []), MethodConfig(), _OneEntry())
 
     def fetch(self, need: list[str]) -> dict:
         if self.prefix is not None and need == [self.prefix.chunk_id]:
@@ -169,8 +173,12 @@ def _engine_cfg(batch: int, selected: int, pool_bytes: int) -> EngineConfig:
 
 
 def _free(share: float) -> int:
-    """A share of the GPU's free memory now (after the weights and the document's KV)."""
-    return int(share * torch.cuda.mem_get_info()[0]) if _cuda() else 1 << 28
+    """A share of the GPU's free memory now (after the weights and the document's KV; memory the allocator caches
+    from earlier engines and graphs counts as free)."""
+    if not _cuda():
+        return 1 << 28
+    torch.cuda.empty_cache()
+    return int(share * torch.cuda.mem_get_info()[0])
 
 
 def _cuda() -> bool:
@@ -188,11 +196,10 @@ def bench_model(spec, contexts, levels, prefix_levels, reps, pool_bytes, device,
     rows = []
     synthetic = {c: synthetic_step_ms(lm, c, reps) for c in sorted({1, *levels})}
     for ctx in contexts:
-        doc = Document(lm, ctx, with_prefix="prefix" in paths and bool(prefix_levels) and ctx <= 32768)
+        doc = Document(lm, ctx)
         base = {"model": spec.family, "context": ctx, "prefill_s": round(doc.prefill_s, 3)}
         row = {**base, "path": "one-at-a-time", **one_at_a_time(lm, doc, 4)}
-        share = 0.45 if doc.prefix is not None else 0.8
-        engine = DecodeEngine(lm, _engine_cfg(max(levels), TOP_K * (CHUNK + 1) + QUESTION, pool_bytes or _free(share)))
+        engine = DecodeEngine(lm, _engine_cfg(max(levels), TOP_K * (CHUNK + 1) + QUESTION, pool_bytes or _free(0.8)))
         log(row)
         rows.append(row)
         for path, request in (("sparse", sparse_request), ("sparse-kq", sparse_kq_request)):
@@ -201,21 +208,33 @@ def bench_model(spec, contexts, levels, prefix_levels, reps, pool_bytes, device,
                 row["synthetic_step_ms"] = round(synthetic[c], 3)
                 log(row)
                 rows.append(row)
-        log({**base, "engine": engine.status()})
+        status = engine.status()
+        log({**base, "engine": status})
+        pool_note(status["pool"], max(levels), base)
         engine.close()
         del engine
-        if doc.prefix is not None and "prefix" in paths:
+        if "prefix" in paths and prefix_levels and ctx <= 32768:
+            doc.to_prefix(lm)
             engine = DecodeEngine(lm, _engine_cfg(max(prefix_levels), doc.prefix.length, pool_bytes or _free(0.8)))
             for c in prefix_levels:
                 row = {**base, "path": "prefix", **serve(engine, prefix_request, lm, doc, c, 2 * c, 1000 + c)}
                 log(row)
                 rows.append(row)
             engine.close()
-        del doc, engine
+            del engine
+        del doc
         torch.cuda.empty_cache() if _cuda() else None
     del lm, model
     torch.cuda.empty_cache() if _cuda() else None
     return rows
+
+
+def pool_note(pool: dict, most: int, base: dict) -> None:
+    """Jobs that waited for pool room ran at a smaller batch than their concurrency: say so beside the rows."""
+    if pool.get("jobs_waited_for_room"):
+        print(f"# {base['model']} {base['context'] // 1024}K: {pool['jobs_waited_for_room']} jobs waited for room in "
+              f"the decode pool ({pool['pages']} pages, {pool['bytes'] / 2**30:.1f} GiB), so the rows up to C={most} "
+              "ran at their mean batch, not C: give the pool more memory (--pool-gib)", flush=True)  # fmt: skip
 
 
 def targets(rows: list[dict]) -> list[str]:
