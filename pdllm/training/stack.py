@@ -34,8 +34,8 @@ def _layers(layers, attend, x: Tensor, cos: Tensor, sin: Tensor, mask, tokens: T
     """Every layer over x [B, T, hidden]. With `tokens` (the flat positions row * T + t that are not padding; train.py
     --pack-tokens) the per-token parts (norms, projections, MLP) run on those tokens alone, [N, hidden]: padding is
     15-31% of a 64K-token batch's positions, which the projections and MLP would multiply for nothing. Attention,
-    and every output, keep the padded [B, ., T, .] layout (zeros where padding is). Opt-in until a GPU has timed it
-    (bench_training_step.py's +packed variants)."""
+    and every output, keep the padded [B, ., T, .] layout (zeros where padding is). Opt-in: on an H100 it took 1% off
+    the 64K recall step's GPU time, where attention is half of it (benchmarks/NOTES.md, "The 64K step timed")."""
     b, t, _ = x.shape
     if tokens is not None:
         x = x.flatten(0, 1).index_select(0, tokens)
