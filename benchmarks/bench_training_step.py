@@ -7,11 +7,15 @@ the difference. A mix other than official steps with the chain's losses (pointer
 rows where the mix ranks so). `--variants` adds ways to run the same step (FlexAttention over the segments; compiled
 blocks, +compile; all layers as one compiled region, +stack; and the loss's parts, +stack+losses; +packed: the
 stack's per-token parts on the batch's tokens alone, not its padding, train.py --pack-tokens), each checked
-against the eager SDPA step (loss, gradients) and then timed on the batches it ran.
+against the eager SDPA step (loss, gradients) and then timed on the batches it ran; `--flex-options` runs each
++stack flex variant once per set of FlexAttention kernel options (train.py --flex-options), so block sizes, warps
+and stages for the bundle's 32-wide heads compare on the same batches.
 
     python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
     python benchmarks/bench_training_step.py --mix recall --variants sdpa,flex,sdpa+compile,flex+compile,flex+stack
     python benchmarks/bench_training_step.py --device cpu --tokens 4096 --steps 4 --shape small
+    python benchmarks/bench_training_step.py --mix recall_facts --tokens 65536 --stages recall \
+        --variants flex+stack+losses --flex-options '{};{"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64}'
 
 Prints a table of ms per batch (or step) and the ratio old / new measured in the same run; each row goes to stderr as
 it is measured, so a run cut short still shows what it measured.
@@ -30,6 +34,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from pdllm.training.data import MIXES, PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
+from pdllm.training.flex import kernel_options
 from pdllm.training.objective import MaskedAttention, batch_layout, compile_losses, diffusion_loss
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.stack import compile_stack
@@ -164,9 +169,9 @@ def attention_of(variant: str):
     return MaskedAttention
 
 
-def set_compiled(model, variant: str) -> None:
+def set_compiled(model, variant: str, options: dict | None = None) -> None:
     """Compile the model as the variant's train.py does (+compile: --compile blocks, +stack and +stack+losses:
-    --compile stack), or put the eager methods back."""
+    --compile stack; `options`: --flex-options), or put the eager methods back."""
     for block in model.layers:
         block.__dict__.pop("project", None)
         block.__dict__.pop("finish", None)
@@ -174,7 +179,7 @@ def set_compiled(model, variant: str) -> None:
     if variant.endswith("+compile"):
         compile_blocks(model)
     elif "+stack" in variant:
-        compile_stack(model, pack=variant.endswith("+packed"))
+        compile_stack(model, pack=variant.endswith("+packed"), flex_options=options)
 
 
 def losses_of(variant: str, losses: dict) -> dict:
@@ -187,12 +192,14 @@ def compiled_terms():
     return compile_losses()
 
 
-def variant_check(model, batch: Batch, device: torch.device, losses: dict, variant: str) -> dict:
+def variant_check(
+    model, batch: Batch, device: torch.device, losses: dict, variant: str, options: dict | None = None
+) -> dict:
     """The loss and gradients of one step of `variant` against the eager SDPA step (bf16 autocast on the GPU, the
     same masking draw): the largest gradient difference relative to that tensor's largest SDPA gradient."""
     runs = []
     for name in ("sdpa", variant):
-        set_compiled(model, name)
+        set_compiled(model, name, options)
         model.zero_grad(set_to_none=True)
         gen = torch.Generator(device=device).manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -280,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--host-ops", type=int, default=0, help="print the N host operations with the most CPU time, per "
                    "variant (what a step that the host paces spends its time on)")  # fmt: skip
+    p.add_argument("--flex-options", metavar="JSON;JSON...", help="FlexAttention kernel options (train.py "
+                   "--flex-options), several sets separated by ';' ('{}': the defaults): each +stack flex variant runs "
+                   "once per set")  # fmt: skip
+    p.add_argument("--stages", help="comma list of the mix's stage names to time (default: its second and last)")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -288,6 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     if any(v.startswith("flex") for v in variants) and device.type != "cuda":
         p.error("--variants flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
+    try:
+        option_sets = [kernel_options(t) for t in args.flex_options.split(";")] if args.flex_options else [{}]
+    except ValueError as exc:
+        p.error(f"--flex-options: {exc}")
+    runs = [(v, o) for v in variants if v != "sdpa" for o in (option_sets if "flex+stack" in v else [{}])]
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(runs) * len(picked)))
+    stages = curriculum(args.mix)
+    names = [s.name for s in stages]
+    picked = [1, len(stages) - 1] if not args.stages else [names.index(n) for n in args.stages.split(",") if n in names]
+    if args.stages and len(picked) != len(args.stages.split(",")):
+        p.error(f"--stages {args.stages}: the {args.mix} mix's stages are {', '.join(names)}")
     rows: list[dict] = []
 
     def add(row: dict) -> None:  # progress on stderr as each row is measured; the table on stdout at the end
@@ -296,14 +319,13 @@ def main(argv: list[str] | None = None) -> int:
 
     for row in data_ms(args.mix, args.tokens, args.length, args.data_batches):
         add(row)
-    stages = curriculum(args.mix)
-    for stage in (1, len(stages) - 1):
+    for stage in picked:
         rate = loader_rate(args.mix, args.tokens, args.length, args.workers, args.loader_seconds, stage)
         add({"what": f"loader {args.workers} workers, {stages[stage].name}", "batches_per_s": rate})
     model = build_model(args.shape, device)
     losses = {"rank_weight": 0.2} if args.mix == "official" else CHAIN_LOSSES
     losses = losses | {"rank_across_rows": MIXES[args.mix].rank_across_rows}
-    for stage in (1, len(stages) - 1):
+    for stage in picked:
         # two disjoint sets of fresh shapes (one per variant, so neither sees the other's shapes first), each run
         # cold and then again warm
         sets = []
@@ -324,27 +346,28 @@ def main(argv: list[str] | None = None) -> int:
         name = stages[stage].name
         add({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
         add({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
-        for variant in [v for v in args.variants.split(",") if v and v != "sdpa"]:
-            check = variant_check(model, sets[1][0], device, losses, variant)
-            vlosses = losses_of(variant, losses)
+        for run, options in runs:
+            variant = run + (f" {json.dumps(options, separators=(',', ':'))}" if options else "")  # its rows' label
+            check = variant_check(model, sets[1][0], device, losses, run, options)
+            vlosses = losses_of(run, losses)
             add({"what": f"{variant} check {name}", **check})
-            set_compiled(model, variant)
+            set_compiled(model, run, options)
             t0 = time.perf_counter()
-            step_ms(model, sets[0][:4], device, True, vlosses, attention_of(variant))  # compiles, then dynamic shapes
+            step_ms(model, sets[0][:4], device, True, vlosses, attention_of(run))  # compiles, then dynamic shapes
             add({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
             # the batches the SDPA step ran, new to this variant, then again
-            cold = step_ms(model, sets[1], device, True, vlosses, attention_of(variant))
-            warm = step_ms(model, sets[1], device, True, vlosses, attention_of(variant))
+            cold = step_ms(model, sets[1], device, True, vlosses, attention_of(run))
+            warm = step_ms(model, sets[1], device, True, vlosses, attention_of(run))
             add({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
             add({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
             if device.type == "cuda":
                 if args.kernels:
                     print(f"kernels of the {name} step, {variant} (share of GPU time, ms per step, launches per step):")
-                busy = device_ms(model, sets[1], device, vlosses, args.kernels, attention_of(variant))
+                busy = device_ms(model, sets[1], device, vlosses, args.kernels, attention_of(run))
                 add({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
             if args.host_ops:
                 print(f"host side of the {name} step, {variant}:")
-                host_ops(model, sets[1], device, vlosses, args.host_ops, attention_of(variant))
+                host_ops(model, sets[1], device, vlosses, args.host_ops, attention_of(run))
             set_compiled(model, "sdpa")
         if device.type == "cuda":
             if args.kernels:

@@ -84,14 +84,15 @@ def test_stack_runs_flex_attention_in_its_region():
                     for b in batches]  # fmt: skip
 
     eager = losses()
-    torch._dynamo.reset()
-    compile_stack(model, backend="aot_eager")
-    model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
-    for (loss, metrics), (c_loss, c_metrics) in zip(eager, losses(), strict=True):
-        assert {"point", "key", "match", "rank"} <= set(metrics)
-        torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
-        for name, value in metrics.items():
-            torch.testing.assert_close(c_metrics[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    for options in (None, {"BLOCK_M": 32, "ROWS_GUARANTEED_SAFE": True}):  # train.py --flex-options: the same loss
+        torch._dynamo.reset()
+        compile_stack(model, backend="aot_eager", flex_options=options)
+        model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
+        for (loss, metrics), (c_loss, c_metrics) in zip(eager, losses(), strict=True):
+            assert {"point", "key", "match", "rank"} <= set(metrics)
+            torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+            for name, value in metrics.items():
+                torch.testing.assert_close(c_metrics[name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_pack_tokens_is_a_flag_of_the_compiled_stack(capsys):

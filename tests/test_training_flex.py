@@ -134,3 +134,46 @@ def test_padding_blocks_counts_fewer_blocks_now_than_when_padding_saw_every_key(
     assert torch.equal(before, attention_mask(batch.seg, batch.full)[:, 0] | padding[:, :, None])
     row = bench.count("recall_facts", "recall", 8192, 2048, 2, 1234)
     assert 0 < row["padding_share"] < 1 and 0 < row["blocks_now"] < row["blocks_before"]
+
+
+def test_kernel_options_are_a_json_object_of_the_names_flex_attention_knows():
+    """FlexAttention ignores a misspelt option silently, so train.py --flex-options checks each name."""
+    from pdllm.training.flex import kernel_options
+
+    assert kernel_options('{"bwd_BLOCK_M1": 32, "fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": true}') == {
+        "bwd_BLOCK_M1": 32, "fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": True,
+    }  # fmt: skip
+    assert kernel_options("{}") == {}
+    for text, why in [('{"BLOK_M": 64}', "unknown FlexAttention kernel option 'BLOK_M'"),
+                      ("[64]", "a JSON object"), ("{BLOCK_M: 64}", "not JSON"),
+                      ('{"BLOCK_M": [64]}', "option 'BLOCK_M': a number")]:  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            kernel_options(text)
+
+
+def test_block_attention_hands_its_options_to_flex_attention(monkeypatch):
+    """The options reach FlexAttention's call (on the CPU they change nothing; on a GPU they pick the kernel)."""
+    import pdllm.training.flex as flex
+
+    seen, real = [], flex.flex_attention
+    monkeypatch.setattr(flex, "flex_attention", lambda *a, **kw: seen.append(kw["kernel_options"]) or real(*a, **kw))
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    seg = torch.zeros(1, 64, dtype=torch.long)
+    blocks = block_mask(seg, torch.zeros(1, dtype=torch.bool))
+    plain = flex.block_attention(q, k, v, blocks)
+    tuned = flex.block_attention(q, k, v, blocks, {"BLOCK_M": 32})
+    assert seen == [None, {"BLOCK_M": 32}]
+    torch.testing.assert_close(tuned, plain)
+
+
+def test_flex_options_need_the_compiled_stacks_flex_attention(capsys):
+    from pdllm.training.train import parse_args
+
+    cases = [
+        (["--flex-options", '{"BLOK_M": 64}'], "unknown FlexAttention kernel option"),
+        (["--flex-options", '{"BLOCK_M": 64}', "--compile", "stack"], "give it with --attention flex"),
+    ]
+    for flags, why in cases:
+        with pytest.raises(SystemExit):
+            parse_args(["--smoke", "--out", "x", *flags])
+        assert why in capsys.readouterr().err

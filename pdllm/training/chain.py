@@ -79,7 +79,7 @@ def run_chain(out: Path, start: Path, runs: list[tuple[str, int]], flags: list[s
                     model = build_model(args.shape, device)
                     fresh_process = rng_state(device)  # what a new train.py process holds when its loop starts
                     init_from(model, start)
-                    terms = compile_model(model, args.compile, pack=args.pack_tokens)
+                    terms = compile_model(model, args.compile, pack=args.pack_tokens, flex_options=args.flex_options)
                 else:
                     set_rng_state(fresh_process)
                 args.init_from = start  # for the run's record (state.json), as a separate run would have it

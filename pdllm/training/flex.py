@@ -17,19 +17,45 @@ region). Opt-in (`--attention flex`); benchmarks/reproduce_bundle.sh runs its ch
 from __future__ import annotations
 
 import functools
+import json
+import typing
 
 import torch
 from torch import Tensor
+from torch.nn.attention import flex_attention as _flex_module
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from pdllm.training.data import PAD_SEGMENT, QUERY_SEGMENT, attention_mask
 from pdllm.training.objective import MaskedAttention
 
 
-def block_attention(q: Tensor, k: Tensor, v: Tensor, blocks: BlockMask) -> Tensor:
+def block_attention(q: Tensor, k: Tensor, v: Tensor, blocks: BlockMask, options: dict | None = None) -> Tensor:
     """FlexAttention under a block mask (GQA when k has fewer heads than q); what _kernel compiles, and what
-    training.stack calls inside its own compiled region."""
-    return flex_attention(q, k, v, block_mask=blocks, enable_gqa=k.shape[1] != q.shape[1])
+    training.stack calls inside its own compiled region. `options`: FlexAttention's kernel options (block sizes,
+    warps, stages; train.py --flex-options), None for its defaults."""
+    return flex_attention(q, k, v, block_mask=blocks, enable_gqa=k.shape[1] != q.shape[1], kernel_options=options)
+
+
+def kernel_options(text: str) -> dict:
+    """train.py --flex-options: a JSON object of FlexAttention kernel options, each name checked against PyTorch's
+    list (an optional fwd_ or bwd_ prefix for one pass), since FlexAttention ignores a misspelt one silently. The
+    bundle's heads are 32 wide, for which the default block sizes are not tuned (benchmarks/NOTES.md, "The 64K step
+    timed")."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"a JSON object of option names and values, not {type(options).__name__}")
+    known = getattr(_flex_module, "FlexKernelOptions", None)  # not in every PyTorch: then the names go unchecked
+    names = set(typing.get_type_hints(known)) if known is not None else None
+    for name, value in options.items():
+        base = name.removeprefix("fwd_").removeprefix("bwd_")
+        if names is not None and base not in names:
+            raise ValueError(f"unknown FlexAttention kernel option {name!r}; known: {', '.join(sorted(names))}")
+        if not isinstance(value, (bool, int, str)):
+            raise ValueError(f"option {name!r}: a number, true/false or a string, not {value!r}")
+    return options
 
 
 @functools.cache

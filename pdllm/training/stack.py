@@ -70,11 +70,14 @@ def _dense_stack(layers) -> Callable[..., LayerOutputs]:
     return dense_layers
 
 
-def _flex_stack(layers) -> Callable[..., LayerOutputs]:
+def _flex_stack(layers, options: dict | None) -> Callable[..., LayerOutputs]:
     # its own code object, so its compiled graphs (a BlockMask input) and the dense ones (a mask tensor) are kept
     # apart: dynamo caches graphs per code object, and one shared cache recompiled at every switch of input type
+    def attend(q: Tensor, k: Tensor, v: Tensor, blocks) -> Tensor:
+        return block_attention(q, k, v, blocks, options)
+
     def flex_layers(x: Tensor, cos: Tensor, sin: Tensor, mask, tokens: Tensor | None) -> LayerOutputs:
-        return _layers(layers, block_attention, x, cos, sin, mask, tokens)
+        return _layers(layers, attend, x, cos, sin, mask, tokens)
 
     return flex_layers
 
@@ -84,11 +87,13 @@ class CompiledStack:
     (MaskedAttention, FlexMaskedAttention, PaddedQueryCapture), the model's own loop for any other. Shapes are
     dynamic from the first batch: the curriculum's batches come in hundreds of shapes."""
 
-    def __init__(self, model: DllmModel, backend: str = "inductor", pack: bool = False) -> None:
+    def __init__(
+        self, model: DllmModel, backend: str = "inductor", pack: bool = False, flex_options: dict | None = None
+    ) -> None:
         self.plain = DllmModel.run_layers.__get__(model)
         self.pack = pack  # per-token parts on the batch's tokens alone (False: on every position, padding too)
         self.dense = torch.compile(_dense_stack(model.layers), backend=backend, dynamic=True)
-        self.flex = torch.compile(_flex_stack(model.layers), backend=backend, dynamic=True)
+        self.flex = torch.compile(_flex_stack(model.layers, flex_options), backend=backend, dynamic=True)
 
     def __call__(
         self, x: Tensor, cos: Tensor, sin: Tensor, context: AttentionContext, return_kv: bool
@@ -112,8 +117,10 @@ class CompiledStack:
         return x, list(zip(ks, vs, strict=True)) if return_kv else None
 
 
-def compile_stack(model: DllmModel, backend: str = "inductor", pack: bool = False) -> None:
+def compile_stack(
+    model: DllmModel, backend: str = "inductor", pack: bool = False, flex_options: dict | None = None
+) -> None:
     """Run the training forwards of `model` as one compiled region each (CompiledStack; `pack`: its per-token parts
-    on the batch's tokens alone). The model's parameters and state dict are unchanged: checkpoints and exports read
-    the same."""
-    model.run_layers = CompiledStack(model, backend, pack)
+    on the batch's tokens alone; `flex_options`: FlexAttention's kernel options). The model's parameters and state
+    dict are unchanged: checkpoints and exports read the same."""
+    model.run_layers = CompiledStack(model, backend, pack, flex_options)

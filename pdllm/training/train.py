@@ -40,6 +40,7 @@ from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import LONG_VALUE_SPAN, MIXES, ExampleStream, Stage, curriculum
+from pdllm.training.flex import kernel_options
 from pdllm.training.objective import (
     LossTerms,
     MaskedAttention,
@@ -106,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pack-tokens", action="store_true",
                    help="with --compile stack: the layers' norms, projections and MLP run on the batch's tokens alone, "
                    "not its padding (training.stack; the same loss and gradients)")  # fmt: skip
+    p.add_argument("--flex-options", metavar="JSON",
+                   help="with --attention flex and --compile stack: FlexAttention's kernel options as a JSON object, "
+                   'e.g. \'{"bwd_BLOCK_M1": 32, "num_warps": 4}\' (training.flex.kernel_options; how a step runs, '
+                   "not what it computes)")  # fmt: skip
     p.add_argument("--require", action="append", default=[], metavar="STAGE",
                    help="stop the run (exit 3, state saved) when STAGE is left on its deadline with its probe below "
                    "target: the later stages do not learn what it did not (the official run's copy stage)")  # fmt: skip
@@ -135,6 +140,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--init-from and --resume exclude each other (a resumed run has its own weights)")
     if args.pack_tokens and args.compile not in ("stack", "stack+losses"):
         p.error("--pack-tokens packs the compiled stack's tokens: give it with --compile stack or stack+losses")
+    if args.flex_options is not None:
+        try:
+            args.flex_options = kernel_options(args.flex_options)
+        except ValueError as exc:
+            p.error(f"--flex-options: {exc}")
+        if args.attention != "flex" or args.compile not in ("stack", "stack+losses"):
+            p.error("--flex-options tunes the compiled stack's FlexAttention: give it with --attention flex and "
+                    "--compile stack or stack+losses")  # fmt: skip
     stage_names = {s.name for mix in MIXES for s in curriculum(mix)}
     marked = args.mark_after[0] if args.mark_after else None
     for flag, name in [*(("--require", n) for n in args.require), ("--stop-after", args.stop_after),
@@ -293,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
         args.mix = resumed_mix(args.mix, meta)
         resume_plan(args, meta)
-    terms = compile_model(model, args.compile, pack=args.pack_tokens)
+    terms = compile_model(model, args.compile, pack=args.pack_tokens, flex_options=args.flex_options)
     train_run(model, opt, args, device, terms, step, log, before, stage)
     return 0
 
@@ -302,14 +315,16 @@ def train_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compile_model(model: DllmModel, how: str | None, backend: str = "inductor", pack: bool = False) -> LossTerms:
+def compile_model(
+    model: DllmModel, how: str | None, backend: str = "inductor", pack: bool = False, flex_options: dict | None = None
+) -> LossTerms:
     """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack; `pack`:
-    its per-token parts on the batch's tokens alone, --pack-tokens); returns the loss parts the step runs, compiled
-    for stack+losses (compile_losses), else eager."""
+    its per-token parts on the batch's tokens alone, --pack-tokens; `flex_options`: FlexAttention's kernel options,
+    --flex-options); returns the loss parts the step runs, compiled for stack+losses (compile_losses), else eager."""
     if how == "blocks":
         compile_blocks(model, backend)
     elif how in ("stack", "stack+losses"):
-        compile_stack(model, backend, pack)
+        compile_stack(model, backend, pack, flex_options)
     return compile_losses(backend) if how == "stack+losses" else LossTerms()
 
 
