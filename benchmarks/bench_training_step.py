@@ -268,6 +268,27 @@ def row_line(r: dict) -> str:
     return f"{r['what']:<48} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}"
 
 
+def plan(variants: list[str], flex_options: str | None, mix: str, stage_names: str | None):
+    """What a run times: (variant, kernel options) pairs (each +stack flex variant once per option set of
+    --flex-options, 'A;B'), the mix's stages, and the indices of those picked (--stages; default its second and last).
+    Raises ValueError naming a bad option set or stage."""
+    try:
+        option_sets = [kernel_options(t) for t in flex_options.split(";")] if flex_options else [{}]
+    except ValueError as exc:
+        raise ValueError(f"--flex-options: {exc}") from None
+    runs = [(v, o) for v in variants if v != "sdpa" for o in (option_sets if "flex+stack" in v else [{}])]
+    stages = curriculum(mix)
+    names = [s.name for s in stages]
+    wanted = stage_names.split(",") if stage_names else [names[1], names[-1]]
+    if unknown := [n for n in wanted if n not in names]:
+        raise ValueError(f"--stages: {', '.join(unknown)} not in the {mix} mix's stages ({', '.join(names)})")
+    picked = [names.index(n) for n in wanted]
+    # each option set and stage compiles the stack anew (one code object): room for them all before dynamo gives up
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(runs) * len(picked)))
+    return runs, stages, picked
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -300,17 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(v.startswith("flex") for v in variants) and device.type != "cuda":
         p.error("--variants flex needs a GPU: PyTorch's FlexAttention has no backward on the CPU")
     try:
-        option_sets = [kernel_options(t) for t in args.flex_options.split(";")] if args.flex_options else [{}]
+        runs, stages, picked = plan(args.variants.split(","), args.flex_options, args.mix, args.stages)
     except ValueError as exc:
-        p.error(f"--flex-options: {exc}")
-    runs = [(v, o) for v in variants if v != "sdpa" for o in (option_sets if "flex+stack" in v else [{}])]
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(runs) * len(picked)))
-    stages = curriculum(args.mix)
-    names = [s.name for s in stages]
-    picked = [1, len(stages) - 1] if not args.stages else [names.index(n) for n in args.stages.split(",") if n in names]
-    if args.stages and len(picked) != len(args.stages.split(",")):
-        p.error(f"--stages {args.stages}: the {args.mix} mix's stages are {', '.join(names)}")
+        p.error(str(exc))
     rows: list[dict] = []
 
     def add(row: dict) -> None:  # progress on stderr as each row is measured; the table on stdout at the end

@@ -177,3 +177,21 @@ def test_flex_options_need_the_compiled_stacks_flex_attention(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--smoke", "--out", "x", *flags])
         assert why in capsys.readouterr().err
+
+
+def test_the_step_bench_times_each_flex_stack_variant_once_per_option_set():
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_training_step")
+    sets = '{};{"bwd_BLOCK_M1": 32}'
+    runs, stages, picked = bench.plan(["sdpa", "flex+stack+losses", "sdpa+stack"], sets, "recall_facts", "recall")
+    assert runs == [("flex+stack+losses", {}), ("flex+stack+losses", {"bwd_BLOCK_M1": 32}), ("sdpa+stack", {})]
+    assert [stages[i].name for i in picked] == ["recall"]
+    _, stages, picked = bench.plan(["flex+stack"], None, "recall_facts", None)  # default: the second and last stage
+    assert picked == [1, len(stages) - 1]
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    assert getattr(torch._dynamo.config, limit) >= 8 * 3  # room for every compile of the first plan
+    for stages_arg, options, why in [("recal", None, "--stages: recal not in"),
+                                     ("recall", '{"BLOK": 1}', "--flex-options: unknown")]:  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            bench.plan(["flex+stack"], options, "recall_facts", stages_arg)
