@@ -268,6 +268,10 @@ def row_line(r: dict) -> str:
     return f"{r['what']:<48} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}"
 
 
+# dynamo's cap on the graphs one code object compiles (renamed in newer PyTorch)
+RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def plan(variants: list[str], flex_options: str | None, mix: str, stage_names: str | None):
     """What a run times: (variant, kernel options) pairs (each +stack flex variant once per option set of
     --flex-options, 'A;B'), the mix's stages, and the indices of those picked (--stages; default its second and last).
@@ -284,8 +288,8 @@ def plan(variants: list[str], flex_options: str | None, mix: str, stage_names: s
         raise ValueError(f"--stages: {', '.join(unknown)} not in the {mix} mix's stages ({', '.join(names)})")
     picked = [names.index(n) for n in wanted]
     # each option set and stage compiles the stack anew (one code object): room for them all before dynamo gives up
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(runs) * len(picked)))
+    room = max(getattr(torch._dynamo.config, RECOMPILE_LIMIT), 8 * len(runs) * len(picked))
+    setattr(torch._dynamo.config, RECOMPILE_LIMIT, room)
     return runs, stages, picked
 
 

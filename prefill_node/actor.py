@@ -66,6 +66,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
         self.name, self.limits = name, limits
         self.device = pick_device(gpus)
         self.lm = load_model(model_dir, self.device)
+        self.kv_row_bytes = self.lm.spec.kv_bytes_per_token(self.lm.model.dtype.itemsize)  # one token's K/V, all layers
         self.index = ChunkIndex.from_url(redis_url, limits.index_prefix, limits.redis_timeout_s)
         # a restarted incarnation: the entries and claims of the one that died point at a store that is gone
         stale, claims = self.index.remove_holder(name), self.index.release_claims_of(name)
@@ -167,8 +168,7 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
     def _refuse_oversized(self, todo: dict[str, list[int]]) -> None:
         """Before any claim or encode: a context whose KV rows alone (a lower bound: no BOS rows, no summaries)
         exceed this store can never be held, so encoding it would be work thrown away."""
-        itemsize = next(self.lm.model.parameters()).element_size()
-        need = sum(len(tokens) for tokens in todo.values()) * self.lm.spec.kv_bytes_per_token(itemsize)
+        need = sum(len(tokens) for tokens in todo.values()) * self.kv_row_bytes
         if need > self.store.capacity_bytes:
             raise InvalidRequest(self._too_large(len(todo), f"their KV needs at least {need} bytes"))
 

@@ -189,8 +189,7 @@ def test_the_step_bench_times_each_flex_stack_variant_once_per_option_set():
     assert [stages[i].name for i in picked] == ["recall"]
     _, stages, picked = bench.plan(["flex+stack"], None, "recall_facts", None)  # default: the second and last stage
     assert picked == [1, len(stages) - 1]
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    assert getattr(torch._dynamo.config, limit) >= 8 * 3  # room for every compile of the first plan
+    assert getattr(torch._dynamo.config, bench.RECOMPILE_LIMIT) >= 8 * 3  # room for every compile of the first plan
     for stages_arg, options, why in [("recal", None, "--stages: recal not in"),
                                      ("recall", '{"BLOK": 1}', "--flex-options: unknown")]:  # fmt: skip
         with pytest.raises(ValueError, match=why):
