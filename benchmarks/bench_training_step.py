@@ -8,14 +8,15 @@ rows where the mix ranks so). `--variants` adds ways to run the same step (FlexA
 blocks, +compile; all layers as one compiled region, +stack; and the loss's parts, +stack+losses; +packed: the
 stack's per-token parts on the batch's tokens alone, not its padding, train.py --pack-tokens), each checked
 against the eager SDPA step (loss, gradients) and then timed on the batches it ran; `--flex-options` runs each
-+stack flex variant once per set of FlexAttention kernel options (train.py --flex-options), so block sizes, warps
-and stages for the bundle's 32-wide heads compare on the same batches.
++stack flex variant once per set of FlexAttention kernel options (train.py --flex-options), so block sizes, warps,
+stages and the block mask's tile (MASK_BLOCK_SIZE) for the bundle's 32-wide heads compare on the same batches; a
+set the kernel cannot take is reported as failed and the run goes on.
 
     python benchmarks/bench_training_step.py --device cuda --json out.json      # one GPU
     python benchmarks/bench_training_step.py --mix recall --variants sdpa,flex,sdpa+compile,flex+compile,flex+stack
     python benchmarks/bench_training_step.py --device cpu --tokens 4096 --steps 4 --shape small
     python benchmarks/bench_training_step.py --mix recall_facts --tokens 65536 --stages recall \
-        --variants flex+stack+losses --flex-options '{};{"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64}'
+        --variants flex+stack+losses --flex-options '{};{"MASK_BLOCK_SIZE": 64, "BLOCK_M": 64, "BLOCK_N": 64}'
 
 Prints a table of ms per batch (or step) and the ratio old / new measured in the same run; each row goes to stderr as
 it is measured, so a run cut short still shows what it measured.
@@ -34,7 +35,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from pdllm.training.data import MIXES, PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
-from pdllm.training.flex import kernel_options
+from pdllm.training.flex import FlexTuning, flex_tuning
 from pdllm.training.objective import MaskedAttention, batch_layout, compile_losses, diffusion_loss
 from pdllm.training.optim import make_optimizer, step_if_finite
 from pdllm.training.stack import compile_stack
@@ -160,16 +161,16 @@ VARIANTS = (
 )
 
 
-def attention_of(variant: str):
-    """The attention class a variant's step runs (training.flex for flex)."""
+def attention_of(variant: str, options: FlexTuning | None = None):
+    """The attention class a variant's step runs (training.flex for flex, its block mask in `options`' tiles)."""
     if variant.startswith("flex"):
         from pdllm.training.flex import FlexMaskedAttention
 
-        return FlexMaskedAttention
+        return FlexMaskedAttention.with_mask_block((options or FlexTuning()).mask_block)
     return MaskedAttention
 
 
-def set_compiled(model, variant: str, options: dict | None = None) -> None:
+def set_compiled(model, variant: str, options: FlexTuning | None = None) -> None:
     """Compile the model as the variant's train.py does (+compile: --compile blocks, +stack and +stack+losses:
     --compile stack; `options`: --flex-options), or put the eager methods back."""
     for block in model.layers:
@@ -179,7 +180,7 @@ def set_compiled(model, variant: str, options: dict | None = None) -> None:
     if variant.endswith("+compile"):
         compile_blocks(model)
     elif "+stack" in variant:
-        compile_stack(model, pack=variant.endswith("+packed"), flex_options=options)
+        compile_stack(model, pack=variant.endswith("+packed"), flex_options=options.kernel if options else None)
 
 
 def losses_of(variant: str, losses: dict) -> dict:
@@ -193,7 +194,7 @@ def compiled_terms():
 
 
 def variant_check(
-    model, batch: Batch, device: torch.device, losses: dict, variant: str, options: dict | None = None
+    model, batch: Batch, device: torch.device, losses: dict, variant: str, options: FlexTuning | None = None
 ) -> dict:
     """The loss and gradients of one step of `variant` against the eager SDPA step (bf16 autocast on the GPU, the
     same masking draw): the largest gradient difference relative to that tensor's largest SDPA gradient."""
@@ -204,7 +205,7 @@ def variant_check(
         gen = torch.Generator(device=device).manual_seed(0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             with sdpa_kernel(TRAIN_ATTENTION):
-                attention = attention_of(name)
+                attention = attention_of(name, options)
                 kwargs = losses_of(name, losses)
                 loss, _ = diffusion_loss(model, batch.to(device), 0.1, gen, attention_class=attention, **kwargs)
                 loss.backward()
@@ -263,6 +264,8 @@ def row_line(r: dict) -> str:
                 f"max gradient difference {r['max_rel_grad_diff']:.2e} of the largest")  # fmt: skip
     if "seconds" in r:
         return f"{r['what']:<48} {r['seconds']:>9.1f} s"
+    if "error" in r:
+        return f"{r['what']:<48} {r['error']}"
     if "device_ms" in r:
         return f"{r['what']:<48} {r['device_ms']:>9.1f} of {r['wall_ms']:.1f} ms wall"
     return f"{r['what']:<48} {r['old_ms']:>9.1f} {r['new_ms']:>9.1f} {r['old_ms'] / r['new_ms']:>8.2f}"
@@ -277,10 +280,10 @@ def plan(variants: list[str], flex_options: str | None, mix: str, stage_names: s
     --flex-options, 'A;B'), the mix's stages, and the indices of those picked (--stages; default its second and last).
     Raises ValueError naming a bad option set or stage."""
     try:
-        option_sets = [kernel_options(t) for t in flex_options.split(";")] if flex_options else [{}]
+        option_sets = [flex_tuning(t) for t in flex_options.split(";")] if flex_options else [FlexTuning()]
     except ValueError as exc:
         raise ValueError(f"--flex-options: {exc}") from None
-    runs = [(v, o) for v in variants if v != "sdpa" for o in (option_sets if "flex+stack" in v else [{}])]
+    runs = [(v, o) for v in variants if v != "sdpa" for o in (option_sets if "flex+stack" in v else [FlexTuning()])]
     stages = curriculum(mix)
     names = [s.name for s in stages]
     wanted = stage_names.split(",") if stage_names else [names[1], names[-1]]
@@ -364,27 +367,34 @@ def main(argv: list[str] | None = None) -> int:
         add({"what": f"step {name}, fresh shapes", "old_ms": old_cold, "new_ms": new_cold})
         add({"what": f"step {name}, shapes seen", "old_ms": old_warm, "new_ms": new_warm})
         for run, options in runs:
-            variant = run + (f" {json.dumps(options, separators=(',', ':'))}" if options else "")  # its rows' label
-            check = variant_check(model, sets[1][0], device, losses, run, options)
-            vlosses = losses_of(run, losses)
-            add({"what": f"{variant} check {name}", **check})
-            set_compiled(model, run, options)
-            t0 = time.perf_counter()
-            step_ms(model, sets[0][:4], device, True, vlosses, attention_of(run))  # compiles, then dynamic shapes
-            add({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
-            # the batches the SDPA step ran, new to this variant, then again
-            cold = step_ms(model, sets[1], device, True, vlosses, attention_of(run))
-            warm = step_ms(model, sets[1], device, True, vlosses, attention_of(run))
-            add({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
-            add({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
-            if device.type == "cuda":
-                if args.kernels:
-                    print(f"kernels of the {name} step, {variant} (share of GPU time, ms per step, launches per step):")
-                busy = device_ms(model, sets[1], device, vlosses, args.kernels, attention_of(run))
-                add({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
-            if args.host_ops:
-                print(f"host side of the {name} step, {variant}:")
-                host_ops(model, sets[1], device, vlosses, args.host_ops, attention_of(run))
+            variant = run + (f" {options.as_json()}" if options != FlexTuning() else "")  # its rows' label
+            try:
+                check = variant_check(model, sets[1][0], device, losses, run, options)
+                vlosses = losses_of(run, losses)
+                add({"what": f"{variant} check {name}", **check})
+                set_compiled(model, run, options)
+                t0 = time.perf_counter()
+                step_ms(
+                    model, sets[0][:4], device, True, vlosses, attention_of(run, options)
+                )  # compiles, then dynamic shapes
+                add({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
+                # the batches the SDPA step ran, new to this variant, then again
+                cold = step_ms(model, sets[1], device, True, vlosses, attention_of(run, options))
+                warm = step_ms(model, sets[1], device, True, vlosses, attention_of(run, options))
+                add({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
+                add({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
+                if device.type == "cuda":
+                    if args.kernels:
+                        print(f"kernels of the {name} step, {variant} (share of GPU time, ms a step, launches a step):")
+                    busy = device_ms(model, sets[1], device, vlosses, args.kernels, attention_of(run, options))
+                    add({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
+                if args.host_ops:
+                    print(f"host side of the {name} step, {variant}:")
+                    host_ops(model, sets[1], device, vlosses, args.host_ops, attention_of(run, options))
+            except (
+                Exception
+            ) as exc:  # an option set the kernel cannot take (shared memory, block shapes): say so, go on
+                add({"what": f"{variant} failed {name}", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             set_compiled(model, "sdpa")
         if device.type == "cuda":
             if args.kernels:

@@ -161,3 +161,4 @@ def test_the_scripts_default_train_flags_are_flags_train_py_takes(monkeypatch):
     )  # fmt: skip
     args = parse_args(["--out", "unused", *read.stdout.split()])
     assert (args.attention, args.compile) == ("flex", "stack+losses")
+    assert args.flex_options.mask_block == 64 and args.flex_options.kernel["bwd_BLOCK_M1"] == 16

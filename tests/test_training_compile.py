@@ -15,7 +15,6 @@ from torch._dynamo.utils import counters
 from pdllm.models.tiny import random_model, tiny_spec
 from pdllm.training.data import curriculum, make_batch
 from pdllm.training.objective import LossTerms, batch_layout, diffusion_loss
-from pdllm.training.stack import compile_stack
 from pdllm.training.train import compile_model
 
 LOSSES = {"rank_weight": 0.2, "pointer_weight": 0.5, "key_weight": 0.5, "match_weight": 0.5}
@@ -70,25 +69,27 @@ def test_compiled_layers_train_as_the_eager_model_does(how):
 def test_stack_runs_flex_attention_in_its_region():
     """The stack's FlexAttention path (train.py --attention flex --compile stack) gives the eager loss; forward only:
     PyTorch's FlexAttention has no backward on the CPU (the GPU's is checked by bench_training_step --variants)."""
-    from pdllm.training.flex import FlexMaskedAttention
+    from pdllm.training.flex import FlexMaskedAttention, FlexTuning
 
     stages = curriculum("recall_wordings")
     rng = random.Random(4)
     batches = [make_batch(rng, stages[1], 2048, tokens, (1.0, 0.0)) for tokens in (3000, 2500)]
     model = random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64), seed=1)
 
-    def losses():
+    def losses(attention=FlexMaskedAttention):
         with torch.no_grad():
             return [diffusion_loss(model, b, 0.1, torch.Generator().manual_seed(0), layout=batch_layout(b),
-                                   attention_class=FlexMaskedAttention, rank_across_rows=True, **LOSSES)
+                                   attention_class=attention, rank_across_rows=True, **LOSSES)
                     for b in batches]  # fmt: skip
 
     eager = losses()
-    for options in (None, {"BLOCK_M": 32, "ROWS_GUARANTEED_SAFE": True}):  # train.py --flex-options: the same loss
+    # train.py --flex-options: the same loss with kernel options, and with the block mask in tiles of 64
+    for tuning in (None, FlexTuning(128, {"BLOCK_M": 32, "bwd_BLOCK_M1": 16}), FlexTuning(64, {"BLOCK_M": 64})):
         torch._dynamo.reset()
-        compile_stack(model, backend="aot_eager", flex_options=options)
+        compile_model(model, "stack", backend="aot_eager", flex_options=tuning)
         model.run_layers.plain = lambda *args: pytest.fail("a training forward ran the plain loop")
-        for (loss, metrics), (c_loss, c_metrics) in zip(eager, losses(), strict=True):
+        tiled = FlexMaskedAttention.with_mask_block((tuning or FlexTuning()).mask_block)
+        for (loss, metrics), (c_loss, c_metrics) in zip(eager, losses(tiled), strict=True):
             assert {"point", "key", "match", "rank"} <= set(metrics)
             torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
             for name, value in metrics.items():

@@ -4,6 +4,7 @@ benchmarks/bench_training_step.py --attention flex)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -136,19 +137,53 @@ def test_padding_blocks_counts_fewer_blocks_now_than_when_padding_saw_every_key(
     assert 0 < row["padding_share"] < 1 and 0 < row["blocks_now"] < row["blocks_before"]
 
 
-def test_kernel_options_are_a_json_object_of_the_names_flex_attention_knows():
-    """FlexAttention ignores a misspelt option silently, so train.py --flex-options checks each name."""
-    from pdllm.training.flex import kernel_options
+def test_flex_options_are_a_json_object_of_the_names_flex_attention_knows():
+    """FlexAttention ignores a misspelt option silently, so train.py --flex-options checks each name; the mask's tile
+    is ours, and the kernel's block sizes must divide it."""
+    from pdllm.training.flex import FlexTuning, flex_tuning
 
-    assert kernel_options('{"bwd_BLOCK_M1": 32, "fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": true}') == {
-        "bwd_BLOCK_M1": 32, "fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": True,
-    }  # fmt: skip
-    assert kernel_options("{}") == {}
+    assert flex_tuning('{"bwd_BLOCK_M1": 32, "fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": true}') == FlexTuning(
+        128, {"bwd_BLOCK_M1": 32, "fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": True}
+    )
+    assert flex_tuning("{}") == FlexTuning()
+    tuned = flex_tuning('{"MASK_BLOCK_SIZE": 64, "BLOCK_M": 64, "bwd_BLOCK_M1": 16}')
+    assert tuned == FlexTuning(64, {"BLOCK_M": 64, "bwd_BLOCK_M1": 16})
+    assert flex_tuning(tuned.as_json()) == tuned and FlexTuning().as_json() == "{}"
     for text, why in [('{"BLOK_M": 64}', "unknown FlexAttention kernel option 'BLOK_M'"),
                       ("[64]", "a JSON object"), ("{BLOCK_M: 64}", "not JSON"),
-                      ('{"BLOCK_M": [64]}', "option 'BLOCK_M': a number")]:  # fmt: skip
+                      ('{"BLOCK_M": [64]}', "option 'BLOCK_M': a number"),
+                      ('{"MASK_BLOCK_SIZE": 48}', "MASK_BLOCK_SIZE 48: a power of two"),
+                      ('{"MASK_BLOCK_SIZE": 8}', "MASK_BLOCK_SIZE 8: a power of two"),
+                      ('{"MASK_BLOCK_SIZE": true}', "MASK_BLOCK_SIZE True: a power of two"),
+                      ('{"MASK_BLOCK_SIZE": 64, "fwd_BLOCK_N": 128}', "'fwd_BLOCK_N' 128 does not divide"),
+                      ('{"bwd_BLOCK_N2": 0}', "'bwd_BLOCK_N2' 0 does not divide")]:  # fmt: skip
         with pytest.raises(ValueError, match=why):
-            kernel_options(text)
+            flex_tuning(text)
+
+
+def test_a_smaller_mask_tile_gives_the_same_loss_and_skips_more():
+    """FlexTuning.mask_block: the block mask in tiles of 64 tokens holds the same mask, skips more of a chunked
+    row's area than tiles of 128, and the loss is SDPA's."""
+    rng = random.Random(2)
+    rows = [build_example(rng, 2000, True, {"passkey": 1.0}, chunk_sizes=(96,)) for _ in range(2)]
+    batch = collate(rows)  # chunks of 96 (+ BOS): borders inside tiles of 64 and of 128
+    mask = attention_mask(batch.seg, batch.full)
+    coarse, fine = block_mask(batch.seg, batch.full), block_mask(batch.seg, batch.full, 64)
+    assert fine.BLOCK_SIZE == (64, 64)
+    assert torch.equal(fine.to_dense().bool().flatten(), _blocks_touched(mask, 64).flatten())
+    assert fine.sparsity() > coarse.sparsity()
+    tiled = FlexMaskedAttention.with_mask_block(64)
+    assert tiled is FlexMaskedAttention.with_mask_block(64) and FlexMaskedAttention.with_mask_block(128) is (
+        FlexMaskedAttention
+    )
+    assert tiled.of_batch(batch.seg, batch.full).blocks.BLOCK_SIZE == (64, 64)
+    model = random_model(tiny_spec("llada", hidden=32, layers=4, heads=2, inner=64), seed=1)
+    stage = curriculum("reading")[1]
+    batch = make_batch(random.Random(4), stage, 2048, 900, (1.0, 0.0))
+    with torch.no_grad():
+        runs = [diffusion_loss(model, batch, 0.1, torch.Generator().manual_seed(0), attention_class=a, **LOSSES)[0]
+                for a in (MaskedAttention, tiled)]  # fmt: skip
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_block_attention_hands_its_options_to_flex_attention(monkeypatch):
@@ -182,10 +217,13 @@ def test_flex_options_need_the_compiled_stacks_flex_attention(capsys):
 def test_the_step_bench_times_each_flex_stack_variant_once_per_option_set():
     from benchmark_scripts import load_benchmark
 
+    from pdllm.training.flex import FlexTuning
+
     bench = load_benchmark("bench_training_step")
     sets = '{};{"bwd_BLOCK_M1": 32}'
     runs, stages, picked = bench.plan(["sdpa", "flex+stack+losses", "sdpa+stack"], sets, "recall_facts", "recall")
-    assert runs == [("flex+stack+losses", {}), ("flex+stack+losses", {"bwd_BLOCK_M1": 32}), ("sdpa+stack", {})]
+    assert runs == [("flex+stack+losses", FlexTuning()), ("flex+stack+losses", FlexTuning(128, {"bwd_BLOCK_M1": 32})),
+                    ("sdpa+stack", FlexTuning())]  # fmt: skip
     assert [stages[i].name for i in picked] == ["recall"]
     _, stages, picked = bench.plan(["flex+stack"], None, "recall_facts", None)  # default: the second and last stage
     assert picked == [1, len(stages) - 1]
@@ -194,3 +232,30 @@ def test_the_step_bench_times_each_flex_stack_variant_once_per_option_set():
                                      ("recall", '{"BLOK": 1}', "--flex-options: unknown")]:  # fmt: skip
         with pytest.raises(ValueError, match=why):
             bench.plan(["flex+stack"], options, "recall_facts", stages_arg)
+
+
+def test_the_step_bench_reports_a_variant_that_fails_and_times_the_next(monkeypatch, tmp_path):
+    """A kernel option set the kernel cannot take fails at compile time on the GPU (e.g. no backward config for a
+    tile of 32); the bench names it in a row and goes on to the next variant (CPU: the variants run eager)."""
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_training_step")
+    real_check, calls = bench.variant_check, []
+
+    def check(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 1:
+            raise RuntimeError("NoValidChoicesError: No choices to select")
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "variant_check", check)
+    monkeypatch.setattr(bench, "compile_blocks", lambda model: None)  # the variants' steps run eager on the CPU
+    monkeypatch.setattr(bench, "compile_stack", lambda model, **kwargs: None)
+    out = tmp_path / "rows.json"
+    flags = "--device cpu --shape smoke --tokens 2048 --steps 2 --data-batches 1 --workers 0 --loader-seconds 0.1"
+    assert bench.main([*flags.split(), "--mix", "recall_facts", "--stages", "recall",
+                       "--variants", "sdpa+compile,sdpa+stack", "--json", str(out)]) == 0  # fmt: skip
+    rows = {r["what"]: r for r in json.loads(out.read_text())["rows"]}
+    assert calls == ["sdpa+compile", "sdpa+stack"]
+    assert "NoValidChoicesError" in rows["sdpa+compile failed recall"]["error"]
+    assert rows["step recall, shapes seen, sdpa/sdpa+stack"]["new_ms"] > 0

@@ -16,6 +16,7 @@ region). Opt-in (`--attention flex`); benchmarks/reproduce_bundle.sh runs its ch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import typing
@@ -36,17 +37,39 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, blocks: BlockMask, options:
     return flex_attention(q, k, v, block_mask=blocks, enable_gqa=k.shape[1] != q.shape[1], kernel_options=options)
 
 
-def kernel_options(text: str) -> dict:
+MASK_BLOCK = 128  # FlexAttention's default tile of the block mask, in tokens (its kernel's blocks divide it)
+_KERNEL_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlexTuning:
+    """How the training FlexAttention runs, not what it computes (train.py --flex-options): the block mask's tile in
+    tokens, and FlexAttention's kernel options (block sizes, warps, stages). A smaller tile skips more of a chunked
+    row's masked area; the kernel's blocks must divide it (benchmarks/NOTES.md, "FlexAttention tuned for 32-wide
+    heads")."""
+
+    mask_block: int = MASK_BLOCK
+    kernel: dict = dataclasses.field(default_factory=dict)
+
+    def as_json(self) -> str:
+        """The --flex-options text that gives this tuning (compact: a benchmark's row label)."""
+        tile = {"MASK_BLOCK_SIZE": self.mask_block} if self.mask_block != MASK_BLOCK else {}
+        return json.dumps(tile | self.kernel, separators=(",", ":"))
+
+
+def flex_tuning(text: str) -> FlexTuning:
     """train.py --flex-options: a JSON object of FlexAttention kernel options, each name checked against PyTorch's
-    list (an optional fwd_ or bwd_ prefix for one pass), since FlexAttention ignores a misspelt one silently. The
-    bundle's heads are 32 wide, for which the default block sizes are not tuned (benchmarks/NOTES.md, "The 64K step
-    timed")."""
+    list (an optional fwd_ or bwd_ prefix for one pass), since FlexAttention ignores a misspelt one silently, plus
+    MASK_BLOCK_SIZE, the block mask's tile (a power of two from 16; each kernel block size given must divide it)."""
     try:
         options = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(options, dict):
         raise ValueError(f"a JSON object of option names and values, not {type(options).__name__}")
+    mask_block = options.pop("MASK_BLOCK_SIZE", MASK_BLOCK)
+    if type(mask_block) is not int or mask_block < 16 or mask_block & (mask_block - 1):
+        raise ValueError(f"MASK_BLOCK_SIZE {mask_block!r}: a power of two from 16 (tokens a tile of the block mask)")
     known = getattr(_flex_module, "FlexKernelOptions", None)  # not in every PyTorch: then the names go unchecked
     names = set(typing.get_type_hints(known)) if known is not None else None
     for name, value in options.items():
@@ -55,7 +78,10 @@ def kernel_options(text: str) -> dict:
             raise ValueError(f"unknown FlexAttention kernel option {name!r}; known: {', '.join(sorted(names))}")
         if not isinstance(value, (bool, int, str)):
             raise ValueError(f"option {name!r}: a number, true/false or a string, not {value!r}")
-    return options
+        if base in _KERNEL_BLOCKS and (type(value) is not int or value < 1 or mask_block % value):
+            raise ValueError(f"option {name!r} {value!r} does not divide the mask's tile ({mask_block} tokens): "
+                             "the kernel's blocks tile the block mask's")  # fmt: skip
+    return FlexTuning(mask_block, options)
 
 
 @functools.cache
@@ -77,15 +103,19 @@ def allowed(seg: Tensor, full: Tensor):
     return rule
 
 
-def block_mask(seg: Tensor, full: Tensor) -> BlockMask:
-    """The FlexAttention block mask of a batch's layout (segment ids [B, T], dense-context rows `full` [B])."""
+def block_mask(seg: Tensor, full: Tensor, tile: int = MASK_BLOCK) -> BlockMask:
+    """The FlexAttention block mask of a batch's layout (segment ids [B, T], dense-context rows `full` [B]), in
+    tiles of `tile` tokens."""
     b, t = seg.shape
-    return create_block_mask(allowed(seg, full), b, None, t, t, device=seg.device, _compile=seg.is_cuda)
+    rule = allowed(seg, full)
+    return create_block_mask(rule, b, None, t, t, device=seg.device, BLOCK_SIZE=tile, _compile=seg.is_cuda)
 
 
 class FlexMaskedAttention(MaskedAttention):
     """MaskedAttention (the same captures and outputs for the auxiliary losses) whose softmax attention skips the
     blocks the layout empties. The dense mask is built only when an auxiliary loss reads it."""
+
+    mask_block = MASK_BLOCK  # the block mask's tile in tokens (with_mask_block)
 
     def __init__(
         self, seg: Tensor, full: Tensor, capture: tuple[int, ...] = (), outputs: tuple[int, ...] = (),
@@ -93,7 +123,7 @@ class FlexMaskedAttention(MaskedAttention):
     ):  # fmt: skip
         self.seg, self.full, self.capture, self.outputs, self.tokens = seg, full, capture, outputs, tokens
         self.qk, self.head0 = {}, {}
-        self.blocks = block_mask(seg, full)
+        self.blocks = block_mask(seg, full, self.mask_block)
 
     @classmethod
     def of_batch(
@@ -101,6 +131,13 @@ class FlexMaskedAttention(MaskedAttention):
         tokens: Tensor | None = None,
     ):  # fmt: skip
         return cls(seg, full, capture, outputs, tokens)
+
+    @classmethod
+    @functools.cache
+    def with_mask_block(cls, tile: int) -> type[FlexMaskedAttention]:
+        """This attention with its block mask in tiles of `tile` tokens (FlexTuning.mask_block): one class per tile,
+        so the compiled stack sees the same class each step."""
+        return cls if tile == cls.mask_block else type(f"{cls.__name__}{tile}", (cls,), {"mask_block": tile})
 
     @functools.cached_property
     def mask(self) -> Tensor:  # type: ignore[override]  # MaskedAttention's attribute, built on first read

@@ -40,7 +40,7 @@ from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import LONG_VALUE_SPAN, MIXES, ExampleStream, Stage, curriculum
-from pdllm.training.flex import kernel_options
+from pdllm.training.flex import MASK_BLOCK, FlexMaskedAttention, FlexTuning, flex_tuning
 from pdllm.training.objective import (
     LossTerms,
     MaskedAttention,
@@ -109,8 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "not its padding (training.stack; the same loss and gradients)")  # fmt: skip
     p.add_argument("--flex-options", metavar="JSON",
                    help="with --attention flex and --compile stack: FlexAttention's kernel options as a JSON object, "
-                   'e.g. \'{"bwd_BLOCK_M1": 32, "num_warps": 4}\' (training.flex.kernel_options; how a step runs, '
-                   "not what it computes)")  # fmt: skip
+                   "and MASK_BLOCK_SIZE, the block mask's tile in tokens (default 128), e.g. "
+                   '\'{"MASK_BLOCK_SIZE": 64, "BLOCK_M": 64, "BLOCK_N": 64, "bwd_BLOCK_M1": 16}\' '
+                   "(training.flex.flex_tuning; how a step runs, not what it computes)")  # fmt: skip
     p.add_argument("--require", action="append", default=[], metavar="STAGE",
                    help="stop the run (exit 3, state saved) when STAGE is left on its deadline with its probe below "
                    "target: the later stages do not learn what it did not (the official run's copy stage)")  # fmt: skip
@@ -142,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--pack-tokens packs the compiled stack's tokens: give it with --compile stack or stack+losses")
     if args.flex_options is not None:
         try:
-            args.flex_options = kernel_options(args.flex_options)
+            args.flex_options = flex_tuning(args.flex_options)
         except ValueError as exc:
             p.error(f"--flex-options: {exc}")
         if args.attention != "flex" or args.compile not in ("stack", "stack+losses"):
@@ -316,15 +317,20 @@ def train_device() -> torch.device:
 
 
 def compile_model(
-    model: DllmModel, how: str | None, backend: str = "inductor", pack: bool = False, flex_options: dict | None = None
+    model: DllmModel,
+    how: str | None,
+    backend: str = "inductor",
+    pack: bool = False,
+    flex_options: FlexTuning | None = None,
 ) -> LossTerms:
     """train.py --compile: each layer's projections and MLP (blocks) or all layers as one region (stack; `pack`:
-    its per-token parts on the batch's tokens alone, --pack-tokens; `flex_options`: FlexAttention's kernel options,
-    --flex-options); returns the loss parts the step runs, compiled for stack+losses (compile_losses), else eager."""
+    its per-token parts on the batch's tokens alone, --pack-tokens; `flex_options`: --flex-options, whose kernel
+    options the stack's FlexAttention takes); returns the loss parts the step runs, compiled for stack+losses
+    (compile_losses), else eager."""
     if how == "blocks":
         compile_blocks(model, backend)
     elif how in ("stack", "stack+losses"):
-        compile_stack(model, backend, pack, flex_options)
+        compile_stack(model, backend, pack, flex_options.kernel if flex_options else None)
     return compile_losses(backend) if how == "stack+losses" else LossTerms()
 
 
@@ -363,9 +369,9 @@ def train_run(
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     attention_class = MaskedAttention
     if args.attention == "flex":
-        from pdllm.training.flex import FlexMaskedAttention
-
-        attention_class = FlexMaskedAttention
+        attention_class = FlexMaskedAttention.with_mask_block(
+            args.flex_options.mask_block if args.flex_options else MASK_BLOCK
+        )
     t_start, t_log = time.time(), time.time()
     missed = None  # a --require stage left below its target: the run stops there
     stopped = False  # the --stop-after stage was left: the run stops there, to be resumed
