@@ -182,8 +182,8 @@ class PrefillWorker(CollectiveHolder, IpcHolder):  # + collective_*/ipc_* method
     def _too_large(self, chunks: int, why: str) -> str:
         return (
             f"the context's {chunks} chunks do not fit prefill actor {self.name}'s chunk store "
-            f"({self.store.capacity_bytes} bytes; {why}): raise store_capacity_bytes in the cluster config, "
-            f"or send a shorter context"
+            f"({self.store.capacity_bytes} bytes; {why}): raise store_capacity_bytes in the cluster config "
+            f"(pdllm serve/generate --store-bytes), or send a shorter context"
         )
 
     def read_chunks(self, cids: list[str]) -> dict[str, ChunkKV]:

@@ -40,6 +40,16 @@ def test_default_path_is_the_embedded_cluster(tiny_llada, capsys):
     assert isinstance(out["answer"], str)
 
 
+@pytest.mark.timeout(240)
+def test_store_bytes_sizes_the_embedded_clusters_chunk_store(tiny_llada, capsys):
+    """--store-bytes reaches the prefill actor: a store smaller than the context's KV refuses it, naming the store
+    and the flag, before the decode actor runs."""
+    argv = ["generate", "--model", str(tiny_llada), "--context", CONTEXT, "--question", "Key?", *SMALL]
+    assert main([*argv, "--chunk-size", "32", "--top-k", "2", "--store-bytes", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit prefill actor" in err and "(4096 bytes;" in err and "--store-bytes" in err, err
+
+
 def test_server_path_prints_the_servers_answer(tiny_llada, capsys):
     backend = InProcessBackend.from_directory(str(tiny_llada), name="tiny")
     try:
@@ -62,6 +72,10 @@ def test_server_path_prints_the_servers_answer(tiny_llada, capsys):
         (["--mode", "vanilla"], "--mode vanilla is a single-process baseline: add --in-process"),
         (["--server", "127.0.0.1:1", "--model", "x"], "--model does not apply with --server"),
         (["--server", "127.0.0.1:1", "--no-bos"], "--no-bos is not a request parameter of the server API"),
+        (
+            ["--server", "127.0.0.1:1", "--pool-bytes", "1", "--store-bytes", "1"],
+            "--pool-bytes, --store-bytes: not a request parameter; the server sets its own",
+        ),
     ],
 )
 def test_flag_combinations_that_cannot_work_exit_2(extra, message, capsys):
@@ -141,11 +155,15 @@ def test_engine_flags_reach_the_in_process_engine_and_bad_ones_are_named(tmp_pat
     args = p.parse_args(["--max-batch", "4", "--pool-bytes", "65536", "--graph-buckets", "4,1,2"])
     cfg = engine_config(args)
     assert (cfg.max_batch, cfg.pool_bytes, cfg.graph_buckets) == (4, 65536, (1, 2, 4))
+    args.store_bytes = 1 << 20  # --store-bytes: the cluster's prefill actors only
     assert cluster_overrides(args) == {
         "decode_max_batch": 4,
         "decode_pool_bytes": 65536,
         "decode_graph_buckets": "4,1,2",
+        "store_capacity_bytes": 1 << 20,
     }
+    with pytest.raises(InvalidRequest, match="--store-bytes sizes the cluster's prefill actors' chunk stores"):
+        engine_config(args)
     for bad, flag in ((["--max-batch", "0"], "--max-batch"), (["--graph-buckets", "a,b"], "--graph-buckets")):
         with pytest.raises(InvalidRequest, match=flag):
             engine_config(p.parse_args(bad))

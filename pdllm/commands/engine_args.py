@@ -1,5 +1,6 @@
-"""Decode-engine flags shared by `pdllm generate` and `pdllm serve`: they set the cluster's decode actors (the
-YAML's decode_* options) or, with --in-process, the engine in this process."""
+"""Decode-engine and chunk-store flags shared by `pdllm generate` and `pdllm serve`: they set the cluster's decode
+actors (the YAML's decode_* options) and prefill actors' chunk stores (store_capacity_bytes), or, with --in-process,
+the engine in this process."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"batch sizes a CUDA graph is captured for (default {GRAPH_BUCKETS})",
     )
+    s = p.add_argument_group("prefill actors (default: the config's store_capacity_bytes, else this)")
+    s.add_argument("--store-bytes", type=int, default=None, help="chunk KV bytes each prefill actor keeps before "
+                   "evicting (default 0: from free memory); a context whose chunks do not fit is refused")  # fmt: skip
 
 
 def cluster_overrides(args: argparse.Namespace) -> dict:
@@ -30,7 +34,15 @@ def cluster_overrides(args: argparse.Namespace) -> dict:
         "decode_max_batch": getattr(args, "max_batch", None),
         "decode_pool_bytes": getattr(args, "pool_bytes", None),
         "decode_graph_buckets": getattr(args, "graph_buckets", None),
+        "store_capacity_bytes": getattr(args, "store_bytes", None),
     }
+
+
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """The engine and store flags set on the command line (a --server request cannot change the server's)."""
+    names = {"max_batch": "--max-batch", "pool_bytes": "--pool-bytes", "graph_buckets": "--graph-buckets",
+             "store_bytes": "--store-bytes"}  # fmt: skip
+    return [flag for name, flag in names.items() if getattr(args, name, None) is not None]
 
 
 def engine_config(args: argparse.Namespace):
@@ -38,6 +50,8 @@ def engine_config(args: argparse.Namespace):
     the flag."""
     from pdllm.decode_node.engine import EngineConfig, parse_buckets
 
+    if getattr(args, "store_bytes", None) is not None:
+        raise InvalidRequest("--store-bytes sizes the cluster's prefill actors' chunk stores: --in-process has none")
     max_batch = MAX_BATCH if args.max_batch is None else args.max_batch
     pool = 0 if args.pool_bytes is None else args.pool_bytes
     if max_batch < 1:

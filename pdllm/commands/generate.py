@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pdllm.commands.engine_args import add_engine_args, cluster_overrides, engine_config
+from pdllm.commands.engine_args import add_engine_args, cluster_overrides, engine_config, given_flags
 from pdllm.errors import InvalidRequest
 from pdllm.tasks import TASKS
 
@@ -443,6 +443,8 @@ def _via_server(args, context: str, mode: str) -> dict:
 
     if args.model:
         raise InvalidRequest("--model does not apply with --server: the server chose its model")
+    if flags := given_flags(args):
+        raise InvalidRequest(f"{', '.join(flags)}: not a request parameter; the server sets its own engine and stores")
     if args.no_bos:
         raise InvalidRequest("--no-bos is not a request parameter of the server API")
     given = {
