@@ -374,26 +374,24 @@ def main(argv: list[str] | None = None) -> int:
                 add({"what": f"{variant} check {name}", **check})
                 set_compiled(model, run, options)
                 t0 = time.perf_counter()
-                step_ms(
-                    model, sets[0][:4], device, True, vlosses, attention_of(run, options)
-                )  # compiles, then dynamic shapes
+                attention = attention_of(run, options)
+                step_ms(model, sets[0][:4], device, True, vlosses, attention)  # compiles, then dynamic shapes
                 add({"what": f"{variant} first 4 steps {name}", "seconds": time.perf_counter() - t0})
                 # the batches the SDPA step ran, new to this variant, then again
-                cold = step_ms(model, sets[1], device, True, vlosses, attention_of(run, options))
-                warm = step_ms(model, sets[1], device, True, vlosses, attention_of(run, options))
+                cold = step_ms(model, sets[1], device, True, vlosses, attention)
+                warm = step_ms(model, sets[1], device, True, vlosses, attention)
                 add({"what": f"step {name}, fresh shapes, sdpa/{variant}", "old_ms": new_cold, "new_ms": cold})
                 add({"what": f"step {name}, shapes seen, sdpa/{variant}", "old_ms": new_warm, "new_ms": warm})
                 if device.type == "cuda":
                     if args.kernels:
                         print(f"kernels of the {name} step, {variant} (share of GPU time, ms a step, launches a step):")
-                    busy = device_ms(model, sets[1], device, vlosses, args.kernels, attention_of(run, options))
+                    busy = device_ms(model, sets[1], device, vlosses, args.kernels, attention)
                     add({"what": f"step {name}, GPU busy, {variant}", "device_ms": busy, "wall_ms": warm})
                 if args.host_ops:
                     print(f"host side of the {name} step, {variant}:")
-                    host_ops(model, sets[1], device, vlosses, args.host_ops, attention_of(run, options))
-            except (
-                Exception
-            ) as exc:  # an option set the kernel cannot take (shared memory, block shapes): say so, go on
+                    host_ops(model, sets[1], device, vlosses, args.host_ops, attention)
+            except Exception as exc:
+                # an option set the kernel cannot take (no configuration, shared memory): say so and go on
                 add({"what": f"{variant} failed {name}", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             set_compiled(model, "sdpa")
         if device.type == "cuda":
