@@ -21,7 +21,9 @@
 # reproduction script end to end"; the full chain has not been run end to end). At 64K tokens a batch and half the
 # steps (CHAIN_FLAGS below) the chain's first five runs took 12.1 minutes on an H100, 67-81 ms a step (about 21
 # minutes for all nine by those times); their probes tracked the bundle's chain, but the fifth run's model ranked
-# kv_retrieval's chunk less well beyond 2K (NOTES, "The chain at 64K tokens a batch").
+# kv_retrieval's chunk less well beyond 2K (NOTES, "The chain at 64K tokens a batch"). FlexAttention tuned for the
+# bundle's heads (the default TRAIN_FLAGS since) makes that step 1.31x faster on an H100: the whole script about
+# 23-26 minutes by estimate, not yet run (NOTES, "FlexAttention tuned for 32-wide heads").
 # The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 5 of 22 runs
 # reached, each by step 1100; those that left the stage without it ended at probe 0.0, and two followed to step 1800
 # never reached it (benchmarks/NOTES.md, "The official run's copy phase change" and "The official run in rounds"). So
@@ -40,8 +42,8 @@
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
 #   [FROM=MODEL] [PACK_TO=$OUT] [TRAIN_FLAGS=...] [CHAIN_FLAGS=...] \
 #       bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]
-# TRAIN_FLAGS go to every training run (default: benchmarks/train_defaults.sh, FlexAttention with the layers and
-# the loss's parts compiled; train.py: how a step runs, not what it computes; "" runs eager SDPA, as the bundle's
+# TRAIN_FLAGS go to every training run (default: benchmarks/train_defaults.sh, FlexAttention tuned for 32-wide heads
+# with the layers and the loss's parts compiled; train.py: how a step runs, not what it computes; "" runs eager SDPA, as the bundle's
 # runs did). CHAIN_FLAGS go to the chain's runs only, after their own flags, so they override them (a recipe on
 # trial: "--tokens-per-batch 65536" with half of each run's steps, benchmarks/NOTES.md, "The chain at 64K tokens a
 # batch").
