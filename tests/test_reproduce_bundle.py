@@ -162,3 +162,28 @@ def test_the_scripts_default_train_flags_are_flags_train_py_takes(monkeypatch):
     args = parse_args(["--out", "unused", *read.stdout.split()])
     assert (args.attention, args.compile) == ("flex", "stack+losses")
     assert args.flex_options.mask_block == 64 and args.flex_options.kernel["bwd_BLOCK_M1"] == 16
+
+
+def test_a_run_with_the_default_flags_records_them_in_state_json(monkeypatch, tmp_path):
+    """state.json records a run's parsed flags: --flex-options (a FlexTuning once parsed) goes in as the JSON that
+    gives it, so the save at every --save-every step does not fail on the GPU, and reads back as the same tuning."""
+    import json
+
+    import torch
+
+    from pdllm.training.flex import flex_tuning
+    from pdllm.training.optim import make_optimizer
+    from pdllm.training.state import save_state
+    from pdllm.training.train import build_model, parse_args, run_meta
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    read = subprocess.run(
+        ["bash", "-c", 'source benchmarks/train_defaults.sh && printf "%s" "$DEFAULT_TRAIN_FLAGS"'],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    args = parse_args(["--out", str(tmp_path / "run"), "--shape", "smoke", *read.stdout.split()])
+    model = build_model("smoke", torch.device("cpu"))
+    save_state(tmp_path / "run", model, make_optimizer(model, 1e-3), run_meta(0, args, [], 0.0, 0))
+    recorded = json.loads((tmp_path / "run" / "state.json").read_text())["args"]
+    assert flex_tuning(recorded["flex_options"]) == args.flex_options
+    assert recorded["out"] == str(tmp_path / "run")

@@ -218,7 +218,7 @@ def resume_plan(args: argparse.Namespace, meta: dict) -> None:
 
 
 def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float, stage: int) -> dict:
-    plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    plain = {k: _plain(v) for k, v in vars(args).items()}
     return {
         "step": step,
         "stage": stage,
@@ -227,6 +227,13 @@ def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float, sta
         "log": log,
         "command": " ".join(sys.argv),
     }
+
+
+def _plain(value):
+    """A parsed flag as state.json records it: paths as text, --flex-options as the JSON that gives it."""
+    if isinstance(value, Path):
+        return str(value)
+    return value.as_json() if isinstance(value, FlexTuning) else value
 
 
 def build_model(shape: str, device: torch.device) -> DllmModel:
