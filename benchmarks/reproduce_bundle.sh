@@ -43,10 +43,10 @@
 #   [FROM=MODEL] [PACK_TO=$OUT] [TRAIN_FLAGS=...] [CHAIN_FLAGS=...] \
 #       bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]
 # TRAIN_FLAGS go to every training run (default: benchmarks/train_defaults.sh, FlexAttention tuned for 32-wide heads
-# with the layers and the loss's parts compiled; train.py: how a step runs, not what it computes; "" runs eager SDPA, as the bundle's
-# runs did). CHAIN_FLAGS go to the chain's runs only, after their own flags, so they override them (a recipe on
-# trial: "--tokens-per-batch 65536" with half of each run's steps, benchmarks/NOTES.md, "The chain at 64K tokens a
-# batch").
+# with the layers and the loss's parts compiled; train.py: how a step runs, not what it computes; "" runs eager
+# SDPA, as the bundle's runs did). CHAIN_FLAGS go to the chain's runs only, after their own flags, so they override
+# them (a recipe on trial: "--tokens-per-batch 65536" with half of each run's steps, benchmarks/NOTES.md, "The chain
+# at 64K tokens a batch").
 # FROM skips the official run and starts the chain's first run from that checkpoint (a later run of the chain takes
 # the run before it), so a chain can be split over device calls of at most 10 minutes. With PACK_TO set (a device's
 # $OUT, which takes few files), the latest export is copied there and the logs packed into results.tgz after each run.

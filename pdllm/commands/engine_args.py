@@ -28,21 +28,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "evicting (default 0: from free memory); a context whose chunks do not fit is refused")  # fmt: skip
 
 
+# each flag's parsed name: (the flag, the ClusterConfig option it sets)
+FLAGS = {
+    "max_batch": ("--max-batch", "decode_max_batch"),
+    "pool_bytes": ("--pool-bytes", "decode_pool_bytes"),
+    "graph_buckets": ("--graph-buckets", "decode_graph_buckets"),
+    "store_bytes": ("--store-bytes", "store_capacity_bytes"),
+}
+
+
 def cluster_overrides(args: argparse.Namespace) -> dict:
     """The ClusterConfig options the flags set (unset flags keep the config's values)."""
-    return {
-        "decode_max_batch": getattr(args, "max_batch", None),
-        "decode_pool_bytes": getattr(args, "pool_bytes", None),
-        "decode_graph_buckets": getattr(args, "graph_buckets", None),
-        "store_capacity_bytes": getattr(args, "store_bytes", None),
-    }
+    return {option: getattr(args, name, None) for name, (_, option) in FLAGS.items()}
 
 
 def given_flags(args: argparse.Namespace) -> list[str]:
     """The engine and store flags set on the command line (a --server request cannot change the server's)."""
-    names = {"max_batch": "--max-batch", "pool_bytes": "--pool-bytes", "graph_buckets": "--graph-buckets",
-             "store_bytes": "--store-bytes"}  # fmt: skip
-    return [flag for name, flag in names.items() if getattr(args, name, None) is not None]
+    return [flag for name, (flag, _) in FLAGS.items() if getattr(args, name, None) is not None]
 
 
 def engine_config(args: argparse.Namespace):
