@@ -71,6 +71,32 @@ workers=${WORKERS:-12}  # loader workers of a run alone (a round's tries share t
 # shellcheck disable=SC2206  # TRAIN_FLAGS is a list of flags
 run_flags=(--workers "$workers" --minutes 60 ${TRAIN_FLAGS-$DEFAULT_TRAIN_FLAGS})
 train() { python3 -m pdllm.training.train "${run_flags[@]}" "$@"; }
+# the runs after the official one share one process (training.chain: the model, its compiled graphs and CUDA stay up
+# between runs), each run's log in train_run{i}_log.txt and its export in run{i}, packed after each run. The process
+# starts before its start checkpoint exists: it compiles its steps (chain --warm-up) while the official run trains,
+# then waits for a line on fd 7 (--await-start); closing fd 7 without one stops it with no run.
+export -f pack
+export out PACK_TO
+chain_pid=""
+start_chain() {  # START: the checkpoint the chain's first run will start from
+    rm -f "$out/chain_start"
+    mkfifo "$out/chain_start"
+    # shellcheck disable=SC2016,SC2086  # RUN_DIR is the chain's, set for each run; CHAIN_FLAGS is a list of flags
+    python3 -m pdllm.training.chain --out "$out" --from "$1" --warm-up --await-start --after-run 'pack "$RUN_DIR"' \
+        "${runs[@]}" -- "${run_flags[@]}" --seed 1234 --stage 1 --lr 1e-3 --pointer-weight 0.5 --key-weight 0.5 \
+        --match-weight 0.5 ${CHAIN_FLAGS-} <"$out/chain_start" >"$out/chain_stdout.txt" 2>&1 &
+    chain_pid=$!
+    exec 7>"$out/chain_start"  # opens once the chain has the other end
+    rm -f "$out/chain_start"
+}
+stop_chain() {  # the chain's start was not kept: its process, which has run nothing yet, is stopped
+    [ -n "$chain_pid" ] || return 0
+    exec 7>&-
+    kill "$chain_pid" 2>/dev/null
+    wait "$chain_pid" 2>/dev/null
+    chain_pid=""
+    echo "official run: the chain's process is stopped before its first run"
+}
 start=${FROM:-}
 if [ -z "$start" ]; then
     tries=${OFFICIAL_TRIES:-8}
@@ -89,6 +115,7 @@ if [ -z "$start" ]; then
     round_stage=${OFFICIAL_ROUND_STAGE-$round_stage}
     failed_try() {  # TRY STATUS: a try that failed otherwise than by a missed stage stops the script, the round with it
         kill "${pids[@]}" 2>/dev/null
+        stop_chain >/dev/null
         wait
         echo "reproduce_bundle: the official run failed (exit $2; its log: $out/train_official_try${1}_log.txt)" >&2
         exit 1
@@ -110,6 +137,14 @@ if [ -z "$start" ]; then
                 --out "$out/ckpt$try" --steps "$steps" --mix official ${require[@]+"${require[@]}"} \
                 ${mark[@]+"${mark[@]}"} >>"$out/train_official_try${try}_log.txt" 2>&1 &
             pids+=($!)
+            # the round's first try compiles alone; the others start once it logs its first steps, from the compile
+            # cache it filled (four compiling at once on an H100 reached their 50th step after 191 s, one alone 79 s)
+            if [ ${#pids[@]} = 1 ] && [ "$try" -lt "$tries" ] && [ "$at_once" -gt 1 ]; then
+                try_log=$out/train_official_try${try}_log.txt
+                while ! grep -q '^{"step"' "$try_log" && kill -0 "${pids[0]}" 2>/dev/null; do sleep 2; done
+                ! grep -q '^{"step"' "$try_log" ||
+                    echo "official run: try $try compiled alone and logged its first steps; the round's others start"
+            fi
         done
         echo "official run: tries $first-$try of $tries at once (seeds $((1233 + first))-$((1233 + try)))," \
             "${round_stage:+the first to leave its $round_stage stage going on alone, or }each to its end" \
@@ -135,7 +170,8 @@ if [ -z "$start" ]; then
         if [ -n "$ahead" ]; then
             for i in "${!pids[@]}"; do [ $((first + i)) = "$ahead" ] || kill "${pids[$i]}" 2>/dev/null; done
             echo "official run: try $ahead left its $round_stage stage at step $(cat "$out/left$ahead") and trains" \
-                "on; the round's other tries are stopped"
+                "on; the round's other tries are stopped, and the chain's process starts compiling"
+            start_chain "$out/official"
             for i in "${!pids[@]}"; do
                 [ $((first + i)) = "$ahead" ] && continue
                 [ -n "${statuses[$i]:-}" ] || wait "${pids[$i]}" 2>/dev/null
@@ -157,6 +193,7 @@ if [ -z "$start" ]; then
             python3 -m pdllm.training.runlog "$out/train_official_try${t}_log.txt" \
                 --min-em "${OFFICIAL_MIN_PROBE:-0.2}" && official=$t && break
         done
+        [ -n "$official" ] || stop_chain
         rm -f "$out"/left*
         for t in $(seq "$first" "$try"); do [ "$t" = "$official" ] || rm -rf "$out/ckpt$t"; done
     done
@@ -174,16 +211,18 @@ if [ -z "$start" ]; then
     start=$out/official
     pack "$start"
 fi
-# the runs in one process (training.chain: the model, its compiled graphs and CUDA stay up between runs), each
-# run's log in train_run{i}_log.txt and its export in run{i}, packed after each run
-export -f pack
-export out PACK_TO
-# shellcheck disable=SC2016,SC2086  # RUN_DIR is the chain's, set for each run; CHAIN_FLAGS is a list of flags
-python3 -m pdllm.training.chain --out "$out" --from "$start" --after-run 'pack "$RUN_DIR"' "${runs[@]}" -- \
-    "${run_flags[@]}" --seed 1234 --stage 1 --lr 1e-3 --pointer-weight 0.5 --key-weight 0.5 --match-weight 0.5 \
-    ${CHAIN_FLAGS-} 2>&1 |
-    grep -E '"em"|saved|params|deadline|exported|^run ' | tail -60
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "reproduce_bundle: the chain failed (its logs: $out/train_run*_log.txt)" >&2; exit 1; }
+[ -n "$chain_pid" ] || start_chain "$start"
+trap '' PIPE  # a chain that already ended (its status below) fails the write, not the script
+echo start >&7
+exec 7>&-
+trap - PIPE
+wait "$chain_pid"
+status=$?
+grep -E '"em"|saved|params|deadline|exported|^run |^chain' "$out/chain_stdout.txt" | tail -60
+[ "$status" = 0 ] || {
+    echo "reproduce_bundle: the chain failed (exit $status; its output: $out/chain_stdout.txt)" >&2
+    exit 1
+}
 start=$out/run${#runs[@]}
 rm -rf "$out/model" && cp -r "$start" "$out/model"
 pack

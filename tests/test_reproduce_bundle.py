@@ -113,6 +113,7 @@ def test_the_first_try_of_a_round_to_leave_its_round_stage_trains_on_in_place_an
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "tries 1-2 of 2 at once (seeds 1234-1235), the first to leave its copy stage going on alone" in done.stdout
+    assert "try 1 compiled alone and logged its first steps; the round's others start" in done.stdout
     ahead = re.search(r"try (\d) left its copy stage at step 4 and trains on", done.stdout)
     assert ahead, done.stdout[-2000:]
     official = (tmp_path / "train_official_log.txt").read_text()
@@ -124,6 +125,31 @@ def test_the_first_try_of_a_round_to_leave_its_round_stage_trains_on_in_place_an
     assert f"seed {1233 + other}" in (tmp_path / f"train_official_try{other}_log.txt").read_text()  # its log kept
     assert not list(tmp_path.glob("ckpt*")) and not list(tmp_path.glob("left*"))
     assert (tmp_path / "model" / "config.json").is_file()
+    # the chain's process started when that try left its stage, compiled its steps, and ran once it was exported
+    assert "and the chain's process starts compiling" in done.stdout
+    chain_out = (tmp_path / "chain_stdout.txt").read_text()
+    assert "chain: warmed up the steps on 12 batches" in chain_out  # 3 stages of reading x 2 layouts x 2
+    assert f"run 1: mix reading, 2 steps, from {tmp_path}/official" in chain_out
+    assert not (tmp_path / "chain_start").exists()
+
+
+def test_a_chain_started_for_a_try_that_ends_under_the_floor_stops_and_the_next_round_goes_on(tmp_path):
+    done = run_script(
+        tmp_path, "1.1", "reading:2", OFFICIAL_STEPS="10", OFFICIAL_ROUND_STAGE="copy", OFFICIAL_AT_ONCE="1"
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.count("and the chain's process starts compiling") == 2  # one a round
+    assert done.stdout.count("the chain's process is stopped before its first run") == 2
+    assert not list(tmp_path.glob("train_run*")) and not (tmp_path / "model").exists()
+
+
+def test_a_chain_that_fails_stops_the_script_naming_its_output(tmp_path):
+    missing = tmp_path / "no-such-model"
+    done = run_script(tmp_path, "0", "reading:2", FROM=str(missing))  # no official run: the chain starts at once
+    assert done.returncode == 1
+    assert f"the chain failed (exit 1; its output: {tmp_path}/chain_stdout.txt)" in done.stderr
+    assert f"--init-from {missing}: cannot load a checkpoint" in (tmp_path / "chain_stdout.txt").read_text()
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.parametrize("at_once", ["0", "four"])

@@ -1,12 +1,20 @@
 """A chain of training runs in one process (training.chain) equals the same runs as separate train.py processes
-joined by exports, weight for weight; smoke-shaped runs on the CPU."""
+joined by exports, weight for weight, with or without compiling its steps first (--warm-up) and waiting for its
+start (--await-start); smoke-shaped runs on the CPU."""
 
 from __future__ import annotations
 
+import io
+import random
+
 import pytest
+import torch
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from pdllm.training import chain, train
+from pdllm.training.data import curriculum, make_batch
+from pdllm.training.objective import batch_layout
 
 # the flags reproduce_bundle.sh gives every run after the official one, on the smoke shape
 FLAGS = ["--smoke", "--seed", "1234", "--stage", "1", "--lr", "1e-3"]
@@ -49,6 +57,14 @@ def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, 
     assert "--after-run exited 3 after run1; going on" in capsys.readouterr().err  # a failed pack stops no run
     log = (out / "train_run2_log.txt").read_text()
     assert log.startswith("run 2: mix recall_notes, 2 steps") and "exported step 2" in log
+    # compiling first and waiting for the start changes nothing the runs compute
+    warmed = tmp_path / "warmed"
+    warmed.mkdir()
+    asked = []
+    last = chain.run_chain(warmed, start, RUNS, FLAGS, None, warm=True, await_start=lambda: not asked.append(1))
+    assert asked == [1] and last == warmed / "run2"
+    assert all((separate[k] == v).all() for k, v in weights(last).items()), "a warm-up changed the runs"
+    assert "chain: warmed up the steps on 24 batches" in capsys.readouterr().out  # 2 mixes x 3 stages x 2 x 2
 
 
 def test_bad_runs_and_flags_the_chain_sets_are_refused_by_name(start, tmp_path, capsys):
@@ -61,3 +77,33 @@ def test_bad_runs_and_flags_the_chain_sets_are_refused_by_name(start, tmp_path, 
     with pytest.raises(SystemExit):
         chain.main(["--out", str(tmp_path), "--from", str(start), "reading:2", "--", "--smoke", "--mix", "lookup"])
     assert "--mix after --" in capsys.readouterr().err
+
+
+def test_a_chain_told_no_start_stops_before_its_first_run(start, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # the script closed its end: its official run was not kept
+    assert chain.main(["--out", str(tmp_path), "--from", str(tmp_path / "never"), "--await-start", "reading:2", "--",
+                       *FLAGS]) == 0  # fmt: skip
+    assert f"no start given for {tmp_path / 'never'}; stopping before the first run" in capsys.readouterr().out
+    assert not list(tmp_path.glob("train_run*")) and not list(tmp_path.glob("run*"))
+
+
+def test_the_warm_up_builds_the_graphs_the_runs_steps_take():
+    """After the warm-up, steps on new batches of every stage the runs train compile nothing more (the layer stack
+    and the loss parts, dynamic shapes; aot_eager on the CPU: dynamo's graphs are the same as on a GPU)."""
+    model = train.build_model("smoke", torch.device("cpu"))
+    terms = train.compile_model(model, "stack+losses", backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    assert chain.warm_up(model, terms, RUNS, FLAGS) == 24
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed >= 6 and all(p.grad is None for p in model.parameters())
+    rng = random.Random(7)
+    for mix, _ in RUNS:
+        args = train.parse_args([*FLAGS, "--out", "unused", "--mix", mix])
+        for stage in curriculum(mix)[1:]:
+            for _ in range(3):
+                batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (0.5, 0.0))
+                gen = torch.Generator().manual_seed(0)
+                loss, _ = train.step_loss(model, batch, batch_layout(batch), args, gen, train.MaskedAttention, terms)
+                loss.backward()
+    assert counters["stats"]["unique_graphs"] == warmed, "a step after the warm-up compiled a new graph"

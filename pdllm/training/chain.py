@@ -6,10 +6,15 @@
 Each [MIX:]STEPS run (a bare number is a `reading` run) trains with the train.py flags after `--` plus --mix, --steps
 and --out OUT/ckpt, writes its log to OUT/train_run{i}_log.txt and its export to OUT/run{i} (the float32 weights the
 next run starts from, so the chain equals separate train.py runs joined by exports: tests/test_training_chain.py
-checks it weight for weight), then runs --after-run, if given, with bash (RUN_DIR: that export). On an H100 a run in
-a new process spent 22-85 s before its 50th step with a warm compile cache, about 2.5 s of it in steps, and an export
-process after it (benchmarks/NOTES.md, "The reproduction script end to end"); how much of that one process saves
-is to be measured on the GPU.
+checks it weight for weight), then runs --after-run, if given, with bash (RUN_DIR: that export).
+
+The chain's first run waits on compiling: on an H100 it reached its 50th step 105-162 s after it started, the later
+runs of the same process 4-26 s (benchmarks/NOTES.md, "The whole script with FlexAttention tuned"). With
+--warm-up the process compiles the steps' graphs first, on a few batches of every stage its runs train (forward and
+backward, no update), and with --await-start it then waits for a line on stdin before it reads --from: so
+reproduce_bundle.sh starts the chain while the official run still trains, to compile during that run's last
+steps instead of after them (end of input instead of a line: the chain stops without a run). What that saves on the
+GPU is to be measured.
 """
 
 from __future__ import annotations
@@ -17,16 +22,38 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
+from pdllm.models.transformer import DllmModel
+from pdllm.training.data import curriculum, make_batch
+from pdllm.training.objective import LossTerms, batch_layout
 from pdllm.training.optim import make_optimizer
-from pdllm.training.train import build_model, compile_model, export, init_from, parse_args, train_device, train_run
+from pdllm.training.train import (
+    TRAIN_ATTENTION,
+    attention_class_of,
+    build_model,
+    compile_model,
+    export,
+    init_from,
+    parse_args,
+    step_loss,
+    train_device,
+    train_run,
+)
+
+# warm-up batches of each layout (chunked, dense) for every stage a run trains: a layer stack compiled with dynamic
+# shapes took all its graphs from the first few batches of each stage (tests/test_training_chain.py counts them)
+WARM_BATCHES = 2
 
 
 def parse_run(text: str) -> tuple[str, int]:
@@ -64,24 +91,66 @@ def set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def run_chain(out: Path, start: Path, runs: list[tuple[str, int]], flags: list[str], after_run: str | None) -> Path:
-    """Train `runs` one after another from checkpoint `start`; returns the last run's export."""
+def run_args(flags: list[str], out: Path, mix: str, steps: int) -> argparse.Namespace:
+    """The train.py flags of one run of the chain."""
+    return parse_args([*flags, "--out", str(out / "ckpt"), "--mix", mix, "--steps", str(steps)])
+
+
+def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], flags: list[str]) -> int:
+    """Run the forwards and backwards of WARM_BATCHES batches of each layout for every stage the runs train, with
+    no update, so the compiled steps' graphs are built before the first run starts; the weights are untouched and
+    the gradients dropped. Returns the batches run."""
+    done = 0
+    device = next(model.parameters()).device
+    for mix in dict.fromkeys(mix for mix, _ in runs):
+        args = parse_args([*flags, "--out", os.devnull, "--mix", mix])  # the run's flags; it writes nothing
+        attention_class = attention_class_of(args)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        rng = random.Random(f"warm-up:{mix}")
+        for stage in curriculum(mix)[args.stage or 0 :]:
+            for chunked in (1.0, 0.0) * WARM_BATCHES:
+                batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (chunked, args.pretrain_frac))
+                layout = batch_layout(batch, args.pack_tokens)
+                loss, _ = step_loss(model, batch.to(device), layout, args, gen, attention_class, terms)
+                with sdpa_kernel(TRAIN_ATTENTION):
+                    loss.backward()
+                done += 1
+    model.zero_grad(set_to_none=True)
+    return done
+
+
+def run_chain(
+    out: Path,
+    start: Path,
+    runs: list[tuple[str, int]],
+    flags: list[str],
+    after_run: str | None,
+    warm: bool = False,
+    await_start: Callable[[], bool] | None = None,
+) -> Path | None:
+    """Train `runs` one after another from checkpoint `start`; returns the last run's export. `warm`: compile the
+    steps first (warm_up); `await_start`: called before `start` is read, False to stop with no run (None)."""
     device = train_device()
-    model, terms, fresh_process = None, None, None
+    first = run_args(flags, out, *runs[0])
+    model = build_model(first.shape, device)
+    fresh_process = rng_state(device)  # what a new train.py process holds when its loop starts
+    terms = compile_model(model, first.compile, pack=first.pack_tokens, flex_options=first.flex_options)
+    if warm:
+        began = time.time()
+        batches = warm_up(model, terms, runs, flags)
+        print(f"chain: warmed up the steps on {batches} batches in {time.time() - began:.0f}s", flush=True)
+    if await_start is not None and not await_start():
+        print(f"chain: no start given for {start}; stopping before the first run", flush=True)
+        return None
     for i, (mix, steps) in enumerate(runs, 1):
-        args = parse_args([*flags, "--out", str(out / "ckpt"), "--mix", mix, "--steps", str(steps)])
+        args = run_args(flags, out, mix, steps)
         with open(out / f"train_run{i}_log.txt", "w") as log:
             tee = Tee(sys.stdout, log)
             with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(Tee(sys.stderr, log)):
                 print(f"run {i}: mix {mix}, {steps} steps, from {start}", flush=True)
-                torch.manual_seed(args.seed)
-                if model is None:
-                    model = build_model(args.shape, device)
-                    fresh_process = rng_state(device)  # what a new train.py process holds when its loop starts
+                if i == 1:
                     init_from(model, start)
-                    terms = compile_model(model, args.compile, pack=args.pack_tokens, flex_options=args.flex_options)
-                else:
-                    set_rng_state(fresh_process)
+                set_rng_state(fresh_process)
                 args.init_from = start  # for the run's record (state.json), as a separate run would have it
                 train_run(model, make_optimizer(model, args.lr), args, device, terms)
                 export(out / "ckpt", out / f"run{i}")
@@ -110,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--from", dest="start", type=Path, required=True, help="the checkpoint the first run starts from")
     p.add_argument("--after-run", help="a bash command run after each run's export (e.g. to pack results)")
+    p.add_argument("--warm-up", action="store_true", help="compile the steps on a few batches of every stage first")
+    p.add_argument("--await-start", action="store_true",
+                   help="read --from only once a line comes on stdin (end of input: stop with no run), so the chain "
+                   "can compile while its start is still training")  # fmt: skip
     p.add_argument("runs", nargs="+", help="[MIX:]STEPS per run, in order")
     args = p.parse_args(ours)
     try:
@@ -120,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"{', '.join(sorted(bad))} after --: the chain sets these for each run")
     args.out.mkdir(parents=True, exist_ok=True)
-    run_chain(args.out, args.start, runs, flags, args.after_run)
+    await_start = (lambda: bool(sys.stdin.readline())) if args.await_start else None
+    run_chain(args.out, args.start, runs, flags, args.after_run, args.warm_up, await_start)
     return 0
 
 

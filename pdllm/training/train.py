@@ -39,9 +39,10 @@ from pdllm.models.generation_defaults import write_generation_defaults
 from pdllm.models.tiny import tiny_spec
 from pdllm.models.tokenizer import save_byte_tokenizer
 from pdllm.models.transformer import DllmModel
-from pdllm.training.data import LONG_VALUE_SPAN, MIXES, ExampleStream, Stage, curriculum
+from pdllm.training.data import LONG_VALUE_SPAN, MIXES, Batch, ExampleStream, Stage, curriculum
 from pdllm.training.flex import MASK_BLOCK, FlexMaskedAttention, FlexTuning, flex_tuning
 from pdllm.training.objective import (
+    BatchLayout,
     LossTerms,
     MaskedAttention,
     batch_layout,
@@ -341,6 +342,47 @@ def compile_model(
     return compile_losses(backend) if how == "stack+losses" else LossTerms()
 
 
+def attention_class_of(args: argparse.Namespace) -> type[MaskedAttention]:
+    """The masked attention a run's training forwards use: FlexAttention under the run's block-mask tile
+    (--flex-options' MASK_BLOCK_SIZE), else SDPA's."""
+    if args.attention != "flex":
+        return MaskedAttention
+    return FlexMaskedAttention.with_mask_block(args.flex_options.mask_block if args.flex_options else MASK_BLOCK)
+
+
+def step_loss(
+    model: DllmModel,
+    batch: Batch,
+    layout: BatchLayout,
+    args: argparse.Namespace,
+    gen: torch.Generator,
+    attention_class: type[MaskedAttention],
+    terms: LossTerms,
+) -> tuple[torch.Tensor, dict]:
+    """A training step's loss and metrics on `batch` (on the device; `layout` from its CPU copy) under the run's
+    flags: bf16 autocast on a GPU, no cuDNN attention. The loop and the chain's warm-up (training.chain) both take
+    their forwards from here, so the warm-up compiles the graphs the steps run."""
+    device_type = batch.ids.device.type
+    amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+    with amp, sdpa_kernel(TRAIN_ATTENTION):
+        return diffusion_loss(
+            model,
+            batch,
+            args.eps,
+            gen,
+            pad_weight=args.pad_weight,
+            rank_weight=args.rank_weight,
+            layout=layout,
+            pointer_weight=args.pointer_weight,
+            key_weight=args.key_weight,
+            match_weight=args.match_weight,
+            pointer_at_layer=args.pointer_layer,
+            attention_class=attention_class,
+            rank_across_rows=MIXES[args.mix].rank_across_rows,
+            terms=terms,
+        )
+
+
 def train_run(
     model: DllmModel,
     opt: torch.optim.Optimizer,
@@ -373,12 +415,7 @@ def train_run(
     )
     probes = {i: probe_batches(s, args.max_len, args.probe_samples) for i, s in enumerate(stages)}
     gen = torch.Generator(device=device).manual_seed(args.seed + step)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    attention_class = MaskedAttention
-    if args.attention == "flex":
-        attention_class = FlexMaskedAttention.with_mask_block(
-            args.flex_options.mask_block if args.flex_options else MASK_BLOCK
-        )
+    attention_class = attention_class_of(args)
     t_start, t_log = time.time(), time.time()
     missed = None  # a --require stage left below its target: the run stops there
     stopped = False  # the --stop-after stage was left: the run stops there, to be resumed
@@ -391,23 +428,7 @@ def train_run(
         batch = batch.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
-        with amp, sdpa_kernel(TRAIN_ATTENTION):
-            loss, metrics = diffusion_loss(
-                model,
-                batch,
-                args.eps,
-                gen,
-                pad_weight=args.pad_weight,
-                rank_weight=args.rank_weight,
-                layout=layout,
-                pointer_weight=args.pointer_weight,
-                key_weight=args.key_weight,
-                match_weight=args.match_weight,
-                pointer_at_layer=args.pointer_layer,
-                attention_class=attention_class,
-                rank_across_rows=MIXES[args.mix].rank_across_rows,
-                terms=terms,
-            )
+        loss, metrics = step_loss(model, batch, layout, args, gen, attention_class, terms)
         opt.zero_grad(set_to_none=True)
         with sdpa_kernel(TRAIN_ATTENTION):
             loss.backward()
