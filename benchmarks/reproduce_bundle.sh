@@ -21,22 +21,25 @@
 # reproduction script end to end"; the full chain has not been run end to end). At 64K tokens a batch and half the
 # steps (CHAIN_FLAGS below) the chain's first five runs took 12.1 minutes on an H100, 67-81 ms a step (about 21
 # minutes for all nine by those times); their probes tracked the bundle's chain, but the fifth run's model ranked
-# kv_retrieval's chunk less well beyond 2K (NOTES, "The chain at 64K tokens a batch"). FlexAttention tuned for the
-# bundle's heads (the default TRAIN_FLAGS since) makes that step 1.31x faster on an H100: the whole script about
-# 23-26 minutes by estimate, not yet run (NOTES, "FlexAttention tuned for 32-wide heads").
-# The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 5 of 22 runs
+# kv_retrieval's chunk less well beyond 2K (NOTES, "The chain at 64K tokens a batch"). With FlexAttention tuned for
+# the bundle's heads (the default TRAIN_FLAGS since) the whole script ran from scratch on an H100 to run 8 of 9 in
+# 28.4 minutes, 72-77 ms a chain step, about 30.7 minutes in all by those times, 6 of them compiling (NOTES, "The
+# whole script with FlexAttention tuned"). The chain's process now compiles while the official run trains, and a
+# round's first try compiles alone: about 26-27 minutes by estimate, not yet run.
+# The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 6 of 23 runs
 # reached, each by step 1100; those that left the stage without it ended at probe 0.0, and two followed to step 1800
 # never reached it (benchmarks/NOTES.md, "The official run's copy phase change" and "The official run in rounds"). So
 # the official run is tried in rounds of OFFICIAL_AT_ONCE (default 4) seeds at once on the GPU (1234, 1235, ...;
-# OFFICIAL_TRIES in all, default 8), each try with WORKERS / OFFICIAL_AT_ONCE loader workers. A try that leaves a
+# OFFICIAL_TRIES in all, default 8), each try with WORKERS / OFFICIAL_AT_ONCE loader workers; a round's first try
+# starts alone and the others once it has logged its first steps, compiled from its cache. A try that leaves a
 # stage of OFFICIAL_REQUIRE (default "copy"; "" none) below its target stops there (train.py --require, exit 3, about
 # 1,100 steps). The first to leave OFFICIAL_ROUND_STAGE (default the last required stage) trains on in place to the
-# run's end (train.py --mark-after tells the script; no restart, no second compile) and the round's other tries are
-# stopped; "" trains each try to its end. A try that ends with its last held-out probe at OFFICIAL_MIN_PROBE
-# (default 0.2; the bundle's official run ended at 0.39) is the official run (of a round's tries that all ended, the
-# first in seed order); else the next round. Every try's log is kept
-# (train_official_try{N}_log.txt; the official one's becomes train_official_log.txt). When no try is left, the script
-# stops (exit 2) saying so; a try that fails otherwise stops it at once (exit 1).
+# run's end (train.py --mark-after tells the script; no restart, no second compile), the round's other tries are
+# stopped, and the chain's process starts, to compile while that try trains; "" trains each try to its end. A try
+# that ends with its last held-out probe at OFFICIAL_MIN_PROBE (default 0.2; the bundle's official run ended at
+# 0.39) is the official run (of a round's tries that all ended, the first in seed order); else the next round. Every
+# try's log is kept (train_official_try{N}_log.txt; the official one's becomes train_official_log.txt). When no try
+# is left, the script stops (exit 2) saying so; a try that fails otherwise stops it at once (exit 1).
 # The last run's export (float32, the bundle's layout) is OUT_DIR/model; QUICK_EVAL_SECONDS > 0 (default 120) adds a
 # quick sparse eval at 2K (QUICK_EVAL_TASKS and QUICK_EVAL_LENGTHS change its cells). The full table follows with
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
@@ -54,8 +57,8 @@ set -uo pipefail
 out=${1:?usage: reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(4394 2933 recall_facts:2894 recall_facts:3176 recall_facts_long:2886 recall_wordings:3225 recall_wordings:3468
-    recall_open:5500 recall_notes:2000)
+[ ${#runs[@]} -gt 0 ] || runs=(4394 2933 recall_facts:2894 recall_facts:3176 recall_facts_long:2886 recall_wordings:3225
+    recall_wordings:3468 recall_open:5500 recall_notes:2000)
 # shellcheck source=benchmarks/bare_checkout.sh
 source "$(dirname "$0")/bare_checkout.sh"
 # shellcheck source=benchmarks/train_defaults.sh
