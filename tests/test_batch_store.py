@@ -68,6 +68,11 @@ def test_claim_complete_answers_each_job_once(store):
     assert store.status("b1")["running"] == 1
     assert store.complete(m, {"answer": "first", "stats": {"steps": 1}})
     assert not store.complete(m, {"answer": "second", "stats": {}})  # never answered twice
+    assert store.refused_results("b1") == 1
+    # the same answer again is the client's retry of a write whose reply was lost (a server restart): accepted,
+    # neither refused nor answered a second time
+    assert store.complete(m, {"answer": "first", "stats": {"steps": 1}})
+    assert store.refused_results("b1") == 1 and store.answered("b1") == ["j0"]
     results, next_offset = store.results("b1", 0, 10)
     assert next_offset == -1
     assert results[0] == {"id": "j0", "state": "done", "attempts": 1, "answer": "first", "stats": {"steps": 1}}

@@ -80,6 +80,8 @@ local p, m, result = ARGV[1], ARGV[2], ARGV[3]
 local bid, jid = split(m)
 local jk, bk = p .. 'j:' .. bid .. ':' .. jid, p .. 'b:' .. bid
 local state = redis.call('HGET', jk, 'state')
+-- this very answer is there already: the client's retry of a write whose reply was lost (a restart), not a second one
+if state == 'done' and redis.call('HGET', jk, 'result') == result then return 1 end
 if (state ~= 'leased' and state ~= 'pending') or redis.call('HSETNX', jk, 'result', result) == 0 then
   if state then redis.call('HINCRBY', bk, 'refused_results', 1) end
   return 0
@@ -345,7 +347,8 @@ class BatchStore:
         return _text(m), json.loads(spec), int(attempts)
 
     def complete(self, m: str, result: dict) -> bool:
-        """Record the answer once; False when the job already has one (or was cancelled): nothing is overwritten."""
+        """Record the answer once; False when the job already has another one (or was cancelled): nothing is
+        overwritten. The same answer again is True and counts nothing: a retry of this call after its reply was lost."""
         return bool(self._complete(args=[self.p, m, json.dumps(result, ensure_ascii=False)]))
 
     def fail(self, m: str, owner: str, error: str, retry: bool) -> str:
