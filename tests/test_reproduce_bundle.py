@@ -172,6 +172,15 @@ def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_pat
     assert (tmp_path / "ckpt7" / "state.json").is_file() and (tmp_path / "ckpt8" / "state.json").is_file()
 
 
+def default_train_flags() -> list[str]:
+    """The flags the training scripts run with when TRAIN_FLAGS is unset, as bash reads benchmarks/train_defaults.sh."""
+    read = subprocess.run(
+        ["bash", "-c", 'source benchmarks/train_defaults.sh && printf "%s" "$DEFAULT_TRAIN_FLAGS"'],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    return read.stdout.split()
+
+
 def test_the_scripts_default_train_flags_are_flags_train_py_takes(monkeypatch):
     """The flags the training scripts run with when TRAIN_FLAGS is unset (benchmarks/train_defaults.sh) parse as
     train.py's, so a typo there fails here and not on a GPU after a machine start (parsed as on a GPU: train.py
@@ -181,11 +190,7 @@ def test_the_scripts_default_train_flags_are_flags_train_py_takes(monkeypatch):
     from pdllm.training.train import parse_args
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    read = subprocess.run(
-        ["bash", "-c", 'source benchmarks/train_defaults.sh && printf "%s" "$DEFAULT_TRAIN_FLAGS"'],
-        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
-    args = parse_args(["--out", "unused", *read.stdout.split()])
+    args = parse_args(["--out", "unused", *default_train_flags()])
     assert (args.attention, args.compile) == ("flex", "stack+losses")
     assert args.flex_options.mask_block == 64 and args.flex_options.kernel["bwd_BLOCK_M1"] == 16
 
@@ -203,11 +208,7 @@ def test_a_run_with_the_default_flags_records_them_in_state_json(monkeypatch, tm
     from pdllm.training.train import build_model, parse_args, run_meta
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    read = subprocess.run(
-        ["bash", "-c", 'source benchmarks/train_defaults.sh && printf "%s" "$DEFAULT_TRAIN_FLAGS"'],
-        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
-    args = parse_args(["--out", str(tmp_path / "run"), "--shape", "smoke", *read.stdout.split()])
+    args = parse_args(["--out", str(tmp_path / "run"), "--shape", "smoke", *default_train_flags()])
     model = build_model("smoke", torch.device("cpu"))
     save_state(tmp_path / "run", model, make_optimizer(model, 1e-3), run_meta(0, args, [], 0.0, 0))
     recorded = json.loads((tmp_path / "run" / "state.json").read_text())["args"]

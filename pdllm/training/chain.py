@@ -32,20 +32,19 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from torch.nn.attention import sdpa_kernel
 
 from pdllm.models.transformer import DllmModel
 from pdllm.training.data import curriculum, make_batch
 from pdllm.training.objective import LossTerms, batch_layout
 from pdllm.training.optim import make_optimizer
 from pdllm.training.train import (
-    TRAIN_ATTENTION,
     attention_class_of,
     build_model,
     compile_model,
     export,
     init_from,
     parse_args,
+    step_backward,
     step_loss,
     train_device,
     train_run,
@@ -112,8 +111,7 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], fla
                 batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (chunked, args.pretrain_frac))
                 layout = batch_layout(batch, args.pack_tokens)
                 loss, _ = step_loss(model, batch.to(device), layout, args, gen, attention_class, terms)
-                with sdpa_kernel(TRAIN_ATTENTION):
-                    loss.backward()
+                step_backward(loss)
                 done += 1
     model.zero_grad(set_to_none=True)
     return done

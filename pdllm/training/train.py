@@ -383,6 +383,12 @@ def step_loss(
         )
 
 
+def step_backward(loss: torch.Tensor) -> None:
+    """The backward of step_loss's loss, under the same attention kernels as its forward (no cuDNN)."""
+    with sdpa_kernel(TRAIN_ATTENTION):
+        loss.backward()
+
+
 def train_run(
     model: DllmModel,
     opt: torch.optim.Optimizer,
@@ -430,8 +436,7 @@ def train_run(
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
         loss, metrics = step_loss(model, batch, layout, args, gen, attention_class, terms)
         opt.zero_grad(set_to_none=True)
-        with sdpa_kernel(TRAIN_ATTENTION):
-            loss.backward()
+        step_backward(loss)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         # a non-finite gradient skips the update instead of poisoning the weights, decided on the device
         metrics["skipped"] = step_if_finite(opt, norm)
