@@ -173,12 +173,9 @@ def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_pat
 
 
 def default_train_flags() -> list[str]:
-    """The flags the training scripts run with when TRAIN_FLAGS is unset, as bash reads benchmarks/train_defaults.sh."""
-    read = subprocess.run(
-        ["bash", "-c", 'source benchmarks/train_defaults.sh && printf "%s" "$DEFAULT_TRAIN_FLAGS"'],
-        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
-    return read.stdout.split()
+    from benchmark_scripts import load_benchmark
+
+    return load_benchmark("bench_training_loop").default_train_flags()
 
 
 def test_the_scripts_default_train_flags_are_flags_train_py_takes(monkeypatch):

@@ -259,3 +259,21 @@ def test_the_step_bench_reports_a_variant_that_fails_and_times_the_next(monkeypa
     assert calls == ["sdpa+compile", "sdpa+stack"]
     assert "NoValidChoicesError" in rows["sdpa+compile failed recall"]["error"]
     assert rows["step recall, shapes seen, sdpa/sdpa+stack"]["new_ms"] > 0
+
+
+def test_the_loop_bench_times_each_condition_on_one_model(tmp_path, capsys):
+    """benchmarks/bench_training_loop.py runs train.py's loop (over its loader and over pre-made batches) and the
+    step bench's step on the same batches, one row per condition (CPU: the smoke model, eager)."""
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_training_loop")
+    out = tmp_path / "rows.json"
+    flags = ["--smoke", "--steps", "2", "--workers", "1", "--conditions", "premade,bench,loop,repeated"]
+    assert bench.main([*flags, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"] for r in rows] == ["compile", "premade", "bench", "loop", "repeated"]
+    assert all(r["ms_per_step"] > 0 for r in rows)
+    for bad, why in [(["--conditions", "loop,fast"], "unknown fast"), (["--steps", "1", "--smoke"], "at least 2")]:
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+        assert why in capsys.readouterr().err
