@@ -25,7 +25,9 @@
 # the bundle's heads (the default TRAIN_FLAGS since) the whole script ran from scratch on an H100 to run 8 of 9 in
 # 28.4 minutes, 72-77 ms a chain step, about 30.7 minutes in all by those times, 6 of them compiling (NOTES, "The
 # whole script with FlexAttention tuned"). The chain's process now compiles while the official run trains, and a
-# round's first try compiles alone: about 26-27 minutes by estimate, not yet run.
+# round's first try compiles alone; on an H100 that warm-up took 286 s for two mixes on a cold machine and left 85 s
+# of compiling to the first run, so the script stays at about 30 minutes. That chain's final model reads kv_retrieval
+# 0% with chunks of 256 tokens, so the 64K recipe is not the bundle's (NOTES, "The tuned chain's last two runs").
 # The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 6 of 23 runs
 # reached, each by step 1100; those that left the stage without it ended at probe 0.0, and two followed to step 1800
 # never reached it (benchmarks/NOTES.md, "The official run's copy phase change" and "The official run in rounds"). So

@@ -13,8 +13,10 @@ runs of the same process 4-26 s (benchmarks/NOTES.md, "The whole script with Fle
 --warm-up the process compiles the steps' graphs first, on a few batches of every stage its runs train (forward and
 backward, no update), and with --await-start it then waits for a line on stdin before it reads --from: so
 reproduce_bundle.sh starts the chain while the official run still trains, to compile during that run's last
-steps instead of after them (end of input instead of a line: the chain stops without a run). What that saves on the
-GPU is to be measured.
+steps instead of after them (end of input instead of a line: the chain stops without a run). On an H100 the
+warm-up of two mixes took 286 s on a cold machine, and the first run after it still compiled for about 85 s (its
+first steps, its first probe, its first steps of a new stage), so it does not yet cover every graph a run builds
+(benchmarks/NOTES.md, "The tuned chain's last two runs").
 """
 
 from __future__ import annotations
