@@ -10,7 +10,8 @@ Conditions, each `--steps` steps of one curriculum stage (the first 50-step wind
 A first `loop` run compiles the model's graphs and is not counted.
 
     python benchmarks/bench_training_loop.py                                    # the chain's recall step, 64K
-    python benchmarks/bench_training_loop.py --mix official --stage 2 --tokens 32768 --workers 3 -- --seed 1234
+    source benchmarks/train_defaults.sh     # the official run's long stage: its flags, without the chain's losses
+    python benchmarks/bench_training_loop.py --mix official --stage 2 --tokens 32768 --workers 3 -- $DEFAULT_TRAIN_FLAGS
     python benchmarks/bench_training_loop.py --smoke --steps 100 --workers 2      # a CPU check
 
 Flags after `--` replace the chain's (reproduce_bundle.sh: the default TRAIN_FLAGS and the chain's loss weights).
@@ -63,11 +64,11 @@ class Bench:
         self.terms = train.compile_model(self.model, first.compile, pack=first.pack_tokens,
                                          flex_options=first.flex_options)  # fmt: skip
 
-    def args(self, steps: int, workers: int | None = None) -> argparse.Namespace:
-        workers = self.workers if workers is None else workers
+    def args(self, steps: int) -> argparse.Namespace:
+        """A run's flags for `steps` steps, without probes or saves on the way."""
         return train.parse_args([*self.flags, "--out", str(self.out), "--steps", str(steps), "--max-steps", str(steps),
-                                 "--workers", str(workers), "--probe-every", str(10**9), "--save-every", str(10**9),
-                                 "--minutes", "600"])  # fmt: skip
+                                 "--workers", str(self.workers), "--probe-every", str(10**9),
+                                 "--save-every", str(10**9), "--minutes", "600"])  # fmt: skip
 
     def loop(self, steps: int, batches: list | None = None, pin: bool = True) -> float:
         """ms a step of train_run after its first window: over `batches` (no DataLoader) or its own loader."""
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=12, help="loader workers (the script gives a chain run 12)")
     p.add_argument("--steps", type=int, default=150, help="steps a condition (at least two 50-step windows)")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma list of {', '.join(CONDITIONS)}")
-    p.add_argument("--smoke", action="store_true", help="train.py --smoke (a tiny model, eager): a CPU check")
+    p.add_argument("--smoke", action="store_true",
+                   help="train.py --smoke (a tiny model, eager, its own 4096-token batches): a CPU check")  # fmt: skip
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(ours)
     conditions = args.conditions.split(",")
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         add("compile", bench.loop(args.steps))
         print(f"compiled and warmed in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         run_conditions(bench, conditions, args.steps, add)
-    print(f"\n{args.mix} stage {args.stage}, {args.tokens} tokens a batch, {args.workers} workers, "
+    print(f"\n{args.mix} stage {args.stage}, {bench.args(1).tokens_per_batch} tokens a batch, {args.workers} workers, "
           f"{bench.device.type}:\n| condition | ms a step |\n| --- | --- |")  # fmt: skip
     for r in rows[1:]:
         print(f"| {r['what']} | {r['ms_per_step']} |")

@@ -173,6 +173,7 @@ def test_official_seeds_trains_one_run_per_seed_at_once_and_reports_each(tmp_pat
 
 
 def default_train_flags() -> list[str]:
+    """benchmarks/train_defaults.sh's DEFAULT_TRAIN_FLAGS, as bash reads them (through the loop bench's reader)."""
     from benchmark_scripts import load_benchmark
 
     return load_benchmark("bench_training_loop").default_train_flags()
