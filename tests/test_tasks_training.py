@@ -16,6 +16,7 @@ from pdllm.method.prefill import encode_chunks
 from pdllm.method.selection import chunk_scores
 from pdllm.models.tiny import random_model, tiny_spec
 from pdllm.models.transformer import ForwardOutput
+from pdllm.training import train
 from pdllm.training.data import (
     BOS_ID,
     CURRICULUM,
@@ -678,6 +679,29 @@ def test_the_recall_facts_mix_asks_facts_questions_in_every_stage_after_copy():
     assert long[2:] == facts[2:]
     lengths = stage_lengths(random.Random(0), long[1], 2048, 32768)
     assert max(lengths) > 900 and min(lengths) >= 600
+
+
+def test_a_runs_text_chunks_share_replaces_its_mixs_in_every_stage_and_reaches_the_loaders_rows():
+    """train.py --text-chunks: recall_notes cut at text borders without a mix of its own; the stream's batches then
+    hold text-cut rows (kv_retrieval's pairs at equal positions in every chunk, as served)."""
+    assert all(s.text_chunks == 0.5 for s in curriculum("recall_notes", 0.5))
+    assert all(s.text_chunks == 0 for s in curriculum("recall_text", 0.0))
+    assert curriculum("recall_notes", None) == curriculum("recall_notes")
+    assert [s.notes for s in curriculum("recall_notes", 0.5)] == [s.notes for s in curriculum("recall_notes")]
+    with pytest.raises(ValueError, match="0 to 1"):
+        curriculum("recall_notes", 1.5)
+    args = train.parse_args(["--out", "x", "--mix", "recall_notes", "--text-chunks", "1"])
+    stream = ExampleStream(1234, 8192, 1024, 1.0, 0, 0.0, 1, args.mix, args.text_chunks)
+    assert all(s.text_chunks == 1.0 for s in stream.stages)
+    plain = ExampleStream(1234, 8192, 1024, 1.0, 0, 0.0, 1, args.mix)
+    cut, fixed = next(iter(stream)), next(iter(plain))
+    lengths = [torch.bincount(row[row >= 0]).tolist() for row in cut.seg]  # tokens per chunk, BOS included
+
+    def even(rows: list[list[int]]) -> int:  # rows whose chunks (the last aside) are all of one size
+        return sum(len(set(r[:-1])) <= 1 for r in rows)
+
+    assert even(lengths) < len(lengths)  # text cuts leave uneven chunks
+    assert even([torch.bincount(row[row >= 0]).tolist() for row in fixed.seg]) == len(fixed.seg)
 
 
 def test_text_chunked_rows_are_cut_as_the_engine_cuts_and_point_at_what_they_copy():

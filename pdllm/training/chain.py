@@ -108,7 +108,7 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], fla
         attention_class = attention_class_of(args)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         rng = random.Random(f"warm-up:{mix}")
-        for stage in curriculum(mix)[args.stage or 0 :]:
+        for stage in curriculum(mix, args.text_chunks)[args.stage or 0 :]:
             for chunked in (1.0, 0.0) * WARM_BATCHES:
                 batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (chunked, args.pretrain_frac))
                 layout = batch_layout(batch, args.pack_tokens)

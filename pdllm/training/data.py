@@ -154,7 +154,7 @@ MIXES = {
 }
 
 
-def curriculum(mix: str = "official") -> tuple[Stage, ...]:
+def curriculum(mix: str = "official", text_chunks: float | None = None) -> tuple[Stage, ...]:
     """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's first run), `varied`
     (plus facts in many wordings and value kinds), `lookup` (varied with a key -> value stage after the copy
     stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts) or `recall` (varied with
@@ -166,7 +166,8 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
     with 80% of its chunked rows cut at text borders, as `chunking: text` serves contexts) or `recall_broad`
     (recall_wordings in the `broad` wording: more sentence orders) or `recall_open` (in the `open` wording: a value
     before its subject joined by any of dozens of links) or `recall_notes` (recall_open with a fifth of its facts
-    rows a user's short note)."""
+    rows a user's short note). `text_chunks` sets every stage's share of chunked rows cut at text borders (None: the
+    mix's own)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     m = MIXES[mix]
@@ -177,7 +178,10 @@ def curriculum(mix: str = "official") -> tuple[Stage, ...]:
         Stage("tasks", m.tasks, 270, 768, (128, 256), 0.4, m.until, **later),
         Stage("long", m.tasks, 400, 0, (128, 256, 512), None, None, **later),
     )
-    every = {k: v for k, v in (("text_chunks", m.text_chunks), ("notes", m.notes)) if v}
+    if text_chunks is not None and not 0.0 <= text_chunks <= 1.0:
+        raise ValueError(f"text_chunks is a share of the chunked rows, 0 to 1; got {text_chunks}")
+    cut = m.text_chunks if text_chunks is None else text_chunks
+    every = {k: v for k, v in (("text_chunks", cut), ("notes", m.notes)) if v}
     return tuple(dataclasses.replace(s, **every) for s in stages) if every else stages
 
 
@@ -533,9 +537,10 @@ class ExampleStream(torch.utils.data.IterableDataset):
         pretrain_frac: float = 0.0,
         stage: int = 0,
         mix: str = "official",
+        text_chunks: float | None = None,
     ) -> None:
         super().__init__()
-        self.stages = curriculum(mix)
+        self.stages = curriculum(mix, text_chunks)
         self.seed, self.tokens, self.train_length = seed, tokens_per_batch, train_length
         self.fracs = (chunked_frac, pretrain_frac)
         self.start_step = start_step

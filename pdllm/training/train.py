@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=2048, help="the training length (the last stage's longest context)")
     p.add_argument("--stage", type=int, default=None, help="curriculum stage to start in (default: 0, or resumed)")
     p.add_argument("--chunked-frac", type=float, default=0.5, help="share of batches in the chunked layout")
+    p.add_argument("--text-chunks", type=float, default=None, help="share of chunked rows cut at text borders, as "
+                   "`chunking: text` serves contexts (default: the mix's; chunks of equal pairs then hold them at "
+                   "equal positions)")  # fmt: skip
     p.add_argument("--pretrain-frac", type=float, default=0.0, help="share of rows with whole-sequence masking")
     p.add_argument("--eps", type=float, default=0.1, help="mask ratio t ~ U(eps, 1)")
     p.add_argument("--pad-weight", type=float, default=0.1, help="loss weight of the answer's end-token padding")
@@ -409,9 +412,17 @@ def train_run(
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
     stream = ExampleStream(
-        args.seed, args.tokens_per_batch, args.max_len, args.chunked_frac, step, args.pretrain_frac, stage, args.mix
+        args.seed,
+        args.tokens_per_batch,
+        args.max_len,
+        args.chunked_frac,
+        step,
+        args.pretrain_frac,
+        stage,
+        args.mix,
+        args.text_chunks,
     )
-    stages = curriculum(args.mix)
+    stages = curriculum(args.mix, args.text_chunks)
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
