@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_conditions(bench: Bench, conditions: list[str], steps: int, add: Callable[[str, float], None]) -> None:
     """Each condition in turn on one compiled model; the pre-made batches are shared, so loop and step compare."""
     batches = bench.premade(max(steps, 6)) if {"premade", "bench", "repeated"} & set(conditions) else []
+    if batches and bench.device.type == "cuda":  # the loader's pin thread reaches every tensor of a Batch
+        unpinned = [name for name, t in vars(batches[0]).items() if not t.is_pinned()]
+        if unpinned:
+            raise RuntimeError(f"the loader's batches arrive with {', '.join(unpinned)} not pinned")
+        print("the loader's batches arrive pinned", file=sys.stderr, flush=True)
     for name in conditions:
         if name == "premade":
             add(name, bench.loop(steps, batches[:steps]))
