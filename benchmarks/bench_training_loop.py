@@ -34,6 +34,7 @@ import torch
 from pdllm.training import train
 from pdllm.training.data import ExampleStream
 from pdllm.training.optim import make_optimizer
+from pdllm.training.packed import PackedStream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training_step import step_ms  # noqa: E402
@@ -90,8 +91,8 @@ class Bench:
     def premade(self, n: int) -> list:
         """n batches of the run's stream, made by its loader and pinned as a run's are."""
         a = self.args(n)
-        stream = ExampleStream(a.seed, a.tokens_per_batch, a.max_len, a.chunked_frac, 0, a.pretrain_frac, a.stage,
-                               a.mix)  # fmt: skip
+        stream = PackedStream(ExampleStream(a.seed, a.tokens_per_batch, a.max_len, a.chunked_frac, 0, a.pretrain_frac,
+                                            a.stage, a.mix, a.text_chunks))  # fmt: skip
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda",
                                              prefetch_factor=2 if self.workers else None)  # fmt: skip
@@ -108,7 +109,8 @@ class Bench:
         losses = {"rank_weight": a.rank_weight, "pointer_weight": a.pointer_weight, "key_weight": a.key_weight,
                   "match_weight": a.match_weight, "rank_across_rows": train.MIXES[a.mix].rank_across_rows,
                   "terms": self.terms}  # fmt: skip
-        return step_ms(self.model, batches, self.device, True, losses, train.attention_class_of(a))
+        unpacked = [b.unpack() for b in batches]  # views of each pinned buffer: pinned too
+        return step_ms(self.model, unpacked, self.device, True, losses, train.attention_class_of(a))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +161,8 @@ def run_conditions(bench: Bench, conditions: list[str], steps: int, add: Callabl
     """Each condition in turn on one compiled model; the pre-made batches are shared, so loop and step compare."""
     batches = bench.premade(max(steps, 6)) if {"premade", "bench", "repeated"} & set(conditions) else []
     if batches and bench.device.type == "cuda":  # the loader's pin thread reaches every tensor of a Batch
-        unpinned = [name for name, t in vars(batches[0]).items() if not t.is_pinned()]
-        if unpinned:
-            raise RuntimeError(f"the loader's batches arrive with {', '.join(unpinned)} not pinned")
+        if not batches[0].data.is_pinned():
+            raise RuntimeError("the loader's batches arrive not pinned")
         print("the loader's batches arrive pinned", file=sys.stderr, flush=True)
     for name in conditions:
         if name == "premade":

@@ -51,6 +51,7 @@ from pdllm.training.objective import (
     key_layer,
 )
 from pdllm.training.optim import make_optimizer, step_if_finite
+from pdllm.training.packed import PackedStream
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.stack import compile_stack
 from pdllm.training.state import load_state, save_state
@@ -424,7 +425,7 @@ def train_run(
     )
     stages = curriculum(args.mix, args.text_chunks)
     loader = torch.utils.data.DataLoader(
-        stream,
+        PackedStream(stream),  # one buffer a batch from worker to GPU (training.packed)
         batch_size=None,
         num_workers=args.workers,
         pin_memory=device.type == "cuda",
@@ -438,11 +439,11 @@ def train_run(
     stopped = False  # the --stop-after stage was left: the run stops there, to be resumed
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    for batch in loader:
+    for packed in loader:
         if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
             break
-        layout = batch_layout(batch, args.pack_tokens)  # on the CPU copy: the step then never waits on the GPU
-        batch = batch.to(device)
+        layout = batch_layout(packed.unpack(), args.pack_tokens)  # on the CPU copy: the step never waits on the GPU
+        batch = packed.to(device).unpack()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
         loss, metrics = step_loss(model, batch, layout, args, gen, attention_class, terms)
