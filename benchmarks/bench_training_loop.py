@@ -1,11 +1,11 @@
 """The training loop's step against the bench's step, in one process and on the same batches: what train.py's loop
-(DataLoader workers, pinned memory, metrics, the LR schedule) adds to the step bench_training_step.py times.
+(DataLoader workers, metrics, the LR schedule) adds to the step bench_training_step.py times.
 
 Conditions, each `--steps` steps of one curriculum stage (the first 50-step window of each is dropped):
-  premade   train_run over batches made beforehand (pinned as the loader pins them): the loop without its loader
+  premade   train_run over batches made beforehand by its loader: the loop without its loader
   bench     bench_training_step.step_ms over those same batches: the step alone
-  loop      train_run as a run trains (its DataLoader with --workers workers, pinned memory)
-  nopin     the same without pin_memory
+  loop      train_run as a run trains (its DataLoader with --workers workers)
+  packed    the same with --packed-batches (one pinned buffer a batch, training.packed)
   repeated  step_ms over the first 6 batches again and again: shapes it has seen (the step bench's warm rows)
 A first `loop` run compiles the model's graphs and is not counted.
 
@@ -34,14 +34,13 @@ import torch
 from pdllm.training import train
 from pdllm.training.data import ExampleStream
 from pdllm.training.optim import make_optimizer
-from pdllm.training.packed import PackedStream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training_step import step_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAIN_LOSS_FLAGS = ["--lr", "1e-3", "--pointer-weight", "0.5", "--key-weight", "0.5", "--match-weight", "0.5"]
-CONDITIONS = ("premade", "bench", "loop", "nopin", "repeated")
+CONDITIONS = ("premade", "bench", "loop", "packed", "repeated")
 WINDOW = 50  # train_run logs every 50 steps; the first window holds the loader's start
 
 
@@ -71,14 +70,14 @@ class Bench:
                                  "--workers", str(self.workers), "--probe-every", str(10**9),
                                  "--save-every", str(10**9), "--minutes", "600"])  # fmt: skip
 
-    def loop(self, steps: int, batches: list | None = None, pin: bool = True) -> float:
-        """ms a step of train_run after its first window: over `batches` (no DataLoader) or its own loader."""
+    def loop(self, steps: int, batches: list | None = None, packed: bool = False) -> float:
+        """ms a step of train_run after its first window: over `batches` (no DataLoader) or its own loader
+        (`packed`: with --packed-batches)."""
         args, log = self.args(steps), []
+        args.packed_batches = packed
         real = torch.utils.data.DataLoader
         if batches is not None:
             torch.utils.data.DataLoader = lambda *a, **k: batches
-        elif not pin:
-            torch.utils.data.DataLoader = lambda *a, **k: real(*a, **(k | {"pin_memory": False}))
         try:
             train.train_run(self.model, make_optimizer(self.model, args.lr), args, self.device, self.terms, log=log)
         finally:
@@ -89,12 +88,11 @@ class Bench:
         return sum(windows) / len(windows)
 
     def premade(self, n: int) -> list:
-        """n batches of the run's stream, made by its loader and pinned as a run's are."""
+        """n batches of the run's stream, made by a loader as a run's are."""
         a = self.args(n)
-        stream = PackedStream(ExampleStream(a.seed, a.tokens_per_batch, a.max_len, a.chunked_frac, 0, a.pretrain_frac,
-                                            a.stage, a.mix, a.text_chunks))  # fmt: skip
+        stream = ExampleStream(a.seed, a.tokens_per_batch, a.max_len, a.chunked_frac, 0, a.pretrain_frac, a.stage,
+                               a.mix, a.text_chunks)  # fmt: skip
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
-                                             pin_memory=self.device.type == "cuda",
                                              prefetch_factor=2 if self.workers else None)  # fmt: skip
         out = []
         for batch in loader:
@@ -109,8 +107,7 @@ class Bench:
         losses = {"rank_weight": a.rank_weight, "pointer_weight": a.pointer_weight, "key_weight": a.key_weight,
                   "match_weight": a.match_weight, "rank_across_rows": train.MIXES[a.mix].rank_across_rows,
                   "terms": self.terms}  # fmt: skip
-        unpacked = [b.unpack() for b in batches]  # views of each pinned buffer: pinned too
-        return step_ms(self.model, unpacked, self.device, True, losses, train.attention_class_of(a))
+        return step_ms(self.model, batches, self.device, True, losses, train.attention_class_of(a))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +157,6 @@ def main(argv: list[str] | None = None) -> int:
 def run_conditions(bench: Bench, conditions: list[str], steps: int, add: Callable[[str, float], None]) -> None:
     """Each condition in turn on one compiled model; the pre-made batches are shared, so loop and step compare."""
     batches = bench.premade(max(steps, 6)) if {"premade", "bench", "repeated"} & set(conditions) else []
-    if batches and bench.device.type == "cuda":  # the loader's pin thread reaches every tensor of a Batch
-        if not batches[0].data.is_pinned():
-            raise RuntimeError("the loader's batches arrive not pinned")
-        print("the loader's batches arrive pinned", file=sys.stderr, flush=True)
     for name in conditions:
         if name == "premade":
             add(name, bench.loop(steps, batches[:steps]))
@@ -171,8 +164,8 @@ def run_conditions(bench: Bench, conditions: list[str], steps: int, add: Callabl
             add(name, bench.step(batches[:steps]))
         elif name == "loop":
             add(name, bench.loop(steps))
-        elif name == "nopin":
-            add(name, bench.loop(steps, pin=False))
+        elif name == "packed":
+            add(name, bench.loop(steps, packed=True))
         else:
             add(name, bench.step([batches[i % 6] for i in range(steps)]))
 

@@ -28,7 +28,6 @@ from pdllm.training.data import (
     byte_ids,
     collate,
     curriculum,
-    make_batch,
 )
 from pdllm.training.objective import diffusion_loss, mask_tokens, ranking_scores
 from pdllm.training.probe import exact_match, probe_batches
@@ -703,22 +702,6 @@ def test_a_runs_text_chunks_share_replaces_its_mixs_in_every_stage_and_reaches_t
 
     assert even(lengths) < len(lengths)  # text cuts leave uneven chunks
     assert even([torch.bincount(row[row >= 0]).tolist() for row in fixed.seg]) == len(fixed.seg)
-
-
-def test_the_loaders_pin_step_reaches_every_tensor_of_a_batch():
-    """The DataLoader's pin thread calls Batch.pin_memory: a dataclass it cannot see into passed through unpinned, and
-    each tensor's `to(device, non_blocking=True)` then copied synchronously. Without CUDA pinning fails, which shows
-    the call reached the tensors; with it every tensor comes back pinned and equal."""
-    from torch.utils.data._utils.pin_memory import pin_memory
-
-    batch = make_batch(random.Random(0), curriculum("recall_notes")[1], 1024, 4096, (1.0, 0.0))
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="accelerator"):
-            pin_memory(batch)
-        return
-    pinned = pin_memory(batch)
-    for name, t in vars(pinned).items():
-        assert t.is_pinned() and torch.equal(t, getattr(batch, name)), name
 
 
 def test_text_chunked_rows_are_cut_as_the_engine_cuts_and_point_at_what_they_copy():

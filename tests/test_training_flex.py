@@ -268,10 +268,10 @@ def test_the_loop_bench_times_each_condition_on_one_model(tmp_path, capsys):
 
     bench = load_benchmark("bench_training_loop")
     out = tmp_path / "rows.json"
-    flags = ["--smoke", "--steps", "2", "--workers", "1", "--conditions", "premade,bench,loop,repeated"]
+    flags = ["--smoke", "--steps", "2", "--workers", "1", "--conditions", "premade,bench,loop,packed,repeated"]
     assert bench.main([*flags, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["what"] for r in rows] == ["compile", "premade", "bench", "loop", "repeated"]
+    assert [r["what"] for r in rows] == ["compile", "premade", "bench", "loop", "packed", "repeated"]
     assert all(r["ms_per_step"] > 0 for r in rows)
     for bad, why in [(["--conditions", "loop,fast"], "unknown fast"), (["--steps", "1", "--smoke"], "at least 2")]:
         with pytest.raises(SystemExit):

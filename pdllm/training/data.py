@@ -425,11 +425,6 @@ class Batch:
     def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
 
-    def pin_memory(self) -> Batch:
-        """Every tensor in page-locked memory (the DataLoader's pin thread calls this; a dataclass it cannot see
-        into would pass unpinned, and `to` would then copy each tensor synchronously)."""
-        return Batch(*(t.pin_memory() for t in vars(self).values()))
-
 
 def padded(rows: list[list[int]], width: int, fill: int) -> Tensor:
     """[len(rows), width] long: each row left-aligned, `fill` after it (numpy: ~8x faster than torch.tensor)."""

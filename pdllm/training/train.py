@@ -51,7 +51,7 @@ from pdllm.training.objective import (
     key_layer,
 )
 from pdllm.training.optim import make_optimizer, step_if_finite
-from pdllm.training.packed import PackedStream
+from pdllm.training.packed import PackedStream, host_and_device
 from pdllm.training.probe import probe_accuracy, probe_batches
 from pdllm.training.stack import compile_stack
 from pdllm.training.state import load_state, save_state
@@ -112,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pack-tokens", action="store_true",
                    help="with --compile stack: the layers' norms, projections and MLP run on the batch's tokens alone, "
                    "not its padding (training.stack; the same loss and gradients)")  # fmt: skip
+    p.add_argument("--packed-batches", action="store_true", help="batches leave the loader's workers as one buffer "
+                   "each, pinned, one copy to the GPU (training.packed; one GPU run was slower, NOTES)")  # fmt: skip
     p.add_argument("--flex-options", metavar="JSON",
                    help="with --attention flex and --compile stack: FlexAttention's kernel options as a JSON object, "
                    "and MASK_BLOCK_SIZE, the block mask's tile in tokens (default 128), e.g. "
@@ -425,10 +427,12 @@ def train_run(
     )
     stages = curriculum(args.mix, args.text_chunks)
     loader = torch.utils.data.DataLoader(
-        PackedStream(stream),  # one buffer a batch from worker to GPU (training.packed)
+        PackedStream(stream) if args.packed_batches else stream,
         batch_size=None,
         num_workers=args.workers,
-        pin_memory=device.type == "cuda",
+        # a plain Batch crosses the pin thread unpinned (a dataclass it does not look into); the thread alone cost
+        # 3 ms a step (benchmarks/NOTES.md, "The loop against the bench"), so only packed batches are pinned
+        pin_memory=args.packed_batches and device.type == "cuda",
         prefetch_factor=2 if args.workers else None,
     )
     probes = {i: probe_batches(s, args.max_len, args.probe_samples) for i, s in enumerate(stages)}
@@ -439,11 +443,11 @@ def train_run(
     stopped = False  # the --stop-after stage was left: the run stops there, to be resumed
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    for packed in loader:
+    for item in loader:
         if step >= args.max_steps or time.time() - t_start > 60 * args.minutes:
             break
-        layout = batch_layout(packed.unpack(), args.pack_tokens)  # on the CPU copy: the step never waits on the GPU
-        batch = packed.to(device).unpack()
+        host, batch = host_and_device(item, device)
+        layout = batch_layout(host, args.pack_tokens)  # on the CPU copy: the step then never waits on the GPU
         for g in opt.param_groups:
             g["lr"] = lr_at(step, before + time.time() - t_start, args)
         loss, metrics = step_loss(model, batch, layout, args, gen, attention_class, terms)
