@@ -91,7 +91,7 @@ class Bench:
         """n batches of the run's stream, made by a loader as a run's are."""
         a = self.args(n)
         stream = ExampleStream(a.seed, a.tokens_per_batch, a.max_len, a.chunked_frac, 0, a.pretrain_frac, a.stage,
-                               a.mix, a.text_chunks)  # fmt: skip
+                               a.mix, train.run_stages(a))  # fmt: skip
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
                                              prefetch_factor=2 if self.workers else None)  # fmt: skip
         out = []

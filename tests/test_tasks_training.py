@@ -691,7 +691,7 @@ def test_a_runs_text_chunks_share_replaces_its_mixs_in_every_stage_and_reaches_t
     with pytest.raises(ValueError, match="0 to 1"):
         curriculum("recall_notes", 1.5)
     args = train.parse_args(["--out", "x", "--mix", "recall_notes", "--text-chunks", "1"])
-    stream = ExampleStream(1234, 8192, 1024, 1.0, 0, 0.0, 1, args.mix, args.text_chunks)
+    stream = ExampleStream(1234, 8192, 1024, 1.0, 0, 0.0, 1, args.mix, train.run_stages(args))
     assert all(s.text_chunks == 1.0 for s in stream.stages)
     plain = ExampleStream(1234, 8192, 1024, 1.0, 0, 0.0, 1, args.mix)
     cut, fixed = next(iter(stream)), next(iter(plain))
@@ -702,6 +702,60 @@ def test_a_runs_text_chunks_share_replaces_its_mixs_in_every_stage_and_reaches_t
 
     assert even(lengths) < len(lengths)  # text cuts leave uneven chunks
     assert even([torch.bincount(row[row >= 0]).tolist() for row in fixed.seg]) == len(fixed.seg)
+
+
+@pytest.mark.parametrize("task", ["kv_retrieval", "passkey", "niah_multikey"])
+def test_rows_with_the_instruction_apart_are_laid_out_as_the_engine_lays_out_a_prompt(task):
+    """--instruction-apart: the task's instruction is chunk 0 alone, and the context is cut from its own start, as
+    the engine keeps an instruction whole and chunks the context after it (chunks of kv_retrieval's JSON then hold
+    whole pairs at equal positions); pointers, needle chunk and keys follow."""
+    from pdllm.method import MethodConfig, chunk_context
+    from pdllm.models.tokenizer import build_byte_tokenizer
+    from pdllm.tasks import TASKS
+    from pdllm.training.data import byte_counter
+
+    tok = build_byte_tokenizer()
+    stage = curriculum("recall_notes", 1.0, True)[1]
+    assert all(s.instruction_apart for s in curriculum("recall_notes", None, True))
+    assert not any(s.instruction_apart for s in curriculum("recall_notes"))
+    instruction = TASKS[task].make(1024, 1, byte_counter, None, split="heldout").instruction.encode()
+    assert instruction
+    for seed in range(6):
+        e = build_example(random.Random(seed), 1400, True, {task: 1.0}, (256,), keys=(3, 3), queries=2,
+                          asking=stage.asking, text_chunks=1.0, instruction_apart=True)  # fmt: skip
+        chunks = [[t for t, s in zip(e.ids, e.seg, strict=True) if s == c][1:] for c in range(max(e.seg) + 1)]
+        assert bytes(chunks[0]) == instruction
+        context = [t for c in chunks[1:] for t in c]
+        assert chunks[1:] == chunk_context(tok, context, MethodConfig(chunk_size=256))
+        assert e.needle_seg >= 1 and all(e.ids[a] == e.ids[p] for a, p in zip(e.pointer_at, e.pointer, strict=True))
+        gold = bytes(e.ids[e.answer_start : e.answer_start + e.core_len - 1]).decode().strip()
+        assert gold in bytes(chunks[e.needle_seg]).decode()
+        assert all(e.seg[lo] == e.seg[hi - 1] for lo, hi in e.key_span)
+        joined = build_example(random.Random(seed), 1400, True, {task: 1.0}, (256,), keys=(3, 3), queries=2,
+                               asking=stage.asking, text_chunks=1.0)  # fmt: skip
+        head = bytes([t for t, s in zip(joined.ids, joined.seg, strict=True) if s == 0][1:])
+        assert head.startswith(instruction)  # without it the instruction heads chunk 0 ...
+        assert task != "kv_retrieval" or len(head) > len(instruction)  # ... and kv's 91 bytes never end a cut of 256
+    if task == "kv_retrieval":  # whole 80-byte pairs, so every chunk but the last holds them at the same positions
+        assert len({len(c) for c in chunks[1:-1]}) == 1 and len(chunks[1]) % 80 == 0
+
+
+def test_the_probe_lays_its_rows_out_as_its_stage_does():
+    """A run with --instruction-apart probes rows laid out as it trains them: kv_retrieval's chunked rows open with
+    the instruction alone; without it their first chunk runs on into the JSON."""
+
+    def first_chunks(stage) -> list[str]:  # chunk 0 of each chunked kv_retrieval row of the probe
+        out = []
+        for batch, chunked, tasks in probe_batches(stage, 2048, 16):
+            for ids, seg, flag, task in zip(batch.ids, batch.seg, chunked, tasks, strict=True):
+                if flag and task == "kv_retrieval":
+                    out.append(bytes(ids[seg == 0][1:].tolist()).decode())
+        return out
+
+    apart, joined = first_chunks(curriculum("recall_notes", 1.0, True)[1]), first_chunks(curriculum("recall_notes")[1])
+    assert apart and joined  # (the text cuts draw from the rng, so the two probes hold other rows)
+    assert all(c.endswith("JSON data:\n") for c in apart)
+    assert not any(c.endswith("JSON data:\n") for c in joined)
 
 
 def test_text_chunked_rows_are_cut_as_the_engine_cuts_and_point_at_what_they_copy():

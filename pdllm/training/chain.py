@@ -36,7 +36,7 @@ from typing import TextIO
 import torch
 
 from pdllm.models.transformer import DllmModel
-from pdllm.training.data import curriculum, make_batch
+from pdllm.training.data import make_batch
 from pdllm.training.objective import LossTerms, batch_layout
 from pdllm.training.optim import make_optimizer
 from pdllm.training.train import (
@@ -46,6 +46,7 @@ from pdllm.training.train import (
     export,
     init_from,
     parse_args,
+    run_stages,
     step_backward,
     step_loss,
     train_device,
@@ -108,7 +109,7 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], fla
         attention_class = attention_class_of(args)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         rng = random.Random(f"warm-up:{mix}")
-        for stage in curriculum(mix, args.text_chunks)[args.stage or 0 :]:
+        for stage in run_stages(args)[args.stage or 0 :]:
             for chunked in (1.0, 0.0) * WARM_BATCHES:
                 batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (chunked, args.pretrain_frac))
                 layout = batch_layout(batch, args.pack_tokens)

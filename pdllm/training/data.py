@@ -81,6 +81,7 @@ class Stage:
     wording: str = "train"  # facts rows' needles and questions: "train" templates, "varied", "broad", "open" (facts)
     text_chunks: float = 0.0  # share of chunked rows cut as `chunking: text` serves them (at text borders)
     notes: float = 0.0  # share of facts rows that are a user's short note, not a document (facts.facts `note`)
+    instruction_apart: bool = False  # chunked rows: a task's instruction is a chunk of its own, as the engine keeps it
 
 
 COPY_TASKS = {"passkey": 0.6, "number_string": 0.4}
@@ -154,7 +155,9 @@ MIXES = {
 }
 
 
-def curriculum(mix: str = "official", text_chunks: float | None = None) -> tuple[Stage, ...]:
+def curriculum(
+    mix: str = "official", text_chunks: float | None = None, instruction_apart: bool = False
+) -> tuple[Stage, ...]:
     """The stages for a training mix: `official` (the five benchmark tasks; the bundled model's first run), `varied`
     (plus facts in many wordings and value kinds), `lookup` (varied with a key -> value stage after the copy
     stage, for the tasks that need a key matched: niah_multikey, kv_retrieval, facts) or `recall` (varied with
@@ -167,7 +170,7 @@ def curriculum(mix: str = "official", text_chunks: float | None = None) -> tuple
     (recall_wordings in the `broad` wording: more sentence orders) or `recall_open` (in the `open` wording: a value
     before its subject joined by any of dozens of links) or `recall_notes` (recall_open with a fifth of its facts
     rows a user's short note). `text_chunks` sets every stage's share of chunked rows cut at text borders (None: the
-    mix's own)."""
+    mix's own); `instruction_apart` makes each chunked row's instruction a chunk of its own (Stage)."""
     if mix not in MIXES:
         raise ValueError(f"unknown training mix {mix!r}; choose from {', '.join(MIXES)}")
     m = MIXES[mix]
@@ -181,7 +184,7 @@ def curriculum(mix: str = "official", text_chunks: float | None = None) -> tuple
     if text_chunks is not None and not 0.0 <= text_chunks <= 1.0:
         raise ValueError(f"text_chunks is a share of the chunked rows, 0 to 1; got {text_chunks}")
     cut = m.text_chunks if text_chunks is None else text_chunks
-    every = {k: v for k, v in (("text_chunks", cut), ("notes", m.notes)) if v}
+    every = {k: v for k, v in (("text_chunks", cut), ("notes", m.notes), ("instruction_apart", instruction_apart)) if v}
     return tuple(dataclasses.replace(s, **every) for s in stages) if every else stages
 
 
@@ -295,6 +298,7 @@ def build_example(
     wording: str = "train",
     text_chunks: float = 0.0,
     notes: float = 0.0,
+    instruction_apart: bool = False,
 ) -> Example:
     """One example; `long_values` of the passkey / number_string rows get a 5-32 digit value: a needle in the
     official wording with more to copy, so a row teaches copying at many offsets, not one 5-digit guess. `keys`
@@ -304,7 +308,10 @@ def build_example(
     and attending only to the context and itself: answers that differ only by their key are what teach a small
     model to match it. Facts rows carry their subjects as keys (the key and match losses) only when asked, and are
     worded from `wording`'s templates (facts.py), `notes` of them a short note. `text_chunks` of the chunked rows end
-    their chunks at text borders (pdllm.method.chunks.split_chunks), the rest every `size` tokens."""
+    their chunks at text borders (pdllm.method.chunks.split_chunks), the rest every `size` tokens. With
+    `instruction_apart` a chunked row's instruction (the task's text before its context) is a chunk of its own and
+    the context is cut from its start, as the engine lays a prompt out (prompt.py, method.instruction); otherwise
+    the instruction heads the first chunk, and every cut after it sits that many tokens later than served."""
     tasks = tasks or ALL_TASKS
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     if task in HELDOUT_TASKS:
@@ -346,7 +353,9 @@ def build_example(
     else:
         size = rng.choice(chunk_sizes)
         text_cut = text_chunks > 0 and rng.random() < text_chunks  # no draw for mixes without text chunks
-        pieces = split_chunks(ctx, size, byte_breaks() if text_cut else None)
+        head = len(byte_ids(sample.instruction)) if instruction_apart else 0  # the prompt opens with its instruction
+        cut = split_chunks(ctx[head:], size, byte_breaks() if text_cut else None)
+        pieces = [ctx[:head], *cut] if head else cut
         starts = list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=0))
         ids, pos, seg = [], [], []
         for c, piece in enumerate(pieces):
@@ -516,6 +525,7 @@ def make_batch(rng: random.Random, stage: Stage, train_length: int, tokens: int,
             asking=stage.asking,
             wording=stage.wording,
             text_chunks=stage.text_chunks,
+            instruction_apart=stage.instruction_apart,
             notes=stage.notes,
         )
         e.pretrain = rng.random() < fracs[1]
@@ -537,10 +547,10 @@ class ExampleStream(torch.utils.data.IterableDataset):
         pretrain_frac: float = 0.0,
         stage: int = 0,
         mix: str = "official",
-        text_chunks: float | None = None,
+        stages: tuple[Stage, ...] | None = None,
     ) -> None:
         super().__init__()
-        self.stages = curriculum(mix, text_chunks)
+        self.stages = stages or curriculum(mix)  # `stages`: the mix's as a run lays them out (train.run_stages)
         self.seed, self.tokens, self.train_length = seed, tokens_per_batch, train_length
         self.fracs = (chunked_frac, pretrain_frac)
         self.start_step = start_step

@@ -26,7 +26,16 @@ def probe_batches(
     rng = random.Random(f"probe:{seed}:{stage.name}")
     length = stage.max_len or train_length
     examples = [
-        build_example(rng, length, i % 2 == 1, stage.tasks, stage.chunk_sizes[-1:], split="heldout")
+        build_example(
+            rng,
+            length,
+            i % 2 == 1,
+            stage.tasks,
+            stage.chunk_sizes[-1:],
+            split="heldout",
+            text_chunks=stage.text_chunks,
+            instruction_apart=stage.instruction_apart,
+        )  # fmt: skip
         for i in range(samples)
     ]
     flags = torch.arange(samples) % 2 == 1

@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-chunks", type=float, default=None, help="share of chunked rows cut at text borders, as "
                    "`chunking: text` serves contexts (default: the mix's; chunks of equal pairs then hold them at "
                    "equal positions)")  # fmt: skip
+    p.add_argument("--instruction-apart", action="store_true", help="chunked rows keep a task's instruction as "
+                   "a chunk of its own, as the engine does, not at the head of the first chunk")  # fmt: skip
     p.add_argument("--pretrain-frac", type=float, default=0.0, help="share of rows with whole-sequence masking")
     p.add_argument("--eps", type=float, default=0.1, help="mask ratio t ~ U(eps, 1)")
     p.add_argument("--pad-weight", type=float, default=0.1, help="loss weight of the answer's end-token padding")
@@ -395,6 +397,11 @@ def step_backward(loss: torch.Tensor) -> None:
         loss.backward()
 
 
+def run_stages(args: argparse.Namespace) -> tuple[Stage, ...]:
+    """The run's curriculum: its mix's stages with the run's chunk layout (--text-chunks, --instruction-apart)."""
+    return curriculum(args.mix or "official", args.text_chunks, args.instruction_apart)
+
+
 def train_run(
     model: DllmModel,
     opt: torch.optim.Optimizer,
@@ -423,9 +430,9 @@ def train_run(
         args.pretrain_frac,
         stage,
         args.mix,
-        args.text_chunks,
+        run_stages(args),
     )
-    stages = curriculum(args.mix, args.text_chunks)
+    stages = run_stages(args)
     loader = torch.utils.data.DataLoader(
         PackedStream(stream) if args.packed_batches else stream,
         batch_size=None,
