@@ -782,3 +782,23 @@ def test_text_chunked_rows_are_cut_as_the_engine_cuts_and_point_at_what_they_cop
         assert gold in bytes(chunks[e.needle_seg]).decode()  # the whole answer in the recorded chunk
         assert all(e.seg[lo] == e.seg[hi - 1] for lo, hi in e.key_span)  # a key never spans two chunks
     assert uneven >= 10
+
+
+def test_the_layout_probe_reads_the_same_rows_in_every_layout(capsys):
+    """benchmarks/layout_probe.py: one held-out draw laid out four ways (instruction joined or apart, fixed or text
+    cuts), the same answers in each; apart rows open with the instruction alone; a table row per model."""
+    from benchmark_scripts import load_benchmark
+
+    from pdllm.assets import default_model_dir
+
+    probe = load_benchmark("layout_probe")
+    rows = probe.layout_rows("kv_retrieval", 256, 3, 900, 0)
+    assert list(rows) == ["joined fixed", "joined text", "apart fixed", "apart text"]
+    answers = {k: [tuple(e.ids[e.answer_start : e.answer_start + e.core_len]) for e in v] for k, v in rows.items()}
+    assert len({tuple(a) for a in answers.values()}) == 1
+    firsts = {k: [bytes(e.ids[1 : e.seg.index(1)]) for e in v] for k, v in rows.items()}
+    assert all(f.endswith(b"JSON data:\n") for f in firsts["apart text"] + firsts["apart fixed"])
+    assert not any(f.endswith(b"JSON data:\n") for f in firsts["joined text"] + firsts["joined fixed"])
+    assert probe.main([str(default_model_dir()), "--rows", "2", "--length", "700"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1].startswith(f"| {default_model_dir()} |") and len(table[-1].split("|")) == 7
