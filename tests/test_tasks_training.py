@@ -363,6 +363,29 @@ def test_a_resumed_run_keeps_its_mix_unless_another_is_asked_for():
     assert resumed_mix(None, {"args": {}}) == "official"  # saved before the mix was recorded
 
 
+@pytest.mark.timeout(120)
+def test_a_resumed_run_keeps_its_rows_layout_unless_the_flags_say_otherwise(tmp_path):
+    """A run saved with --instruction-apart --text-chunks resumes in that layout when the flags are left out, and in
+    the one asked for when they are given."""
+    from pdllm.training.train import main, parse_args, resume_layout, run_stages
+
+    out = tmp_path / "run"
+    args = ["--smoke", "--mix", "recall_notes", "--stage", "1", "--workers", "0"]
+    assert main([*args, "--out", str(out), "--max-steps", "1", "--instruction-apart", "--text-chunks", "0.5"]) == 0
+    meta = json.loads((out / "state.json").read_text())
+    resumed = parse_args(["--out", str(out), "--resume", str(out)])
+    resume_layout(resumed, meta)
+    resumed.mix = "recall_notes"
+    assert all(s.instruction_apart and s.text_chunks == 0.5 for s in run_stages(resumed))
+    asked = parse_args(["--out", str(out), "--resume", str(out), "--text-chunks", "0"])
+    resume_layout(asked, {"args": {"text_chunks": 0.5, "instruction_apart": None}})
+    asked.mix = "recall_notes"
+    assert asked.text_chunks == 0 and not any(s.instruction_apart for s in run_stages(asked))
+    assert main([*args, "--out", str(out), "--resume", str(out), "--max-steps", "2"]) == 0
+    saved = json.loads((out / "state.json").read_text())["args"]
+    assert saved["instruction_apart"] is True and saved["text_chunks"] == 0.5
+
+
 def test_the_official_mix_reads_the_data_that_trained_the_bundled_model():
     """The bundled weights come from `--mix official --seed 1234`: its first batches of every stage hash to the
     value the recipe's data had when the bundle was trained, so adding other mixes did not change it."""

@@ -6,7 +6,7 @@ on its own: about 10 ms a 64K-token batch on the main process's side on a 2-core
 Packed, the batch is one file, one pinned buffer and one copy, and the fields come back as views of it, on either
 side of the copy. Opt-in (train.py --packed-batches): on one H100 the loop with it ran at 79.5 ms a step against
 57.0 over pre-made batches, where the plain loop had run at 66.0 against 59.5 on another H100 (benchmarks/NOTES.md,
-"The kv slip is numerics"); not yet compared on one machine.
+"The kv slip is the layout"); not yet compared on one machine.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def probe_batches(
             split="heldout",
             text_chunks=stage.text_chunks,
             instruction_apart=stage.instruction_apart,
-        )  # fmt: skip
+        )
         for i in range(samples)
     ]
     flags = torch.arange(samples) % 2 == 1

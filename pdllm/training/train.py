@@ -93,10 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", type=int, default=None, help="curriculum stage to start in (default: 0, or resumed)")
     p.add_argument("--chunked-frac", type=float, default=0.5, help="share of batches in the chunked layout")
     p.add_argument("--text-chunks", type=float, default=None, help="share of chunked rows cut at text borders, as "
-                   "`chunking: text` serves contexts (default: the mix's; chunks of equal pairs then hold them at "
-                   "equal positions)")  # fmt: skip
-    p.add_argument("--instruction-apart", action="store_true", help="chunked rows keep a task's instruction as "
-                   "a chunk of its own, as the engine does, not at the head of the first chunk")  # fmt: skip
+                   "`chunking: text` serves contexts (default: the mix's, or the resumed run's; chunks of equal "
+                   "pairs then hold them at equal positions)")  # fmt: skip
+    p.add_argument("--instruction-apart", action="store_true", default=None, help="chunked rows keep a task's "
+                   "instruction as a chunk of its own, as the engine does, not at the head of the first chunk "
+                   "(default: off, or the resumed run's)")  # fmt: skip
     p.add_argument("--pretrain-frac", type=float, default=0.0, help="share of rows with whole-sequence masking")
     p.add_argument("--eps", type=float, default=0.1, help="mask ratio t ~ U(eps, 1)")
     p.add_argument("--pad-weight", type=float, default=0.1, help="loss weight of the answer's end-token padding")
@@ -226,6 +227,16 @@ def resume_plan(args: argparse.Namespace, meta: dict) -> None:
         args.max_steps = min(args.max_steps, planned)  # where the plan ends, or an earlier --max-steps
 
 
+def resume_layout(args: argparse.Namespace, meta: dict) -> None:
+    """A resumed run keeps its rows' layout (--text-chunks, --instruction-apart) unless the flags say otherwise:
+    resumed without them, it would go on training another layout than it started on."""
+    saved = meta.get("args", {})
+    if args.text_chunks is None:
+        args.text_chunks = saved.get("text_chunks")
+    if args.instruction_apart is None:
+        args.instruction_apart = saved.get("instruction_apart")
+
+
 def run_meta(step: int, args: argparse.Namespace, log: list, seconds: float, stage: int) -> dict:
     plain = {k: _plain(v) for k, v in vars(args).items()}
     return {
@@ -323,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         step, log, before, stage = meta["step"], meta.get("log", []), meta.get("seconds", 0.0), meta.get("stage", 0)
         args.mix = resumed_mix(args.mix, meta)
         resume_plan(args, meta)
+        resume_layout(args, meta)
     terms = compile_model(model, args.compile, pack=args.pack_tokens, flex_options=args.flex_options)
     train_run(model, opt, args, device, terms, step, log, before, stage)
     return 0
@@ -399,7 +411,7 @@ def step_backward(loss: torch.Tensor) -> None:
 
 def run_stages(args: argparse.Namespace) -> tuple[Stage, ...]:
     """The run's curriculum: its mix's stages with the run's chunk layout (--text-chunks, --instruction-apart)."""
-    return curriculum(args.mix or "official", args.text_chunks, args.instruction_apart)
+    return curriculum(args.mix or "official", args.text_chunks, bool(args.instruction_apart))
 
 
 def train_run(
