@@ -75,13 +75,8 @@ class Bench:
         (`packed`: with --packed-batches)."""
         args, log = self.args(steps), []
         args.packed_batches = packed
-        real = torch.utils.data.DataLoader
-        if batches is not None:
-            torch.utils.data.DataLoader = lambda *a, **k: batches
-        try:
-            train.train_run(self.model, make_optimizer(self.model, args.lr), args, self.device, self.terms, log=log)
-        finally:
-            torch.utils.data.DataLoader = real
+        opt = make_optimizer(self.model, args.lr)
+        train.train_run(self.model, opt, args, self.device, self.terms, log=log, batches=batches)
         windows = [e["step_s"] * 1000 for e in log[1:]]
         if not windows:
             raise ValueError(f"{steps} steps logged no window after the first")
@@ -91,7 +86,7 @@ class Bench:
         """n batches of the run's stream, made by a loader as a run's are."""
         a = self.args(n)
         stream = ExampleStream(a.seed, a.tokens_per_batch, a.max_len, a.chunked_frac, 0, a.pretrain_frac, a.stage,
-                               a.mix, train.run_stages(a))  # fmt: skip
+                               stages=train.run_stages(a))  # fmt: skip
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
                                              prefetch_factor=2 if self.workers else None)  # fmt: skip
         out = []
@@ -104,9 +99,7 @@ class Bench:
     def step(self, batches: list) -> float:
         """bench_training_step's step (the step train.py runs, without the loop) over `batches`."""
         a = self.args(1)
-        losses = {"rank_weight": a.rank_weight, "pointer_weight": a.pointer_weight, "key_weight": a.key_weight,
-                  "match_weight": a.match_weight, "rank_across_rows": train.MIXES[a.mix].rank_across_rows,
-                  "terms": self.terms}  # fmt: skip
+        losses = train.loss_options(a, self.terms)
         return step_ms(self.model, batches, self.device, True, losses, train.attention_class_of(a))
 
 

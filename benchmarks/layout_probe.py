@@ -26,29 +26,26 @@ from pdllm.training.probe import exact_match
 LAYOUTS = (("joined", "fixed"), ("joined", "text"), ("apart", "fixed"), ("apart", "text"))
 
 
-DRAW_ONLY = 1e-300  # a text-cut share that draws from the rng as a text cut does but never cuts: the same rows
-
-
 def layout_rows(task: str, chunk_size: int, rows: int, length: int, seed: int) -> dict[str, list[Example]]:
-    """`rows` held-out rows in each layout, the same draws in each (one rng seed, the same draws per row)."""
-    out = {}
-    for instruction, cut in LAYOUTS:
-        rng = random.Random(f"layout-probe:{seed}:{task}")
-        out[f"{instruction} {cut}"] = [
-            build_example(rng, length, True, {task: 1.0}, (chunk_size,), split="heldout",
-                          text_chunks=1.0 if cut == "text" else DRAW_ONLY, instruction_apart=instruction == "apart")
-            for _ in range(rows)
-        ]  # fmt: skip
-    return out
+    """`rows` held-out rows in each layout, the same draws in each: row i has its own rng, and a row's layout draws
+    (the text cut's) come after everything that makes its sample."""
+    return {
+        f"{instruction} {cut}": [
+            build_example(random.Random(f"layout-probe:{seed}:{task}:{i}"), length, True, {task: 1.0}, (chunk_size,),
+                          split="heldout", text_chunks=float(cut == "text"), instruction_apart=instruction == "apart")
+            for i in range(rows)
+        ]
+        for instruction, cut in LAYOUTS
+    }  # fmt: skip
 
 
 def layout_em(model, rows: dict[str, list[Example]]) -> dict[str, float]:
-    """One-step exact match of each layout's rows."""
-    return {
-        layout: float(torch.cat([exact_match(model, collate(built[i : i + 8])) for i in range(0, len(built), 8)])
-                      .float().mean())
-        for layout, built in rows.items()
-    }  # fmt: skip
+    """One-step exact match of each layout's rows, 8 rows a forward."""
+    out = {}
+    for layout, built in rows.items():
+        hits = [exact_match(model, collate(built[i : i + 8])) for i in range(0, len(built), 8)]
+        out[layout] = float(torch.cat(hits).float().mean())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -386,21 +387,22 @@ def step_loss(
     amp = torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
     with amp, sdpa_kernel(TRAIN_ATTENTION):
         return diffusion_loss(
-            model,
-            batch,
-            args.eps,
-            gen,
-            pad_weight=args.pad_weight,
-            rank_weight=args.rank_weight,
-            layout=layout,
-            pointer_weight=args.pointer_weight,
-            key_weight=args.key_weight,
-            match_weight=args.match_weight,
-            pointer_at_layer=args.pointer_layer,
-            attention_class=attention_class,
-            rank_across_rows=MIXES[args.mix].rank_across_rows,
-            terms=terms,
+            model, batch, args.eps, gen, layout=layout, attention_class=attention_class, **loss_options(args, terms)
         )
+
+
+def loss_options(args: argparse.Namespace, terms: LossTerms) -> dict:
+    """diffusion_loss's weights and parts under the run's flags (the step benches take the loop's loss from here)."""
+    return {
+        "pad_weight": args.pad_weight,
+        "rank_weight": args.rank_weight,
+        "pointer_weight": args.pointer_weight,
+        "key_weight": args.key_weight,
+        "match_weight": args.match_weight,
+        "pointer_at_layer": args.pointer_layer,
+        "rank_across_rows": MIXES[args.mix].rank_across_rows,
+        "terms": terms,
+    }
 
 
 def step_backward(loss: torch.Tensor) -> None:
@@ -424,15 +426,18 @@ def train_run(
     log: list | None = None,
     before: float = 0.0,
     stage: int = 0,
+    batches: Iterable | None = None,
 ) -> None:
     """One run's training loop, from `step` (a resumed run's) to its planned end or time limit, saved to
     args.out; the model comes prepared (weights, compilation) with its loss parts (compile_model), so a chain of
-    runs can share one (training.chain)."""
+    runs can share one (training.chain). `batches`: train over these instead of the run's DataLoader (the loop
+    bench's pre-made batches)."""
     log = [] if log is None else log
     args.mix = args.mix or "official"
     stage = stage if args.stage is None else args.stage
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.shape}: {n_params / 1e6:.2f}M params on {device}; step {step}, stage {stage}", flush=True)
+    stages = run_stages(args)
     stream = ExampleStream(
         args.seed,
         args.tokens_per_batch,
@@ -442,17 +447,20 @@ def train_run(
         args.pretrain_frac,
         stage,
         args.mix,
-        run_stages(args),
+        stages,
     )
-    stages = run_stages(args)
-    loader = torch.utils.data.DataLoader(
-        PackedStream(stream) if args.packed_batches else stream,
-        batch_size=None,
-        num_workers=args.workers,
-        # a plain Batch crosses the pin thread unpinned (a dataclass it does not look into); the thread alone cost
-        # 3 ms a step (benchmarks/NOTES.md, "The loop against the bench"), so only packed batches are pinned
-        pin_memory=args.packed_batches and device.type == "cuda",
-        prefetch_factor=2 if args.workers else None,
+    loader = (
+        batches
+        if batches is not None
+        else torch.utils.data.DataLoader(
+            PackedStream(stream) if args.packed_batches else stream,
+            batch_size=None,
+            num_workers=args.workers,
+            # a plain Batch crosses the pin thread unpinned (a dataclass it does not look into); the thread alone cost
+            # 3 ms a step (benchmarks/NOTES.md, "The loop against the bench"), so only packed batches are pinned
+            pin_memory=args.packed_batches and device.type == "cuda",
+            prefetch_factor=2 if args.workers else None,
+        )
     )
     probes = {i: probe_batches(s, args.max_len, args.probe_samples) for i, s in enumerate(stages)}
     gen = torch.Generator(device=device).manual_seed(args.seed + step)
