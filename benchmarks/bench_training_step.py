@@ -34,7 +34,17 @@ import time
 import torch
 from torch.nn.attention import sdpa_kernel
 
-from pdllm.training.data import MIXES, PAD_ID, Batch, Example, ExampleStream, curriculum, key_tensors, make_batch
+from pdllm.training.data import (
+    MIXES,
+    PAD_ID,
+    ROW_FLAGS,
+    Batch,
+    Example,
+    ExampleStream,
+    curriculum,
+    key_tensors,
+    make_batch,
+)
 from pdllm.training.flex import FlexTuning, flex_tuning
 from pdllm.training.objective import MaskedAttention, batch_layout, compile_losses, diffusion_loss
 from pdllm.training.optim import make_optimizer, step_if_finite
@@ -64,7 +74,7 @@ def tensor_collate(examples: list[Example]) -> Batch:
         core[i, e.answer_start : e.answer_start + e.core_len] = True
         question[i, : len(e.question)] = torch.tensor(e.question)
         question_valid[i, : len(e.question)] = True
-    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
+    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ROW_FLAGS]
     width = max(1, *(len(e.pointer) for e in examples))
     pointer_at = torch.zeros((b, width), dtype=torch.long)
     pointer = torch.full((b, width), -1, dtype=torch.long)

@@ -137,6 +137,27 @@ def test_the_ranking_loss_across_rows_targets_the_rows_own_needle_chunk():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_the_ranking_loss_never_ranks_an_instruction_kept_apart():
+    """The engine keeps a task's instruction and ranks only the context's chunks: with --instruction-apart chunk 0
+    (the instruction) is no candidate, in its own row or lent to another; joined rows rank every chunk."""
+    spec = tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)
+    model = random_model(spec, seed=0)
+    tasks = {"kv_retrieval": 0.5, "niah_multikey": 0.5}
+    apart = [build_example(random.Random(i), 700, True, tasks, (128,), instruction_apart=True) for i in range(2)]
+    joined = build_example(random.Random(5), 700, True, tasks, (128,))
+    assert [e.ranked_from for e in apart] == [1, 1] and joined.ranked_from == 0
+    b = collate([*apart, joined])
+    kv = model(b.ids, b.pos, _masked(b), return_kv=True).kv
+    _, own = ranking_scores(model, b, kv)
+    _, cross = ranking_scores(model, b, kv, across_rows=True)
+    c = own.shape[1]
+    assert own[:2, 0].logical_not().all() and own[:2, 1].all() and own[2, 0]
+    assert not cross[:, 0].any() and not cross[:, c].any()  # the apart rows' instructions, to every row
+    assert cross[0, 2 * c] and cross[2, 2 * c]  # the joined row's first chunk holds context: ranked
+    loss, metrics = diffusion_loss(model, b, 0.5, torch.Generator().manual_seed(1), rank_weight=1.0)
+    assert torch.isfinite(loss) and torch.isfinite(metrics["rank"])
+
+
 def test_loss_is_finite_and_padding_weighs_less():
     spec = tiny_spec("llada", hidden=32, layers=2, heads=2, inner=64)
     model = random_model(spec, seed=0)

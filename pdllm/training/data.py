@@ -59,6 +59,7 @@ SHORTEST = {
 ASKED_TASKS = ("niah_multikey", "kv_retrieval")  # tasks whose rows may ask about several keys (Stage.queries)
 QUERY_SEGMENT = -1  # a row's (first) question and answer
 PAD_SEGMENT = -2  # padding; extra questions of a row take -3, -4, ... (extra_segment)
+ROW_FLAGS = ("full", "pretrain", "needle_seg", "ranked_from")  # Example's one-per-row fields, in Batch's order
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class Example:
     core_len: int  # answer text + first EOS: the tokens the loss is about
     question: list[int]  # the templated question alone (chunk ranking runs it on its own)
     needle_seg: int = -1  # chunked rows: the chunk holding the answer (-1: unknown or dense)
+    ranked_from: int = 0  # chunks before this one (an instruction kept apart) are kept, never ranked, as served
     full: bool = False  # dense only: the context also attends to question + answer (vanilla re-encoding)
     pretrain: bool = False  # mask the whole sequence (LLaDA pre-training) instead of only the answer
     task: str = ""
@@ -349,13 +351,14 @@ def build_example(
             asked.append((question, " " + value, (value_at.get(raw, text.find(raw)), 1, len(raw))))
     if not chunked:
         ids, pos, seg = [BOS_ID] + ctx, list(range(1 + len(ctx))), [0] * (1 + len(ctx))
-        index, chunk_of, needle_seg = (lambda p: 1 + p), (lambda p: 0), -1
+        index, chunk_of, needle_seg, ranked_from = (lambda p: 1 + p), (lambda p: 0), -1, 0
     else:
         size = rng.choice(chunk_sizes)
         text_cut = text_chunks > 0 and rng.random() < text_chunks  # no draw for mixes without text chunks
         head = len(byte_ids(sample.instruction)) if instruction_apart else 0  # the prompt opens with its instruction
         cut = split_chunks(ctx[head:], size, byte_breaks() if text_cut else None)
         pieces = [ctx[:head], *cut] if head else cut
+        ranked_from = 1 if head else 0
         starts = list(itertools.accumulate((len(p) for p in pieces[:-1]), initial=0))
         ids, pos, seg = [], [], []
         for c, piece in enumerate(pieces):
@@ -403,6 +406,7 @@ def build_example(
         core,
         question_ids,
         needle_seg=needle_seg,
+        ranked_from=ranked_from,
         full=full,
         task=task,
         pointer_at=pointer_at,
@@ -423,6 +427,7 @@ class Batch:
     full: Tensor  # [B] bool: dense rows whose context attends to everything
     pretrain: Tensor  # [B] bool: rows trained with whole-sequence masking
     needle_seg: Tensor  # [B] long: chunk holding the answer (-1: none)
+    ranked_from: Tensor  # [B] long: the first chunk the ranking loss may rank (1 past an instruction kept apart)
     question: Tensor  # [B, Q] the question alone, padded with PAD
     question_valid: Tensor  # [B, Q] bool
     pointer_at: Tensor  # [B, P] long: answer tokens that copy a context token (padding: 0) ...
@@ -456,7 +461,7 @@ def collate(examples: list[Example]) -> Batch:
             answer[i, begin : begin + n] = True
             core[i, begin : begin + n_core] = True
         question_valid[i, : len(e.question)] = True
-    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ("full", "pretrain", "needle_seg")]
+    flags = [torch.tensor([getattr(e, f) for e in examples]) for f in ROW_FLAGS]
     return Batch(
         padded([e.ids for e in examples], t, PAD_ID),
         padded([e.pos for e in examples], t, 0),

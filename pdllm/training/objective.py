@@ -224,7 +224,8 @@ def ranking_scores(
     across_rows: bool = False,
     summary: Callable[..., Tensor] = summary_scores,
 ) -> tuple[Tensor, Tensor]:
-    """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does;
+    """(scores [B, C], valid [B, C]) of every chunk of every chunked row, computed as chunk_scores does; a row's
+    chunks before its `ranked_from` (an instruction kept apart, which the engine keeps and never ranks) are not valid;
     `n_chunks` (default: read off `batch.seg`) is C. `across_rows`: each row's question against the chunks of
     every row, [B, B * C] (row n's chunk c at column n * C + c; see cross_row_valid). `summary`: summary_scores,
     or a compiled copy of it (LossTerms)."""
@@ -239,7 +240,8 @@ def ranking_scores(
     model(batch.question, position_ids=qpos, context=cap, logits_from=None)
     keys, queries = [kv[i][0] for i in layers], [cap.q[i] for i in layers]
     scores = summary(model.rotary, keys, queries, batch.pos, qpos, onehot, counts, batch.question_valid, across_rows)
-    return scores, cross_row_valid(counts > 0, batch.needle_seg) if across_rows else counts > 0
+    rankable = (counts > 0) & (torch.arange(n_chunks, device=seg.device)[None, :] >= batch.ranked_from[:, None])
+    return scores, cross_row_valid(rankable, batch.needle_seg) if across_rows else rankable
 
 
 def cross_row_valid(valid: Tensor, needle_seg: Tensor) -> Tensor:
