@@ -30,7 +30,8 @@
 # 0% with chunks of 256 tokens, so the 64K recipe is not the bundle's (NOTES, "The tuned chain's last two runs").
 # The cause is the rows' layout: the engine keeps a task's instruction as a chunk of its own and cuts at text borders,
 # training rows joined it to the first chunk and cut at fixed sizes; CHAIN_FLAGS with "--instruction-apart
-# --text-chunks 0.8" train the served layout, not yet run on a GPU (NOTES, "The kv slip is the layout").
+# --text-chunks 0.8" train the served layout, not yet run on a GPU; 300 CPU steps of them from that final model read
+# kv_retrieval at 100% to 8K with chunks of 256 (NOTES, "The kv slip is the layout", "The served layout from ...").
 # The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 6 of 23 runs
 # reached, each by step 1100; those that left the stage without it ended at probe 0.0, and two followed to step 1800
 # never reached it (benchmarks/NOTES.md, "The official run's copy phase change" and "The official run in rounds"). So
