@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 from pdllm.training import chain, train
 from pdllm.training.data import curriculum, make_batch
 from pdllm.training.objective import batch_layout
+from pdllm.training.probe import probe_batches
 
 # the flags reproduce_bundle.sh gives every run after the official one, on the smoke shape
 FLAGS = ["--smoke", "--seed", "1234", "--stage", "1", "--lr", "1e-3"]
@@ -88,8 +89,8 @@ def test_a_chain_told_no_start_stops_before_its_first_run(start, tmp_path, monke
 
 
 def test_the_warm_up_builds_the_graphs_the_runs_steps_take():
-    """After the warm-up, steps on new batches of every stage the runs train compile nothing more (the layer stack
-    and the loss parts, dynamic shapes; aot_eager on the CPU: dynamo's graphs are the same as on a GPU)."""
+    """After the warm-up, steps and probes on new batches of every stage the runs train compile nothing more (the
+    layer stack and the loss parts, dynamic shapes; aot_eager on the CPU: dynamo's graphs are the same as on a GPU)."""
     model = train.build_model("smoke", torch.device("cpu"))
     terms = train.compile_model(model, "stack+losses", backend="aot_eager")
     torch._dynamo.reset()
@@ -107,3 +108,8 @@ def test_the_warm_up_builds_the_graphs_the_runs_steps_take():
                 loss, _ = train.step_loss(model, batch, batch_layout(batch), args, gen, train.MaskedAttention, terms)
                 loss.backward()
     assert counters["stats"]["unique_graphs"] == warmed, "a step after the warm-up compiled a new graph"
+    for mix, _ in RUNS:  # the runs' probes, on other held-out draws (four batches of 16 rows, as a run probes)
+        args = train.parse_args([*FLAGS, "--out", "unused", "--mix", mix])
+        for stage in curriculum(mix)[1:]:
+            assert "em" in train.run_probe(model, probe_batches(stage, args.max_len, 64, seed=8), torch.device("cpu"))
+    assert counters["stats"]["unique_graphs"] == warmed, "a probe after the warm-up compiled a new graph"

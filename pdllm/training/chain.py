@@ -39,6 +39,7 @@ from pdllm.models.transformer import DllmModel
 from pdllm.training.data import make_batch
 from pdllm.training.objective import LossTerms, batch_layout
 from pdllm.training.optim import make_optimizer
+from pdllm.training.probe import probe_batches
 from pdllm.training.train import (
     attention_class_of,
     build_model,
@@ -46,6 +47,7 @@ from pdllm.training.train import (
     export,
     init_from,
     parse_args,
+    run_probe,
     run_stages,
     step_backward,
     step_loss,
@@ -56,6 +58,9 @@ from pdllm.training.train import (
 # warm-up batches of each layout (chunked, dense) for every stage a run trains: a layer stack compiled with dynamic
 # shapes took all its graphs from the first few batches of each stage (tests/test_training_chain.py counts them)
 WARM_BATCHES = 2
+# held-out probe rows of each stage: two batches of probe_batches' 16 rows, so a graph compiled for dynamic shapes sees
+# two lengths, as a run's probe (64 samples, four batches) will
+WARM_PROBE_SAMPLES = 32
 
 
 def parse_run(text: str) -> tuple[str, int]:
@@ -100,8 +105,8 @@ def run_args(flags: list[str], out: Path, mix: str, steps: int) -> argparse.Name
 
 def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], flags: list[str]) -> int:
     """Run the forwards and backwards of WARM_BATCHES batches of each layout for every stage the runs train, with
-    no update, so the compiled steps' graphs are built before the first run starts; the weights are untouched and
-    the gradients dropped. Returns the batches run."""
+    no update, and each stage's held-out probe, so the compiled steps' and probe's graphs are built before the first
+    run starts; the weights are untouched and the gradients dropped. Returns the training batches run."""
     done = 0
     device = next(model.parameters()).device
     for mix in dict.fromkeys(mix for mix, _ in runs):
@@ -116,6 +121,7 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], fla
                 loss, _ = step_loss(model, batch.to(device), layout, args, gen, attention_class, terms)
                 step_backward(loss)
                 done += 1
+            run_probe(model, probe_batches(stage, args.max_len, WARM_PROBE_SAMPLES), device)
     model.zero_grad(set_to_none=True)
     return done
 

@@ -411,6 +411,13 @@ def step_backward(loss: torch.Tensor) -> None:
         loss.backward()
 
 
+def run_probe(model: DllmModel, batches: list, device: torch.device) -> dict[str, float]:
+    """The held-out probe under the step's attention kernels (no cuDNN). The loop and the chain's warm-up both probe
+    through here, so the warm-up compiles the probe's forward (no gradients: graphs of its own) before a run."""
+    with sdpa_kernel(TRAIN_ATTENTION):
+        return probe_accuracy(model, batches, device)
+
+
 def run_stages(args: argparse.Namespace) -> tuple[Stage, ...]:
     """The run's curriculum: its mix's stages with the run's chunk layout (--text-chunks, --instruction-apart)."""
     return curriculum(args.mix or "official", args.text_chunks, bool(args.instruction_apart))
@@ -499,8 +506,7 @@ def train_run(
             }
             if step % args.probe_every == 0:
                 t_probe = time.time()
-                with sdpa_kernel(TRAIN_ATTENTION):
-                    entry |= probe_accuracy(model, probes[stage], device)
+                entry |= run_probe(model, probes[stage], device)
                 entry["probe_s"] = round(time.time() - t_probe, 2)
                 reason = advance_reason(stages[stage], entry["em"], planned_frac(step, entry["s"], args))
                 if reason == "deadline":
