@@ -24,9 +24,10 @@
 # kv_retrieval's chunk less well beyond 2K (NOTES, "The chain at 64K tokens a batch"). With FlexAttention tuned for
 # the bundle's heads (the default TRAIN_FLAGS since) the whole script ran from scratch on an H100 to run 8 of 9 in
 # 28.4 minutes, 72-77 ms a chain step, about 30.7 minutes in all by those times, 6 of them compiling (NOTES, "The
-# whole script with FlexAttention tuned"). The chain's process now compiles while the official run trains, and a
-# round's first try compiles alone; on an H100 that warm-up took 286 s for two mixes on a cold machine and left 85 s
-# of compiling to the first run, so the script stays at about 30 minutes. That chain's final model reads kv_retrieval
+# whole script with FlexAttention tuned"). A round's first try compiles alone, and the chain's process compiles its
+# steps and probes from the script's start, while the official run trains (about 8 minutes); on an H100 a warm-up
+# that started when a try left its copy stage took 286 s for two mixes on a cold machine and left 85 s of compiling
+# to the first run (its probe among them, now warmed too), so the script stayed at about 30 minutes. That chain's final model reads kv_retrieval
 # 0% with chunks of 256 tokens, so the 64K recipe is not the bundle's (NOTES, "The tuned chain's last two runs").
 # The cause is the rows' layout: the engine keeps a task's instruction as a chunk of its own and cuts at text borders,
 # training rows joined it to the first chunk and cut at fixed sizes; CHAIN_FLAGS with "--instruction-apart
@@ -41,7 +42,7 @@
 # stage of OFFICIAL_REQUIRE (default "copy"; "" none) below its target stops there (train.py --require, exit 3, about
 # 1,100 steps). The first to leave OFFICIAL_ROUND_STAGE (default the last required stage) trains on in place to the
 # run's end (train.py --mark-after tells the script; no restart, no second compile), the round's other tries are
-# stopped, and the chain's process starts, to compile while that try trains; "" trains each try to its end. A try
+# stopped; "" trains each try to its end. A try
 # that ends with its last held-out probe at OFFICIAL_MIN_PROBE (default 0.2; the bundle's official run ended at
 # 0.39) is the official run (of a round's tries that all ended, the first in seed order); else the next round. Every
 # try's log is kept (train_official_try{N}_log.txt; the official one's becomes train_official_log.txt). When no try
@@ -82,8 +83,9 @@ run_flags=(--workers "$workers" --minutes 60 ${TRAIN_FLAGS-$DEFAULT_TRAIN_FLAGS}
 train() { python3 -m pdllm.training.train "${run_flags[@]}" "$@"; }
 # the runs after the official one share one process (training.chain: the model, its compiled graphs and CUDA stay up
 # between runs), each run's log in train_run{i}_log.txt and its export in run{i}, packed after each run. The process
-# starts before its start checkpoint exists: it compiles its steps (chain --warm-up) while the official run trains,
-# then waits for a line on fd 7 (--await-start); closing fd 7 without one stops it with no run.
+# starts with the script, before its start checkpoint exists: it compiles its steps (chain --warm-up) while the
+# official run's rounds train, then waits for a line on fd 7 (--await-start); closing fd 7 without one stops it with
+# no run. The official run's tries do not hold fd 7, and a chain that fails before its start stops the script then.
 export -f pack
 export out PACK_TO
 chain_pid=""
@@ -98,13 +100,17 @@ start_chain() {  # START: the checkpoint the chain's first run will start from
     exec 7>"$out/chain_start"  # opens once the chain has the other end
     rm -f "$out/chain_start"
 }
-stop_chain() {  # the chain's start was not kept: its process, which has run nothing yet, is stopped
+stop_chain() {  # no official run to start from: the chain's process, which has run nothing yet, is stopped
     [ -n "$chain_pid" ] || return 0
     exec 7>&-
     kill "$chain_pid" 2>/dev/null
     wait "$chain_pid" 2>/dev/null
     chain_pid=""
     echo "official run: the chain's process is stopped before its first run"
+}
+chain_failed() {  # STATUS: the chain's process ended with STATUS; it stops the script, naming the chain's output
+    echo "reproduce_bundle: the chain failed (exit $1; its output: $out/chain_stdout.txt)" >&2
+    exit 1
 }
 start=${FROM:-}
 if [ -z "$start" ]; then
@@ -129,6 +135,18 @@ if [ -z "$start" ]; then
         echo "reproduce_bundle: the official run failed (exit $2; its log: $out/train_official_try${1}_log.txt)" >&2
         exit 1
     }
+    chain_alive() {  # the chain's process, compiling or waiting for its start, has not ended; else the script stops
+        kill -0 "$chain_pid" 2>/dev/null && return 0
+        wait "$chain_pid"
+        local status=$?
+        kill "${pids[@]}" 2>/dev/null
+        wait
+        chain_failed "$status"
+    }
+    # the chain compiles while the rounds train (on an H100 its warm-up took 286 s for two mixes on a cold machine,
+    # the official run about 8 minutes); its graphs hold no weights, so it serves whichever try passes
+    start_chain "$out/official"
+    echo "official run: the chain's process starts compiling while the official run's tries train"
     share=$((workers / at_once))  # the loader workers of one try in a round
     [ "$share" -ge 1 ] || [ "$workers" = 0 ] || share=1
     official=""
@@ -144,7 +162,7 @@ if [ -z "$start" ]; then
             echo "official run, try $try of $tries, seed $((1233 + try))" >"$out/train_official_try${try}_log.txt"
             python3 -m pdllm.training.train "${run_flags[@]}" --workers "$share" --seed $((1233 + try)) \
                 --out "$out/ckpt$try" --steps "$steps" --mix official ${require[@]+"${require[@]}"} \
-                ${mark[@]+"${mark[@]}"} >>"$out/train_official_try${try}_log.txt" 2>&1 &
+                ${mark[@]+"${mark[@]}"} >>"$out/train_official_try${try}_log.txt" 2>&1 7>&- &
             pids+=($!)
             # the round's first try compiles alone; the others start once it logs its first steps, from the compile
             # cache it filled (four compiling at once on an H100 reached their 50th step after 191 s, one alone 79 s)
@@ -174,13 +192,13 @@ if [ -z "$start" ]; then
                 [ "${statuses[$i]}" = 0 ] || [ "${statuses[$i]}" = 3 ] || failed_try $((first + i)) "${statuses[$i]}"
             done
             [ "$running" = 1 ] || break
+            chain_alive
             sleep 2
         done
         if [ -n "$ahead" ]; then
             for i in "${!pids[@]}"; do [ $((first + i)) = "$ahead" ] || kill "${pids[$i]}" 2>/dev/null; done
             echo "official run: try $ahead left its $round_stage stage at step $(cat "$out/left$ahead") and trains" \
-                "on; the round's other tries are stopped, and the chain's process starts compiling"
-            start_chain "$out/official"
+                "on; the round's other tries are stopped"
             for i in "${!pids[@]}"; do
                 [ $((first + i)) = "$ahead" ] && continue
                 [ -n "${statuses[$i]:-}" ] || wait "${pids[$i]}" 2>/dev/null
@@ -202,11 +220,11 @@ if [ -z "$start" ]; then
             python3 -m pdllm.training.runlog "$out/train_official_try${t}_log.txt" \
                 --min-em "${OFFICIAL_MIN_PROBE:-0.2}" && official=$t && break
         done
-        [ -n "$official" ] || stop_chain
         rm -f "$out"/left*
         for t in $(seq "$first" "$try"); do [ "$t" = "$official" ] || rm -rf "$out/ckpt$t"; done
     done
     if [ -z "$official" ]; then
+        stop_chain
         echo "reproduce_bundle: the official run missed its copy phase change or ended under probe" \
             "${OFFICIAL_MIN_PROBE:-0.2} in $tries tries" \
             "(logs: $out/train_official_try*_log.txt); the chain would build on a model that did not learn" \
@@ -228,10 +246,7 @@ trap - PIPE
 wait "$chain_pid"
 status=$?
 grep -E '"em"|saved|params|deadline|exported|^run |^chain' "$out/chain_stdout.txt" | tail -60
-[ "$status" = 0 ] || {
-    echo "reproduce_bundle: the chain failed (exit $status; its output: $out/chain_stdout.txt)" >&2
-    exit 1
-}
+[ "$status" = 0 ] || chain_failed "$status"
 start=$out/run${#runs[@]}
 rm -rf "$out/model" && cp -r "$start" "$out/model"
 pack

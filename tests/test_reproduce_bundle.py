@@ -125,22 +125,36 @@ def test_the_first_try_of_a_round_to_leave_its_round_stage_trains_on_in_place_an
     assert f"seed {1233 + other}" in (tmp_path / f"train_official_try{other}_log.txt").read_text()  # its log kept
     assert not list(tmp_path.glob("ckpt*")) and not list(tmp_path.glob("left*"))
     assert (tmp_path / "model" / "config.json").is_file()
-    # the chain's process started when that try left its stage, compiled its steps, and ran once it was exported
-    assert "and the chain's process starts compiling" in done.stdout
+    # the chain's process started with the script, compiled its steps, and ran once the official run was exported
+    assert done.stdout.splitlines()[0] == (
+        "official run: the chain's process starts compiling while the official run's tries train"
+    )
     chain_out = (tmp_path / "chain_stdout.txt").read_text()
     assert "chain: warmed up the steps on 12 batches" in chain_out  # 3 stages of reading x 2 layouts x 2
     assert f"run 1: mix reading, 2 steps, from {tmp_path}/official" in chain_out
     assert not (tmp_path / "chain_start").exists()
 
 
-def test_a_chain_started_for_a_try_that_ends_under_the_floor_stops_and_the_next_round_goes_on(tmp_path):
+def test_the_chains_process_compiles_across_the_rounds_and_stops_when_no_try_is_kept(tmp_path):
     done = run_script(
         tmp_path, "1.1", "reading:2", OFFICIAL_STEPS="10", OFFICIAL_ROUND_STAGE="copy", OFFICIAL_AT_ONCE="1"
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stdout.count("and the chain's process starts compiling") == 2  # one a round
-    assert done.stdout.count("the chain's process is stopped before its first run") == 2
+    assert done.stdout.count("tries 2-2 of 2 at once") == 1  # a second round, the chain's process still up
+    assert done.stdout.count("the chain's process starts compiling") == 1
+    assert done.stdout.count("the chain's process is stopped before its first run") == 1
     assert not list(tmp_path.glob("train_run*")) and not (tmp_path / "model").exists()
+
+
+def test_a_chain_that_fails_while_the_official_run_trains_stops_the_script_there(tmp_path):
+    # the chain's flags are refused before its warm-up; the official run would train 400 steps
+    done = run_script(tmp_path, "0", "reading:2", OFFICIAL_STEPS="400", CHAIN_FLAGS="--no-such-flag")
+    assert done.returncode == 1
+    assert f"the chain failed (exit 2; its output: {tmp_path}/chain_stdout.txt)" in done.stderr
+    assert "--no-such-flag" in (tmp_path / "chain_stdout.txt").read_text()
+    for try_log in tmp_path.glob("train_official_try*_log.txt"):
+        assert "saved step 400 " not in try_log.read_text()  # stopped before its end
+    assert not (tmp_path / "model").exists()
 
 
 def test_a_chain_that_fails_stops_the_script_naming_its_output(tmp_path):

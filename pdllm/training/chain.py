@@ -123,6 +123,8 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], fla
                 done += 1
             run_probe(model, probe_batches(stage, args.max_len, WARM_PROBE_SAMPLES), device)
     model.zero_grad(set_to_none=True)
+    if device.type == "cuda":  # the official run's tries train on the same GPU while this process waits for its start
+        torch.cuda.empty_cache()
     return done
 
 
