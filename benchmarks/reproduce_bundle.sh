@@ -51,17 +51,19 @@
 # quick sparse eval at 2K (QUICK_EVAL_TASKS and QUICK_EVAL_LENGTHS change its cells). The full table follows with
 # benchmarks/eval_table.sh OUT_DIR/model OUT_DIR.
 #   [FROM=MODEL] [PACK_TO=$OUT] [TRAIN_FLAGS=...] [CHAIN_FLAGS=...] \
-#       bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]
+#       bash benchmarks/reproduce_bundle.sh OUT_DIR [[MIX:]STEPS | MIX:STEPS:FLAGS ...]
 # TRAIN_FLAGS go to every training run (default: benchmarks/train_defaults.sh, FlexAttention tuned for 32-wide heads
 # with the layers and the loss's parts compiled; train.py: how a step runs, not what it computes; "" runs eager
 # SDPA, as the bundle's runs did). CHAIN_FLAGS go to the chain's runs only, after their own flags, so they override
 # them (a recipe on trial: "--tokens-per-batch 65536" with half of each run's steps, benchmarks/NOTES.md, "The chain
-# at 64K tokens a batch").
+# at 64K tokens a batch"). A run given as MIX:STEPS:FLAGS takes those train.py flags too, after CHAIN_FLAGS,
+# comma-separated (training.chain): recall_notes:1000:--instruction-apart,--text-chunks=0.8 trains the last run alone
+# in the served layout.
 # FROM skips the official run and starts the chain's first run from that checkpoint (a later run of the chain takes
 # the run before it), so a chain can be split over device calls of at most 10 minutes. With PACK_TO set (a device's
 # $OUT, which takes few files), the latest export is copied there and the logs packed into results.tgz after each run.
 set -uo pipefail
-out=${1:?usage: reproduce_bundle.sh OUT_DIR [[MIX:]STEPS ...]}
+out=${1:?usage: reproduce_bundle.sh OUT_DIR [[MIX:]STEPS | MIX:STEPS:FLAGS ...]}
 shift
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(4394 2933 recall_facts:2894 recall_facts:3176 recall_facts_long:2886 recall_wordings:3225

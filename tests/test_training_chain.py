@@ -20,7 +20,8 @@ from pdllm.training.probe import probe_batches
 # the flags reproduce_bundle.sh gives every run after the official one, on the smoke shape
 FLAGS = ["--smoke", "--seed", "1234", "--stage", "1", "--lr", "1e-3"]
 FLAGS += ["--pointer-weight", "0.5", "--key-weight", "0.5", "--match-weight", "0.5"]
-RUNS = [("reading", 2), ("recall_notes", 2)]
+# the last run with flags of its own: the served layout (the chain's runs before it train the joined one)
+RUNS = [chain.Run("reading", 2), chain.Run("recall_notes", 2, ("--instruction-apart", "--text-chunks=0.8"))]
 
 
 def weights(model_dir):
@@ -40,9 +41,9 @@ def start(tmp_path_factory):
 
 def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, tmp_path, capsys):
     begin = start
-    for i, (mix, steps) in enumerate(RUNS, 1):
+    for i, (mix, steps, own) in enumerate(RUNS, 1):
         ckpt = tmp_path / "separate" / f"ckpt{i}"
-        run = ["--out", str(ckpt), "--init-from", str(begin), "--mix", mix, "--steps", str(steps)]
+        run = [*own, "--out", str(ckpt), "--init-from", str(begin), "--mix", mix, "--steps", str(steps)]
         assert train.main([*FLAGS, *run]) == 0
         begin = tmp_path / "separate" / f"run{i}"
         assert train.main(["--export", str(ckpt), "--out", str(begin)]) == 0
@@ -57,7 +58,8 @@ def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, 
     assert weights(out / "run1") != {} and not (out / "ckpt").exists()
     assert "--after-run exited 3 after run1; going on" in capsys.readouterr().err  # a failed pack stops no run
     log = (out / "train_run2_log.txt").read_text()
-    assert log.startswith("run 2: mix recall_notes, 2 steps") and "exported step 2" in log
+    assert log.startswith("run 2: mix recall_notes, 2 steps (--instruction-apart --text-chunks=0.8)")
+    assert "exported step 2" in log
     # compiling first and waiting for the start changes nothing the runs compute
     warmed = tmp_path / "warmed"
     warmed.mkdir()
@@ -69,15 +71,27 @@ def test_the_chain_in_one_process_equals_separate_runs_joined_by_exports(start, 
 
 
 def test_bad_runs_and_flags_the_chain_sets_are_refused_by_name(start, tmp_path, capsys):
-    assert chain.parse_run("recall_open:5500") == ("recall_open", 5500) and chain.parse_run("7") == ("reading", 7)
-    with pytest.raises(ValueError, match="'reading:x'"):
-        chain.parse_run("reading:x")
+    assert chain.parse_run("recall_open:5500") == ("recall_open", 5500, ()) and chain.parse_run("7").mix == "reading"
+    apart = chain.parse_run("recall_notes:1000:--instruction-apart,--text-chunks=0.8")
+    assert apart == ("recall_notes", 1000, ("--instruction-apart", "--text-chunks=0.8"))
+    for bad, why in [
+        ("reading:x", "positive number"),
+        ("recall_notes:10:instruction-apart", "each starting with --"),
+        ("recall_notes:10:--steps=5", "--steps: the chain sets these"),
+        ("recall_notes:10:--x:--y", "MIX:STEPS:FLAGS"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            chain.parse_run(bad)
     with pytest.raises(SystemExit):
         chain.main(["--out", str(tmp_path), "--from", str(start), "reading:0"])
     assert "positive number" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         chain.main(["--out", str(tmp_path), "--from", str(start), "reading:2", "--", "--smoke", "--mix", "lookup"])
     assert "--mix after --" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a later run's bad flag fails before the first run trains
+        chain.main(["--out", str(tmp_path), "--from", str(start), "reading:2", "recall_notes:2:--no-such-flag", "--",
+                    *FLAGS])  # fmt: skip
+    assert "--no-such-flag" in capsys.readouterr().err and not list(tmp_path.glob("train_run*"))
 
 
 def test_a_chain_told_no_start_stops_before_its_first_run(start, tmp_path, monkeypatch, capsys):
@@ -99,7 +113,7 @@ def test_the_warm_up_builds_the_graphs_the_runs_steps_take():
     warmed = counters["stats"]["unique_graphs"]
     assert warmed >= 6 and all(p.grad is None for p in model.parameters())
     rng = random.Random(7)
-    for mix, _ in RUNS:
+    for mix, *_ in RUNS:
         args = train.parse_args([*FLAGS, "--out", "unused", "--mix", mix])
         for stage in curriculum(mix)[1:]:
             for _ in range(3):
@@ -108,7 +122,7 @@ def test_the_warm_up_builds_the_graphs_the_runs_steps_take():
                 loss, _ = train.step_loss(model, batch, batch_layout(batch), args, gen, train.MaskedAttention, terms)
                 loss.backward()
     assert counters["stats"]["unique_graphs"] == warmed, "a step after the warm-up compiled a new graph"
-    for mix, _ in RUNS:  # the runs' probes, on other held-out draws (four batches of 16 rows, as a run probes)
+    for mix, *_ in RUNS:  # the runs' probes, on other held-out draws (four batches of 16 rows, as a run probes)
         args = train.parse_args([*FLAGS, "--out", "unused", "--mix", mix])
         for stage in curriculum(mix)[1:]:
             assert "em" in train.run_probe(model, probe_batches(stage, args.max_len, 64, seed=8), torch.device("cpu"))

@@ -4,9 +4,11 @@
     python -m pdllm.training.chain --out OUT --from START reading:4394 recall_notes:2000 -- --seed 1234 ...
 
 Each [MIX:]STEPS run (a bare number is a `reading` run) trains with the train.py flags after `--` plus --mix, --steps
-and --out OUT/ckpt, writes its log to OUT/train_run{i}_log.txt and its export to OUT/run{i} (the float32 weights the
-next run starts from, so the chain equals separate train.py runs joined by exports: tests/test_training_chain.py
-checks it weight for weight), then runs --after-run, if given, with bash (RUN_DIR: that export).
+and --out OUT/ckpt; a run given as MIX:STEPS:FLAGS adds its own flags after those, comma-separated (so the last run
+can train the served layout: `recall_notes:1000:--instruction-apart,--text-chunks=0.8`). Each run writes its log to
+OUT/train_run{i}_log.txt and its export to OUT/run{i} (the float32 weights the next run starts from, so the chain
+equals separate train.py runs joined by exports: tests/test_training_chain.py checks it weight for weight), then
+runs --after-run, if given, with bash (RUN_DIR: that export).
 
 The chain's first run waits on compiling: on an H100 it reached its 50th step 105-162 s after it started, the later
 runs of the same process 4-26 s (benchmarks/NOTES.md, "The whole script with FlexAttention tuned"). With
@@ -31,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 import torch
 
@@ -63,12 +65,33 @@ WARM_BATCHES = 2
 WARM_PROBE_SAMPLES = 32
 
 
-def parse_run(text: str) -> tuple[str, int]:
-    """`MIX:STEPS` or `STEPS` (a reading run) as (mix, steps); bad input: ValueError naming it."""
-    mix, _, steps = text.rpartition(":")
+# train.py flags the chain sets for each run itself: refused after `--` and in a run's own flags
+CHAIN_SET_FLAGS = ("--out", "--mix", "--steps", "--init-from", "--resume", "--export")
+
+
+class Run(NamedTuple):
+    """One run of the chain: its mix, its planned steps, and train.py flags of its own (after the chain's)."""
+
+    mix: str
+    steps: int
+    flags: tuple[str, ...] = ()
+
+
+def parse_run(text: str) -> Run:
+    """`STEPS` (a reading run), `MIX:STEPS` or `MIX:STEPS:FLAGS` (train.py flags for this run alone, comma-separated,
+    a value after `=`: `recall_notes:1000:--instruction-apart,--text-chunks=0.8`); bad input: ValueError naming it."""
+    parts = text.split(":")
+    if len(parts) > 3 or (len(parts) == 3 and not parts[0]):
+        raise ValueError(f"run {text!r}: expected [MIX:]STEPS or MIX:STEPS:FLAGS")
+    mix, steps = (parts[0], parts[1]) if len(parts) > 1 else ("reading", parts[0])
     if not steps.isdigit() or int(steps) < 1:
         raise ValueError(f"run {text!r}: expected [MIX:]STEPS with STEPS a positive number")
-    return mix or "reading", int(steps)
+    flags = tuple(parts[2].split(",")) if len(parts) == 3 else ()
+    if not all(f.startswith("--") for f in flags):
+        raise ValueError(f"run {text!r}: its flags are train.py flags, comma-separated, each starting with --")
+    if set_here := sorted({f.split("=")[0] for f in flags} & set(CHAIN_SET_FLAGS)):
+        raise ValueError(f"run {text!r}: {', '.join(set_here)}: the chain sets these for each run")
+    return Run(mix or "reading", int(steps), flags)
 
 
 class Tee:
@@ -98,22 +121,22 @@ def set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def run_args(flags: list[str], out: Path, mix: str, steps: int) -> argparse.Namespace:
-    """The train.py flags of one run of the chain."""
-    return parse_args([*flags, "--out", str(out / "ckpt"), "--mix", mix, "--steps", str(steps)])
+def run_args(flags: list[str], out: Path, run: Run) -> argparse.Namespace:
+    """The train.py flags of one run of the chain: the chain's, then the run's own (which override them)."""
+    return parse_args([*flags, *run.flags, "--out", str(out / "ckpt"), "--mix", run.mix, "--steps", str(run.steps)])
 
 
-def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], flags: list[str]) -> int:
+def warm_up(model: DllmModel, terms: LossTerms, runs: list[Run], flags: list[str]) -> int:
     """Run the forwards and backwards of WARM_BATCHES batches of each layout for every stage the runs train, with
     no update, and each stage's held-out probe, so the compiled steps' and probe's graphs are built before the first
     run starts; the weights are untouched and the gradients dropped. Returns the training batches run."""
     done = 0
     device = next(model.parameters()).device
-    for mix in dict.fromkeys(mix for mix, _ in runs):
-        args = parse_args([*flags, "--out", os.devnull, "--mix", mix])  # the run's flags; it writes nothing
+    for mix, extra in dict.fromkeys((run.mix, run.flags) for run in runs):
+        args = run_args(flags, Path(os.devnull), Run(mix, 1, extra))  # the run's flags; it writes nothing
         attention_class = attention_class_of(args)
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        rng = random.Random(f"warm-up:{mix}")
+        rng = random.Random(f"warm-up:{mix}:{','.join(extra)}")
         for stage in run_stages(args)[args.stage or 0 :]:
             for chunked in (1.0, 0.0) * WARM_BATCHES:
                 batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (chunked, args.pretrain_frac))
@@ -131,7 +154,7 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[tuple[str, int]], fla
 def run_chain(
     out: Path,
     start: Path,
-    runs: list[tuple[str, int]],
+    runs: list[Run],
     flags: list[str],
     after_run: str | None,
     warm: bool = False,
@@ -140,7 +163,8 @@ def run_chain(
     """Train `runs` one after another from checkpoint `start`; returns the last run's export. `warm`: compile the
     steps first (warm_up); `await_start`: called before `start` is read, False to stop with no run (None)."""
     device = train_device()
-    first = run_args(flags, out, *runs[0])
+    every = [run_args(flags, out, run) for run in runs]  # a run's bad flag fails here, before any run trains
+    first = every[0]
     model = build_model(first.shape, device)
     fresh_process = rng_state(device)  # what a new train.py process holds when its loop starts
     terms = compile_model(model, first.compile, pack=first.pack_tokens, flex_options=first.flex_options)
@@ -151,12 +175,12 @@ def run_chain(
     if await_start is not None and not await_start():
         print(f"chain: no start given for {start}; stopping before the first run", flush=True)
         return None
-    for i, (mix, steps) in enumerate(runs, 1):
-        args = run_args(flags, out, mix, steps)
+    for i, (run, args) in enumerate(zip(runs, every, strict=True), 1):
+        own = f" ({' '.join(run.flags)})" if run.flags else ""
         with open(out / f"train_run{i}_log.txt", "w") as log:
             tee = Tee(sys.stdout, log)
             with contextlib.redirect_stdout(tee), contextlib.redirect_stderr(Tee(sys.stderr, log)):
-                print(f"run {i}: mix {mix}, {steps} steps, from {start}", flush=True)
+                print(f"run {i}: mix {run.mix}, {run.steps} steps{own}, from {start}", flush=True)
                 if i == 1:
                     init_from(model, start)
                 set_rng_state(fresh_process)
@@ -192,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--await-start", action="store_true",
                    help="read --from only once a line comes on stdin (end of input: stop with no run), so the chain "
                    "can compile while its start is still training")  # fmt: skip
-    p.add_argument("runs", nargs="+", help="[MIX:]STEPS per run, in order")
+    p.add_argument("runs", nargs="+", help="[MIX:]STEPS or MIX:STEPS:FLAGS per run, in order")
     args = p.parse_args(ours)
     try:
         runs = [parse_run(r) for r in args.runs]
     except ValueError as e:
         p.error(str(e))
-    bad = {"--out", "--mix", "--steps", "--init-from", "--resume", "--export"} & set(flags)
+    bad = {f.split("=")[0] for f in flags} & set(CHAIN_SET_FLAGS)
     if bad:
         p.error(f"{', '.join(sorted(bad))} after --: the chain sets these for each run")
     args.out.mkdir(parents=True, exist_ok=True)
