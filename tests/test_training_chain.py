@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,3 +129,25 @@ def test_the_warm_up_builds_the_graphs_the_runs_steps_take():
         for stage in curriculum(mix)[1:]:
             assert "em" in train.run_probe(model, probe_batches(stage, args.max_len, 64, seed=8), torch.device("cpu"))
     assert counters["stats"]["unique_graphs"] == warmed, "a probe after the warm-up compiled a new graph"
+
+
+def test_nothing_a_run_makes_before_its_first_step_changes_the_graphs_guards_after_the_warm_up():
+    """Dynamo guards FlexAttention's graphs on the count of pytree node types; the fused AdamW each run makes
+    registers one (torch.distributed.tensor) on first use, so made after the warm-up it recompiled them all. Checked
+    in a fresh process (this one has made optimizers already), the steps eager: the count is what matters."""
+    code = f"""
+import torch, torch.utils._pytree as pytree
+from pdllm.training import chain, train
+from pdllm.training.objective import LossTerms
+from pdllm.training.optim import make_optimizer
+model = train.build_model("smoke", torch.device("cpu"))
+chain.warm_up(model, LossTerms(), {RUNS!r}, {FLAGS!r})
+warmed = len(pytree.SUPPORTED_NODES)
+make_optimizer(model, 1e-3)
+print(warmed, len(pytree.SUPPORTED_NODES))
+"""
+    done = subprocess.run([sys.executable, "-c", code.replace("Run(", "chain.Run(")], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    warmed, after_optimizer = done.stdout.split()
+    assert warmed == after_optimizer, "a run's optimizer registered a pytree node after the warm-up"

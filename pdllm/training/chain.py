@@ -132,6 +132,9 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[Run], flags: list[str
     run starts; the weights are untouched and the gradients dropped. Returns the training batches run."""
     done = 0
     device = next(model.parameters()).device
+    # a run's fused AdamW imports torch.distributed.tensor, which registers a pytree node: made after the warm-up, it
+    # failed the guards of every FlexAttention graph, compiled again at the first run's start (seen on an H100)
+    make_optimizer(model, 0.0)
     for mix, extra in dict.fromkeys((run.mix, run.flags) for run in runs):
         args = run_args(flags, Path(os.devnull), Run(mix, 1, extra))  # the run's flags; it writes nothing
         attention_class = attention_class_of(args)
