@@ -26,13 +26,15 @@
 # 28.4 minutes, 72-77 ms a chain step, about 30.7 minutes in all by those times, 6 of them compiling (NOTES, "The
 # whole script with FlexAttention tuned"). A round's first try compiles alone, and the chain's process compiles its
 # steps and probes from the script's start, while the official run trains (about 8 minutes); on an H100 a warm-up
-# that started when a try left its copy stage took 286 s for two mixes on a cold machine and left 85 s of compiling
-# to the first run (its probe among them, now warmed too), so the script stayed at about 30 minutes. That chain's final model reads kv_retrieval
-# 0% with chunks of 256 tokens, so the 64K recipe is not the bundle's (NOTES, "The tuned chain's last two runs").
-# The cause is the rows' layout: the engine keeps a task's instruction as a chunk of its own and cuts at text borders,
-# training rows joined it to the first chunk and cut at fixed sizes; CHAIN_FLAGS with "--instruction-apart
-# --text-chunks 0.8" train the served layout, not yet run on a GPU; 300 CPU steps of them from that final model read
-# kv_retrieval at 100% to 8K with chunks of 256 (NOTES, "The kv slip is the layout", "The served layout from ...").
+# of two mixes took 204-286 s, and after it the first run reached its 50th step in 12.6 s (NOTES, "The served layout
+# on a GPU"), so by those times the script takes about 25-27 minutes; not yet measured as a whole. That chain's
+# final model reads kv_retrieval 0% with chunks of 256 tokens, so the 64K recipe is not the bundle's (NOTES, "The
+# tuned chain's last two runs"). The cause is the rows' layout: the engine keeps a task's instruction as a chunk of
+# its own and cuts at text borders, training rows joined it to the first chunk and cut at fixed sizes (NOTES, "The
+# kv slip is the layout"); "--instruction-apart --text-chunks 0.8" train the served layout. 556 steps of it on an
+# H100 from that final model read kv_retrieval at 87.5 / 75 / 62.5% at 2K / 8K / 16K with chunks of 256, short of
+# the issue's 80%; the recipe on trial is the chain with its last run in that layout
+# (recall_notes:1000:--instruction-apart,--text-chunks=0.8 below; NOTES, "The served layout on a GPU").
 # The official run is checked before the chain builds on it. Its copy stage ends in a phase change that 6 of 23 runs
 # reached, each by step 1100; those that left the stage without it ended at probe 0.0, and two followed to step 1800
 # never reached it (benchmarks/NOTES.md, "The official run's copy phase change" and "The official run in rounds"). So

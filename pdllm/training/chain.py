@@ -13,12 +13,11 @@ runs --after-run, if given, with bash (RUN_DIR: that export).
 The chain's first run waits on compiling: on an H100 it reached its 50th step 105-162 s after it started, the later
 runs of the same process 4-26 s (benchmarks/NOTES.md, "The whole script with FlexAttention tuned"). With
 --warm-up the process compiles the steps' graphs first, on a few batches of every stage its runs train (forward and
-backward, no update), and with --await-start it then waits for a line on stdin before it reads --from: so
-reproduce_bundle.sh starts the chain while the official run still trains, to compile during that run's last
-steps instead of after them (end of input instead of a line: the chain stops without a run). On an H100 the
-warm-up of two mixes took 286 s on a cold machine, and the first run after it still compiled for about 85 s (its
-first steps, its first probe, its first steps of a new stage), so it does not yet cover every graph a run builds
-(benchmarks/NOTES.md, "The tuned chain's last two runs").
+backward, no update) and each stage's probe, and with --await-start it then waits for a line on stdin before it
+reads --from: so reproduce_bundle.sh starts the chain with the script, to compile while the official run trains
+(end of input instead of a line: the chain stops without a run). On an H100 the warm-up of two mixes took 204-286 s,
+and the first run after it reached its 50th step in 12.6 s; what it still compiles is about 4 s in a stage's first
+steps (benchmarks/NOTES.md, "The served layout on a GPU").
 """
 
 from __future__ import annotations
