@@ -8,6 +8,7 @@ import io
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from pdllm.training import chain, train
-from pdllm.training.data import curriculum, make_batch
+from pdllm.training.data import make_batch
 from pdllm.training.objective import batch_layout
 from pdllm.training.probe import probe_batches
 
@@ -115,18 +116,18 @@ def test_the_warm_up_builds_the_graphs_the_runs_steps_take():
     warmed = counters["stats"]["unique_graphs"]
     assert warmed >= 6 and all(p.grad is None for p in model.parameters())
     rng = random.Random(7)
-    for mix, *_ in RUNS:
-        args = train.parse_args([*FLAGS, "--out", "unused", "--mix", mix])
-        for stage in curriculum(mix)[1:]:
+    for run in RUNS:  # each run's own flags: the last one's stages in the served layout
+        args = chain.run_args(FLAGS, Path("unused"), run)
+        for stage in train.run_stages(args)[1:]:
             for _ in range(3):
                 batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (0.5, 0.0))
                 gen = torch.Generator().manual_seed(0)
                 loss, _ = train.step_loss(model, batch, batch_layout(batch), args, gen, train.MaskedAttention, terms)
                 loss.backward()
     assert counters["stats"]["unique_graphs"] == warmed, "a step after the warm-up compiled a new graph"
-    for mix, *_ in RUNS:  # the runs' probes, on other held-out draws (four batches of 16 rows, as a run probes)
-        args = train.parse_args([*FLAGS, "--out", "unused", "--mix", mix])
-        for stage in curriculum(mix)[1:]:
+    for run in RUNS:  # the runs' probes, on other held-out draws (four batches of 16 rows, as a run probes)
+        args = chain.run_args(FLAGS, Path("unused"), run)
+        for stage in train.run_stages(args)[1:]:
             assert "em" in train.run_probe(model, probe_batches(stage, args.max_len, 64, seed=8), torch.device("cpu"))
     assert counters["stats"]["unique_graphs"] == warmed, "a probe after the warm-up compiled a new graph"
 
@@ -141,13 +142,12 @@ from pdllm.training import chain, train
 from pdllm.training.objective import LossTerms
 from pdllm.training.optim import make_optimizer
 model = train.build_model("smoke", torch.device("cpu"))
-chain.warm_up(model, LossTerms(), {RUNS!r}, {FLAGS!r})
+chain.warm_up(model, LossTerms(), [chain.Run(*run) for run in {[tuple(run) for run in RUNS]!r}], {FLAGS!r})
 warmed = len(pytree.SUPPORTED_NODES)
 make_optimizer(model, 1e-3)
 print(warmed, len(pytree.SUPPORTED_NODES))
 """
-    done = subprocess.run([sys.executable, "-c", code.replace("Run(", "chain.Run(")], capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     warmed, after_optimizer = done.stdout.split()
     assert warmed == after_optimizer, "a run's optimizer registered a pytree node after the warm-up"

@@ -68,6 +68,11 @@ WARM_PROBE_SAMPLES = 32
 CHAIN_SET_FLAGS = ("--out", "--mix", "--steps", "--init-from", "--resume", "--export")
 
 
+def chain_set(flags: list[str] | tuple[str, ...]) -> list[str]:
+    """The CHAIN_SET_FLAGS among `flags` (`--flag` or `--flag=value`), sorted."""
+    return sorted({f.split("=")[0] for f in flags} & set(CHAIN_SET_FLAGS))
+
+
 class Run(NamedTuple):
     """One run of the chain: its mix, its planned steps, and train.py flags of its own (after the chain's)."""
 
@@ -88,7 +93,7 @@ def parse_run(text: str) -> Run:
     flags = tuple(parts[2].split(",")) if len(parts) == 3 else ()
     if not all(f.startswith("--") for f in flags):
         raise ValueError(f"run {text!r}: its flags are train.py flags, comma-separated, each starting with --")
-    if set_here := sorted({f.split("=")[0] for f in flags} & set(CHAIN_SET_FLAGS)):
+    if set_here := chain_set(flags):
         raise ValueError(f"run {text!r}: {', '.join(set_here)}: the chain sets these for each run")
     return Run(mix or "reading", int(steps), flags)
 
@@ -134,11 +139,11 @@ def warm_up(model: DllmModel, terms: LossTerms, runs: list[Run], flags: list[str
     # a run's fused AdamW imports torch.distributed.tensor, which registers a pytree node: made after the warm-up, it
     # failed the guards of every FlexAttention graph, compiled again at the first run's start (seen on an H100)
     make_optimizer(model, 0.0)
-    for mix, extra in dict.fromkeys((run.mix, run.flags) for run in runs):
-        args = run_args(flags, Path(os.devnull), Run(mix, 1, extra))  # the run's flags; it writes nothing
+    for run in {(run.mix, run.flags): run for run in runs}.values():  # one of each mix and flags
+        args = run_args(flags, Path(os.devnull), run)  # the run's flags; it writes nothing
         attention_class = attention_class_of(args)
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        rng = random.Random(f"warm-up:{mix}:{','.join(extra)}")
+        rng = random.Random(f"warm-up:{run.mix}:{','.join(run.flags)}")
         for stage in run_stages(args)[args.stage or 0 :]:
             for chunked in (1.0, 0.0) * WARM_BATCHES:
                 batch = make_batch(rng, stage, args.max_len, args.tokens_per_batch, (chunked, args.pretrain_frac))
@@ -224,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = [parse_run(r) for r in args.runs]
     except ValueError as e:
         p.error(str(e))
-    bad = {f.split("=")[0] for f in flags} & set(CHAIN_SET_FLAGS)
-    if bad:
-        p.error(f"{', '.join(sorted(bad))} after --: the chain sets these for each run")
+    if bad := chain_set(flags):
+        p.error(f"{', '.join(bad)} after --: the chain sets these for each run")
     args.out.mkdir(parents=True, exist_ok=True)
     await_start = (lambda: bool(sys.stdin.readline())) if args.await_start else None
     run_chain(args.out, args.start, runs, flags, args.after_run, args.warm_up, await_start)
